@@ -1,0 +1,258 @@
+"""Start the real third-party servers the demo and the tests run against, on loopback, in temp dirs.
+
+* FHIR R4: ``sekmet-fhir`` in its own virtual environment (its pins differ from ours), as a subprocess.
+* PACS: Orthanc with its DICOMweb plugin (Debian packages ``orthanc`` and ``orthanc-dicomweb``).
+* Redis (Debian ``redis-server``) where a queue needs it.
+
+Each server is a context manager that picks free ports, waits until the server answers, and stops it
+(and removes its storage) on exit. Nothing here is a mock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from imaging_cds.errors import ConfigurationError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sekmet_executable() -> Path:
+    """Locate the ``sekmet`` command of the FHIR server's own venv (``SEKMET_BIN`` overrides)."""
+    candidates = [os.environ.get("SEKMET_BIN", ""), str(PROJECT_ROOT / ".venv-fhir" / "bin" / "sekmet")]
+    found = shutil.which("sekmet")
+    if found:
+        candidates.append(found)
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise ConfigurationError(
+        "The FHIR test server 'sekmet' is not installed.",
+        remedy="Run scripts/setup.sh, or: python3 -m venv .venv-fhir && .venv-fhir/bin/pip install sekmet-fhir",
+    )
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigurationError(
+                f"{what} exited with code {process.returncode} while starting.",
+                remedy=f"See its log: {log}",
+            )
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise ConfigurationError(f"{what} did not answer at {url} within {timeout:.0f} s.", remedy=f"See its log: {log}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@dataclass(frozen=True)
+class SmartClient:
+    """A SMART Backend Services client registered on the local FHIR server."""
+
+    client_id: str
+    client_secret: str
+    scopes: str = "system/*.*"
+
+
+@dataclass(frozen=True)
+class FhirServer:
+    base_url: str
+    token_url: str | None
+    data_dir: Path
+    log: Path
+
+
+@contextmanager
+def fhir_server(
+    workdir: Path | None = None,
+    *,
+    smart_clients: tuple[SmartClient, ...] = (),
+    timeout: float = 60.0,
+) -> Iterator[FhirServer]:
+    """Run a fresh ``sekmet-fhir`` server (strict inbound validation, SQLite in a temp dir).
+
+    With ``smart_clients`` the server requires SMART Backend Services bearer tokens from ``token_url``.
+    """
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="imaging-cds-fhir-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/fhir"
+    settings: dict[str, object] = {
+        "base_url": base_url,
+        "host": "127.0.0.1",
+        "port": port,
+        "data_dir": str(root / "data"),
+        "simulator": {"enabled": False},
+        "validation": {"inbound": "strict"},
+    }
+    if smart_clients:
+        settings["server_auth"] = {
+            "types": ["smart"],
+            "smart_clients": [
+                {"client_id": c.client_id, "client_secret": c.client_secret, "scopes": c.scopes}
+                for c in smart_clients
+            ],
+        }
+    config = root / "settings.yaml"
+    # JSON is a subset of YAML: no YAML writer needed.
+    config.write_text(json.dumps(settings, indent=2))
+    log = root / "sekmet.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [str(sekmet_executable()), "serve", "-c", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_up(f"{base_url}/metadata", process, log, "The FHIR server (sekmet)", timeout)
+        token_url = f"http://127.0.0.1:{port}/auth/token" if smart_clients else None
+        yield FhirServer(base_url=base_url, token_url=token_url, data_dir=root, log=log)
+    finally:
+        _stop(process)
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class OrthancServer:
+    url: str
+    dicomweb_url: str
+    storage: Path
+    log: Path
+
+    def upload(self, data: bytes) -> dict[str, str]:
+        """Store one DICOM instance (``POST /instances``); returns Orthanc's answer (ids, status)."""
+        response = requests.post(f"{self.url}/instances", data=data, timeout=60)
+        response.raise_for_status()
+        return dict(response.json())
+
+
+@contextmanager
+def orthanc_server(workdir: Path | None = None, *, timeout: float = 30.0) -> Iterator[OrthancServer]:
+    """Run a fresh Orthanc with the DICOMweb plugin on a free loopback port, storage in a temp dir."""
+    binary = shutil.which("Orthanc")
+    if binary is None or not ORTHANC_DICOMWEB_PLUGIN.is_file():
+        raise ConfigurationError(
+            "Orthanc and its DICOMweb plugin are not installed.",
+            remedy="Install the Debian packages: apt-get install -y orthanc orthanc-dicomweb",
+        )
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="imaging-cds-orthanc-")) if workdir is None else workdir
+    storage = root / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = {
+        "Name": "imaging-cds-local",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "DicomPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    config_path = root / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log = root / "orthanc.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [binary, str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{url}/system", process, log, "Orthanc", timeout)
+        yield OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", storage=storage, log=log)
+    finally:
+        _stop(process)
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    url: str
+    log: Path
+
+
+@contextmanager
+def redis_server(workdir: Path | None = None, *, timeout: float = 15.0) -> Iterator[RedisServer]:
+    """Run a throw-away ``redis-server`` (no persistence) on a free loopback port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ConfigurationError(
+            "redis-server is not installed.", remedy="Install the Debian package: apt-get install -y redis-server"
+        )
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="imaging-cds-redis-")) if workdir is None else workdir
+    port = free_port()
+    log = root / "redis.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise ConfigurationError("redis-server did not start.", remedy=f"See its log: {log}")
+            time.sleep(0.1)
+        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", log=log)
+    finally:
+        _stop(process)
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
