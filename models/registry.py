@@ -12,6 +12,9 @@ from models.base import Analyzer
 # name -> "module:factory"; the factory takes no arguments and returns an Analyzer.
 _BUILTIN: dict[str, str] = {
     "ct-emphysema": "models.emphysema:EmphysemaAnalyzer",
+    "ct-bone": "models.bone:BoneAnalyzer",
+    "cxr-pneumonia": "models.cxr_pneumonia:PneumoniaAnalyzer",
+    "us-breast": "models.breast_us:BreastUltrasoundAnalyzer",
 }
 
 

@@ -1,0 +1,25 @@
+"""Identifiers and code systems the project writes, defined once so writers and readers agree.
+
+``CANONICAL_BASE`` is the project's canonical URL for its own naming systems and CodeSystems. The CDS
+service and the SMART app recognise AI results by these systems, never by free text.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+CANONICAL_BASE: Final = "http://imaging-cds.org/fhir"
+
+# Identifier.system of a DiagnosticReport / Observation / Media produced by one analysis. The value is
+# deterministic: study UID + series UID + analyzer + version (see fhir_adapters.builders).
+ANALYSIS_IDENTIFIER_SYSTEM: Final = f"{CANONICAL_BASE}/sid/analysis"
+# Identifier.system of the Device that stands for one analyzer version; value "<name>@<version>".
+DEVICE_IDENTIFIER_SYSTEM: Final = f"{CANONICAL_BASE}/sid/analyzer"
+# CodeSystem for measured values that have no standard code; code = models.base.Measurement.key.
+MEASUREMENT_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/measurement"
+# CodeSystem for categorical conclusions; code = "<analyzer name>/<Category.code>".
+CATEGORY_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding-category"
+
+# HL7 AI Transparency: security label marking content asserted by artificial intelligence.
+AI_ASSERTED_SECURITY_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+AI_ASSERTED_SECURITY_CODE: Final = "AIAST"
