@@ -1,0 +1,248 @@
+"""Verify the JWT a CDS client (an EHR) sends with every call, as CDS Hooks 2.0 asks.
+
+A hook request makes this service read patient data and answer with advice, so it must know who is calling.
+The CDS client signs a short-lived JWT with its private key; this module checks, in order: a bearer token is
+present; its header names an asymmetric algorithm the issuer is configured for (never ``none``, never HMAC,
+which would let anyone holding the *public* key sign - the "algorithm confusion" attack) and a ``kid``; its
+``iss`` is a configured trusted client; the keys come from that client's configured JWK Set, or from the
+``jku`` URL in the header only when that URL is on the client's own jku allow-list (checked before any
+request); the signature; ``aud`` equals the endpoint being invoked; ``exp`` (not expired, not more than
+``max_jwt_lifetime_s`` ahead), ``iat`` (not in the future); and ``jti`` was not seen before.
+
+Every failure raises :class:`AuthenticationFailed`. Its ``reason`` is for the service's own log (never the
+token); callers answer a generic 401, because telling an attacker *which* check failed helps them.
+
+Replay cache caveat: :class:`JtiCache` is per process. Under a multi-process server (gunicorn with N workers)
+a replayed token could reach another worker within its (at most five-minute) lifetime. Deployments that need
+cross-process replay protection pass a shared implementation of :class:`ReplayCache` (Redis ``SET NX EX``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from cds.config import CdsConfig, TrustedClient
+from imaging_cds.allowlist import AllowList
+from imaging_cds.errors import NotAllowedError
+
+_MAX_TOKEN_CHARS = 16_384
+_MAX_JWKS_BYTES = 256 * 1024
+_MIN_REFETCH_S = 10.0
+
+
+class AuthenticationFailed(Exception):
+    """The caller could not be authenticated; ``reason`` says why, for the service's log only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ReplayCache(Protocol):
+    """Remembers JWT ids until they expire; ``first_use`` is an atomic check-and-record."""
+
+    def first_use(self, key: str, expires_at: float) -> bool: ...
+
+
+class JtiCache:
+    """In-process replay cache (see the module docstring for the multi-process caveat)."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._next_purge = 0.0
+
+    def first_use(self, key: str, expires_at: float) -> bool:
+        now = self._clock()
+        with self._lock:
+            if now >= self._next_purge:
+                self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
+                self._next_purge = now + 30.0
+            previous = self._seen.get(key)
+            if previous is not None and previous > now:
+                return False
+            self._seen[key] = expires_at
+            return True
+
+
+@dataclass
+class _CachedKeys:
+    keys: KeySet
+    fetched_at: float
+
+
+class JwksFetcher:
+    """Fetch and cache JWK Sets published at ``jku`` URLs; the caller has already checked the allow-list.
+
+    A key id not found in a cached set triggers one refetch (keys rotate), at most every ten seconds per URL,
+    so a stream of tokens with random ``kid`` values cannot turn this service into a request amplifier.
+    """
+
+    def __init__(self, *, ttl_s: float, timeout_s: float, session: requests.Session | None = None) -> None:
+        self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
+        self._session = session or requests.Session()
+        self._cache: dict[str, _CachedKeys] = {}
+        self._lock = threading.Lock()
+
+    def keys(self, url: str, kid: str) -> KeySet:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(url)
+        if cached is not None:
+            fresh = now - cached.fetched_at < self._ttl_s
+            has_kid = any(k.kid == kid for k in cached.keys.keys)
+            if fresh and (has_kid or now - cached.fetched_at < _MIN_REFETCH_S):
+                return cached.keys
+        keys = self._fetch(url)
+        with self._lock:
+            self._cache[url] = _CachedKeys(keys, time.monotonic())
+        return keys
+
+    def _fetch(self, url: str) -> KeySet:
+        try:
+            response = self._session.get(
+                url, timeout=self._timeout_s, allow_redirects=False, headers={"Accept": "application/json"}
+            )
+        except requests.RequestException as exc:
+            raise AuthenticationFailed(f"JWKS at jku could not be fetched ({type(exc).__name__})") from exc
+        if response.status_code != 200 or len(response.content) > _MAX_JWKS_BYTES:
+            raise AuthenticationFailed(f"JWKS at jku answered HTTP {response.status_code}")
+        return _import_key_set(response.content)
+
+
+def _import_key_set(raw: bytes | dict[str, Any]) -> KeySet:
+    try:
+        data = json.loads(raw) if isinstance(raw, bytes) else raw
+        # Only public asymmetric keys: an "oct" (shared secret) entry in a client's set is ignored outright.
+        public = [k for k in data.get("keys", []) if isinstance(k, dict) and k.get("kty") in ("RSA", "EC")]
+        return KeySet.import_key_set({"keys": public})
+    except (ValueError, AttributeError, JoseError) as exc:
+        raise AuthenticationFailed(f"JWK Set is malformed ({type(exc).__name__})") from exc
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token from an ``Authorization: Bearer <token>`` header."""
+    if not authorization:
+        raise AuthenticationFailed("no Authorization header")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed("Authorization is not a Bearer token")
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise AuthenticationFailed("token too long")
+    return token
+
+
+class JwtVerifier:
+    """Checks CDS client JWTs against :class:`cds.config.CdsConfig` (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: CdsConfig,
+        *,
+        replay_cache: ReplayCache | None = None,
+        jwks_fetcher: JwksFetcher | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self._config = config
+        self._replay = replay_cache or JtiCache(clock)
+        self._fetcher = jwks_fetcher or JwksFetcher(ttl_s=config.jwks_cache_s, timeout_s=config.fhir_timeout_s)
+        self._clock = clock
+        # Static key sets are parsed once here, so a bad file fails at start-up, not on the first hook call.
+        self._static: dict[str, KeySet] = {}
+        self._jku_allow: dict[str, AllowList] = {}
+        for client in config.trusted_clients:
+            static = client.static_jwks()
+            if static is not None:
+                self._static[client.iss] = _import_key_set(static)
+            self._jku_allow[client.iss] = AllowList.of(client.jku_allow_list)
+
+    def verify(self, authorization: str | None, audiences: Iterable[str]) -> dict[str, Any]:
+        """Return the verified claims, or raise :class:`AuthenticationFailed`.
+
+        ``audiences`` are the URLs this call may be addressed to (the invoked endpoint).
+        """
+        token = bearer_token(authorization)
+        try:
+            compact = jws.extract_compact(token.encode("ascii"))
+            header = compact.headers()
+            unverified = json.loads(compact.payload)
+        except (JoseError, ValueError, UnicodeError) as exc:
+            raise AuthenticationFailed(f"token is not a compact JWS ({type(exc).__name__})") from exc
+        if not isinstance(unverified, dict):
+            raise AuthenticationFailed("token payload is not a JSON object")
+        iss = unverified.get("iss")
+        client = self._config.client(iss) if isinstance(iss, str) else None
+        if client is None:
+            raise AuthenticationFailed("iss is not a trusted CDS client")
+        alg = header.get("alg")
+        if alg not in client.algorithms:
+            raise AuthenticationFailed(f"alg {alg!r} is not accepted for this client")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthenticationFailed("kid header is missing")
+        keys = self._keys_for(client, header, kid)
+        try:
+            verified = jwt.decode(token, keys, algorithms=list(client.algorithms))
+        except JoseError as exc:
+            raise AuthenticationFailed(f"signature check failed ({type(exc).__name__})") from exc
+        claims = dict(verified.claims)
+        self._check_claims(claims, client, set(audiences))
+        return claims
+
+    def _keys_for(self, client: TrustedClient, header: dict[str, Any], kid: str) -> KeySet:
+        jku = header.get("jku")
+        if jku is not None:
+            if not isinstance(jku, str) or not client.jku_allow_list:
+                raise AuthenticationFailed("jku given but this client has no jku allow-list")
+            try:
+                self._jku_allow[client.iss].check(jku, what="jku")
+            except NotAllowedError as exc:
+                raise AuthenticationFailed("jku is not on the client's allow-list") from exc
+            return self._fetcher.keys(jku, kid)
+        static = self._static.get(client.iss)
+        if static is None:
+            raise AuthenticationFailed("no jku and no configured JWK Set for this client")
+        return static
+
+    def _check_claims(self, claims: dict[str, Any], client: TrustedClient, audiences: set[str]) -> None:
+        now = self._clock()
+        skew = self._config.clock_skew_s
+        registry = jwt.JWTClaimsRegistry(
+            now=int(now),
+            leeway=skew,
+            iss={"essential": True, "value": client.iss},
+            exp={"essential": True},
+            iat={"essential": True},
+            jti={"essential": True},
+            aud={"essential": True},
+        )
+        try:
+            registry.validate(claims)
+        except JoseError as exc:
+            raise AuthenticationFailed(f"claims rejected ({type(exc).__name__})") from exc
+        aud = claims["aud"]
+        offered = {aud} if isinstance(aud, str) else set(aud)
+        if not {a.rstrip("/") for a in offered} & {a.rstrip("/") for a in audiences}:
+            raise AuthenticationFailed("aud is not this endpoint")
+        exp, iat = claims["exp"], claims["iat"]
+        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
+            raise AuthenticationFailed("exp/iat are not numbers")
+        if iat > now + skew:
+            raise AuthenticationFailed("iat is in the future")
+        if exp > now + self._config.max_jwt_lifetime_s + skew:
+            raise AuthenticationFailed("exp is too far in the future")
+        if not self._replay.first_use(f"{client.iss}\x00{claims['jti']}", float(exp) + skew):
+            raise AuthenticationFailed("jti was already used (replay)")

@@ -1,0 +1,214 @@
+"""The ``imaging-cds`` command line: ``analyze``, ``demo``, ``analyzers``.
+
+Every failure the project anticipates ends with one line on stderr naming what was wrong and what to do,
+and a non-zero exit status; never a stack trace (``--debug`` shows one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imaging_cds.errors import ConfigurationError, ImagingCdsError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("imaging_cds")
+
+
+def _add_fhir_options(parser: argparse.ArgumentParser) -> None:
+    fhir = parser.add_argument_group("EHR (FHIR R4) connection")
+    fhir.add_argument("--fhir-base", required=True, help="FHIR base URL, e.g. https://ehr.example.org/fhir")
+    fhir.add_argument(
+        "--token-url", help="OAuth token endpoint (default: discovered from the server's SMART configuration)"
+    )
+    fhir.add_argument("--client-id", help="SMART Backend Services client id")
+    fhir.add_argument(
+        "--client-secret-env",
+        metavar="VAR",
+        help="name of the environment variable holding the client secret (never pass secrets on the command line)",
+    )
+    fhir.add_argument("--private-key", type=Path, help="PEM or JWK file: private_key_jwt client authentication")
+    fhir.add_argument("--key-id", help="kid of the private key as registered with the EHR")
+    fhir.add_argument(
+        "--algorithm", default="RS384", choices=("RS384", "ES384"), help="signing algorithm (default RS384)"
+    )
+    fhir.add_argument(
+        "--scope",
+        default="system/ImagingStudy.rs system/Endpoint.rs system/Patient.r "
+        "system/DiagnosticReport.cru system/Observation.cr system/Media.c system/Device.cr "
+        "system/Provenance.cu",
+        help="scopes to request",
+    )
+    fhir.add_argument(
+        "--allow-dicomweb",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="DICOMweb base URL the study's Endpoint may point at "
+        "(repeatable; also IMAGING_CDS_DICOMWEB_ALLOW, comma-separated)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imaging-cds", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show stack traces and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    analyze = sub.add_parser("analyze", help="analyse one ImagingStudy and write the findings back to the EHR")
+    analyze.add_argument("imaging_study", help="ImagingStudy/<id>")
+    analyze.add_argument("--analyzer", default="ct-emphysema", help="analyzer name (see 'imaging-cds analyzers')")
+    analyze.add_argument("--card-base-url", help="public base URL where model cards are served (/models/<name>)")
+    analyze.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _add_fhir_options(analyze)
+
+    demo = sub.add_parser("demo", help="local FHIR server + Orthanc + real sample studies, analysed end to end")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where to write the report files")
+    demo.add_argument(
+        "--keep-running",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the servers up until Ctrl-C so you can browse them (default: when run from a terminal)",
+    )
+
+    sub.add_parser("analyzers", help="list the available analyzers")
+    return parser
+
+
+def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
+    """A TokenProvider for the chosen client authentication, or None for an open server."""
+    if not args.client_id:
+        if args.private_key or args.client_secret_env:
+            raise ConfigurationError("--client-id is required with --private-key or --client-secret-env.")
+        return None
+    from fhir_adapters.auth import BackendServicesAuth, ClientSecretAuth, discover_token_endpoint
+
+    token_url = args.token_url or discover_token_endpoint(args.fhir_base, session)
+    if args.private_key:
+        if not args.key_id:
+            raise ConfigurationError(
+                "--key-id is required with --private-key.", remedy="Give the kid registered with the EHR."
+            )
+        key_text = args.private_key.read_text()
+        key: Any = json.loads(key_text) if key_text.lstrip().startswith("{") else key_text
+        return BackendServicesAuth(
+            token_url, args.client_id, key, algorithm=args.algorithm, kid=args.key_id, scope=args.scope
+        )
+    if args.client_secret_env:
+        secret = os.environ.get(args.client_secret_env)
+        if not secret:
+            raise ConfigurationError(
+                f"Environment variable {args.client_secret_env} is not set.", remedy="Export the client secret in it."
+            )
+        return ClientSecretAuth(token_url, args.client_id, secret, scope=args.scope)
+    raise ConfigurationError(
+        "--client-id needs a credential.", remedy="Add --private-key (private_key_jwt) or --client-secret-env."
+    )
+
+
+def _dicomweb_allow_list(args: argparse.Namespace) -> Any:
+    from imaging_cds.allowlist import AllowList
+
+    from_env = [p for p in os.environ.get("IMAGING_CDS_DICOMWEB_ALLOW", "").split(",") if p.strip()]
+    prefixes = [*args.allow_dicomweb, *from_env]
+    if not prefixes:
+        raise ConfigurationError(
+            "No DICOMweb server is allowed.",
+            remedy="Name the PACS the EHR's Endpoints point at with --allow-dicomweb URL "
+            "(or IMAGING_CDS_DICOMWEB_ALLOW).",
+        )
+    return AllowList.of(prefixes)
+
+
+def _print_outcome(summary: dict[str, Any]) -> None:
+    print(f"{summary['imagingStudy']}: {summary['analyzer']['name']} {summary['analyzer']['version']}")
+    series = summary["series"]
+    print(f"  series   {series['uid']} ({series['modality']}, {series['instances']} images)")
+    print(f"           {series['reason']}")
+    for m in summary["measurements"]:
+        flag = f" [{m['interpretation']}]" if m.get("interpretation") else ""
+        print(f"  {m['display']:<40} {m['value']:.4g} {m['unit']}{flag}")
+    print(f"  category {summary['category']['display']}")
+    print(f"  {summary['conclusion']}")
+    for warning in summary["warnings"]:
+        print(f"  warning: {warning}")
+    for correction in summary["corrections"]:
+        print(f"  corrected: {correction}")
+    state = "already in the EHR (nothing new written)" if summary["alreadyPresent"] else "written to the EHR"
+    print(f"  {summary['diagnosticReport']} {state} (preliminary: awaits clinician review)")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import requests
+    from fhir_adapters.client import FhirClient
+
+    from imaging_cds.pipeline import analyze_study
+    from models.registry import get_analyzer
+
+    if not args.imaging_study.startswith("ImagingStudy/"):
+        raise ConfigurationError(
+            f"Expected a reference like ImagingStudy/<id>, got {args.imaging_study!r}.",
+            remedy="Pass the ImagingStudy's logical id as ImagingStudy/<id>.",
+        )
+    analyzer = get_analyzer(args.analyzer)
+    session = requests.Session()
+    client = FhirClient(args.fhir_base, auth=_auth_from_args(args, session), session=session)
+    outcome = analyze_study(
+        client,
+        args.imaging_study,
+        analyzer,
+        dicomweb_allow_list=_dicomweb_allow_list(args),
+        card_base_url=args.card_base_url,
+    )
+    summary = outcome.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_outcome(summary)
+    return EXIT_OK
+
+
+def cmd_analyzers(args: argparse.Namespace) -> int:
+    from models.registry import analyzer_names
+
+    for name in analyzer_names():
+        print(name)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imaging_cds.demo import run_demo
+
+    keep_running = sys.stdin.isatty() if args.keep_running is None else args.keep_running
+    return run_demo(args.output, keep_running=keep_running)
+
+
+COMMANDS = {"analyze": cmd_analyze, "analyzers": cmd_analyzers, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ImagingCdsError as exc:
+        if args.debug:
+            raise
+        print(f"imaging-cds: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

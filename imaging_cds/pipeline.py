@@ -1,0 +1,209 @@
+"""One study, end to end: FHIR ImagingStudy in, DICOMweb images, analysis, AI findings back to the EHR.
+
+Each arrow of the data flow happens in one place, and this module only strings them together:
+
+    fhir_adapters.study.choose_series      ImagingStudy + Endpoint  ->  SeriesChoice (why this series)
+    imaging_cds.dicomweb.fetch_series      WADO-RS                  ->  pydicom datasets, streamed
+    imaging_cds.volume.assemble_volume     datasets                 ->  checked, sorted HU volume
+    models.<analyzer>.analyze              ImageInput               ->  AnalysisResult
+    fhir_adapters.builders                 AnalysisResult           ->  one transaction Bundle
+    fhir_adapters.client.transaction       Bundle                   ->  the EHR (idempotent)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
+from fhir_adapters.client import FhirClient
+from fhir_adapters.study import SeriesChoice, choose_series
+
+from imaging_cds.allowlist import AllowList
+from imaging_cds.dicomweb import fetch_series
+from imaging_cds.errors import StudyError
+from imaging_cds.volume import assemble_volume
+from models.base import AnalysisResult, Analyzer, ImageInput
+
+ProgressCallback = Callable[[float, str], None]
+
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "US", "XA", "RF", "OT"})
+
+
+def _no_progress(progress: float, step: str) -> None:
+    """Default progress sink: the CLI and tests that do not follow progress."""
+
+
+@dataclass
+class StepTimings:
+    """Wall-clock seconds per pipeline step, in the order they ran (the benchmark reports these)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class AnalysisOutcome:
+    """What one run did: the series it chose and why, what the analyzer found, what the EHR now holds."""
+
+    imaging_study: str
+    series: SeriesChoice
+    result: AnalysisResult
+    diagnostic_report: str
+    written: tuple[str, ...]
+    already_present: bool
+    corrections: tuple[str, ...]
+    timings: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (no PHI: resource ids and DICOM UIDs only)."""
+        return {
+            "imagingStudy": self.imaging_study,
+            "series": {
+                "uid": self.series.series_uid,
+                "modality": self.series.modality,
+                "instances": self.series.instance_count,
+                "reason": self.series.reason,
+            },
+            "analyzer": {"name": self.result.analyzer, "version": self.result.version},
+            "category": {"code": self.result.category.code, "display": self.result.category.display},
+            "probability": self.result.probability,
+            "measurements": [
+                {
+                    "key": m.key,
+                    "display": m.display,
+                    "value": m.value,
+                    "unit": m.unit,
+                    "interpretation": m.interpretation,
+                }
+                for m in self.result.measurements
+            ],
+            "conclusion": self.result.conclusion,
+            "warnings": list(self.result.warnings),
+            "corrections": list(self.corrections),
+            "diagnosticReport": self.diagnostic_report,
+            "written": list(self.written),
+            "alreadyPresent": self.already_present,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def device_info(analyzer: Analyzer, *, card_base_url: str | None) -> DeviceInfo:
+    """Describe the analyzer as the FHIR Device its results point to (with the weights' hash when it has any)."""
+    card_url = f"{card_base_url.rstrip('/')}/models/{analyzer.name}" if card_base_url else None
+    return DeviceInfo(
+        name=analyzer.name,
+        version=analyzer.version,
+        title=analyzer.title,
+        model_sha256=getattr(analyzer, "model_sha256", None),
+        card_url=card_url,
+    )
+
+
+def load_image(choice: SeriesChoice, *, expected_modality_projection: bool) -> tuple[ImageInput, tuple[str, ...]]:
+    """Fetch the chosen series over WADO-RS and turn it into the analyzer's input.
+
+    Cross-sectional series (CT, MR, PT) become a checked volume; projection images (CR, DX, MG, US) are
+    analysed one image at a time, the first instance of the series.
+    """
+    datasets = fetch_series(choice.dicomweb_base, choice.study_uid, choice.series_uid)
+    if expected_modality_projection:
+        from imaging_cds.projection import projection_input
+
+        first = next(iter(datasets), None)
+        if first is None:
+            raise StudyError(f"Series {choice.series_uid} returned no images.", remedy="Check the series in the PACS.")
+        return projection_input(first), ()
+    volume = assemble_volume(datasets, expected_series_uid=choice.series_uid)
+    return volume.to_image_input(), volume.corrections
+
+
+def analyze_study(
+    client: FhirClient,
+    imaging_study: str,
+    analyzer: Analyzer,
+    *,
+    dicomweb_allow_list: AllowList,
+    card_base_url: str | None = None,
+    progress: ProgressCallback = _no_progress,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> AnalysisOutcome:
+    """Analyse one ImagingStudy with ``analyzer`` and file the findings in the EHR in one transaction.
+
+    Re-running with the same study, series and analyzer version writes nothing new: every resource is
+    created conditionally on a deterministic identifier. Any failure before the transaction writes nothing.
+    """
+    timings = StepTimings()
+    progress(0.0, "reading the ImagingStudy")
+    with timings.step("read_study"):
+        study, choice = choose_series(client, imaging_study, analyzer.requirements, dicomweb_allow_list)
+    subject = (study.get("subject") or {}).get("reference")
+    if not subject:
+        raise StudyError(
+            f"{imaging_study} has no subject.", remedy="The ImagingStudy must reference the Patient it belongs to."
+        )
+
+    progress(0.1, f"fetching {choice.instance_count} images of series {choice.series_uid}")
+    projection = set(analyzer.requirements.modalities) <= PROJECTION_MODALITIES
+    with timings.step("fetch_decode"):
+        image, corrections = load_image(choice, expected_modality_projection=projection)
+
+    progress(0.6, f"running {analyzer.name}")
+    with timings.step("analyze"):
+        analyzer.check_input(image)
+        result = analyzer.analyze(image)
+    del image  # the volume is not needed for write-back; free it before building the bundle
+
+    progress(0.85, "writing findings to the EHR")
+    target = AnalysisTarget(
+        imaging_study_id=str(study["id"]),
+        patient_reference=subject,
+        study_uid=choice.study_uid,
+        series_uid=choice.series_uid,
+        selection_reason=choice.reason,
+    )
+    with timings.step("build_bundle"):
+        bundle = build_results_bundle(target, result, device_info(analyzer, card_base_url=card_base_url), issued=now())
+    with timings.step("write_back"):
+        response = client.transaction(bundle)
+    written, report, already_present = _written_resources(bundle, response)
+    progress(1.0, "done")
+    return AnalysisOutcome(
+        imaging_study=f"ImagingStudy/{study['id']}",
+        series=choice,
+        result=result,
+        diagnostic_report=report,
+        written=written,
+        already_present=already_present,
+        corrections=tuple(corrections),
+        timings=dict(timings.seconds),
+    )
+
+
+def _written_resources(bundle: dict[str, Any], response: dict[str, Any]) -> tuple[tuple[str, ...], str, bool]:
+    """Pair request entries with response entries: which resources were created, which already existed."""
+    written: list[str] = []
+    report = ""
+    created_any_report = False
+    for request_entry, response_entry in zip(bundle.get("entry", []), response.get("entry", []), strict=False):
+        answer = response_entry.get("response", {})
+        location = str(answer.get("location", ""))
+        reference = "/".join(location.split("/_history")[0].split("/")[-2:]) if location else ""
+        resource_type = request_entry.get("resource", {}).get("resourceType", "")
+        if resource_type == "DiagnosticReport":
+            report = reference
+            created_any_report = str(answer.get("status", "")).startswith("201")
+        if reference:
+            written.append(reference)
+    return tuple(written), report, not created_any_report
