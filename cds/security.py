@@ -9,7 +9,7 @@ which would let anyone holding the *public* key sign - the "algorithm confusion"
 request); the signature; ``aud`` equals the endpoint being invoked; ``exp`` (not expired, not more than
 ``max_jwt_lifetime_s`` ahead), ``iat`` (not in the future); and ``jti`` was not seen before.
 
-Every failure raises :class:`AuthenticationFailed`. Its ``reason`` is for the service's own log (never the
+Every failure raises :class:`AuthenticationError`. Its ``reason`` is for the service's own log (never the
 token); callers answer a generic 401, because telling an attacker *which* check failed helps them.
 
 Replay cache caveat: :class:`JtiCache` is per process. Under a multi-process server (gunicorn with N workers)
@@ -40,7 +40,7 @@ _MAX_JWKS_BYTES = 256 * 1024
 _MIN_REFETCH_S = 10.0
 
 
-class AuthenticationFailed(Exception):
+class AuthenticationError(Exception):
     """The caller could not be authenticated; ``reason`` says why, for the service's log only."""
 
     def __init__(self, reason: str) -> None:
@@ -116,9 +116,9 @@ class JwksFetcher:
                 url, timeout=self._timeout_s, allow_redirects=False, headers={"Accept": "application/json"}
             )
         except requests.RequestException as exc:
-            raise AuthenticationFailed(f"JWKS at jku could not be fetched ({type(exc).__name__})") from exc
+            raise AuthenticationError(f"JWKS at jku could not be fetched ({type(exc).__name__})") from exc
         if response.status_code != 200 or len(response.content) > _MAX_JWKS_BYTES:
-            raise AuthenticationFailed(f"JWKS at jku answered HTTP {response.status_code}")
+            raise AuthenticationError(f"JWKS at jku answered HTTP {response.status_code}")
         return _import_key_set(response.content)
 
 
@@ -129,19 +129,19 @@ def _import_key_set(raw: bytes | dict[str, Any]) -> KeySet:
         public = [k for k in data.get("keys", []) if isinstance(k, dict) and k.get("kty") in ("RSA", "EC")]
         return KeySet.import_key_set({"keys": public})
     except (ValueError, AttributeError, JoseError) as exc:
-        raise AuthenticationFailed(f"JWK Set is malformed ({type(exc).__name__})") from exc
+        raise AuthenticationError(f"JWK Set is malformed ({type(exc).__name__})") from exc
 
 
 def bearer_token(authorization: str | None) -> str:
     """The token from an ``Authorization: Bearer <token>`` header."""
     if not authorization:
-        raise AuthenticationFailed("no Authorization header")
+        raise AuthenticationError("no Authorization header")
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise AuthenticationFailed("Authorization is not a Bearer token")
+        raise AuthenticationError("Authorization is not a Bearer token")
     if len(token) > _MAX_TOKEN_CHARS:
-        raise AuthenticationFailed("token too long")
+        raise AuthenticationError("token too long")
     return token
 
 
@@ -170,7 +170,7 @@ class JwtVerifier:
             self._jku_allow[client.iss] = AllowList.of(client.jku_allow_list)
 
     def verify(self, authorization: str | None, audiences: Iterable[str]) -> dict[str, Any]:
-        """Return the verified claims, or raise :class:`AuthenticationFailed`.
+        """Return the verified claims, or raise :class:`AuthenticationError`.
 
         ``audiences`` are the URLs this call may be addressed to (the invoked endpoint).
         """
@@ -180,24 +180,24 @@ class JwtVerifier:
             header = compact.headers()
             unverified = json.loads(compact.payload)
         except (JoseError, ValueError, UnicodeError) as exc:
-            raise AuthenticationFailed(f"token is not a compact JWS ({type(exc).__name__})") from exc
+            raise AuthenticationError(f"token is not a compact JWS ({type(exc).__name__})") from exc
         if not isinstance(unverified, dict):
-            raise AuthenticationFailed("token payload is not a JSON object")
+            raise AuthenticationError("token payload is not a JSON object")
         iss = unverified.get("iss")
         client = self._config.client(iss) if isinstance(iss, str) else None
         if client is None:
-            raise AuthenticationFailed("iss is not a trusted CDS client")
+            raise AuthenticationError("iss is not a trusted CDS client")
         alg = header.get("alg")
         if alg not in client.algorithms:
-            raise AuthenticationFailed(f"alg {alg!r} is not accepted for this client")
+            raise AuthenticationError(f"alg {alg!r} is not accepted for this client")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise AuthenticationFailed("kid header is missing")
+            raise AuthenticationError("kid header is missing")
         keys = self._keys_for(client, header, kid)
         try:
             verified = jwt.decode(token, keys, algorithms=list(client.algorithms))
         except JoseError as exc:
-            raise AuthenticationFailed(f"signature check failed ({type(exc).__name__})") from exc
+            raise AuthenticationError(f"signature check failed ({type(exc).__name__})") from exc
         claims = dict(verified.claims)
         self._check_claims(claims, client, set(audiences))
         return claims
@@ -206,15 +206,15 @@ class JwtVerifier:
         jku = header.get("jku")
         if jku is not None:
             if not isinstance(jku, str) or not client.jku_allow_list:
-                raise AuthenticationFailed("jku given but this client has no jku allow-list")
+                raise AuthenticationError("jku given but this client has no jku allow-list")
             try:
                 self._jku_allow[client.iss].check(jku, what="jku")
             except NotAllowedError as exc:
-                raise AuthenticationFailed("jku is not on the client's allow-list") from exc
+                raise AuthenticationError("jku is not on the client's allow-list") from exc
             return self._fetcher.keys(jku, kid)
         static = self._static.get(client.iss)
         if static is None:
-            raise AuthenticationFailed("no jku and no configured JWK Set for this client")
+            raise AuthenticationError("no jku and no configured JWK Set for this client")
         return static
 
     def _check_claims(self, claims: dict[str, Any], client: TrustedClient, audiences: set[str]) -> None:
@@ -232,17 +232,17 @@ class JwtVerifier:
         try:
             registry.validate(claims)
         except JoseError as exc:
-            raise AuthenticationFailed(f"claims rejected ({type(exc).__name__})") from exc
+            raise AuthenticationError(f"claims rejected ({type(exc).__name__})") from exc
         aud = claims["aud"]
         offered = {aud} if isinstance(aud, str) else set(aud)
         if not {a.rstrip("/") for a in offered} & {a.rstrip("/") for a in audiences}:
-            raise AuthenticationFailed("aud is not this endpoint")
+            raise AuthenticationError("aud is not this endpoint")
         exp, iat = claims["exp"], claims["iat"]
         if not isinstance(exp, int | float) or not isinstance(iat, int | float):
-            raise AuthenticationFailed("exp/iat are not numbers")
+            raise AuthenticationError("exp/iat are not numbers")
         if iat > now + skew:
-            raise AuthenticationFailed("iat is in the future")
+            raise AuthenticationError("iat is in the future")
         if exp > now + self._config.max_jwt_lifetime_s + skew:
-            raise AuthenticationFailed("exp is too far in the future")
+            raise AuthenticationError("exp is too far in the future")
         if not self._replay.first_use(f"{client.iss}\x00{claims['jti']}", float(exp) + skew):
-            raise AuthenticationFailed("jti was already used (replay)")
+            raise AuthenticationError("jti was already used (replay)")

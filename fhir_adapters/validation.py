@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -100,7 +100,7 @@ def _definitions() -> dict[str, Any]:
     return definitions
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(definition: str) -> Draft6Validator:
     """One validator per definition; ``$ref`` resolves against the schema's shared definitions."""
     schema = load_schema()

@@ -148,8 +148,8 @@ def _print_outcome(summary: dict[str, Any]) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     import requests
-    from fhir_adapters.client import FhirClient
 
+    from fhir_adapters.client import FhirClient
     from imaging_cds.pipeline import analyze_study
     from models.registry import get_analyzer
 

@@ -22,7 +22,6 @@ from typing import Any
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.study import SeriesChoice, choose_series
-
 from imaging_cds.allowlist import AllowList
 from imaging_cds.dicomweb import fetch_series
 from imaging_cds.errors import StudyError

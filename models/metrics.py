@@ -70,7 +70,7 @@ def sensitivity(y_true: ArrayLike, scores: ArrayLike, threshold: float) -> float
 
 
 def specificity(y_true: ArrayLike, scores: ArrayLike, threshold: float) -> float:
-    tp, fp, tn, fn = confusion_counts(y_true, scores, threshold)
+    _, fp, tn, _ = confusion_counts(y_true, scores, threshold)
     return _ratio(tn, tn + fp)
 
 

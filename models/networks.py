@@ -8,11 +8,16 @@ probability it returns is calibrated (see :mod:`models.metrics`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.blocks import Convolution
+from skimage.transform import resize
 from torch import nn
 
 
@@ -43,7 +48,8 @@ class NetworkConfig:
 class MedMnistCNN(nn.Module):
     """VGG-like CNN of MONAI ``Convolution`` blocks (conv -> batch norm -> ReLU), one logit out.
 
-    Stages halve the resolution with max pooling (28 -> 14 -> 7); the last stage keeps 7x7 so Grad-CAM on
+    The input is standardised per image inside ``forward`` (see :func:`standardise_per_image`), so training,
+    evaluation and the analyzers cannot disagree about intensity normalisation. Stages halve the resolution with max pooling (28 -> 14 -> 7); the last stage keeps 7x7 so Grad-CAM on
     ``features.stage{n-1}`` still has a useful spatial map. Global average pooling makes the head independent
     of the exact input size, which keeps test-time augmentation simple.
     """
@@ -61,7 +67,7 @@ class MedMnistCNN(nn.Module):
                 layers.append(Convolution(2, previous, width, kernel_size=3, act="RELU", norm="BATCH", bias=False))
                 previous = width
             stages.append((f"stage{index}", nn.Sequential(*layers)))
-        self.features = nn.Sequential(dict(stages))
+        self.features = nn.Sequential(OrderedDict(stages))
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(self.config.dropout), nn.Linear(previous, 1)
         )
@@ -72,7 +78,7 @@ class MedMnistCNN(nn.Module):
         return f"features.stage{len(self.config.channels) - 1}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(standardise_per_image(x)))
 
 
 class CalibratedEnsemble(nn.Module):
@@ -97,14 +103,37 @@ class CalibratedEnsemble(nn.Module):
         return self.uncalibrated_logits(x) / temperature
 
 
-# Intensity convention shared by training and inference: 8-bit presentation values -> [-1, 1].
-INTENSITY_OFFSET = 127.5
-INTENSITY_SCALE = 127.5
+def standardise_per_image(images: torch.Tensor) -> torch.Tensor:
+    """Zero-mean, unit-variance per image: the intensity normalisation shared by training and inference.
+
+    Per-image standardisation makes the network indifferent to any linear intensity mapping (bit depth,
+    window level and width, 8-bit JPEG export), which is what differs most between the MedMNIST training
+    images and a DICOM radiograph from another vendor.
+    """
+    x = images.float()
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (x - mean) / std
 
 
-def normalise_uint8_scale(images: torch.Tensor) -> torch.Tensor:
-    """Map images on the 0..255 presentation scale (as MedMNIST stores them) to the network's [-1, 1]."""
-    return (images.float() - INTENSITY_OFFSET) / INTENSITY_SCALE
+def downsample_like_medmnist(image: np.ndarray, size: int = 28) -> np.ndarray:
+    """Centre-crop to a square on the short edge, then resize to ``size`` with anti-aliasing, to [0, 1].
+
+    MedMNIST built its 28x28 images this way ("we center-crop the images and resize them", MedMNIST v2 INFO),
+    so an inference image must go through the same geometry to look like the training data. Returns float32
+    scaled so the image's minimum is 0 and maximum is 1 (the scale does not matter after
+    :func:`standardise_per_image`, it only keeps values readable).
+    """
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
+    rows, columns = array.shape
+    side = min(rows, columns)
+    top, left = (rows - side) // 2, (columns - side) // 2
+    square = array[top : top + side, left : left + side]
+    small = resize(square, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
+    low, high = float(small.min()), float(small.max())
+    return ((small - low) / (high - low if high > low else 1.0)).astype(np.float32)
 
 
 def ensemble_from_checkpoint(checkpoint: dict[str, object]) -> CalibratedEnsemble:
@@ -139,3 +168,70 @@ def tta_logits(ensemble: CalibratedEnsemble, images: torch.Tensor, shifts: int =
             window = padded[..., shifts + dy : shifts + dy + size_y, shifts + dx : shifts + dx + size_x]
             outputs.append(ensemble(window))
     return torch.stack(outputs, dim=0).mean(dim=0)
+
+
+class ShippedClassifier:
+    """A loaded, hash-checked ensemble with the operating point it was validated at.
+
+    ``probability`` and ``gradcam`` take one image already prepared by :func:`downsample_like_medmnist`
+    (``(28, 28)``, any intensity scale); they are the only two things the analyzers ask of a network.
+    """
+
+    def __init__(self, checkpoint: dict[str, object], sha256: str) -> None:
+        self.ensemble = ensemble_from_checkpoint(checkpoint)
+        self.threshold = float(str(checkpoint["threshold"]))
+        self.temperature = float(str(checkpoint["temperature"]))
+        self.tta_shifts = int(str(checkpoint.get("tta_shifts", 0)))
+        self.input_size = int(str(checkpoint.get("input_size", 28)))
+        self.finding = str(checkpoint.get("finding", "finding"))
+        self.sha256 = sha256
+
+    def _batch(self, image: np.ndarray) -> torch.Tensor:
+        if image.shape != (self.input_size, self.input_size):
+            raise ValueError(f"expected a {self.input_size}x{self.input_size} image, got {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of the finding for a ``(N, 28, 28)`` stack (with the shipped TTA)."""
+        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+        with torch.no_grad():
+            return torch.sigmoid(tta_logits(self.ensemble, batch, self.tta_shifts)).numpy().reshape(-1)
+
+    def probability(self, image: np.ndarray) -> float:
+        return float(self.probabilities(self._batch(image)[:, 0].numpy())[0])
+
+    def gradcam(self, image: np.ndarray) -> np.ndarray:
+        """Grad-CAM of the finding's logit, averaged over the ensemble members, ``(28, 28)`` in [0, 1].
+
+        Uses ``monai.visualize.GradCAM`` on each member's last convolutional stage (7x7), upsampled by MONAI
+        to the input size. Averaging the members' maps shows what the ensemble as a whole relied on.
+        """
+        from monai.visualize import GradCAM
+
+        batch = self._batch(image)
+        maps = []
+        for member in self.ensemble.members:
+            assert isinstance(member, MedMnistCNN)
+            cam = GradCAM(nn_module=member, target_layers=member.gradcam_layer)
+            maps.append(cam(x=batch, class_idx=0).detach().numpy().reshape(self.input_size, self.input_size))
+        mean = np.mean(maps, axis=0)
+        high = float(mean.max())
+        return (mean / high if high > 0 else mean).astype(np.float32)
+
+
+def load_shipped_classifier(path: Path, expected_sha256: str | None = None) -> ShippedClassifier:
+    """Hash-check a weights file (every call) and load it (once per content); a mismatch raises.
+
+    The hash is checked on every call, not cached, so a file replaced while the service runs is refused
+    at the next analysis rather than silently served from memory.
+    """
+    from models.weights_io import verify_sha256
+
+    return _load_verified(path, verify_sha256(path, expected_sha256))
+
+
+@lru_cache(maxsize=4)
+def _load_verified(path: Path, digest: str) -> ShippedClassifier:
+    from models.weights_io import load_checked
+
+    return ShippedClassifier(load_checked(path, digest), digest)

@@ -37,7 +37,6 @@ from models.networks import (
     MedMnistCNN,
     NetworkConfig,
     ensemble_from_checkpoint,
-    normalise_uint8_scale,
     tta_logits,
 )
 from models.weights_io import load_checked, save_pinned
@@ -95,16 +94,20 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def load_split(spec: TaskSpec, split: str) -> tuple[torch.Tensor, np.ndarray]:
-    """Images as ``(N, 1, 28, 28)`` normalised tensors and labels as 0/1 with 1 = finding present."""
+    """Images as ``(N, 1, 28, 28)`` tensors in [0, 1] (not yet standardised) and 0/1 labels, 1 = finding."""
     with np.load(DATA_DIR / spec.npz) as data:
         images = data[f"{split}_images"]
         labels = data[f"{split}_labels"].reshape(-1)
     finding = (labels == spec.positive_label).astype(np.int64)
-    return normalise_uint8_scale(torch.from_numpy(images)[:, None]), finding
+    return torch.from_numpy(images)[:, None].float() / 255.0, finding
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, horizontal_flip: bool) -> torch.Tensor:
-    """Random small affine + brightness/contrast jitter, applied to a whole batch at once (fast on CPU)."""
+    """Random small affine + gamma jitter for a whole batch at once (fast on CPU).
+
+    Brightness and contrast jitter would be undone by the network's per-image standardisation; gamma changes the
+    shape of the intensity curve (different detector responses, JPEG tone curves), which it does not undo.
+    """
     n = images.shape[0]
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
@@ -122,9 +125,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, horizontal_flip: b
     if horizontal_flip:
         flip = torch.rand(n, generator=generator) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    contrast = uniform(0.85, 1.15, n, 1, 1, 1)
-    brightness = uniform(-0.1, 0.1, n, 1, 1, 1)
-    return out * contrast + brightness
+    gamma = torch.exp(uniform(-0.25, 0.25, n, 1, 1, 1))
+    return out.clamp(0.0, 1.0) ** gamma
 
 
 @torch.no_grad()
@@ -213,7 +215,10 @@ def update_card(card_path: Path, checkpoint: dict[str, Any], digest: str, figure
         "probability": checkpoint["threshold"],
         "rule": "Youden's J (sensitivity + specificity - 1) maximised on the validation split after calibration",
     }
-    card["calibration"] = {"method": "temperature scaling fitted on the validation split", "temperature": checkpoint["temperature"]}
+    card["calibration"] = {
+        "method": "temperature scaling fitted on the validation split",
+        "temperature": checkpoint["temperature"],
+    }
     card["validation_split"] = {"auc": checkpoint["val_auc"], "accuracy": checkpoint["val_accuracy"]}
     card["test_performance"] = figures
     card["weights"] = {"file": f"models/weights/{TASKS[str(checkpoint['task'])].weights_name}", "sha256": digest}

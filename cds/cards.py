@@ -1,0 +1,390 @@
+"""Build CDS Hooks 2.0 cards from AI findings: pure functions, JSON in, JSON out.
+
+Design choices a clinician or integrator should know:
+
+* One card per analyzer (patient-view) or per order and analyzer (order hooks), so every card's ``source``
+  names the analyzer that produced it and feedback can be attributed to it.
+* ``indicator`` is ``warning`` when the card carries an abnormal finding, ``info`` otherwise. ``critical`` is
+  never used: an AI measurement alone, reviewed or not, does not justify a hard stop in the clinician's path.
+* Normal findings produce no card: silence is the right answer when there is nothing to act on.
+* Findings awaiting clinician review say so in the summary; suggestions built on them are offered but not
+  marked as recommended.
+* Suggestions carry complete R4 resources: a DXA ``ServiceRequest`` proposal (status ``draft``, intent
+  ``proposal``) after low vertebral attenuation, and an ``update`` of the draft order adding a note that
+  cites the prior AI finding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cds.findings import AiFinding
+from cds.orders import ImagingOrder
+from fhir_adapters.constants import CANONICAL_BASE
+
+SUMMARY_MAX_CHARS = 139
+"""CDS Hooks: the summary is shorter than 140 characters."""
+TOPIC_SYSTEM = f"{CANONICAL_BASE}/CodeSystem/cds-topic"
+OVERRIDE_REASON_SYSTEM = f"{CANONICAL_BASE}/CodeSystem/cds-override-reason"
+OVERRIDE_REASONS: tuple[dict[str, str], ...] = (
+    {"system": OVERRIDE_REASON_SYSTEM, "code": "disagree-with-ai", "display": "Disagree with the AI finding"},
+    {"system": OVERRIDE_REASON_SYSTEM, "code": "not-relevant", "display": "Not relevant to this patient or order"},
+    {"system": OVERRIDE_REASON_SYSTEM, "code": "already-addressed", "display": "Already known or addressed"},
+    {"system": OVERRIDE_REASON_SYSTEM, "code": "patient-declined", "display": "Patient declined"},
+)
+
+LOINC = "http://loinc.org"
+CPT = "http://www.ama-assn.org/go/cpt"
+SNOMED = "http://snomed.info/sct"
+DXA_ORDER_CODE: dict[str, Any] = {
+    "coding": [
+        {"system": LOINC, "code": "38269-7", "display": "DXA Skeletal system Study report"},
+        {"system": CPT, "code": "77080", "display": "DXA bone density study, 1 or more sites; axial skeleton"},
+    ],
+    "text": "DXA bone density (hip and spine)",
+}
+IMAGING_CATEGORY: dict[str, Any] = {
+    "coding": [{"system": SNOMED, "code": "363679005", "display": "Imaging"}],
+    "text": "Imaging",
+}
+LOW_BONE_DENSITY_CATEGORIES = frozenset({"osteoporosis", "osteopenia", "low-density", "low-attenuation", "low"})
+DXA_RULE = (
+    "Opportunistic CT screening: low L1 trabecular attenuation is associated with osteoporosis "
+    "(Pickhardt et al., Ann Intern Med 2013;158:588-595); DXA confirms or excludes it."
+)
+
+
+@dataclass(frozen=True)
+class AnalyzerInfo:
+    """How an analyzer's findings are presented and which orders they are relevant to."""
+
+    title: str
+    modalities: frozenset[str]
+    regions: frozenset[str]
+
+
+ANALYZERS: dict[str, AnalyzerInfo] = {
+    "ct-emphysema": AnalyzerInfo("CT emphysema quantification", frozenset({"CT"}), frozenset({"chest"})),
+    # Vertebrae are in every chest and abdominal CT, so low attenuation matters for those orders too.
+    "ct-bone": AnalyzerInfo(
+        "CT vertebral bone density", frozenset({"CT", "DXA"}), frozenset({"spine", "chest", "abdomen"})
+    ),
+    "cxr-pneumonia": AnalyzerInfo("Chest X-ray pneumonia", frozenset({"XR", "CT"}), frozenset({"chest"})),
+    "us-breast": AnalyzerInfo("Breast ultrasound lesion", frozenset({"US", "MG", "MR"}), frozenset({"breast"})),
+}
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    """The parts of the configuration cards need, plus the clock (so tests and replays are deterministic)."""
+
+    app_launch_url: str
+    model_card_base_url: str
+    now: datetime
+    recent_days: int = 365
+    new_uuid: Callable[[], str] = lambda: str(uuid.uuid4())
+
+
+def fit_summary(text: str, limit: int = SUMMARY_MAX_CHARS) -> str:
+    """Shorten ``text`` to ``limit`` characters at a word boundary, with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
+    return cut + "…"
+
+
+def analyzer_title(name: str) -> str:
+    info = ANALYZERS.get(name)
+    return info.title if info else name
+
+
+def source_for(analyzer: str | None, settings: CardSettings) -> dict[str, Any]:
+    """``card.source``: the analyzer (label and model card) or, for queue notices, the service itself."""
+    base = settings.model_card_base_url.rstrip("/")
+    if analyzer is None:
+        return {"label": "imaging-cds", "url": f"{base}/models"}
+    return {
+        "label": f"imaging-cds {analyzer}",
+        "url": f"{base}/models/{analyzer}",
+        "topic": {"system": TOPIC_SYSTEM, "code": analyzer, "display": analyzer_title(analyzer)},
+    }
+
+
+def smart_link(settings: CardSettings, app_context: Mapping[str, str], label: str) -> dict[str, Any]:
+    """A ``smart`` link launching the imaging-cds app; ``appContext`` is a JSON string, as the spec requires."""
+    return {
+        "label": label,
+        "url": settings.app_launch_url,
+        "type": "smart",
+        "appContext": json.dumps(dict(app_context)),
+    }
+
+
+def _date(finding: AiFinding) -> str:
+    return finding.effective.date().isoformat() if finding.effective else "date unknown"
+
+
+def _status_phrase(finding: AiFinding) -> str:
+    return "awaiting clinician review" if finding.awaiting_review else "signed"
+
+
+def _key_values(finding: AiFinding, limit: int = 2) -> str:
+    parts = []
+    for m in finding.measurements[:limit]:
+        value = f"{m.value:.1f}".rstrip("0").rstrip(".") if abs(m.value) < 1000 else f"{m.value:.0f}"
+        unit = "HU" if m.unit == "[hnsf'U]" else m.unit
+        parts.append(f"{m.display} {value} {unit}".strip())
+    return "; ".join(parts)
+
+
+def _finding_line(finding: AiFinding) -> str:
+    values = _key_values(finding, limit=4)
+    version = f" v{finding.version}" if finding.version else ""
+    line = f"- {_date(finding)}: **{finding.category_display}** ({_status_phrase(finding)})"
+    if values:
+        line += f" - {values}"
+    if finding.conclusion:
+        line += f". {finding.conclusion}"
+    return line + f" [{finding.report_reference}, {finding.analyzer}{version}]"
+
+
+_DISCLAIMER = "_AI-generated measurement, not a diagnosis; the signed radiology report is authoritative._"
+
+
+def _base_card(
+    *, summary: str, detail: str, indicator: str, analyzer: str | None, settings: CardSettings
+) -> dict[str, Any]:
+    return {
+        "uuid": settings.new_uuid(),
+        "summary": fit_summary(summary),
+        "detail": detail,
+        "indicator": indicator,
+        "source": source_for(analyzer, settings),
+    }
+
+
+def _recent(finding: AiFinding, settings: CardSettings) -> bool:
+    return finding.effective is None or finding.effective >= settings.now - timedelta(days=settings.recent_days)
+
+
+def patient_view_cards(
+    findings: Sequence[AiFinding], settings: CardSettings, *, studies_without_results: int = 0
+) -> list[dict[str, Any]]:
+    """One card per analyzer with findings awaiting review or notable (abnormal, signed, recent) findings."""
+    by_analyzer: dict[str, list[AiFinding]] = {}
+    for finding in findings:
+        if finding.awaiting_review or (finding.signed and finding.abnormal and _recent(finding, settings)):
+            by_analyzer.setdefault(finding.analyzer, []).append(finding)
+    cards = []
+    for analyzer, items in by_analyzer.items():
+        pending = [f for f in items if f.awaiting_review]
+        newest = items[0]
+        title = analyzer_title(analyzer)
+        if pending:
+            summary = (
+                f"{title}: {len(pending)} AI result{'s' if len(pending) != 1 else ''} awaiting review; "
+                f"latest {pending[0].category_display.lower()} ({_date(pending[0])})"
+            )
+        else:
+            summary = f"{title}: {newest.category_display.lower()} (AI, signed {_date(newest)})"
+        lines = [f"**{title}** - AI results for this patient:", "", *(_finding_line(f) for f in items), ""]
+        if studies_without_results:
+            lines.append(
+                f"{studies_without_results} imaging stud{'ies' if studies_without_results != 1 else 'y'} "
+                "of this patient ha{} no AI results yet.".format("ve" if studies_without_results != 1 else "s")
+            )
+            lines.append("")
+        lines.append(_DISCLAIMER)
+        card = _base_card(
+            summary=summary,
+            detail="\n".join(lines),
+            indicator="warning" if any(f.abnormal for f in items) else "info",
+            analyzer=analyzer,
+            settings=settings,
+        )
+        context = {"diagnosticReport": newest.report_reference}
+        if newest.imaging_studies:
+            context["imagingStudy"] = newest.imaging_studies[0]
+        card["links"] = [smart_link(settings, context, "Review in imaging-cds")]
+        card["overrideReasons"] = [dict(r) for r in OVERRIDE_REASONS]
+        cards.append(card)
+    return cards
+
+
+def relevant_to_order(finding: AiFinding, order: ImagingOrder) -> bool:
+    """Same body region; or, when the order's region could not be read, the same modality."""
+    info = ANALYZERS.get(finding.analyzer)
+    if info is None:
+        return False
+    if order.regions:
+        return bool(order.regions & info.regions)
+    return bool(order.modalities & info.modalities)
+
+
+def order_note_update(order: ImagingOrder, finding: AiFinding) -> dict[str, Any]:
+    """The draft order with a note citing the prior AI finding appended (for an ``update`` action)."""
+    resource = copy.deepcopy(order.resource)
+    values = _key_values(finding)
+    text = (
+        f"Prior AI finding ({finding.analyzer}, {finding.report_reference}, {_date(finding)}, "
+        f"{_status_phrase(finding)}): {finding.category_display}"
+        + (f"; {values}" if values else "")
+        + ". Please compare."
+    )
+    resource["note"] = [*(resource.get("note") or []), {"text": text}]
+    return resource
+
+
+def dxa_proposal(order: ImagingOrder, finding: AiFinding, *, patient_id: str, user_id: str | None) -> dict[str, Any]:
+    """A DXA ServiceRequest proposal (draft, intent ``proposal``) citing the low-attenuation finding."""
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "category": [copy.deepcopy(IMAGING_CATEGORY)],
+        "code": copy.deepcopy(DXA_ORDER_CODE),
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "reasonReference": [{"reference": finding.report_reference}],
+        "note": [
+            {
+                "text": f"Proposed after an AI finding of {finding.category_display.lower()} "
+                f"({finding.report_reference}, {_status_phrase(finding)}). {DXA_RULE}"
+            }
+        ],
+    }
+    encounter = (order.resource.get("encounter") or {}).get("reference")
+    if isinstance(encounter, str) and encounter:
+        resource["encounter"] = {"reference": encounter}
+    if user_id and user_id.split("/")[0] in ("Practitioner", "PractitionerRole"):
+        resource["requester"] = {"reference": user_id}
+    return resource
+
+
+def _suggestion(label: str, action: dict[str, Any], *, recommended: bool, settings: CardSettings) -> dict[str, Any]:
+    return {"label": label, "uuid": settings.new_uuid(), "isRecommended": recommended, "actions": [action]}
+
+
+def order_finding_cards(
+    orders: Iterable[ImagingOrder],
+    findings: Sequence[AiFinding],
+    settings: CardSettings,
+    *,
+    patient_id: str,
+    user_id: str | None,
+    all_orders: Sequence[ImagingOrder] = (),
+) -> list[dict[str, Any]]:
+    """For each imaging order, one card per analyzer whose newest relevant finding is abnormal."""
+    dxa_already_ordered = any(o.is_dxa for o in all_orders)
+    cards = []
+    for order in orders:
+        newest_by_analyzer: dict[str, AiFinding] = {}
+        for finding in findings:  # newest first
+            if relevant_to_order(finding, order):
+                newest_by_analyzer.setdefault(finding.analyzer, finding)
+        for analyzer, finding in newest_by_analyzer.items():
+            if not finding.abnormal or order.is_dxa:
+                continue
+            title = analyzer_title(analyzer)
+            summary = (
+                f"Prior AI finding: {finding.category_display.lower()} "
+                f"({title}, {_date(finding)}, {_status_phrase(finding)})"
+            )
+            because = ", ".join(sorted(order.regions | order.modalities))
+            detail_lines = [
+                f"A prior AI analysis is relevant to this order ({because}):",
+                "",
+                _finding_line(finding),
+                "",
+                _DISCLAIMER,
+            ]
+            suggestions = [
+                _suggestion(
+                    "Add the prior AI finding to this order's note",
+                    {
+                        "type": "update",
+                        "description": "Add a note citing the prior AI finding to the draft order",
+                        "resource": order_note_update(order, finding),
+                    },
+                    recommended=False,
+                    settings=settings,
+                )
+            ]
+            if (
+                analyzer == "ct-bone"
+                and finding.category_code in LOW_BONE_DENSITY_CATEGORIES
+                and not dxa_already_ordered
+            ):
+                detail_lines.insert(3, f"\n{DXA_RULE}")
+                suggestions.insert(
+                    0,
+                    _suggestion(
+                        "Propose a DXA bone density study",
+                        {
+                            "type": "create",
+                            "description": "Propose DXA of hip and spine (draft proposal for the clinician to sign)",
+                            "resource": dxa_proposal(order, finding, patient_id=patient_id, user_id=user_id),
+                        },
+                        recommended=finding.signed,
+                        settings=settings,
+                    ),
+                )
+            card = _base_card(
+                summary=summary,
+                detail="\n".join(detail_lines),
+                indicator="warning",
+                analyzer=analyzer,
+                settings=settings,
+            )
+            card["suggestions"] = suggestions
+            card["selectionBehavior"] = "any"
+            card["overrideReasons"] = [dict(r) for r in OVERRIDE_REASONS]
+            context = {"diagnosticReport": finding.report_reference, "serviceRequest": order.reference}
+            if finding.imaging_studies:
+                context["imagingStudy"] = finding.imaging_studies[0]
+            card["links"] = [smart_link(settings, context, "Review prior AI result in imaging-cds")]
+            cards.append(card)
+    return cards
+
+
+@dataclass(frozen=True)
+class QueuedStudy:
+    """A study referenced by an order that has no AI result, and the background job queued for it (if any)."""
+
+    study: str
+    job_id: str | None
+
+
+def missing_results_card(order: ImagingOrder, studies: Sequence[QueuedStudy], settings: CardSettings) -> dict[str, Any]:
+    """order-sign: say which referenced studies lack AI results, and promise analysis only where it was queued."""
+    queued = [s for s in studies if s.job_id]
+    n = len(studies)
+    plural = "study" if n == 1 else "studies"
+    if queued and len(queued) == n:
+        summary = f"No AI results yet for {n} {plural} referenced by this order; analysis queued"
+    elif queued:
+        summary = f"No AI results yet for {n} {plural} referenced by this order; {len(queued)} queued for analysis"
+    else:
+        summary = f"No AI results for {n} {plural} referenced by this order"
+    lines = ["Studies referenced by this order without AI results:", ""]
+    for s in studies:
+        state = f"background analysis queued (job {s.job_id})" if s.job_id else "not queued for analysis"
+        lines.append(f"- {s.study}: {state}")
+    lines += [
+        "",
+        "Results, when ready, appear in the EHR as preliminary AI reports for clinician review."
+        if queued
+        else "AI analysis is not started from this hook; ask for it in the imaging-cds app if needed.",
+    ]
+    card = _base_card(summary=summary, detail="\n".join(lines), indicator="info", analyzer=None, settings=settings)
+    context = {"serviceRequest": order.reference}
+    if studies:
+        context["imagingStudy"] = studies[0].study
+    card["links"] = [smart_link(settings, context, "Open the study in imaging-cds")]
+    return card

@@ -1,0 +1,551 @@
+"""Turn an analyzer's findings into ONE idempotent FHIR R4 transaction, and a clinician's review into another.
+
+This is the one place where ``models.base.AnalysisResult`` becomes FHIR. The results transaction holds:
+
+* the ``Device`` that stands for the analyzer version (identifier ``<name>@<version>``, model SHA-256, card);
+* one ``Observation`` per measurement (plus one for ``AnalysisResult.probability`` when no measurement
+  already carries it), status ``preliminary``, derived from the ImagingStudy, produced by the Device;
+* one ``Media`` per explanation image (PNG), marked as an AI explanation, not a diagnostic image;
+* the ``DiagnosticReport`` (status ``preliminary``, no performer or interpreter: the AI is neither) linking
+  them, with a human-readable HTML report in ``presentedForm``;
+* a ``Provenance`` naming the Device as author of every new clinical resource, the ImagingStudy as source.
+
+Idempotency: every resource but the Provenance has an identifier derived from :func:`analysis_identifier`
+(study UID + series UID + analyzer + version) and is POSTed with ``ifNoneExist``, so re-running an analysis
+creates nothing new; the server answers with the existing resources and resolves the ``urn:uuid`` references
+to them. R4 Provenance has no identifier, so it gets a deterministic id and ``PUT Provenance/<id>``
+(update-as-create): a re-run writes a new *version* of the same Provenance, never a second Provenance.
+sekmet-fhir supports both in a transaction (checked against the real server in ``tests/test_builders.py``).
+
+Every resource asserted by the AI (Observation, Media, DiagnosticReport) carries the HL7 AI Transparency
+security label AIAST in ``meta.security``. The Device (a description of software) and the Provenance
+(written by this service about the AI) are not AI assertions and carry none.
+
+Every resource and the bundle are validated against the R4 JSON schema before they are returned.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from fhir_adapters import constants, terminology
+from fhir_adapters.validation import validate_bundle
+from imaging_cds.errors import ConfigurationError, ImagingCdsError
+from models.base import AnalysisResult, Explanation, Measurement
+
+# Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).
+MODEL_SHA256_IDENTIFIER_SYSTEM = f"{constants.CANONICAL_BASE}/sid/model-sha256"
+
+AI_DISCLAIMER = "AI-generated, preliminary, requires clinician review."
+ACCEPTED_NOTE = "AI-generated; reviewed and accepted by a clinician."
+
+# Namespace of every UUID this module derives; changing it would break idempotency with earlier runs.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, f"{constants.CANONICAL_BASE}/analysis")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class SignoffInputError(ImagingCdsError):
+    """A clinician's review cannot be recorded as given (no reason for a rejection, not a report)."""
+
+    http_status = 422
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The analyzer version, as the EHR should know it.
+
+    ``model_sha256`` is the SHA-256 (hex) of the weights file, ``card_url`` the model card (intended use,
+    validation, limits) a clinician can open from the report.
+    """
+
+    name: str
+    version: str
+    title: str
+    model_sha256: str | None = None
+    card_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_sha256 is not None and not _SHA256.match(self.model_sha256):
+            raise ConfigurationError(
+                f"Analyzer {self.name!r} {self.version}: model_sha256 is not 64 lower-case hex digits.",
+                remedy="Record the weights' digest as printed by `sha256sum`.",
+            )
+
+    @property
+    def identifier_value(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AnalysisTarget:
+    """What was analysed: the EHR's ImagingStudy, its patient, and the DICOM study and series chosen.
+
+    ``imaging_study_id`` is the ImagingStudy's logical id (or a relative reference ``ImagingStudy/<id>``);
+    ``patient_reference`` is ``Patient/<id>``. ``selection_reason`` says in words why this series was
+    chosen (shown in the report). ``study_started`` is ``ImagingStudy.started`` when known: the report's
+    and observations' effective time is when the images were acquired, not when the AI ran.
+    """
+
+    imaging_study_id: str
+    patient_reference: str
+    study_uid: str
+    series_uid: str
+    selection_reason: str
+    study_started: str | None = None
+
+    @property
+    def imaging_study_reference(self) -> str:
+        if "/" in self.imaging_study_id:
+            return self.imaging_study_id
+        return f"ImagingStudy/{self.imaging_study_id}"
+
+
+def analysis_identifier(study_uid: str, series_uid: str, analyzer: str, version: str) -> str:
+    """The deterministic identifier of one analysis: a name-based UUID (v5) of the four values.
+
+    UUID v5 (SHA-1 over a project namespace and ``"<study>|<series>|<analyzer>|<version>"``) gives the same
+    value on every run and machine and differs when any of them changes (a new model version is a new
+    analysis). Per-resource identifiers append ``/obs/<key>`` and ``/media/<n>``.
+    """
+    return str(uuid.uuid5(_NAMESPACE, "|".join((study_uid, series_uid, analyzer, version))))
+
+
+def _uuid_for(name: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, name))
+
+
+def _instant(when: datetime) -> str:
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("FHIR instants need a time zone; pass an aware datetime (e.g. datetime.now(UTC)).")
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _security() -> dict[str, Any]:
+    return {"security": [terminology.AI_ASSERTED.coding()]}
+
+
+def _identifier(value: str) -> list[dict[str, str]]:
+    return [{"system": constants.ANALYSIS_IDENTIFIER_SYSTEM, "value": value}]
+
+
+def _conditional(system: str, value: str) -> str:
+    """``ifNoneExist`` query for one identifier, with characters outside ordinary ones percent-encoded."""
+    return "identifier=" + quote(f"{system}|{value}", safe=":/|@")
+
+
+def _post_entry(full_url: str, resource: dict[str, Any], system: str, value: str) -> dict[str, Any]:
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": _conditional(system, value)},
+    }
+
+
+def _png_size(png: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR chunk (no image library needed)."""
+    if len(png) < 24 or not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def _check_measurement(analyzer: str, m: Measurement) -> None:
+    if not math.isfinite(m.value):
+        raise ConfigurationError(
+            f"Analyzer {analyzer!r} reported a non-finite value for {m.key!r}.",
+            remedy="The analyzer must report finite numbers or leave the measurement out.",
+        )
+
+
+def _device(device: DeviceInfo) -> dict[str, Any]:
+    identifiers = [{"system": constants.DEVICE_IDENTIFIER_SYSTEM, "value": device.identifier_value}]
+    notes = [f"AI image analysis software '{device.title}' ({device.identifier_value})."]
+    if device.model_sha256:
+        identifiers.append({"system": MODEL_SHA256_IDENTIFIER_SYSTEM, "value": device.model_sha256})
+        notes.append(f"Model weights SHA-256: {device.model_sha256}.")
+    if device.card_url:
+        notes.append(f"Model card (intended use, validation, limitations): {device.card_url}")
+    resource: dict[str, Any] = {
+        "resourceType": "Device",
+        "identifier": identifiers,
+        "status": "active",
+        "deviceName": [
+            {"name": device.title, "type": "user-friendly-name"},
+            {"name": device.name, "type": "model-name"},
+        ],
+        "type": {"text": "Medical image analysis software (artificial intelligence)"},
+        "version": [{"value": device.version}],
+        "note": [{"text": " ".join(notes)}],
+    }
+    if device.card_url:
+        resource["url"] = device.card_url
+    return resource
+
+
+def _measurement_note(result: AnalysisResult, text: str) -> list[dict[str, str]]:
+    notes = [{"text": text}] if text else []
+    notes.append({"text": f"Measured by {result.analyzer} {result.version}. {AI_DISCLAIMER}"})
+    return notes
+
+
+def _observation(
+    target: AnalysisTarget,
+    result: AnalysisResult,
+    m: Measurement,
+    *,
+    identifier: str,
+    device_url: str,
+    issued: str,
+) -> dict[str, Any]:
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _security(),
+        "identifier": _identifier(identifier),
+        "status": "preliminary",
+        "category": [terminology.IMAGING_CATEGORY.concept()],
+        "code": terminology.measurement_concept(m.key, m.display),
+        "subject": {"reference": target.patient_reference},
+    }
+    if target.study_started:
+        observation["effectiveDateTime"] = target.study_started
+    observation["issued"] = issued
+    observation["valueQuantity"] = terminology.quantity(m.value, m.unit)
+    if m.interpretation is not None:
+        observation["interpretation"] = [terminology.interpretation_concept(m.interpretation)]
+    observation["note"] = _measurement_note(result, m.note)
+    if m.reference_low is not None or m.reference_high is not None:
+        reference: dict[str, Any] = {}
+        if m.reference_low is not None:
+            reference["low"] = terminology.quantity(m.reference_low, m.unit)
+        if m.reference_high is not None:
+            reference["high"] = terminology.quantity(m.reference_high, m.unit)
+        observation["referenceRange"] = [reference]
+    observation["device"] = {"reference": device_url}
+    observation["derivedFrom"] = [{"reference": target.imaging_study_reference}]
+    return observation
+
+
+def _probability_measurement(result: AnalysisResult) -> Measurement | None:
+    """A measurement for ``result.probability`` unless the analyzer already reports one (``*_probability``)."""
+    if result.probability is None or any(m.key.endswith("_probability") for m in result.measurements):
+        return None
+    return Measurement(
+        key=terminology.PROBABILITY_KEY,
+        display=f"Model probability: {result.category.display}",
+        value=float(result.probability),
+        unit="1",
+        note="The model's output score (0 to 1); not a calibrated clinical risk unless the model card says so.",
+    )
+
+
+def _media(
+    target: AnalysisTarget,
+    result: AnalysisResult,
+    explanation: Explanation,
+    *,
+    identifier: str,
+    device_url: str,
+    issued: str,
+) -> dict[str, Any]:
+    size = _png_size(explanation.png)
+    if size is None:
+        raise ConfigurationError(
+            f"Analyzer {result.analyzer!r} returned explanation {explanation.title!r} that is not a PNG image.",
+            remedy="Explanations must be PNG bytes (models.base.Explanation.png).",
+        )
+    where = f" (slice {explanation.slice_index})" if explanation.slice_index is not None else ""
+    media: dict[str, Any] = {
+        "resourceType": "Media",
+        "meta": _security(),
+        "identifier": _identifier(identifier),
+        "status": "completed",
+        "type": terminology.IMAGE_MEDIA.concept(),
+        "subject": {"reference": target.patient_reference},
+        "issued": issued,
+        "device": {"reference": device_url},
+        "height": size[1],
+        "width": size[0],
+        "content": {
+            "contentType": "image/png",
+            "data": base64.b64encode(explanation.png).decode("ascii"),
+            "title": explanation.title,
+        },
+        "note": [
+            {
+                "text": f"AI explanation ({explanation.kind}){where} from {result.analyzer} {result.version}: "
+                "shows what the model based its finding on; not a diagnostic image. " + AI_DISCLAIMER
+            }
+        ],
+    }
+    return media
+
+
+def _conclusion(result: AnalysisResult) -> str:
+    parts = [result.conclusion.strip()]
+    if result.warnings:
+        parts.append("Warnings: " + "; ".join(w.strip().rstrip(".") for w in result.warnings) + ".")
+    parts.append(AI_DISCLAIMER)
+    return " ".join(p for p in parts if p)
+
+
+def render_report_html(
+    target: AnalysisTarget, result: AnalysisResult, device: DeviceInfo, measurements: tuple[Measurement, ...]
+) -> str:
+    """The human-readable report a clinician opens from the EHR (``DiagnosticReport.presentedForm``).
+
+    Everything is escaped: analyzer strings are not trusted markup.
+    """
+    e = html.escape
+    rows = []
+    for m in measurements:
+        low = "" if m.reference_low is None else _format_value(m.reference_low)
+        high = "" if m.reference_high is None else _format_value(m.reference_high)
+        reference = f"{low} – {high}" if low and high else (f"≤ {high}" if high else (f"≥ {low}" if low else ""))
+        rows.append(
+            f"<tr><td>{e(m.display)}</td><td>{e(_format_value(m.value))}</td>"
+            f"<td>{e(terminology.unit_label(m.unit))}</td><td>{e(reference)}</td>"
+            f"<td>{e(m.interpretation or '')}</td></tr>"
+        )
+    warnings = "".join(f"<li>{e(w)}</li>" for w in result.warnings) or "<li>None.</li>"
+    probability = (
+        f"<p>Model probability: {e(_format_value(result.probability))}</p>" if result.probability is not None else ""
+    )
+    card = f' <a href="{e(device.card_url)}">Model card</a>.' if device.card_url else ""
+    digest = f"<br>Model weights SHA-256: <code>{e(device.model_sha256)}</code>" if device.model_sha256 else ""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{e(device.title)}: AI analysis report</title></head><body>"
+        f"<h1>{e(device.title)}: AI analysis report</h1>"
+        f"<p><strong>{e(AI_DISCLAIMER)}</strong></p>"
+        f"<h2>Conclusion</h2><p>{e(result.conclusion)}</p>"
+        f"<h2>Category</h2><p>{e(result.category.display)} ({'abnormal' if result.category.abnormal else 'normal'})"
+        f"</p><p>Rule: {e(result.category.rule)}</p>{probability}"
+        "<h2>Measurements</h2><table><thead><tr><th>Measurement</th><th>Value</th><th>Unit</th>"
+        f"<th>Reference range</th><th>Interpretation</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<h2>Warnings</h2><ul>{warnings}</ul>"
+        f"<h2>Images analysed</h2><p>Study UID <code>{e(target.study_uid)}</code>, series UID "
+        f"<code>{e(target.series_uid)}</code>.</p><p>Why this series: {e(target.selection_reason)}</p>"
+        f"<h2>Analyzer</h2><p>{e(device.title)} ({e(device.name)}, version {e(device.version)}).{card}{digest}</p>"
+        "</body></html>\n"
+    )
+
+
+def _provenance(
+    provenance_id: str,
+    targets: list[str],
+    *,
+    recorded: str,
+    agent: dict[str, Any],
+    activity: dict[str, Any],
+    entity: dict[str, Any] | None,
+) -> dict[str, Any]:
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "id": provenance_id,
+        "target": [{"reference": t} for t in targets],
+        "recorded": recorded,
+        "activity": activity,
+        "agent": [agent],
+    }
+    if entity is not None:
+        provenance["entity"] = [entity]
+    return provenance
+
+
+def build_results_bundle(
+    target: AnalysisTarget, result: AnalysisResult, device: DeviceInfo, *, issued: datetime
+) -> dict[str, Any]:
+    """One ``transaction`` Bundle that records ``result`` in the EHR; posting it twice creates nothing new.
+
+    ``issued`` (time-zone aware) is when the results are made available; it is also the Provenance's
+    ``recorded``. Raises :class:`~fhir_adapters.validation.ResourceValidationError` if a built resource does
+    not conform to R4 (a bug here), :class:`ConfigurationError` for an analyzer output that cannot be
+    written (a non-finite value, an explanation that is not PNG).
+    """
+    if result.analyzer != device.name or result.version != device.version:
+        raise ConfigurationError(
+            f"Result of {result.analyzer} {result.version} cannot be recorded as device {device.identifier_value}.",
+            remedy="Pass the DeviceInfo of the analyzer version that produced the result.",
+        )
+    issued_at = _instant(issued)
+    analysis_id = analysis_identifier(target.study_uid, target.series_uid, result.analyzer, result.version)
+    device_url = f"urn:uuid:{_uuid_for('device|' + device.identifier_value)}"
+    entries: list[dict[str, Any]] = [
+        _post_entry(device_url, _device(device), constants.DEVICE_IDENTIFIER_SYSTEM, device.identifier_value)
+    ]
+
+    probability = _probability_measurement(result)
+    measurements = result.measurements + ((probability,) if probability else ())
+    seen: set[str] = set()
+    observation_urls: list[str] = []
+    for m in measurements:
+        _check_measurement(result.analyzer, m)
+        if m.key in seen:
+            raise ConfigurationError(
+                f"Analyzer {result.analyzer!r} reported measurement {m.key!r} twice.",
+                remedy="Each measurement key must appear once per result.",
+            )
+        seen.add(m.key)
+        identifier = f"{analysis_id}/obs/{m.key}"
+        url = f"urn:uuid:{_uuid_for(identifier)}"
+        observation = _observation(target, result, m, identifier=identifier, device_url=device_url, issued=issued_at)
+        entries.append(_post_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        observation_urls.append(url)
+
+    media_links: list[dict[str, Any]] = []
+    for n, explanation in enumerate(result.explanations):
+        identifier = f"{analysis_id}/media/{n}"
+        url = f"urn:uuid:{_uuid_for(identifier)}"
+        media = _media(target, result, explanation, identifier=identifier, device_url=device_url, issued=issued_at)
+        entries.append(_post_entry(url, media, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        media_links.append({"comment": explanation.title, "link": {"reference": url}})
+
+    report_html = render_report_html(target, result, device, measurements)
+    report_url = f"urn:uuid:{_uuid_for(analysis_id)}"
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "meta": _security(),
+        "identifier": _identifier(analysis_id),
+        "status": "preliminary",
+        "category": [terminology.RADIOLOGY_SECTION.concept()],
+        "code": terminology.report_code(result.analyzer).concept(f"AI analysis: {device.title}"),
+        "subject": {"reference": target.patient_reference},
+    }
+    if target.study_started:
+        report["effectiveDateTime"] = target.study_started
+    report["issued"] = issued_at
+    report["result"] = [{"reference": u} for u in observation_urls]
+    report["imagingStudy"] = [{"reference": target.imaging_study_reference}]
+    if media_links:
+        report["media"] = media_links
+    report["conclusion"] = _conclusion(result)
+    report["conclusionCode"] = terminology.conclusion_codes(result.analyzer, result.category)
+    report["presentedForm"] = [
+        {
+            "contentType": "text/html",
+            "language": "en",
+            "data": base64.b64encode(report_html.encode("utf-8")).decode("ascii"),
+            "title": f"{device.title}: AI analysis report",
+            "creation": issued_at,
+        }
+    ]
+    entries.append(_post_entry(report_url, report, constants.ANALYSIS_IDENTIFIER_SYSTEM, analysis_id))
+
+    provenance_id = _uuid_for(f"{analysis_id}/provenance")
+    provenance = _provenance(
+        provenance_id,
+        [*observation_urls, *(link["link"]["reference"] for link in media_links), report_url],
+        recorded=issued_at,
+        agent={"type": terminology.AUTHOR.concept(), "who": {"reference": device_url}},
+        activity=terminology.CREATE.concept(),
+        entity={"role": "source", "what": {"reference": target.imaging_study_reference}},
+    )
+    entries.append(
+        {
+            "fullUrl": f"urn:uuid:{provenance_id}",
+            "resource": provenance,
+            "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"},
+        }
+    )
+
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    validate_bundle(bundle)
+    return bundle
+
+
+def build_signoff_bundle(
+    report: Mapping[str, Any],
+    practitioner_reference: str,
+    *,
+    accepted: bool,
+    reason: str | None,
+    when: datetime,
+) -> dict[str, Any]:
+    """A ``transaction`` that records a clinician's review of an AI report as it was read from the server.
+
+    Accept: the report becomes ``final`` with the clinician as ``resultsInterpreter`` and the disclaimer
+    replaced by a note that a clinician accepted it. Reject: the report becomes ``entered-in-error`` (it must
+    no longer be relied on) and the clinician's reason is appended to the conclusion. Either way a
+    ``Provenance`` records who did what and when (agent = the practitioner as verifier, activity UPDATE, the
+    prior report version as the revised entity). The report is ``PUT`` with ``ifMatch`` on the version read,
+    so a concurrent review fails with a conflict instead of silently overwriting the other one; the
+    Provenance id derives from report, clinician, decision and time, so a retried submission makes no second
+    Provenance. The Observations stay ``preliminary``: R4 ties their status to their own lifecycle, and a
+    reader sees the review on the report.
+    """
+    if report.get("resourceType") != "DiagnosticReport" or not report.get("id"):
+        raise SignoffInputError(
+            "Only a DiagnosticReport read from the FHIR server (with its id) can be signed off.",
+            remedy="Read the report first and pass the resource as returned.",
+        )
+    reason_text = (reason or "").strip()
+    if not accepted and not reason_text:
+        raise SignoffInputError(
+            f"Rejecting DiagnosticReport/{report['id']} needs a reason.",
+            remedy="Say why the AI result is wrong; it is kept with the report.",
+        )
+    at = _instant(when)
+    report_id = str(report["id"])
+    updated = copy.deepcopy(dict(report))
+    meta = dict(updated.get("meta", {}))
+    version = meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    if meta:
+        updated["meta"] = meta
+    else:
+        updated.pop("meta", None)
+    conclusion = str(updated.get("conclusion", ""))
+    if accepted:
+        updated["status"] = "final"
+        updated["resultsInterpreter"] = [{"reference": practitioner_reference}]
+        conclusion = conclusion.replace(AI_DISCLAIMER, ACCEPTED_NOTE) if AI_DISCLAIMER in conclusion else conclusion
+        updated["conclusion"] = conclusion.strip() or ACCEPTED_NOTE
+    else:
+        updated["status"] = "entered-in-error"
+        updated["conclusion"] = f"{conclusion} Rejected by the reviewing clinician: {reason_text}".strip()
+    updated["issued"] = at
+
+    request: dict[str, Any] = {"method": "PUT", "url": f"DiagnosticReport/{report_id}"}
+    if version:
+        request["ifMatch"] = f'W/"{version}"'
+    report_ref = f"DiagnosticReport/{report_id}"
+    decision = "accepted" if accepted else "rejected"
+    provenance_id = _uuid_for(f"signoff|{report_id}|{practitioner_reference}|{decision}|{at}")
+    provenance = _provenance(
+        provenance_id,
+        [report_ref],
+        recorded=at,
+        agent={"type": terminology.VERIFIER.concept(), "who": {"reference": practitioner_reference}},
+        activity=terminology.UPDATE.concept(f"Clinician review: {decision}"),
+        entity={"role": "revision", "what": {"reference": f"{report_ref}/_history/{version}"}} if version else None,
+    )
+    if reason_text:
+        provenance["reason"] = [{"text": reason_text}]
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": f"urn:uuid:{_uuid_for('report|' + report_id)}", "resource": updated, "request": request},
+            {
+                "fullUrl": f"urn:uuid:{provenance_id}",
+                "resource": provenance,
+                "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"},
+            },
+        ],
+    }
+    validate_bundle(bundle)
+    return bundle

@@ -1,0 +1,78 @@
+"""WADO-RS retrieval of one series from a PACS, streamed instance by instance.
+
+The caller has already checked the DICOMweb base URL against the allow-list. ``dicomweb-client`` parses the
+multipart response; this module only chooses the transaction and maps failures to the project's errors in one
+place: unreachable or failing PACS -> :class:`PacsError` (retryable, HTTP 502 at a front door); a series the
+PACS does not have, or one without instances -> :class:`ImageDataError`. Messages name the study, the series
+and the PACS base URL, nothing about the patient.
+
+Why ``iter_series`` (one streamed "retrieve series" request) and not a QIDO-RS instance list plus one WADO-RS
+request per instance: measured on loopback Orthanc 1.10 with the 61-slice, 32 MB chest CT (sample ``lung2``), the
+streamed series took 0.11-0.36 s (a raw multipart GET of the same bytes 0.12 s; the RUNBOOK gives ~0.14 s), the
+per-instance route 5.0-6.7 s, about 85 ms per request. The streamed route also holds only the part being parsed
+besides the instances already yielded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import requests
+from dicomweb_client import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from imaging_cds.errors import ImageDataError, PacsError
+
+
+def _client(dicomweb_base: str, session: requests.Session | None, timeout: float) -> DICOMwebClient:
+    return DICOMwebClient(url=dicomweb_base.rstrip("/"), session=session, timeout=timeout)
+
+
+def fetch_series(
+    dicomweb_base: str,
+    study_uid: str,
+    series_uid: str,
+    *,
+    session: requests.Session | None = None,
+    timeout: float = 60.0,
+) -> Iterator[Dataset]:
+    """Yield the instances of one series as pydicom datasets, as they arrive over WADO-RS.
+
+    This is a generator: nothing is requested until the first instance is asked for, and errors are raised
+    from the iteration. Instances come in the PACS's order; :func:`imaging_cds.volume.assemble_volume` sorts.
+    """
+    where = f"series {series_uid} of study {study_uid} at the PACS {dicomweb_base.rstrip('/')}"
+    client = _client(dicomweb_base, session, timeout)
+    received = 0
+    try:
+        for dataset in client.iter_series(study_uid, series_uid):
+            received += 1
+            yield dataset
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 404:
+            raise ImageDataError(
+                f"The PACS has no instances of {where} (HTTP 404): series has no instances.",
+                remedy="Check that the ImagingStudy's series UID matches the PACS, or send the images to the PACS.",
+            ) from exc
+        raise PacsError(
+            f"Retrieving {where} failed with HTTP {status}.",
+            remedy="Check the PACS and its DICOMweb service, then try again.",
+        ) from exc
+    except requests.RequestException as exc:
+        raise PacsError(
+            f"Could not retrieve {where}: {type(exc).__name__}.",
+            remedy="Check that the PACS is running and reachable from this service, then try again.",
+        ) from exc
+    except (ValueError, InvalidDicomError) as exc:
+        raise PacsError(
+            f"The answer for {where} was not a DICOM multipart message ({type(exc).__name__}).",
+            remedy="Check that the Endpoint address is the PACS's DICOMweb (WADO-RS) base URL.",
+        ) from exc
+    if received == 0:
+        raise ImageDataError(
+            f"The PACS returned nothing for {where}: series has no instances.",
+            remedy="Check the series in the PACS; it may still be arriving.",
+        )
+

@@ -1,0 +1,113 @@
+"""A projection radiograph (CR, DX, MG, US or a Secondary Capture) -> one 2-D :class:`ImageInput`.
+
+The array an analyzer receives must look the way a radiologist sees the image, whatever the modality wrote:
+
+1. decode the stored pixels (pydicom; JPEG, JPEG 2000 and RLE through the pylibjpeg plugins);
+2. Modality LUT (rescale slope/intercept or a Modality LUT Sequence) to output units;
+3. VOI LUT or the first window (``apply_voi_lut``), the default presentation the modality chose;
+4. MONOCHROME1 (high values dark, as many CR plates store them) is inverted, so that a higher value is always
+   brighter; a Presentation LUT Shape of INVERSE is honoured the same way;
+5. colour Secondary Captures are reduced to luminance (ITU-R BT.601).
+
+Only non-identifying acquisition attributes travel with the array (modality, body part, view...), never names,
+IDs or dates. Spacing is PixelSpacing, else ImagerPixelSpacing (at the detector), else 1 mm with
+``SpacingSource`` set to ``unknown`` so nothing downstream mistakes it for a measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from imaging_cds.errors import ImageDataError
+from models.base import ImageInput
+
+PROJECTION_ATTRIBUTES = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "ImageLaterality",
+    "Laterality",
+    "PhotometricInterpretation",
+    "SOPClassUID",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "ConversionType",
+    "PresentationIntentType",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+)
+"""Attributes copied into :attr:`ImageInput.attributes`: acquisition facts and UIDs, never PHI."""
+
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def presentation_intensity(dataset: Dataset) -> np.ndarray:
+    """Decoded pixels as float32 presentation values (higher = brighter), shape ``(rows, columns)``."""
+    uid = str(dataset.get("SOPInstanceUID", "unknown"))
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageDataError(
+            f"Instance {uid} is a multi-frame object; a single projection image was expected.",
+            remedy="Send the single-frame radiograph (one image per instance).",
+        )
+    try:
+        stored = dataset.pixel_array
+    except Exception as exc:  # pydicom raises plain errors for a missing decoder or corrupt data
+        raise ImageDataError(
+            f"Instance {uid} could not be decoded ({type(exc).__name__}: {exc}).",
+            remedy="Check the transfer syntax is one pydicom can decode (install pylibjpeg plugins), or send it "
+            "uncompressed.",
+        ) from exc
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric in _GREY:
+        values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset).astype(np.float32)
+        inverse = photometric == "MONOCHROME1"
+        if str(dataset.get("PresentationLUTShape", "")).upper() == "INVERSE":
+            inverse = not inverse
+        if inverse:
+            values = np.float32(values.max() + values.min()) - values
+    elif stored.ndim == 3 and stored.shape[-1] == 3:
+        # pydicom converts YBR to RGB by default, so three samples here are RGB
+        values = (stored.astype(np.float64) @ _LUMA).astype(np.float32)
+    else:
+        raise ImageDataError(
+            f"Instance {uid} has photometric interpretation {photometric} with pixel shape {stored.shape}.",
+            remedy="Send a greyscale (MONOCHROME1/2) or RGB single-frame image.",
+        )
+    if values.ndim != 2:
+        raise ImageDataError(
+            f"Instance {uid} decoded to shape {values.shape}; a 2-D image was expected.",
+            remedy="Send a single-frame projection radiograph.",
+        )
+    return values
+
+
+def pixel_spacing_mm(dataset: Dataset) -> tuple[tuple[float, float], str]:
+    """Row and column spacing and where they came from (``patient``, ``detector`` or ``unknown``)."""
+    for keyword, source in (("PixelSpacing", "patient"), ("ImagerPixelSpacing", "detector")):
+        value = dataset.get(keyword)
+        if value is not None and len(value) == 2:
+            row, column = float(value[0]), float(value[1])
+            if row > 0 and column > 0:
+                return (row, column), source
+    return (1.0, 1.0), "unknown"
+
+
+def projection_input(dataset: Dataset) -> ImageInput:
+    """The analyzer input for one projection image (see the module docstring for each step)."""
+    array = presentation_intensity(dataset)
+    spacing, source = pixel_spacing_mm(dataset)
+    attributes = {k: str(dataset.get(k)) for k in PROJECTION_ATTRIBUTES if dataset.get(k) not in (None, "")}
+    attributes["SpacingSource"] = source
+    modality = str(dataset.get("Modality", "")).upper() or "OT"
+    return ImageInput(array=array, spacing=spacing, modality=modality, attributes=attributes)
+
+
+def read_projection(path: Path | str) -> ImageInput:
+    """Read a DICOM file from disk and return its analyzer input."""
+    return projection_input(dcmread(path))

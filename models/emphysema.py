@@ -1,0 +1,379 @@
+"""CT emphysema quantification by densitometry: the share of lung below -950 HU (LAA-950).
+
+Emphysema destroys alveolar walls, so emphysematous lung holds more air and less tissue and its CT
+attenuation approaches that of air (-1000 HU). The density-mask measure counts lung voxels below -950 HU.
+
+Where the numbers come from (see also ``models/cards/ct-emphysema.json``):
+
+* The -950 HU threshold is *validated* against pathology: Gevenois PA et al., "Comparison of computed
+  density and microscopic morphometry in pulmonary emphysema", Am J Respir Crit Care Med 1996;154:187-192
+  (1 mm sections), confirmed on multidetector CT by Madani A et al., "Pulmonary emphysema: objective
+  quantification at multi-detector row CT - comparison with macroscopic and microscopic morphometry",
+  Radiology 2006;238:1036-1043.
+* LAA-950 >= 5% as "emphysema present" is a *convention* of large cohorts, chiefly COPDGene (inspiratory
+  thin-section CT, standard kernel; protocol in Regan EA et al., COPD 2010;7:32-43), stated e.g. by Amaza IP
+  et al., Int J Chron Obstruct Pulmon Dis 2021;16:1231-1242 ("QCT emphysema is defined as >= 5% of lung
+  volume occupied by LAA-950"). It is a research cut-off, not a diagnostic criterion; healthy never-smokers
+  can exceed it (age, height and lung volume raise LAA-950).
+* The mild / moderate / severe bands above 5% (5-<10, 10-<20, >=20 %) are this project's *convention*,
+  chosen to roughly track the mean LAA-950 of the Fleischner visual grades in COPDGene (Lynch DA et al.,
+  Radiology 2018;288:859-866); they are not a validated clinical grading and the card says so.
+
+Distribution: the lung's cranio-caudal extent (first to last slice holding lung) is split into upper and
+lower *halves*; an odd middle slice counts half to each. Upper-zone predominance is the usual pattern of
+smoking-related centrilobular emphysema, lower-zone predominance that of panlobular emphysema (e.g.
+alpha-1 antitrypsin deficiency); densitometry alone cannot tell the subtypes apart, so the conclusion only
+names the distribution and the pattern it is typical of. A zone ratio of at least 1.5 either way is called
+predominant (project convention).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import weakref
+
+import numpy as np
+
+from imaging_cds.errors import UnsuitableInputError
+from models import render
+from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
+from models.lung import LungMask, segment_lungs
+
+LAA_THRESHOLD_HU = -950.0
+EMPHYSEMA_PRESENT_PERCENT = 5.0
+MODERATE_PERCENT = 10.0
+SEVERE_PERCENT = 20.0
+PREDOMINANCE_RATIO = 1.5
+
+THIN_SECTION_MAX_MM = 1.5
+"""Sections the -950 HU threshold was validated on (1 mm; COPDGene reconstructs at 0.625-0.9 mm)."""
+MAX_SLICE_THICKNESS_MM = 10.0
+MIN_LUNG_ML = 300.0
+LOW_INSPIRATION_ML = 3000.0
+
+_RULE_PRESENT = (
+    "LAA-950 >= 5% of lung volume = emphysema present: cohort convention (COPDGene; Regan EA et al., COPD "
+    "2010;7:32-43; as stated in Amaza IP et al., Int J Chron Obstruct Pulmon Dis 2021;16:1231-1242); -950 HU "
+    "threshold validated against pathology by Gevenois PA et al., Am J Respir Crit Care Med 1996;154:187-192 "
+    "and Madani A et al., Radiology 2006;238:1036-1043."
+)
+_RULE_BANDS = (
+    " Severity bands mild 5-<10%, moderate 10-<20%, severe >=20% are a project convention (not a validated "
+    "clinical grading), set to track the LAA-950 of the Fleischner visual grades in COPDGene (Lynch DA et al., "
+    "Radiology 2018;288:859-866)."
+)
+_SHARP_KERNEL = re.compile(r"LUNG|BONE|SHARP|DETAIL|EDGE|^[BI][5-9]\d|^FC5\d|^YC|^YD|^L$", re.IGNORECASE)
+
+
+class EmphysemaAnalyzer:
+    """LAA-950 densitometry of inspiratory chest CT; see the module docstring for the published basis."""
+
+    name = "ct-emphysema"
+    version = "1.0.0"
+    title = "CT emphysema quantification (LAA-950 densitometry)"
+    requirements = SeriesRequirements(
+        modalities=("CT",),
+        min_instances=20,
+        body_parts=("CHEST", "THORAX", "LUNG"),
+        description_keywords=("chest", "thorax", "lung"),
+        excluded_description_keywords=("scout", "localizer", "topogram"),
+    )
+
+    def __init__(self) -> None:
+        # check_input needs the lung mask to tell "no lungs in view"; analyze reuses it for the same array.
+        self._lock = threading.Lock()
+        self._cached: tuple[weakref.ref[np.ndarray], tuple[float, ...], LungMask] | None = None
+
+    def check_input(self, image: ImageInput) -> None:
+        """Refuse what LAA-950 cannot be measured on: not CT, not a volume, not in HU, thick slices, no lungs."""
+        if image.modality.upper() != "CT":
+            raise UnsuitableInputError(
+                f"{self.name} measures CT attenuation; this series is modality {image.modality!r}.",
+                remedy="Choose an axial chest CT series.",
+            )
+        if image.array.ndim != 3:
+            raise UnsuitableInputError(
+                f"{self.name} needs a CT volume (slices, rows, columns); got a {image.array.ndim}-D image.",
+                remedy="Send the whole axial series, not a single slice or a projection.",
+            )
+        if image.array.shape[0] < self.requirements.min_instances:
+            raise UnsuitableInputError(
+                f"{self.name} needs at least {self.requirements.min_instances} axial slices to cover the lungs; "
+                f"this series has {image.array.shape[0]}.",
+                remedy="Choose the full chest series rather than a partial or reformatted one.",
+            )
+        if any(s <= 0 for s in image.spacing):
+            raise UnsuitableInputError(
+                f"Voxel spacing {tuple(image.spacing)} mm is not physical.",
+                remedy="Check PixelSpacing and slice positions in the series.",
+            )
+        thickness = slice_thickness_mm(image)
+        if thickness > MAX_SLICE_THICKNESS_MM:
+            raise UnsuitableInputError(
+                f"Slices are {thickness:g} mm thick; partial-volume averaging at over {MAX_SLICE_THICKNESS_MM:g} mm "
+                "hides low-attenuation lung, so LAA-950 would be meaningless.",
+                remedy="Use a thin-section (<= 1.5 mm) reconstruction of the chest CT.",
+            )
+        _check_hounsfield(image.array, self.name)
+        lungs = self._lungs(image)
+        lung_ml = lungs.voxel_count * image.voxel_volume_ml
+        if lung_ml < MIN_LUNG_ML:
+            raise UnsuitableInputError(
+                f"Only {lung_ml:.0f} mL of aerated lung was found in this CT (at least {MIN_LUNG_ML:.0f} mL needed); "
+                "the lungs are not in the field of view.",
+                remedy="Choose a chest CT series that covers the lungs.",
+            )
+
+    def analyze(self, image: ImageInput) -> AnalysisResult:
+        """Measure LAA-950 over the segmented lungs and by zone; render the low-attenuation overlay."""
+        hu = image.array
+        lungs = self._lungs(image)
+        lung_voxels = lungs.voxel_count
+        if lung_voxels * image.voxel_volume_ml < MIN_LUNG_ML:
+            self.check_input(image)  # raises the explanatory error
+        box = lungs.box  # everything outside the lungs' bounding box is zero in both counts
+        mask = lungs.mask[box]
+        low = hu[box] < LAA_THRESHOLD_HU
+        low &= mask
+        lung_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
+        low_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
+        lung_per_slice[box[0]] = np.count_nonzero(mask, axis=(1, 2))
+        low_per_slice[box[0]] = np.count_nonzero(low, axis=(1, 2))
+        del low
+
+        voxel_ml = image.voxel_volume_ml
+        lung_ml = lung_voxels * voxel_ml
+        low_ml = float(low_per_slice.sum()) * voxel_ml
+        laa = 100.0 * float(low_per_slice.sum()) / lung_voxels
+        upper, lower = zone_percentages(lung_per_slice, low_per_slice)
+        category = categorize(laa)
+
+        measurements = [
+            Measurement(
+                "laa950_percent",
+                "Lung volume below -950 HU (LAA-950)",
+                round(laa, 2),
+                "%",
+                interpretation="H" if laa >= EMPHYSEMA_PRESENT_PERCENT else "N",
+                reference_high=EMPHYSEMA_PRESENT_PERCENT,
+                note="Share of segmented lung voxels below -950 HU; reference limit is the COPDGene 5% convention.",
+            ),
+            Measurement("lung_volume_ml", "Segmented lung volume", round(lung_ml, 1), "mL"),
+            Measurement("low_attenuation_volume_ml", "Lung volume below -950 HU", round(low_ml, 1), "mL"),
+            Measurement(
+                "laa950_upper_zone_percent",
+                "LAA-950 in the upper half of the lungs",
+                round(upper, 2),
+                "%",
+                interpretation="H" if upper >= EMPHYSEMA_PRESENT_PERCENT else "N",
+                reference_high=EMPHYSEMA_PRESENT_PERCENT,
+            ),
+            Measurement(
+                "laa950_lower_zone_percent",
+                "LAA-950 in the lower half of the lungs",
+                round(lower, 2),
+                "%",
+                interpretation="H" if lower >= EMPHYSEMA_PRESENT_PERCENT else "N",
+                reference_high=EMPHYSEMA_PRESENT_PERCENT,
+            ),
+        ]
+        ratio = upper / lower if lower > 0.0 else None
+        if ratio is not None:
+            measurements.append(
+                Measurement(
+                    "upper_lower_zone_ratio",
+                    "Upper / lower zone LAA-950 ratio",
+                    round(ratio, 2),
+                    "1",
+                    note="Above 1: more low-attenuation lung in the upper half. Omitted when the lower half has none.",
+                )
+            )
+
+        return AnalysisResult(
+            analyzer=self.name,
+            version=self.version,
+            measurements=tuple(measurements),
+            category=category,
+            conclusion=conclusion(laa, lung_ml, upper, lower, category),
+            explanations=tuple(_explanations(hu, lungs, lung_per_slice, low_per_slice)),
+            warnings=tuple(_warnings(image, lungs, lung_per_slice, lung_ml)),
+        )
+
+    def _lungs(self, image: ImageInput) -> LungMask:
+        """Segment once per array: check_input and analyze on the same ImageInput share the mask."""
+        spacing = tuple(float(s) for s in image.spacing)
+        with self._lock:
+            cached = self._cached
+            if cached is not None and cached[0]() is image.array and cached[1] == spacing:
+                return cached[2]
+        lungs = segment_lungs(image.array, spacing)
+        with self._lock:
+            self._cached = (weakref.ref(image.array), spacing, lungs)
+        return lungs
+
+
+def slice_thickness_mm(image: ImageInput) -> float:
+    """Reconstructed slice thickness: DICOM SliceThickness when given, else the slice spacing."""
+    raw = image.attributes.get("SliceThickness", "")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = 0.0
+    return value if value > 0 else float(image.spacing[0])
+
+
+def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
+    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
+    sample = hu[::2, ::4, ::4]
+    air = np.count_nonzero((sample > -1100) & (sample < -900))
+    tissue = np.count_nonzero((sample > -100) & (sample < 200))
+    if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
+        raise UnsuitableInputError(
+            f"{analyzer}: the voxel values do not look like Hounsfield units (air {100 * air / sample.size:.2f}%, "
+            f"soft tissue {100 * tissue / sample.size:.2f}% of voxels; expected air near -1000 and tissue near 0).",
+            remedy="Apply RescaleSlope/RescaleIntercept before analysis, and use a CT reconstruction in HU.",
+        )
+
+
+def zone_percentages(lung_per_slice: np.ndarray, low_per_slice: np.ndarray) -> tuple[float, float]:
+    """LAA-950 % in the upper and lower halves of the lung's cranio-caudal extent (index 0 = inferior).
+
+    An odd middle slice counts half to each zone, so the halves are exact.
+    """
+    hits = np.flatnonzero(lung_per_slice)
+    if hits.size == 0:
+        return 0.0, 0.0
+    first, last = int(hits[0]), int(hits[-1])
+    n = last - first + 1
+    weight_upper = np.zeros(lung_per_slice.shape, dtype=np.float64)
+    weight_upper[first + (n + 1) // 2 : last + 1] = 1.0
+    if n % 2 == 1:
+        weight_upper[first + n // 2] = 0.5
+    weight_lower = np.zeros_like(weight_upper)
+    weight_lower[first : last + 1] = 1.0 - weight_upper[first : last + 1]
+    shares = []
+    for weight in (weight_upper, weight_lower):
+        lung = float((weight * lung_per_slice).sum())
+        shares.append(100.0 * float((weight * low_per_slice).sum()) / lung if lung > 0 else 0.0)
+    return shares[0], shares[1]
+
+
+def categorize(laa950_percent: float) -> Category:
+    """Map LAA-950 % to none / mild / moderate / severe with the cited rule."""
+    if laa950_percent < EMPHYSEMA_PRESENT_PERCENT:
+        return Category("none", "No emphysema by CT densitometry (LAA-950 < 5%)", _RULE_PRESENT, abnormal=False)
+    if laa950_percent < MODERATE_PERCENT:
+        code, display = "mild", "Mild emphysema by CT densitometry (LAA-950 5 to <10%)"
+    elif laa950_percent < SEVERE_PERCENT:
+        code, display = "moderate", "Moderate emphysema by CT densitometry (LAA-950 10 to <20%)"
+    else:
+        code, display = "severe", "Severe emphysema by CT densitometry (LAA-950 >= 20%)"
+    return Category(code, display, _RULE_PRESENT + _RULE_BANDS, abnormal=True)
+
+
+def distribution(upper: float, lower: float) -> str:
+    """Plain words for the cranio-caudal distribution of low-attenuation lung."""
+    if upper >= PREDOMINANCE_RATIO * lower and upper > 0:
+        return "upper-zone predominant, the distribution typical of smoking-related centrilobular emphysema"
+    if lower >= PREDOMINANCE_RATIO * upper and lower > 0:
+        return (
+            "lower-zone predominant, the distribution typical of panlobular emphysema "
+            "(e.g. alpha-1 antitrypsin deficiency)"
+        )
+    return "evenly distributed between the upper and lower zones"
+
+
+def conclusion(laa: float, lung_ml: float, upper: float, lower: float, category: Category) -> str:
+    """One plain-language sentence with the numbers."""
+    head = f"Lung below -950 HU makes up {laa:.1f}% of the {lung_ml / 1000:.2f} L of lung measured"
+    if not category.abnormal:
+        return f"{head}, under the 5% cut-off for emphysema: no emphysema by CT densitometry."
+    return (
+        f"{head}: {category.code} emphysema by CT densitometry, {distribution(upper, lower)} "
+        f"(upper half {upper:.1f}%, lower half {lower:.1f}%)."
+    )
+
+
+def _warnings(image: ImageInput, lungs: LungMask, lung_per_slice: np.ndarray, lung_ml: float) -> list[str]:
+    """Acquisition conditions known to bias LAA-950, stated so that a reader can weigh the number."""
+    out: list[str] = []
+    thickness = slice_thickness_mm(image)
+    if thickness > THIN_SECTION_MAX_MM:
+        out.append(
+            f"Slices are {thickness:g} mm thick; LAA-950 was validated on thin sections (about 1 mm). Thick slices "
+            "average emphysematous spaces with surrounding tissue and underestimate LAA-950."
+        )
+    kernel = image.attributes.get("ConvolutionKernel", "").strip()
+    if not kernel:
+        out.append(
+            "Reconstruction kernel not stated; a sharp (lung or bone) kernel adds noise and overestimates LAA-950, "
+            "which was defined on a smooth or standard kernel."
+        )
+    elif _SHARP_KERNEL.search(kernel):
+        out.append(
+            f"Reconstruction kernel {kernel!r} looks sharp; its noise overestimates LAA-950, which was defined on "
+            "a smooth or standard kernel."
+        )
+    if image.attributes.get("ContrastBolusAgent", "").strip():
+        out.append("Contrast-enhanced CT: iodine raises lung attenuation and can lower LAA-950 slightly.")
+    peak = float(lung_per_slice.max()) if lung_per_slice.size else 0.0
+    truncated = [
+        where
+        for where, count in (("base", lung_per_slice[0]), ("apex", lung_per_slice[-1]))
+        if peak > 0 and count > 0.05 * peak
+    ]
+    if truncated:
+        out.append(
+            f"The lung {' and '.join(truncated)} {'extend' if len(truncated) > 1 else 'extends'} beyond the scanned range; volumes and percentages describe "
+            "only the lung in the field of view."
+        )
+    elif lung_ml < LOW_INSPIRATION_ML:
+        out.append(
+            f"Whole-lung volume is {lung_ml / 1000:.2f} L; a volume this low suggests the scan may not be at full "
+            "inspiration, which raises lung density and underestimates LAA-950."
+        )
+    if not lungs.split:
+        out.append("The two lungs touch and could not be separated; totals are unaffected.")
+    return out
+
+
+def _explanations(
+    hu: np.ndarray, lungs: LungMask, lung_per_slice: np.ndarray, low_per_slice: np.ndarray
+) -> list[Explanation]:
+    """One overlay per zone (upper, middle, lower third): the slice with most lung in that third."""
+    extent = lungs.slice_extent()
+    if extent is None:
+        return []
+    first, last = extent
+    bounds = np.linspace(first, last + 1, 4).round().astype(int)
+    level, width = render.LUNG_WINDOW
+    # Crop to the lungs with a margin: the chest wall stays in view and the PNGs are half the size.
+    margin = 24
+    rows = slice(max(lungs.box[1].start - margin, 0), min(lungs.box[1].stop + margin, hu.shape[1]))
+    cols = slice(max(lungs.box[2].start - margin, 0), min(lungs.box[2].stop + margin, hu.shape[2]))
+    out = []
+    for name, (lo, hi) in zip(("Lower", "Middle", "Upper"), itertools.pairwise(bounds), strict=True):
+        if hi <= lo:
+            continue
+        z = int(lo + np.argmax(lung_per_slice[lo:hi]))
+        image = hu[z, rows, cols]
+        mask = lungs.mask[z, rows, cols]
+        rgb = render.overlay_mask(render.window(image, level, width), mask & (image < LAA_THRESHOLD_HU), render.YELLOW)
+        rgb = render.outline(rgb, mask, render.CYAN)
+        share = 100.0 * low_per_slice[z] / lung_per_slice[z] if lung_per_slice[z] else 0.0
+        text = (
+            f"{name} zone, slice {z + 1} of {hu.shape[0]} from the feet: {share:.1f}% of lung below -950 HU\n"
+            "Hatched yellow = lung below -950 HU\n"
+            "Cyan line = lung boundary; lung window W1500/L-600"
+        )
+        out.append(
+            Explanation(
+                title=f"Low-attenuation lung, {name.lower()} zone",
+                kind="overlay",
+                png=render.to_png(render.label(rgb, text, font_size=12)),
+                slice_index=z,
+            )
+        )
+    return list(reversed(out))  # upper, middle, lower: the order a reader scrolls a chest CT

@@ -1,0 +1,456 @@
+"""Find the spine in a CT volume, split it into vertebral bodies and identify levels where that is reliable.
+
+Everything here is a pure, deterministic function of a HU volume and its spacing (no trained weights). The
+volume follows the project convention of :class:`models.base.ImageInput`: ``(slices, rows, columns)``, slice 0
+most inferior, rows increasing towards posterior, columns increasing towards the patient's left.
+
+The method is classical image analysis, and heuristic in places; each step says why it is done that way:
+
+1. Work on a *detection grid* (in-plane stride so that pixels are about 1.2 mm): localising the spine does not
+   need sub-millimetre pixels, and this keeps a 61 x 512 x 512 volume well under a second.
+2. The spine's left-right position per slice is the column with the most bone (> 200 HU) in the posterior half
+   of the body, searched in the central half of the body width, then made continuous along z by dynamic
+   programming (the spine is a continuous column; ribs, pelvis and sternum are not at one position for long).
+3. On a narrow mid-sagittal slab through that column, the spinal canal is the dark (CSF, < 80 HU) strip that has
+   bone close in front (the vertebral body or disc margin) and close behind (the neural arch); it is tracked along
+   z the same way. The canal is the landmark that separates vertebral bodies (in front) from posterior elements.
+4. The vertebral body is the run of attenuating tissue directly in front of the canal; its depth is smoothed
+   along z because single slices are noisy.
+5. Intervertebral discs are minima of the mean attenuation across the body's core along z (no bone, no cortical
+   end plates). With 3-5 mm slices a disc is one or two slices thick, so boundaries and heights are coarse:
+   +/- one slice thickness.
+6. Levels: T12 is the lowest vertebra with a rib articulating with it (a bone structure starting beside the
+   vertebra and reaching far laterally, which lumbar transverse processes do not); L1 is the next one down. When
+   the sacrum is in view (the body joined to the iliac bones through the sacral alae), counting up from S1 gives
+   the levels too, and the two are cross-checked. Both assume the usual 12 rib pairs and 5 lumbar vertebrae;
+   transitional anatomy (11 or 13 rib pairs, a lumbarised S1 or sacralised L5) shifts every label by one. When
+   neither landmark is found, no level is guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import ndimage
+
+from imaging_cds.errors import UnsuitableInputError
+
+BONE_HU = 200.0
+"""Cortical / dense bone threshold; trabecular bone alone may be lower (50-250 HU), cortex is well above."""
+
+CANAL_MAX_HU = 80.0
+"""The canal holds CSF, cord and epidural fat (about -100..60 HU); anything brighter is not canal."""
+
+_GRID_MM = 1.2
+_LATERAL_BONE_MM = 20.0
+_RIB_REACH_MM = 65.0
+_SACRAL_REACH_MM = 65.0
+
+LUMBAR_ORDER: tuple[str, ...] = ("S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7")
+"""Labels going up from the sacrum; T12 and below also going down from the last rib-bearing vertebra."""
+
+
+@dataclass(frozen=True)
+class SpineTrack:
+    """Where the spine runs, per slice, on the detection grid (pixel ``pixel_mm``, in-plane ``stride``)."""
+
+    stride: int
+    pixel_mm: float
+    slice_mm: float
+    column: np.ndarray  # (slices,) detection-grid column of the spine midline
+    canal_row: np.ndarray  # (slices,) detection-grid row of the canal centre
+    posterior_row: np.ndarray  # (slices,) float, posterior wall of the body (nan where none)
+    anterior_row: np.ndarray  # (slices,) float, anterior wall of the body (nan where none)
+    sagittal: np.ndarray  # (slices, rows) mid-sagittal slab, mean HU over +/- 5 mm around ``column``
+    canal_score: np.ndarray  # (slices,) 0..1 how canal-like the tracked point is
+
+    @property
+    def slices(self) -> int:
+        return int(self.column.shape[0])
+
+
+@dataclass(frozen=True)
+class Vertebra:
+    """One vertebral body between two disc minima; slice coordinates are fractional slice indices."""
+
+    inferior_slice: float
+    superior_slice: float
+    complete: bool  # both discs bounding it are inside the volume
+    anterior_row: float  # detection-grid rows at mid-body (median over its slices)
+    posterior_row: float
+    level: str | None = None
+    rib_bearing: bool = False
+    pelvis_joined: bool = False
+
+    @property
+    def mid_slice(self) -> int:
+        return int(round((self.inferior_slice + self.superior_slice) / 2.0))
+
+    @property
+    def label(self) -> str:
+        return self.level or "unidentified level"
+
+
+@dataclass(frozen=True)
+class LevelIdentification:
+    """Levels given to the vertebrae, and how (or why not)."""
+
+    vertebrae: tuple[Vertebra, ...]
+    method: str  # "ribs", "sacrum", "ribs+sacrum", "none"
+    note: str
+    conflict: bool = False
+
+
+def detection_grid(volume: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, int, float]:
+    """A strided view with about 1.2 mm pixels (no copy); returns (grid, stride, pixel_mm)."""
+    stride = max(1, int(round(_GRID_MM / float(spacing[1]))))
+    return volume[:, ::stride, ::stride], stride, float(spacing[1]) * stride
+
+
+def body_mask(grid: np.ndarray) -> np.ndarray:
+    """Per slice, the largest connected region above -300 HU: the patient, without the table or clothing."""
+    mask = np.zeros(grid.shape, dtype=bool)
+    for z in range(grid.shape[0]):
+        tissue = grid[z] > -300.0
+        labels, count = ndimage.label(tissue)
+        if count:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            mask[z] = labels == int(np.argmax(sizes))
+    return mask
+
+
+def track_path(score: np.ndarray, max_step: int, penalty: float) -> np.ndarray:
+    """Dynamic programming: the position per row of ``score`` maximising total score minus ``penalty`` per pixel
+    of movement, moving at most ``max_step`` pixels between rows. Why: the spine is continuous along z, so a
+    path is far more robust than a per-slice maximum, which jumps to a rib or the pelvis."""
+    rows, n = score.shape
+    total = score[0].astype(np.float64)
+    back = np.zeros((rows, n), dtype=np.int64)
+    index = np.arange(n)
+    for r in range(1, rows):
+        best = np.full(n, -np.inf)
+        arg = np.zeros(n, dtype=np.int64)
+        for step in range(-max_step, max_step + 1):
+            shifted = np.full(n, -np.inf)
+            if step > 0:
+                shifted[step:] = total[: n - step]
+            elif step < 0:
+                shifted[:step] = total[-step:]
+            else:
+                shifted[:] = total
+            shifted -= penalty * abs(step)
+            better = shifted > best
+            best[better] = shifted[better]
+            arg[better] = (index - step)[better]
+        total = best + score[r]
+        back[r] = arg
+    path = np.zeros(rows, dtype=np.int64)
+    path[-1] = int(np.argmax(total))
+    for r in range(rows - 1, 0, -1):
+        path[r - 1] = back[r, path[r]]
+    return path
+
+
+def find_spine(volume: np.ndarray, spacing: tuple[float, float, float]) -> SpineTrack:
+    """Locate the spine midline, the canal and the vertebral body walls on every slice.
+
+    Raises :class:`UnsuitableInputError` when no spinal canal with a vertebral body in front of it is found along
+    most of the volume (a head, a limb, a phantom).
+    """
+    grid, stride, px = detection_grid(volume, spacing)
+    dz = float(spacing[0])
+    nz, ny, nx = grid.shape
+    body = body_mask(grid)
+    max_step = max(1, int(round(dz * 0.7 / px)))  # the spine drifts < ~0.7 mm per mm of z, even with scoliosis
+
+    # 1. left-right position of the spine
+    column_score = np.zeros((nz, nx), dtype=np.float32)
+    extents: list[tuple[int, int] | None] = []
+    for z in range(nz):
+        rows = np.flatnonzero(body[z].any(axis=1))
+        cols = np.flatnonzero(body[z].any(axis=0))
+        if rows.size < 10 or cols.size < 10:
+            extents.append(None)
+            continue
+        y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
+        extents.append((int(y0), int(y1)))
+        posterior = (grid[z, (y0 + y1) // 2 : y1 + 1] > BONE_HU) & body[z, (y0 + y1) // 2 : y1 + 1]
+        profile = ndimage.uniform_filter1d(posterior.sum(axis=0).astype(np.float32), max(3, int(round(20 / px))))
+        # prior: the spine lies near the middle of the body outline (sd 10 % of its width); without it the
+        # path drifts onto an iliac bone or a sacroiliac joint in the pelvis
+        prior = np.exp(-0.5 * ((np.arange(nx) - 0.5 * (x0 + x1)) / (0.1 * (x1 - x0) + 1.0)) ** 2)
+        profile = profile * prior
+        lo, hi = int(x0 + 0.25 * (x1 - x0)), int(x1 - 0.25 * (x1 - x0))
+        if profile.max() > 0:
+            column_score[z, lo : hi + 1] = profile[lo : hi + 1] / profile.max()
+    column = track_path(column_score, max_step, 0.05)
+
+    # 2. mid-sagittal slab and the canal
+    half = max(1, int(round(5.0 / px)))
+    sagittal = np.stack(
+        [grid[z, :, max(0, column[z] - half) : column[z] + half + 1].mean(axis=1) for z in range(nz)]
+    ).astype(np.float32)
+    bright = ndimage.maximum_filter1d(sagittal, 3, axis=0)  # a disc slice borrows its neighbours' end plates
+    near, far = max(1, int(round(3.0 / px))), int(round(14.0 / px))
+    front = np.full_like(sagittal, -1000.0)
+    behind = np.full_like(sagittal, -1000.0)
+    for k in range(near, far + 1):
+        front[:, k:] = np.maximum(front[:, k:], bright[:, :-k])
+        behind[:, :-k] = np.maximum(behind[:, :-k], bright[:, k:])
+    canal_like = np.clip(np.minimum(front, behind) - np.clip(sagittal, 0.0, None), 0.0, 600.0) / 600.0
+    canal_like *= sagittal < CANAL_MAX_HU
+    for z, ext in enumerate(extents):
+        if ext is None:
+            canal_like[z] = 0.0
+        else:  # the canal lies in the posterior 70 % of the body outline
+            canal_like[z, : int(ext[0] + 0.3 * (ext[1] - ext[0]))] = 0.0
+            canal_like[z, ext[1] :] = 0.0
+    canal = track_path(canal_like, max_step, 0.05)
+    canal_score = canal_like[np.arange(nz), canal]
+
+    # 3. vertebral body walls in front of the canal
+    posterior_row, anterior_row = _body_walls(sagittal, canal, px)
+    track = SpineTrack(stride, px, dz, column, canal, posterior_row, anterior_row, sagittal, canal_score)
+    found = np.isfinite(anterior_row) & (canal_score > 0.15)
+    if found.sum() < max(3, 0.4 * nz):
+        raise UnsuitableInputError(
+            f"No spine found: a spinal canal with a vertebral body in front of it was seen on {int(found.sum())} of "
+            f"{nz} slices.",
+            remedy="Send a chest or abdomen CT that includes the spine.",
+        )
+    return track
+
+
+def _body_walls(sagittal: np.ndarray, canal: np.ndarray, px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior and anterior wall rows of the vertebral body (or disc) in front of the canal, per slice.
+
+    Walking forwards from the canal, the body starts where attenuation rises above a threshold halfway between
+    soft tissue (~0-60 HU) and the body's own core, and ends where it falls below it for more than 6 mm (small
+    dips inside the body - the basivertebral vein, osteoporotic trabecular bone - are bridged). Depth is then
+    median-smoothed along z and capped at 60 mm, the largest adult lumbar body depth.
+    """
+    nz = sagittal.shape[0]
+    smooth = ndimage.uniform_filter1d(sagittal, 3, axis=1)
+    posterior = np.full(nz, np.nan)
+    anterior = np.full(nz, np.nan)
+    for z in range(nz):
+        ahead = smooth[z, : canal[z] + 1][::-1]  # index k = k pixels in front of the canal centre
+        if ahead.size < int(20 / px):
+            continue
+        threshold = max(70.0, 0.5 * float(np.median(ahead[int(3 / px) : int(25 / px)])))
+        above = ahead >= threshold
+        first = int(np.argmax(above[: int(14 / px)])) if above[: int(14 / px)].any() else -1
+        if first < 0:
+            continue
+        last, gap = first, 0
+        for k in range(first + 1, min(ahead.size, first + int(60 / px))):
+            if above[k]:
+                last, gap = k, 0
+            else:
+                gap += 1
+                if gap * px > 6.0:
+                    break
+        posterior[z] = canal[z] - first
+        anterior[z] = canal[z] - last
+    depth = posterior - anterior
+    valid = np.isfinite(depth)
+    if valid.sum() >= 3:
+        filled = np.interp(np.arange(nz), np.flatnonzero(valid), depth[valid])
+        depth_smooth = ndimage.median_filter(filled, size=5, mode="nearest")
+        anterior = np.where(valid, posterior - np.minimum(depth_smooth, 60.0 / px), np.nan)
+    return posterior, anterior
+
+
+def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
+    """Split the body column into vertebrae at disc minima of the core attenuation profile along z.
+
+    The core is the middle 60 % of the body depth on the mid-sagittal slab. Discs (no bone, ~80-120 HU) and the
+    dense end plates on either side make a dip; dips closer than 14 mm (shorter than any adult vertebra plus disc)
+    are merged, keeping the deeper one. Segments touching the first or last slice are marked incomplete.
+    """
+    nz = track.slices
+    core = np.full(nz, np.nan)
+    for z in range(nz):
+        if np.isnan(track.anterior_row[z]) or track.canal_score[z] <= 0.05:
+            continue
+        a, p = track.anterior_row[z], track.posterior_row[z]
+        lo, hi = int(round(a + 0.2 * (p - a))), int(round(p - 0.2 * (p - a)))
+        if hi > lo:
+            core[z] = float(track.sagittal[z, lo : hi + 1].mean())
+    valid = np.isfinite(core)
+    if valid.sum() < 3:
+        return []
+    filled = np.interp(np.arange(nz), np.flatnonzero(valid), core[valid])
+    min_gap = max(2, int(np.ceil(14.0 / track.slice_mm)))
+    minima = _disc_minima(filled, min_gap)
+    bounds = [0.0, *[float(m) for m in minima], float(nz - 1)]
+    vertebrae: list[Vertebra] = []
+    for i in range(len(bounds) - 1):
+        lo, hi = bounds[i], bounds[i + 1]
+        if (hi - lo) * track.slice_mm < 10.0:
+            continue
+        complete = i > 0 and i < len(bounds) - 2
+        zs = np.arange(int(np.ceil(lo)), int(np.floor(hi)) + 1)
+        ant = np.nanmedian(track.anterior_row[zs]) if np.isfinite(track.anterior_row[zs]).any() else np.nan
+        post = np.nanmedian(track.posterior_row[zs]) if np.isfinite(track.posterior_row[zs]).any() else np.nan
+        if not (np.isfinite(ant) and np.isfinite(post)) or (post - ant) * track.pixel_mm < 12.0:
+            continue
+        vertebrae.append(Vertebra(lo, hi, complete, float(ant), float(post)))
+    return vertebrae
+
+
+def _disc_minima(profile: np.ndarray, min_gap: int) -> list[int]:
+    """Local minima of ``profile`` that are lower than both neighbours' maxima by a margin, at least
+    ``min_gap`` slices apart (the deeper one wins)."""
+    n = profile.size
+    candidates: list[tuple[float, int]] = []
+    for z in range(1, n - 1):
+        if profile[z] <= profile[z - 1] and profile[z] <= profile[z + 1]:
+            left = profile[max(0, z - min_gap) : z].max()
+            right = profile[z + 1 : z + 1 + min_gap].max()
+            depth = min(left, right) - profile[z]
+            if depth > 12.0:
+                candidates.append((float(depth), z))
+    chosen: list[int] = []
+    for _, z in sorted(candidates, reverse=True):
+        if all(abs(z - c) >= min_gap for c in chosen):
+            chosen.append(z)
+    return sorted(chosen)
+
+
+def identify_levels(
+    volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebrae: list[Vertebra]
+) -> LevelIdentification:
+    """Give levels from the last rib-bearing vertebra (T12) and/or from the sacrum (S1); otherwise none."""
+    if not vertebrae:
+        return LevelIdentification((), "none", "No vertebral body could be delimited.")
+    grid, _, px = detection_grid(volume, spacing)
+    ribbed = _rib_bearing(grid, track, vertebrae, px)
+    pelvic = _pelvis_joined(grid, track, vertebrae, px)
+    vertebrae = [replace(v, rib_bearing=r, pelvis_joined=p) for v, r, p in zip(vertebrae, ribbed, pelvic, strict=True)]
+
+    rib_labels: dict[int, str] | None = None
+    rib_note = "no rib-bearing vertebra with a rib-free vertebra below it was found"
+    if any(ribbed):
+        t12 = min(i for i, r in enumerate(ribbed) if r)
+        if t12 > 0 and not any(ribbed[:t12]):
+            rib_labels = _labels_from(t12, "T12", len(vertebrae))
+            rib_note = "T12 = lowest vertebra with a rib articulating; L1 is the next one down"
+
+    sacrum_labels: dict[int, str] | None = None
+    sacrum_note = "sacrum not in view or not recognised"
+    joined = [i for i, p in enumerate(pelvic) if p]
+    if joined:
+        s1 = max(i for i in joined if all(pelvic[j] for j in range(min(joined), i + 1)))
+        if s1 + 1 < len(vertebrae) and not pelvic[s1 + 1]:
+            sacrum_labels = _labels_from(s1, "S1", len(vertebrae))
+            sacrum_note = "S1 = top of the bone joined to both iliac bones through the sacral alae; counted up"
+
+    if rib_labels and sacrum_labels:
+        agree = rib_labels == sacrum_labels
+        labels = rib_labels
+        method = "ribs+sacrum"
+        note = f"{rib_note}; {sacrum_note}; " + (
+            "both agree."
+            if agree
+            else "the two DISAGREE (possible transitional vertebra or 11/13 rib pairs): labels follow the ribs."
+        )
+        conflict = not agree
+    elif rib_labels:
+        labels, method, note, conflict = rib_labels, "ribs", f"{rib_note}; {sacrum_note}.", False
+    elif sacrum_labels:
+        labels, method, note, conflict = sacrum_labels, "sacrum", f"{sacrum_note}; {rib_note}.", False
+    else:
+        return LevelIdentification(
+            tuple(vertebrae), "none", f"Levels not identified: {rib_note}, and {sacrum_note}. No level is guessed."
+        )
+    labelled = tuple(replace(v, level=labels.get(i)) for i, v in enumerate(vertebrae))
+    return LevelIdentification(labelled, method, note[0].upper() + note[1:], conflict)
+
+
+def _labels_from(anchor: int, anchor_label: str, count: int) -> dict[int, str]:
+    """Labels for vertebra indices (0 = most inferior) given one anchored label."""
+    order = ("S1", "L5", "L4", "L3", "L2", "L1", *[f"T{n}" for n in range(12, 0, -1)], "C7", "C6")
+    pos = order.index(anchor_label)
+    labels: dict[int, str] = {}
+    for i in range(count):
+        k = pos + (i - anchor)
+        if 0 <= k < len(order):
+            labels[i] = order[k]
+    return labels
+
+
+def _lateral_bone(grid: np.ndarray, track: SpineTrack, px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bone more than 20 mm lateral to the spine midline, and each voxel's lateral distance (mm)."""
+    nz, ny, nx = grid.shape
+    lateral_mm = np.abs(np.arange(nx)[None, :] - track.column[:, None]).astype(np.float32) * px  # (nz, nx)
+    bone = grid > BONE_HU
+    bone &= (lateral_mm >= _LATERAL_BONE_MM)[:, None, :]
+    return bone, lateral_mm
+
+
+def _rib_bearing(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra], px: float) -> list[bool]:
+    """Which vertebrae have a rib articulating with them.
+
+    A rib is a connected bone structure (beyond 20 mm from the midline, from the body's middle backwards) whose
+    medial end lies within 40 mm of the midline and which reaches at least 65 mm laterally; lumbar transverse
+    processes stop short of that. It is assigned to the vertebra at the z of its medial end (the rib head).
+    Large plates (an iliac wing: > 40 cm3 here or > 60 mm tall) are not ribs.
+    """
+    bone, lateral_mm = _lateral_bone(grid, track, px)
+    nz, ny, _ = grid.shape
+    rows = np.arange(ny)[None, :]
+    keep_rows = rows >= (track.canal_row[:, None] - int(round(40.0 / px)))  # from mid-body backwards
+    bone &= keep_rows[:, :, None]
+    labels, count = ndimage.label(bone, structure=np.ones((3, 3, 3), dtype=bool))
+    result = [False] * len(vertebrae)
+    voxel_ml = px * px * track.slice_mm / 1000.0
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        if region is None:
+            continue
+        zz, _, xx = np.nonzero(labels[region] == index)
+        zz = zz + region[0].start
+        xx = xx + region[2].start
+        dist = lateral_mm[zz, xx]
+        if dist.min() > 40.0 or dist.max() < _RIB_REACH_MM:
+            continue
+        if zz.size * voxel_ml > 40.0 or (zz.max() - zz.min() + 1) * track.slice_mm > 60.0:
+            continue
+        head_z = float(zz[dist <= dist.min() + 5.0].mean())
+        for i, v in enumerate(vertebrae):
+            if v.inferior_slice - 0.5 <= head_z <= v.superior_slice + 0.5:
+                result[i] = True
+                break
+    return result
+
+
+def _pelvis_joined(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra], px: float) -> list[bool]:
+    """Which vertebrae are joined in the axial plane to bone reaching >= 65 mm lateral on both sides.
+
+    At S1 the sacral alae carry the body out to the sacroiliac joints and the iliac bones; at L5 and above the
+    transverse processes end well short of that. The bone mask is closed once so that a thin sacroiliac joint
+    space does not split the sacrum from the ilium. Judged on the middle slices of each vertebra; a majority wins.
+    """
+    result: list[bool] = []
+    nx = grid.shape[2]
+    for v in vertebrae:
+        zs = range(int(np.ceil(v.inferior_slice + 0.25)), int(np.floor(v.superior_slice - 0.25)) + 1)
+        votes = []
+        for z in zs:
+            bone = ndimage.binary_closing(grid[z] > BONE_HU, iterations=1)
+            labels, _ = ndimage.label(bone)
+            row = int(round((v.anterior_row + v.posterior_row) / 2.0))
+            col = int(track.column[z])
+            window = labels[max(0, row - 3) : row + 4, max(0, col - 3) : col + 4]
+            ids = np.unique(window[window > 0])
+            if ids.size == 0:
+                votes.append(False)
+                continue
+            cols = np.flatnonzero(np.isin(labels, ids).any(axis=0))
+            left = (cols.max() - col) * px if cols.size else 0.0
+            right = (col - cols.min()) * px if cols.size else 0.0
+            votes.append(left >= _SACRAL_REACH_MM and right >= _SACRAL_REACH_MM and cols.max() < nx - 1)
+        result.append(bool(votes) and sum(votes) * 2 > len(votes))
+    return result
