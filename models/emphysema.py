@@ -325,8 +325,9 @@ def _warnings(image: ImageInput, lungs: LungMask, lung_per_slice: np.ndarray, lu
         if peak > 0 and count > 0.05 * peak
     ]
     if truncated:
+        verb = "extend" if len(truncated) > 1 else "extends"
         out.append(
-            f"The lung {' and '.join(truncated)} {'extend' if len(truncated) > 1 else 'extends'} beyond the scanned range; volumes and percentages describe "
+            f"The lung {' and '.join(truncated)} {verb} beyond the scanned range; volumes and percentages describe "
             "only the lung in the field of view."
         )
     elif lung_ml < LOW_INSPIRATION_ML:

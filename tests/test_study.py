@@ -79,7 +79,7 @@ def client(fhir_base: FhirServer) -> FhirClient:
 
 
 def endpoint(
-    address: str, *, code: str = "dicom-wado-rs", status: str = "active", id: str | None = None
+    address: str, *, code: str = "dicom-wado-rs", status: str = "active", endpoint_id: str | None = None
 ) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "Endpoint",

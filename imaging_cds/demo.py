@@ -1,0 +1,187 @@
+"""``imaging-cds demo``: the whole path on this machine, against real servers and real scans.
+
+It starts a local sekmet-fhir server and Orthanc, converts the bundled real sample scans into DICOM with proper
+UIDs, stores them in Orthanc, registers Patient / Endpoint / ImagingStudy in the FHIR server (the way an EHR
+would know them), analyses each study, reads what was written back from the FHIR server, and leaves the report
+and explanation images in an output folder. The same loader serves the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from fhir_adapters.client import FhirClient
+from fhir_adapters.constants import CANONICAL_BASE
+from imaging_cds.allowlist import AllowList
+from imaging_cds.errors import ImagingCdsError
+from imaging_cds.pipeline import AnalysisOutcome, analyze_study
+from imaging_cds.samples import (
+    SAMPLES,
+    SampleStudy,
+    endpoint_resource,
+    imaging_study_resource,
+    load_sample,
+    upload_series,
+)
+from imaging_cds.servers import OrthancServer, fhir_server, orthanc_server
+from models.registry import get_analyzer
+
+DEMO_PATIENT_SYSTEM = f"{CANONICAL_BASE}/sid/demo-patient"
+
+SAMPLE_CHEST_CT = SAMPLES["lung2"]
+
+# (sample, analyzer) pairs the demo runs, in order.
+DEMO_RUNS: tuple[tuple[str, str], ...] = (("lung2", "ct-emphysema"),)
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    """A sample as the EHR and the PACS now know it."""
+
+    sample: str
+    imaging_study: str
+    patient: str
+    study_uid: str
+    series_uid: str
+    instance_count: int
+
+
+def demo_patient(sample: SampleStudy) -> dict[str, Any]:
+    """A clearly fictitious patient for a sample scan (the scans themselves are de-identified)."""
+    family, _, given = sample.patient_name.partition("^")
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": DEMO_PATIENT_SYSTEM, "value": sample.patient_id}],
+        "name": [{"family": family or "Demo", "given": [given or sample.name], "text": f"Demo patient {sample.name}"}],
+    }
+
+
+def load_sample_study(client: FhirClient, orthanc: OrthancServer, sample: SampleStudy) -> LoadedStudy:
+    """Store a sample's DICOM series in Orthanc and register it in the FHIR server in one transaction.
+
+    Patient, Endpoint and ImagingStudy are created conditionally on their identifiers, so loading twice
+    leaves one of each.
+    """
+    datasets = load_sample(sample.name)
+    upload_series(orthanc.url, datasets)
+    patient_urn = _urn(sample.name, "patient")
+    endpoint_urn = _urn(sample.name, "endpoint")
+    study_urn = _urn(sample.name, "study")
+    endpoint = endpoint_resource(orthanc.dicomweb_url)
+    study = imaging_study_resource(datasets, patient_reference=patient_urn, endpoint_reference=endpoint_urn)
+    study_identifier = study["identifier"][0]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            _conditional_create(patient_urn, demo_patient(sample), DEMO_PATIENT_SYSTEM, sample.patient_id),
+            _conditional_create(
+                endpoint_urn, endpoint, endpoint["identifier"][0]["system"], endpoint["identifier"][0]["value"]
+            ),
+            _conditional_create(study_urn, study, study_identifier["system"], study_identifier["value"]),
+        ],
+    }
+    response = client.transaction(bundle)
+    locations = [str(entry["response"]["location"]) for entry in response["entry"]]
+    patient_ref, _, study_ref = ("/".join(loc.split("/_history")[0].split("/")[-2:]) for loc in locations)
+    return LoadedStudy(
+        sample=sample.name,
+        imaging_study=study_ref,
+        patient=patient_ref,
+        study_uid=str(datasets[0].StudyInstanceUID),
+        series_uid=str(datasets[0].SeriesInstanceUID),
+        instance_count=len(datasets),
+    )
+
+
+def _urn(name: str, kind: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{CANONICAL_BASE}/demo/{name}/{kind}')}"
+
+
+def _conditional_create(full_url: str, resource: dict[str, Any], system: str, value: str) -> dict[str, Any]:
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": f"identifier={system}|{value}"},
+    }
+
+
+def write_outputs(client: FhirClient, outcome: AnalysisOutcome, folder: Path) -> list[Path]:
+    """Read the DiagnosticReport and its key images back from the EHR and save them for a person to open."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report_type, report_id = outcome.diagnostic_report.split("/")
+    report = client.read(report_type, report_id)
+    written = [folder / "summary.json"]
+    written[0].write_text(json.dumps(outcome.summary(), indent=2))
+    for form in report.get("presentedForm", []):
+        suffix = ".html" if form.get("contentType", "").startswith("text/html") else ".txt"
+        path = folder / f"report{suffix}"
+        path.write_bytes(base64.b64decode(form["data"]))
+        written.append(path)
+    for number, item in enumerate(report.get("media", []), start=1):
+        media_type, media_id = item["link"]["reference"].split("/")
+        media = client.read(media_type, media_id)
+        path = folder / f"key-image-{number}.png"
+        path.write_bytes(base64.b64decode(media["content"]["data"]))
+        written.append(path)
+    return written
+
+
+def run_demo(output: Path, *, keep_running: bool) -> int:
+    """Run every demo analysis and print where to look; returns the process exit status."""
+    print("imaging-cds demo: starting a local FHIR R4 server (sekmet-fhir) and Orthanc (DICOMweb) on loopback...")
+    with fhir_server() as fhir, orthanc_server() as orthanc:
+        client = FhirClient(fhir.base_url, session=requests.Session())
+        allow = AllowList.of([orthanc.dicomweb_url])
+        print(f"  FHIR server : {fhir.base_url}")
+        print(f"  Orthanc     : {orthanc.url}/app/explorer.html  (DICOMweb {orthanc.dicomweb_url})")
+        loaded: dict[str, LoadedStudy] = {}
+        failures = 0
+        for sample_name, analyzer_name in DEMO_RUNS:
+            sample = SAMPLES[sample_name]
+            if sample_name not in loaded:
+                print(f"\nLoading sample '{sample.name}': {sample.description}")
+                print(f"  licence: {sample.licence}")
+                loaded[sample_name] = load_sample_study(client, orthanc, sample)
+                study = loaded[sample_name]
+                print(f"  stored {study.instance_count} DICOM instances in Orthanc; EHR holds {study.imaging_study}")
+            study = loaded[sample_name]
+            print(f"\nAnalysing {study.imaging_study} with {analyzer_name}...")
+            started = time.perf_counter()
+            try:
+                outcome = analyze_study(
+                    client, study.imaging_study, get_analyzer(analyzer_name), dicomweb_allow_list=allow
+                )
+            except ImagingCdsError as exc:
+                failures += 1
+                print(f"  failed: {exc}")
+                continue
+            seconds = time.perf_counter() - started
+            result = outcome.result
+            print(f"  {result.conclusion}")
+            for m in result.measurements:
+                print(f"    {m.display:<42} {m.value:10.4g} {m.unit}")
+            print(f"  category: {result.category.display}   ({seconds:.1f} s)")
+            for warning in result.warnings:
+                print(f"  warning: {warning}")
+            files = write_outputs(client, outcome, output / f"{sample_name}-{analyzer_name}")
+            print(f"  written to the EHR (one transaction): {', '.join(outcome.written)}")
+            print(f"  look at: {fhir.base_url}/{outcome.diagnostic_report}")
+            print(f"           {files[0].parent}/ (report and explanation images read back from the EHR)")
+        print(f"\nDone: {len(DEMO_RUNS) - failures} of {len(DEMO_RUNS)} analyses written as preliminary AI results.")
+        if keep_running:
+            print("The servers stay up so you can browse them; press Ctrl-C to stop.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("\nstopping")
+    return 0 if failures == 0 else 1
