@@ -15,7 +15,7 @@ besides the instances already yielded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -23,7 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from imaging_cds.errors import ImageDataError, PacsError
-
 
 MAX_ATTEMPTS = 3
 """Requests per retrieval: a connection failure or 408/429/503/504 is retried after 0.5 s and 1 s. The library's
@@ -44,7 +43,7 @@ def fetch_series(
     *,
     session: requests.Session | None = None,
     timeout: float = 60.0,
-) -> Iterator[Dataset]:
+) -> Generator[Dataset, None, None]:
     """Yield the instances of one series as pydicom datasets, as they arrive over WADO-RS.
 
     This is a generator: nothing is requested until the first instance is asked for, and errors are raised
@@ -83,4 +82,3 @@ def fetch_series(
             f"The PACS returned nothing for {where}: series has no instances.",
             remedy="Check the series in the PACS; it may still be arriving.",
         )
-

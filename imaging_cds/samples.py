@@ -25,7 +25,7 @@ import numpy as np
 import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from imaging_cds.errors import ConfigurationError, ImageDataError, PacsError
 
@@ -122,9 +122,9 @@ SAMPLES: dict[str, SampleStudy] = {
 }
 
 
-def sample_uid(name: str, *parts: str) -> str:
+def sample_uid(name: str, *parts: str) -> UID:
     """A DICOM UID that is the same every time for the same sample and part (study, series, instance 7...)."""
-    return str(generate_uid(entropy_srcs=["imaging-cds-sample", name, *parts]))
+    return generate_uid(entropy_srcs=["imaging-cds-sample", name, *parts])
 
 
 def _canonical_in_plane(array: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -267,12 +267,15 @@ def ct_series_from_nifti(path: str | Path, *, name: str) -> list[Dataset]:
     header is applied by nibabel, so the values written are Hounsfield units.
     """
     import nibabel  # only the sample loader needs it
+    from nibabel.spatialimages import SpatialImage
 
     image = nibabel.load(str(path))
+    if not isinstance(image, SpatialImage):
+        raise ImageDataError(f"{path} is not a NIfTI image.", remedy="Use a 3-D NIfTI CT volume.")
     data = np.asanyarray(image.dataobj)
     if data.ndim != 3:
         raise ImageDataError(f"{path} is not a 3-D volume.", remedy="Use a single CT volume.")
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=float)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=np.float64)
     return _ct_series(data, affine, _sample_named(name))
 
 
@@ -442,7 +445,11 @@ def endpoint_resource(dicomweb_base: str, *, name: str = "PACS DICOMweb (WADO-RS
         "resourceType": "Endpoint",
         "identifier": [{"system": "urn:ietf:rfc:3986", "value": address}],
         "status": "active",
-        "connectionType": {"system": ENDPOINT_CONNECTION_TYPE_SYSTEM, "code": "dicom-wado-rs", "display": "DICOM WADO-RS"},
+        "connectionType": {
+            "system": ENDPOINT_CONNECTION_TYPE_SYSTEM,
+            "code": "dicom-wado-rs",
+            "display": "DICOM WADO-RS",
+        },
         "name": name,
         "payloadType": [
             {"coding": [{"system": ENDPOINT_PAYLOAD_TYPE_SYSTEM, "code": "any", "display": "Any"}], "text": "DICOM"}

@@ -196,9 +196,7 @@ def _check_spacing(positions: np.ndarray, label: str) -> float:
     large = gaps > MISSING_SLICE_FACTOR * median
     if np.array_equal(irregular, large):
         missing = int(sum(round(gaps[i] / median) - 1 for i in np.flatnonzero(large)))
-        where = ", ".join(
-            f"{positions[i]:.1f} and {positions[i + 1]:.1f} mm" for i in np.flatnonzero(large)[:3]
-        )
+        where = ", ".join(f"{positions[i]:.1f} and {positions[i + 1]:.1f} mm" for i in np.flatnonzero(large)[:3])
         raise ImageDataError(
             f"{label}: about {max(missing, 1)} slice(s) missing: gap(s) of more than {MISSING_SLICE_FACTOR}x the "
             f"{median:.2f} mm spacing between {where} along the slice normal.",
@@ -219,7 +217,7 @@ def _decode_into(ds: Dataset, out: np.ndarray, label: str) -> None:
 
     try:
         raw = pixel_array(ds)
-    except Exception as exc:  # pydicom raises several types for undecodable or unsupported pixel data
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:  # pydicom's decoders
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         raise ImageDataError(
@@ -326,7 +324,7 @@ def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | N
         array=array,
         spacing=(slice_spacing, row_spacing, column_spacing),
         origin=(float(origin[0]), float(origin[1]), float(origin[2])),
-        direction=np.stack([normal, column_direction, row_direction]),
+        direction=np.stack([normal, column_direction, row_direction]) + 0.0,  # no "-0." in logs
         attributes=attributes,
         corrections=tuple(corrections),
     )

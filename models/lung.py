@@ -14,8 +14,9 @@ is refined with the full-resolution threshold, so the lung boundary keeps native
    dependent lung) and soft tissue (0 to +60 HU), so partial-volume boundary voxels split evenly and normal
    dependent lung is kept.
 2. Trachea and main bronchi: followed slice by slice from the top of the volume. Seeds are small (at most
-   8 cm2 - a normal adult trachea is 2-3 cm2, tracheomegaly up to about 5 cm2) air regions inside the body
-   near its left-right midline on the most superior slice with air inside the body; each lower slice keeps
+   8 cm2 - a normal adult trachea is 2-3 cm2, tracheomegaly up to about 5 cm2) air region inside the body
+   closest to its left-right midline (within 12% of the body width; the lung apices lie further out) on the
+   most superior slice with air inside the body; each lower slice keeps
    the small air regions that overlap the airway found one slice above (dilated by about 6 mm to follow the
    main bronchi as they diverge). Tracking stops where the airway merges into a larger air region, i.e.
    where the bronchus enters the lung at the hilum. Intrapulmonary bronchi are left in the mask, as in most
@@ -44,7 +45,7 @@ AIR_THRESHOLD_HU = -400.0
 """Voxels below this are air-containing (lung, airway, outside air, bowel gas)."""
 
 _TRACHEA_MAX_AREA_MM2 = 800.0
-_TRACHEA_MIDLINE_FRACTION = 0.2  # seed centroid within 20% of the body width from the body's centre column
+_TRACHEA_MIDLINE_FRACTION = 0.12  # seed centroid within 12% of the body width from its centre column
 _TRACHEA_TRACK_DILATION_MM = 6.0
 _MIN_COMPONENT_ML = 20.0
 _SECOND_LUNG_MIN_FRACTION = 0.10
@@ -211,12 +212,14 @@ def _track_airway(air: np.ndarray, pixel_mm2: float) -> np.ndarray:
     if z < 0:
         return airway
     centre, width = _body_columns(air[z])
-    seeds = []
+    seed, seed_offset = 0, _TRACHEA_MIDLINE_FRACTION * width
     for i in np.flatnonzero((areas > 0) & (areas <= max_area_px)):
-        if abs(np.nonzero(lab == i)[1].mean() - centre) <= _TRACHEA_MIDLINE_FRACTION * width:
-            seeds.append(int(i))
-    if not seeds:
+        offset = abs(float(np.nonzero(lab == i)[1].mean()) - centre)
+        if offset <= seed_offset:
+            seed, seed_offset = int(i), offset
+    if seed == 0:
         return airway  # no separate midline airway on the top slice: nothing to remove
+    seeds = [seed]
     airway[z] = np.isin(lab, seeds)
     for below in range(z - 1, -1, -1):
         r0, r1, c0, c1 = _box_2d(airway[below + 1])

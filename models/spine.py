@@ -284,7 +284,7 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
         return []
     filled = np.interp(np.arange(nz), np.flatnonzero(valid), core[valid])
     min_gap = max(2, int(np.ceil(14.0 / track.slice_mm)))
-    minima = _disc_minima(filled, min_gap)
+    minima = _merge_short_segments(filled, _disc_minima(filled, min_gap), nz)
     bounds = [0.0, *[float(m) for m in minima], float(nz - 1)]
     vertebrae: list[Vertebra] = []
     for i in range(len(bounds) - 1):
@@ -320,6 +320,38 @@ def _disc_minima(profile: np.ndarray, min_gap: int) -> list[int]:
     return sorted(chosen)
 
 
+def _merge_short_segments(profile: np.ndarray, minima: list[int], nz: int) -> list[int]:
+    """Drop spurious disc minima inside a body (a dark basivertebral plexus, low-density bone).
+
+    Adjacent vertebrae differ little in height, so a segment shorter than 0.6 x the median segment is merged
+    with the neighbour that gives a merged length closest to the median (and no more than 1.3 x it); the
+    shortest segment is handled first, until none is left.
+    """
+    minima = sorted(minima)
+    bounds = [0, *minima, nz - 1]
+    while len(bounds) >= 4:
+        lengths = np.diff(bounds)
+        median = float(np.median(lengths[1:-1])) if len(lengths) > 2 else float(np.median(lengths))
+        order = np.argsort(lengths)
+        merged = False
+        for k in order:
+            if lengths[k] >= 0.6 * median:
+                break
+            options = []
+            if k > 0:  # merge with the segment below: drop bounds[k]
+                options.append((abs(lengths[k] + lengths[k - 1] - median), k, lengths[k] + lengths[k - 1]))
+            if k < len(lengths) - 1:  # merge with the segment above: drop bounds[k + 1]
+                options.append((abs(lengths[k] + lengths[k + 1] - median), k + 1, lengths[k] + lengths[k + 1]))
+            options = [o for o in options if o[2] <= 1.3 * median and 0 < o[1] < len(bounds) - 1]
+            if options:
+                bounds.pop(min(options)[1])
+                merged = True
+                break
+        if not merged:
+            break
+    return bounds[1:-1]
+
+
 def identify_levels(
     volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebrae: list[Vertebra]
 ) -> LevelIdentification:
@@ -332,10 +364,14 @@ def identify_levels(
     vertebrae = [replace(v, rib_bearing=r, pelvis_joined=p) for v, r, p in zip(vertebrae, ribbed, pelvic, strict=True)]
 
     rib_labels: dict[int, str] | None = None
-    rib_note = "no rib-bearing vertebra with a rib-free vertebra below it was found"
+    rib_note = (
+        "ribs did not give a clean transition (every vertebra above the last rib-bearing one must carry ribs, and a"
+        " complete rib-free vertebra must lie below it)"
+    )
     if any(ribbed):
         t12 = min(i for i, r in enumerate(ribbed) if r)
-        if t12 > 0 and not any(ribbed[:t12]):
+        below_complete = any(v.complete for v in vertebrae[:t12])
+        if t12 > 0 and below_complete and all(ribbed[t12:]):
             rib_labels = _labels_from(t12, "T12", len(vertebrae))
             rib_note = "T12 = lowest vertebra with a rib articulating; L1 is the next one down"
 
@@ -439,7 +475,7 @@ def _pelvis_joined(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra
         zs = range(int(np.ceil(v.inferior_slice + 0.25)), int(np.floor(v.superior_slice - 0.25)) + 1)
         votes = []
         for z in zs:
-            bone = ndimage.binary_closing(grid[z] > BONE_HU, iterations=1)
+            bone = ndimage.binary_closing(grid[z] > 150.0, iterations=max(1, int(round(4.5 / px))))
             labels, _ = ndimage.label(bone)
             row = int(round((v.anterior_row + v.posterior_row) / 2.0))
             col = int(track.column[z])

@@ -165,7 +165,7 @@ def post_result(base: str, patient_id: str, study_id: str, result: AnalysisResul
     response = requests.post(base, json=bundle, timeout=60)
     response.raise_for_status()
     for entry in response.json()["entry"]:
-        location = entry["response"]["location"]
+        location = entry["response"]["location"].removeprefix(base + "/")
         if location.startswith("DiagnosticReport/"):
             return "/".join(location.split("/")[:2])
     raise AssertionError("no DiagnosticReport in the transaction response")

@@ -37,7 +37,9 @@ def schema() -> dict[str, Any]:
 
 
 def schema_errors(schema: dict[str, Any], resource: dict[str, Any]) -> list[str]:
-    validator = Draft6Validator({"$ref": f"#/definitions/{resource['resourceType']}", "definitions": schema["definitions"]})
+    validator = Draft6Validator(
+        {"$ref": f"#/definitions/{resource['resourceType']}", "definitions": schema["definitions"]}
+    )
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resource)]
 
 
@@ -88,6 +90,7 @@ def test_sample_uids_are_deterministic_and_the_patient_is_clearly_a_demo(lung2: 
 
 def test_abdomen_nifti_ras_becomes_dicom_lps_at_the_same_patient_position(data_dir: Path) -> None:
     image = nibabel.load(str(data_dir / "ct/abdomen_totalseg/example_ct.nii.gz"))
+    assert isinstance(image, nibabel.Nifti1Image)
     source = np.asanyarray(image.dataobj)
     series = ct_series_from_nifti(data_dir / "ct/abdomen_totalseg/example_ct.nii.gz", name="abdomen")
     assert len(series) == 112 and series[0].BodyPartExamined == "ABDOMEN"
@@ -135,7 +138,11 @@ def test_imaging_study_and_endpoint_validate_against_the_r4_schema(
     assert study["started"] == "2025-01-01T09:00:00+00:00"
     assert (study["numberOfSeries"], study["numberOfInstances"]) == (1, 61)
     series = study["series"][0]
-    assert series["bodySite"] == {"system": "http://snomed.info/sct", "code": "51185008", "display": "Thoracic structure"}
+    assert series["bodySite"] == {
+        "system": "http://snomed.info/sct",
+        "code": "51185008",
+        "display": "Thoracic structure",
+    }
     assert series["modality"] == {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}
     assert [i["number"] for i in series["instance"]] == list(range(1, 62))
     assert series["instance"][0]["sopClass"]["code"] == "urn:oid:1.2.840.10008.5.1.4.1.1.2"
@@ -147,8 +154,11 @@ def test_a_real_fhir_server_stores_the_patient_endpoint_and_imaging_study(
     fhir_base: FhirServer, lung2: list[Dataset]
 ) -> None:
     base = fhir_base.base_url
-    patient = {"resourceType": "Patient", "identifier": [{"system": "urn:demo", "value": "DEMO-LUNG2"}],
-               "name": [{"family": "Demo", "given": ["Lung2"]}]}
+    patient: dict[str, Any] = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:demo", "value": "DEMO-LUNG2"}],
+        "name": [{"family": "Demo", "given": ["Lung2"]}],
+    }
     patient_id = requests.post(f"{base}/Patient", json=patient, timeout=30).json()["id"]
     endpoint = requests.post(f"{base}/Endpoint", json=endpoint_resource("http://127.0.0.1:1/dicom-web"), timeout=30)
     assert endpoint.status_code == 201
