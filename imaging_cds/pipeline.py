@@ -171,6 +171,7 @@ def analyze_study(
         study_uid=choice.study_uid,
         series_uid=choice.series_uid,
         selection_reason=choice.reason,
+        study_started=study.get("started"),
     )
     with timings.step("build_bundle"):
         bundle = build_results_bundle(target, result, device_info(analyzer, card_base_url=card_base_url), issued=now())

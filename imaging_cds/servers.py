@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -85,8 +86,17 @@ class SmartClient:
     """A SMART Backend Services client registered on the local FHIR server."""
 
     client_id: str
-    client_secret: str
+    client_secret: str | None = None
     scopes: str = "system/*.*"
+    jwks: dict[str, Any] | None = None  # public keys for private_key_jwt client authentication
+
+    def settings(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"client_id": self.client_id, "scopes": self.scopes}
+        if self.client_secret is not None:
+            entry["client_secret"] = self.client_secret
+        if self.jwks is not None:
+            entry["jwks"] = self.jwks
+        return entry
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ def fhir_server(
     workdir: Path | None = None,
     *,
     smart_clients: tuple[SmartClient, ...] = (),
+    token_lifetime: int | None = None,
     timeout: float = 60.0,
 ) -> Iterator[FhirServer]:
     """Run a fresh ``sekmet-fhir`` server (strict inbound validation, SQLite in a temp dir).
@@ -122,13 +133,10 @@ def fhir_server(
         "validation": {"inbound": "strict"},
     }
     if smart_clients:
-        settings["server_auth"] = {
-            "types": ["smart"],
-            "smart_clients": [
-                {"client_id": c.client_id, "client_secret": c.client_secret, "scopes": c.scopes}
-                for c in smart_clients
-            ],
-        }
+        server_auth: dict[str, Any] = {"types": ["smart"], "smart_clients": [c.settings() for c in smart_clients]}
+        if token_lifetime is not None:
+            server_auth["token_lifetime"] = token_lifetime
+        settings["server_auth"] = server_auth
     config = root / "settings.yaml"
     # JSON is a subset of YAML: no YAML writer needed.
     config.write_text(json.dumps(settings, indent=2))

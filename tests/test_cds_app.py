@@ -108,9 +108,16 @@ def hook_body(hook: str, context: dict[str, Any], **extra: Any) -> dict[str, Any
 
 
 def fetch_via(fhir_base: FhirServer) -> dict[str, Any]:
-    return {"fhirServer": fhir_base.base_url, "fhirAuthorization": {"access_token": "ehr-issued", "token_type": "Bearer",
-                                                                    "expires_in": 300, "scope": "patient/*.read",
-                                                                    "subject": "cds-service"}}
+    return {
+        "fhirServer": fhir_base.base_url,
+        "fhirAuthorization": {
+            "access_token": "ehr-issued",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service",
+        },
+    }
 
 
 def chest_ct_order(patient_id: str, order_id: str = "draft-chest-ct", **fields: Any) -> dict[str, Any]:
@@ -120,7 +127,10 @@ def chest_ct_order(patient_id: str, order_id: str = "draft-chest-ct", **fields: 
         "status": "draft",
         "intent": "order",
         "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}], "text": "CT chest"},
+        "code": {
+            "coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}],
+            "text": "CT chest",
+        },
         "subject": {"reference": f"Patient/{patient_id}"},
     }
     order.update(fields)
@@ -155,7 +165,9 @@ def test_the_service_imports_and_builds_without_torch(tmp_path: Path) -> None:
         "import sys; import cds.app, cds.cards, cds.security, cds.feedback, cds.prefetch; "
         "print('torch' in sys.modules, 'monai' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
+    )
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -188,13 +200,19 @@ def _check_patient_view_cards(cards: list[dict[str, Any]], patient: Patient) -> 
     assert emphysema["source"] == {
         "label": "imaging-cds ct-emphysema",
         "url": f"{MODEL_CARDS}/models/ct-emphysema",
-        "topic": {"system": emphysema["source"]["topic"]["system"], "code": "ct-emphysema",
-                  "display": "CT emphysema quantification"},
+        "topic": {
+            "system": emphysema["source"]["topic"]["system"],
+            "code": "ct-emphysema",
+            "display": "CT emphysema quantification",
+        },
     }
     assert " 12.4 %" in emphysema["detail"] and patient.emphysema_report in emphysema["detail"]
     assert "2025-06-01" in emphysema["detail"]
     app_context = json.loads(emphysema["links"][0]["appContext"])
-    assert app_context == {"diagnosticReport": patient.emphysema_report, "imagingStudy": f"ImagingStudy/{patient.chest_ct}"}
+    assert app_context == {
+        "diagnosticReport": patient.emphysema_report,
+        "imagingStudy": f"ImagingStudy/{patient.chest_ct}",
+    }
     assert {r["code"] for r in emphysema["overrideReasons"]} >= {"disagree-with-ai", "not-relevant"}
     assert all(r["system"] == OVERRIDE_REASON_SYSTEM for r in emphysema["overrideReasons"])
     # The bone result was signed by a clinician: a notable signed finding, with its HU value.
@@ -203,15 +221,22 @@ def _check_patient_view_cards(cards: list[dict[str, Any]], patient: Patient) -> 
     assert bone["indicator"] == "warning"
 
 
-def test_patient_view_with_full_prefetch_summarises_both_findings(call: Call, patient: Patient, fhir_base: FhirServer) -> None:
-    body = hook_body("patient-view", {"patientId": patient.id, "userId": "Practitioner/1"},
-                     prefetch=prefetch_for(fhir_base.base_url, PATIENT_VIEW, patient.id))
+def test_patient_view_with_full_prefetch_summarises_both_findings(
+    call: Call, patient: Patient, fhir_base: FhirServer
+) -> None:
+    body = hook_body(
+        "patient-view",
+        {"patientId": patient.id, "userId": "Practitioner/1"},
+        prefetch=prefetch_for(fhir_base.base_url, PATIENT_VIEW, patient.id),
+    )
     response = call(PATIENT_VIEW, body)
     assert response.status_code == 200, response.get_json()
     _check_patient_view_cards(response.get_json()["cards"], patient)
 
 
-def test_patient_view_without_prefetch_fetches_from_fhir_server(call: Call, patient: Patient, fhir_base: FhirServer) -> None:
+def test_patient_view_without_prefetch_fetches_from_fhir_server(
+    call: Call, patient: Patient, fhir_base: FhirServer
+) -> None:
     body = hook_body("patient-view", {"patientId": patient.id, "userId": "Practitioner/1"}, **fetch_via(fhir_base))
     response = call(PATIENT_VIEW, body)
     assert response.status_code == 200, response.get_json()
@@ -234,8 +259,9 @@ def test_an_operation_outcome_in_a_prefetch_slot_is_fetched_again_or_412(
 ) -> None:
     failed = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}
     prefetch = {**prefetch_for(fhir_base.base_url, PATIENT_VIEW, patient.id), AI_REPORTS_KEY: failed}
-    with_server = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}, prefetch=prefetch,
-                                               **fetch_via(fhir_base)))
+    with_server = call(
+        PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}, prefetch=prefetch, **fetch_via(fhir_base))
+    )
     assert with_server.status_code == 200
     assert len(with_server.get_json()["cards"]) == 2
     without_server = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}, prefetch=prefetch))
@@ -257,8 +283,10 @@ def test_patient_view_with_no_findings_returns_no_cards(call: Call, fhir_base: F
     nobody = create_patient(base)
     fetched = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": nobody}, **fetch_via(fhir_base)))
     assert fetched.status_code == 200 and fetched.get_json() == {"cards": []}
-    nulls = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": nobody},
-                                         prefetch={AI_REPORTS_KEY: None, IMAGING_STUDIES_KEY: None}))
+    nulls = call(
+        PATIENT_VIEW,
+        hook_body("patient-view", {"patientId": nobody}, prefetch={AI_REPORTS_KEY: None, IMAGING_STUDIES_KEY: None}),
+    )
     assert nulls.status_code == 200 and nulls.get_json() == {"cards": []}
 
 
@@ -268,7 +296,9 @@ def test_missing_prefetch_without_fhir_server_is_412(call: Call, patient: Patien
     assert "fhirServer" in response.get_json()["message"]
 
 
-def test_another_patients_report_in_the_prefetch_is_never_shown(call: Call, patient: Patient, fhir_base: FhirServer) -> None:
+def test_another_patients_report_in_the_prefetch_is_never_shown(
+    call: Call, patient: Patient, fhir_base: FhirServer
+) -> None:
     other = create_patient(fhir_base.base_url)
     prefetch = prefetch_for(fhir_base.base_url, PATIENT_VIEW, patient.id)  # built for the wrong patient
     response = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": other}, prefetch=prefetch))
@@ -282,8 +312,12 @@ def test_order_select_chest_ct_brings_prior_findings_with_valid_suggestions(
     call: Call, patient: Patient, fhir_base: FhirServer
 ) -> None:
     order = chest_ct_order(patient.id, encounter={"reference": "Encounter/enc-1"})
-    context = {"patientId": patient.id, "userId": "Practitioner/doc-1", "selections": ["ServiceRequest/draft-chest-ct"],
-               "draftOrders": draft_orders(order)}
+    context = {
+        "patientId": patient.id,
+        "userId": "Practitioner/doc-1",
+        "selections": ["ServiceRequest/draft-chest-ct"],
+        "draftOrders": draft_orders(order),
+    }
     body = hook_body("order-select", context, prefetch=prefetch_for(fhir_base.base_url, ORDER_SELECT, patient.id))
     response = call(ORDER_SELECT, body)
     assert response.status_code == 200, response.get_json()
@@ -325,7 +359,11 @@ def test_order_select_spine_and_head_orders_get_only_relevant_findings(
     spine = chest_ct_order(patient.id, "draft-spine", code={"text": "XR Lumbar spine 2 views"})
     head = chest_ct_order(patient.id, "draft-head", code={"text": "CT Head without contrast"})
     prefetch = prefetch_for(fhir_base.base_url, ORDER_SELECT, patient.id)
-    context = {"patientId": patient.id, "selections": ["ServiceRequest/draft-spine"], "draftOrders": draft_orders(spine, head)}
+    context = {
+        "patientId": patient.id,
+        "selections": ["ServiceRequest/draft-spine"],
+        "draftOrders": draft_orders(spine, head),
+    }
     spine_cards = call(ORDER_SELECT, hook_body("order-select", context, prefetch=prefetch)).get_json()["cards"]
     assert set(by_analyzer(spine_cards)) == {"ct-bone"}  # low vertebral attenuation for a spine study
     context["selections"] = ["ServiceRequest/draft-head"]
@@ -337,7 +375,11 @@ def test_order_select_without_prefetch_fetches_and_skips_dxa_when_dxa_is_ordered
 ) -> None:
     chest = chest_ct_order(patient.id)
     dxa = chest_ct_order(patient.id, "draft-dxa", code={"text": "DXA bone density hip and spine"})
-    context = {"patientId": patient.id, "selections": ["ServiceRequest/draft-chest-ct"], "draftOrders": draft_orders(chest, dxa)}
+    context = {
+        "patientId": patient.id,
+        "selections": ["ServiceRequest/draft-chest-ct"],
+        "draftOrders": draft_orders(chest, dxa),
+    }
     response = call(ORDER_SELECT, hook_body("order-select", context, **fetch_via(fhir_base)))
     bone = by_analyzer(response.get_json()["cards"])["ct-bone"]
     assert [s["actions"][0]["type"] for s in bone["suggestions"]] == ["update"]
@@ -352,8 +394,11 @@ def test_order_sign_says_which_studies_lack_ai_results_and_whether_they_were_que
     base = fhir_base.base_url
     unanalysed = create_study(base, patient.id, started="2026-01-10T08:00:00Z", based_on="ServiceRequest/draft-fu")
     supporting = create_study(base, patient.id, started="2025-12-01T08:00:00Z")
-    order = chest_ct_order(patient.id, "draft-fu", supportingInfo=[{"reference": f"ImagingStudy/{supporting}"},
-                                                                  {"reference": f"ImagingStudy/{patient.chest_ct}"}])
+    order = chest_ct_order(
+        patient.id,
+        "draft-fu",
+        supportingInfo=[{"reference": f"ImagingStudy/{supporting}"}, {"reference": f"ImagingStudy/{patient.chest_ct}"}],
+    )
     context = {"patientId": patient.id, "draftOrders": draft_orders(order)}
     queued: list[str] = []
 
@@ -362,7 +407,9 @@ def test_order_sign_says_which_studies_lack_ai_results_and_whether_they_were_que
         return f"job-{len(queued)}"
 
     for enqueue_analysis in (enqueue, None):
-        app = create_app(make_config(tmp_path / str(bool(enqueue_analysis)), keys, base, enqueue_analysis=enqueue_analysis))
+        app = create_app(
+            make_config(tmp_path / str(bool(enqueue_analysis)), keys, base, enqueue_analysis=enqueue_analysis)
+        )
         path = f"/cds-services/{ORDER_SIGN}"
         prefetch = prefetch_for(base, ORDER_SIGN, patient.id)
         del prefetch[IMAGING_STUDIES_KEY]  # partial prefetch: studies are fetched
@@ -395,17 +442,33 @@ def test_feedback_is_stored_and_feeds_per_analyzer_figures(
     app = create_app(make_config(tmp_path, keys, fhir_base.base_url))
     client = app.test_client()
     order = chest_ct_order(patient.id)
-    context = {"patientId": patient.id, "selections": ["ServiceRequest/draft-chest-ct"], "draftOrders": draft_orders(order)}
+    context = {
+        "patientId": patient.id,
+        "selections": ["ServiceRequest/draft-chest-ct"],
+        "draftOrders": draft_orders(order),
+    }
     path = f"/cds-services/{ORDER_SELECT}"
     body = hook_body("order-select", context, prefetch=prefetch_for(fhir_base.base_url, ORDER_SELECT, patient.id))
-    cards = by_analyzer(client.post(path, json=body, headers={"Authorization": f"Bearer {keys.sign(path)}"}).get_json()["cards"])
+    cards = by_analyzer(
+        client.post(path, json=body, headers={"Authorization": f"Bearer {keys.sign(path)}"}).get_json()["cards"]
+    )
     bone, emphysema = cards["ct-bone"], cards["ct-emphysema"]
-    feedback = {"feedback": [
-        {"card": bone["uuid"], "outcome": "accepted", "acceptedSuggestions": [{"id": bone["suggestions"][0]["uuid"]}],
-         "outcomeTimestamp": "2026-01-01T10:00:00Z"},
-        {"card": emphysema["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-01-01T10:00:05Z",
-         "overrideReason": {"reason": emphysema["overrideReasons"][0], "userComment": "motion artefact"}},
-    ]}
+    feedback = {
+        "feedback": [
+            {
+                "card": bone["uuid"],
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": bone["suggestions"][0]["uuid"]}],
+                "outcomeTimestamp": "2026-01-01T10:00:00Z",
+            },
+            {
+                "card": emphysema["uuid"],
+                "outcome": "overridden",
+                "outcomeTimestamp": "2026-01-01T10:00:05Z",
+                "overrideReason": {"reason": emphysema["overrideReasons"][0], "userComment": "motion artefact"},
+            },
+        ]
+    }
     fb_path = f"{path}/feedback"
     stored = client.post(fb_path, json=feedback, headers={"Authorization": f"Bearer {keys.sign(fb_path)}"})
     assert stored.status_code == 200 and stored.get_json() == {"stored": 2}
@@ -417,11 +480,16 @@ def test_feedback_is_stored_and_feeds_per_analyzer_figures(
     assert "motion" not in json.dumps(row)  # free text is not kept
     figures = store.analyzer_figures()
     assert figures["ct-bone"].accepted == 1 and figures["ct-bone"].acceptance_rate == 1.0
-    assert figures["ct-emphysema"].overridden == 1 and figures["ct-emphysema"].override_reasons == {"disagree-with-ai": 1}
+    assert figures["ct-emphysema"].overridden == 1 and figures["ct-emphysema"].override_reasons == {
+        "disagree-with-ai": 1
+    }
     assert figures["ct-emphysema"].cards_issued == 1
 
-    bad = client.post(fb_path, json={"feedback": [{"card": bone["uuid"], "outcome": "liked"}]},
-                      headers={"Authorization": f"Bearer {keys.sign(fb_path)}"})
+    bad = client.post(
+        fb_path,
+        json={"feedback": [{"card": bone["uuid"], "outcome": "liked"}]},
+        headers={"Authorization": f"Bearer {keys.sign(fb_path)}"},
+    )
     assert bad.status_code == 400 and "outcome" in bad.get_json()["message"]
 
 
@@ -436,39 +504,64 @@ def test_unknown_service_is_404_and_malformed_bodies_are_400(call: Call, patient
     assert no_patient.status_code == 400 and "context.patientId" in no_patient.get_json()["message"]
     wrong_hook = call(PATIENT_VIEW, hook_body("order-sign", {"patientId": patient.id}))
     assert wrong_hook.status_code == 400 and "patient-view" in wrong_hook.get_json()["message"]
-    no_bundle = call(ORDER_SIGN, hook_body("order-sign", {"patientId": patient.id, "draftOrders": {"resourceType": "Patient"}}))
+    no_bundle = call(
+        ORDER_SIGN, hook_body("order-sign", {"patientId": patient.id, "draftOrders": {"resourceType": "Patient"}})
+    )
     assert no_bundle.status_code == 400 and "draftOrders" in no_bundle.get_json()["message"]
 
 
 def test_fhir_server_outside_the_allow_list_is_refused_without_a_request(call: Call, patient: Patient) -> None:
     with recording_listener() as (url, connections):
-        body = hook_body("patient-view", {"patientId": patient.id}, fhirServer=f"{url}/fhir",
-                         fhirAuthorization={"access_token": "secret-token", "token_type": "Bearer"})
+        body = hook_body(
+            "patient-view",
+            {"patientId": patient.id},
+            fhirServer=f"{url}/fhir",
+            fhirAuthorization={"access_token": "secret-token", "token_type": "Bearer"},
+        )
         response = call(PATIENT_VIEW, body)
     assert response.status_code == 403
     assert "allow-list" in response.get_json()["message"] and "secret-token" not in response.get_data(as_text=True)
     assert connections == []
-    metadata = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}, fhirServer="http://169.254.169.254/fhir"))
+    metadata = call(
+        PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}, fhirServer="http://169.254.169.254/fhir")
+    )
     assert metadata.status_code == 403
 
 
-def test_cors_preflight_and_responses_allow_browser_cds_clients(client: FlaskClient, call: Call, patient: Patient) -> None:
-    preflight = client.options(f"/cds-services/{PATIENT_VIEW}", headers={
-        "Origin": "https://ehr.example.org", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+def test_cors_preflight_and_responses_allow_browser_cds_clients(
+    client: FlaskClient, call: Call, patient: Patient
+) -> None:
+    preflight = client.options(
+        f"/cds-services/{PATIENT_VIEW}",
+        headers={
+            "Origin": "https://ehr.example.org",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "*"
     allowed = {h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")}
     assert {"authorization", "content-type"} <= allowed
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
-    answered = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}, prefetch={AI_REPORTS_KEY: None,
-                                                                                              IMAGING_STUDIES_KEY: None}))
+    answered = call(
+        PATIENT_VIEW,
+        hook_body(
+            "patient-view", {"patientId": patient.id}, prefetch={AI_REPORTS_KEY: None, IMAGING_STUDIES_KEY: None}
+        ),
+    )
     assert answered.headers["Access-Control-Allow-Origin"] == "*"
 
 
 def test_category_codes_are_read_from_the_project_codesystem(patient: Patient, fhir_base: FhirServer) -> None:
     """Guard the contract with the builders: conclusionCode carries '<analyzer>/<category>' in our CodeSystem."""
     prefetch = prefetch_for(fhir_base.base_url, PATIENT_VIEW, patient.id)
-    codes = {c["code"] for e in prefetch[AI_REPORTS_KEY]["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
-             for cc in e["resource"]["conclusionCode"] for c in cc["coding"] if c["system"] == CATEGORY_CODESYSTEM}
+    codes = {
+        c["code"]
+        for e in prefetch[AI_REPORTS_KEY]["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+        for cc in e["resource"]["conclusionCode"]
+        for c in cc["coding"]
+        if c["system"] == CATEGORY_CODESYSTEM
+    }
     assert codes == {"ct-emphysema/moderate", "ct-bone/osteoporosis"}

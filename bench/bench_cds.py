@@ -1,0 +1,303 @@
+"""Benchmark: CDS hook latency under concurrent load, next to a trivial Flask endpoint on the same stack.
+
+Run: ``.venv/bin/python bench/bench_cds.py [--duration 10] [--alg RS384]``
+
+What it does, in one run:
+
+1. Starts a real sekmet-fhir server, writes AI results for one patient with the project's builders, and reads
+   the prefetch an EHR would send (the discovery templates), then stops the server: hooks are answered from
+   prefetch, so the service never calls back during the measurement.
+2. Starts ONE gunicorn (2 sync workers, ``--preload``, ``gc.freeze()`` after imports) serving both the CDS
+   app and a trivial Flask JSON endpoint (the floor) on loopback.
+3. Drives the floor with ``wrk`` at 1, 2, 4, ... connections and picks the highest count at which the
+   floor's p99 stays <= 25 ms; then drives patient-view (full prefetch) and order-select (a draft chest CT
+   order) at that count. Every hook request carries its own freshly signed CDS client JWT (unique ``jti``),
+   pre-generated because wrk's Lua cannot sign; tokens are valid for five minutes, so they are made per run.
+4. Prints p50/p95/p99, throughput and errors for each, and the ratios to the floor.
+
+On a shared 2-core machine the load generator competes with the server: compare the ratios, not the
+absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP_ENV = "IMAGING_CDS_BENCH_SETUP"
+CDS_BASE = "https://cds.bench.example.org"
+EHR_ISS = "https://ehr.bench.example.org"
+FLOOR_P99_LIMIT_MS = 25.0
+
+# ---------------------------------------------------------------- WSGI side (imported by gunicorn workers)
+
+
+def bench_app() -> Any:
+    """The app gunicorn serves: the CDS blueprint plus ``POST /floor``, a trivial JSON endpoint."""
+    from flask import jsonify, request
+
+    from cds.app import create_app
+    from cds.config import CdsConfig, TrustedClient
+    from imaging_cds.allowlist import AllowList
+
+    setup = json.loads(Path(os.environ[SETUP_ENV]).read_text())
+    config = CdsConfig(
+        public_base_url=CDS_BASE,
+        trusted_clients=(TrustedClient(iss=EHR_ISS, jwks=setup["jwks"]),),
+        fhir_allow_list=AllowList.of(["http://127.0.0.1:9/fhir"]),
+        app_launch_url="https://app.bench.example.org/launch",
+        model_card_base_url="https://imaging-cds.bench.example.org",
+        feedback_db=Path(setup["feedback_db"]),
+        require_jwt_for_discovery=False,
+    )
+    app = create_app(config)
+
+    @app.post("/floor")
+    def floor() -> Any:
+        request.get_data()  # read the same body the hook gets, answer without work
+        return jsonify({"cards": []})
+
+    gc.collect()
+    gc.freeze()  # objects from start-up stay out of the collector's generations: fewer p99 GC pauses
+    return app
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _prepare_data(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Real AI results in a real FHIR server -> the hook bodies an EHR would send."""
+    sys.path.insert(0, str(ROOT))
+    from cds.services import ORDER_SELECT, PATIENT_VIEW
+    from imaging_cds.servers import fhir_server
+    from tests.cds_support import (
+        bone_result,
+        create_patient,
+        create_study,
+        emphysema_result,
+        post_result,
+        prefetch_for,
+        sign_off,
+    )
+
+    with fhir_server(workdir / "fhir") as server:
+        base = server.base_url
+        patient = create_patient(base)
+        for started in ("2025-06-01T09:30:00Z", "2024-05-02T10:00:00Z"):
+            study = create_study(base, patient, started=started)
+            post_result(base, patient, study, emphysema_result(12.4), started=started)
+            sign_off(base, post_result(base, patient, study, bone_result(86.0), started=started))
+        patient_view = {
+            "hook": "patient-view",
+            "hookInstance": str(uuid.uuid4()),
+            "context": {"patientId": patient, "userId": "Practitioner/bench"},
+            "prefetch": prefetch_for(base, PATIENT_VIEW, patient),
+        }
+        order = {
+            "resourceType": "ServiceRequest",
+            "id": "draft-chest-ct",
+            "status": "draft",
+            "intent": "order",
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+        order_select = {
+            "hook": "order-select",
+            "hookInstance": str(uuid.uuid4()),
+            "context": {
+                "patientId": patient,
+                "userId": "Practitioner/bench",
+                "selections": ["ServiceRequest/draft-chest-ct"],
+                "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": order}]},
+            },
+            "prefetch": prefetch_for(base, ORDER_SELECT, patient),
+        }
+    return patient_view, order_select
+
+
+_LUA = r"""
+local tokens = {}
+local body = ""
+local counter = 0
+local threads = {}
+local thread_id = 0
+
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local f = io.open(args[1], "r"); body = f:read("*a"); f:close()
+  if args[2] ~= "-" then
+    for line in io.lines(args[2]) do tokens[#tokens + 1] = line end
+  end
+  thread_id = id
+  nthreads = tonumber(args[3])
+end
+
+function request()
+  local headers = {["Content-Type"] = "application/json"}
+  if #tokens > 0 then
+    local index = thread_id + counter * nthreads + 1
+    counter = counter + 1
+    if index > #tokens then index = ((index - 1) % #tokens) + 1 end  -- exhausted: a replay, counted as an error
+    headers["Authorization"] = "Bearer " .. tokens[index]
+  end
+  return wrk.format("POST", nil, headers, body)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %d, "duration_us": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, ' ..
+    '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def _tokens(path: Path, count: int, key: Any, alg: str, aud: str) -> None:
+    from joserfc import jwt
+
+    now = int(time.time())
+    header = {"alg": alg, "typ": "JWT", "kid": key.kid}
+    with path.open("w") as out:
+        for _ in range(count):
+            claims = {"iss": EHR_ISS, "sub": "bench", "aud": aud, "iat": now, "exp": now + 290, "jti": uuid.uuid4().hex}
+            out.write(jwt.encode(header, claims, key, algorithms=[alg]) + "\n")
+
+
+def _wrk(url: str, body: Path, tokens: Path | None, connections: int, duration: float, script: Path) -> dict[str, Any]:
+    threads = min(2, connections)
+    command = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "5s",
+        "-s", str(script), url, "--", str(body), str(tokens) if tokens else "-", str(threads),
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["error_count"] = sum(result["errors"].values())
+    for p in ("p50", "p95", "p99"):
+        result[f"{p}_ms"] = result.pop(f"{p}_us") / 1000.0
+    return result
+
+
+def _row(name: str, r: dict[str, Any]) -> str:
+    return f"{name:<22} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['rps']:>9.0f} {r['error_count']:>7d}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
+    parser.add_argument("--alg", default="RS384", choices=["RS384", "ES384"], help="the CDS client's JWT algorithm")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connections", default="1,2,4,8,16,32,64", help="floor sweep")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk).")
+    from joserfc.jwk import ECKey, RSAKey
+
+    from imaging_cds.servers import free_port
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cds-"))
+    key = (
+        RSAKey.generate_key(2048, parameters={"kid": "bench"})
+        if args.alg == "RS384"
+        else ECKey.generate_key("P-384", parameters={"kid": "bench"})
+    )
+    print("preparing data in a real FHIR server ...", flush=True)
+    patient_view, order_select = _prepare_data(workdir)
+    bodies = {"patient-view": workdir / "patient_view.json", "order-select": workdir / "order_select.json"}
+    bodies["patient-view"].write_text(json.dumps(patient_view))
+    bodies["order-select"].write_text(json.dumps(order_select))
+    setup = workdir / "setup.json"
+    setup.write_text(
+        json.dumps({"jwks": {"keys": [key.as_dict(private=False)]}, "feedback_db": str(workdir / "fb.db")})
+    )
+    script = workdir / "post.lua"
+    script.write_text(_LUA)
+
+    port = free_port()
+    env = {**os.environ, SETUP_ENV: str(setup), "PYTHONPATH": f"{ROOT}:{ROOT / 'bench'}"}
+    gunicorn = [
+        sys.executable, "-m", "gunicorn", "--preload", "--workers", str(args.workers), "--worker-class", "sync",
+        "--bind", f"127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning", "bench_cds:bench_app()",
+    ]  # fmt: skip
+    server = subprocess.Popen(gunicorn, env=env, cwd=workdir, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/cds-services", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                sys.exit("gunicorn did not start")
+            time.sleep(0.2)
+
+        print(f"floor sweep ({args.duration:g} s per point):", flush=True)
+        chosen, floor = 1, None
+        for connections in (int(c) for c in args.connections.split(",")):
+            r = _wrk(f"{base}/floor", bodies["patient-view"], None, connections, args.duration, script)
+            print(f"  c={connections:<3d} p99 {r['p99_ms']:.2f} ms, {r['rps']:.0f} req/s, errors {r['error_count']}")
+            if r["p99_ms"] > FLOOR_P99_LIMIT_MS:
+                break
+            chosen, floor = connections, r
+        assert floor is not None, "the floor's p99 exceeds 25 ms even at one connection"
+
+        results: dict[str, dict[str, Any]] = {}
+        for name, service_id in (
+            ("patient-view", "imaging-ai-patient-view"),
+            ("order-select", "imaging-ai-order-select"),
+        ):
+            path = f"/cds-services/{service_id}"
+            probe_tokens = workdir / f"{name}-probe.tokens"
+            _tokens(probe_tokens, 3000, key, args.alg, CDS_BASE + path)
+            probe = _wrk(f"{base}{path}", bodies[name], probe_tokens, chosen, 1.0, script)
+            needed = int(probe["rps"] * args.duration * 1.5) + 500
+            tokens = workdir / f"{name}.tokens"
+            _tokens(tokens, needed, key, args.alg, CDS_BASE + path)
+            results[name] = _wrk(f"{base}{path}", bodies[name], tokens, chosen, args.duration, script)
+        floor = _wrk(f"{base}/floor", bodies["patient-view"], None, chosen, args.duration, script)  # same moment
+
+        print(
+            f"\nat {chosen} connections (floor p99 <= {FLOOR_P99_LIMIT_MS:g} ms), {args.workers} gunicorn sync workers, "
+            f"JWT {args.alg}, {args.duration:g} s each"
+        )
+        print(f"{'':<22} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>7}")
+        print(_row("floor (trivial Flask)", floor))
+        for name, r in results.items():
+            print(_row(name, r))
+        for name, r in results.items():
+            print(
+                f"{name}: p99 {r['p99_ms'] / floor['p99_ms']:.2f}x floor, throughput {r['rps'] / floor['rps']:.2f}x floor; "
+                f"target p99 <= 2x floor and <= 50 ms: {'met' if r['p99_ms'] <= min(2 * floor['p99_ms'], 50) else 'NOT met'}"
+            )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

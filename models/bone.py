@@ -1,0 +1,500 @@
+"""CT bone analyzer: opportunistic osteoporosis screening (L1 trabecular attenuation) and vertebral body heights.
+
+On any chest or abdomen CT that shows the spine, with no trained weights:
+
+* find the vertebral bodies and identify levels where it is reliable (:mod:`models.spine`: last rib-bearing
+  vertebra = T12, or counting up from the sacrum); otherwise say so and guess nothing;
+* measure trabecular attenuation in an elliptical ROI in the anterior two thirds of the body on its mid-body axial
+  slice (the manual method of Pickhardt et al.), and classify with their thresholds;
+* measure anterior, middle and posterior body heights on the mid-sagittal slab and grade height loss with the
+  Genant semi-quantitative criteria, only when the slices are thin enough to support it.
+
+Rules, cited:
+
+* Pickhardt PJ, Pooler BD, Lauder T, Munoz del Rio A, Bruce RJ, Binkley N. Opportunistic screening for
+  osteoporosis using abdominal computed tomography scans obtained for other indications. Ann Intern Med.
+  2013;158(8):588-595. An L1 trabecular attenuation <= 160 HU was 90 % sensitive, and <= 110 HU more than 90 %
+  specific, for DXA-defined osteoporosis; similar performance at T12-L5; intravenous contrast did not affect
+  performance.
+* Genant HK, Wu CY, van Kuijk C, Nevitt MC. Vertebral fracture assessment using a semiquantitative technique.
+  J Bone Miner Res. 1993;8(9):1137-1148. Grade 0 < 20 % height reduction, grade 1 20-25 %, grade 2 25-40 %,
+  grade 3 > 40 %.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from imaging_cds.errors import UnsuitableInputError
+from models import render
+from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
+from models.spine import LevelIdentification, SpineTrack, Vertebra, find_spine, identify_levels, split_vertebrae
+
+PICKHARDT_SENSITIVE_HU = 160.0
+PICKHARDT_SPECIFIC_HU = 110.0
+PICKHARDT_RULE = (
+    "Pickhardt PJ et al., Ann Intern Med 2013;158:588-595: L1 trabecular attenuation <= 160 HU is 90% sensitive, "
+    "<= 110 HU >90% specific for DXA-defined osteoporosis."
+)
+GENANT_RULE = (
+    "Genant HK et al., J Bone Miner Res 1993;8:1137-1148: height reduction <20% grade 0, 20-25% grade 1, "
+    "25-40% grade 2, >40% grade 3."
+)
+MAX_SLICE_MM_FOR_GRADING = 3.0
+"""Above this slice thickness an end plate's position is uncertain by more than ~10 % of a lumbar body height,
+the same order as the 20 % Genant threshold, so no fracture grade is given."""
+
+CONTRAST_AORTA_HU = 150.0
+"""Unenhanced blood is ~40-60 HU; an aortic lumen well above 150 HU means intravenous contrast."""
+
+_MEASURE_PREFERENCE = ("L1", "T12", "L2", "L3", "T11", "L4")
+"""Pickhardt's thresholds are for L1; they reported similar performance at T12-L5, so the nearest level stands in."""
+
+
+@dataclass(frozen=True)
+class TrabecularRoi:
+    """An elliptical ROI on one full-resolution axial slice."""
+
+    slice_index: int
+    center_row: float
+    center_col: float
+    semi_rows: float
+    semi_cols: float
+    mean_hu: float
+    sd_hu: float
+    pixels: int
+
+
+@dataclass(frozen=True)
+class BodyHeights:
+    """Anterior, middle and posterior heights (mm) and where they were measured (for the overlay)."""
+
+    anterior_mm: float
+    middle_mm: float
+    posterior_mm: float
+    rows: tuple[float, float, float]  # detection-grid rows of the three measuring lines
+    spans: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]  # (inferior, superior) slice coords
+
+    @property
+    def loss_percent(self) -> float:
+        """Height loss = 1 - shortest / tallest of the three heights (wedge, biconcave or crush pattern)."""
+        heights = (self.anterior_mm, self.middle_mm, self.posterior_mm)
+        return 100.0 * (1.0 - min(heights) / max(heights))
+
+
+def genant_grade(loss_percent: float) -> int:
+    """Genant semi-quantitative grade from percentage height reduction (Genant et al. 1993)."""
+    if loss_percent < 20.0:
+        return 0
+    if loss_percent <= 25.0:
+        return 1
+    if loss_percent <= 40.0:
+        return 2
+    return 3
+
+
+def attenuation_category(hu: float) -> Category:
+    """Pickhardt 2013 categories for L1 (or T12-L5) trabecular attenuation."""
+    if hu <= PICKHARDT_SPECIFIC_HU:
+        return Category("osteoporosis-likely", "Osteoporosis likely (<= 110 HU)", PICKHARDT_RULE, True)
+    if hu <= PICKHARDT_SENSITIVE_HU:
+        return Category("low", "Low bone density, osteoporosis possible (111-160 HU)", PICKHARDT_RULE, True)
+    return Category("normal", "Normal bone density (> 160 HU)", PICKHARDT_RULE, False)
+
+
+def measure_trabecular_roi(
+    volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra
+) -> TrabecularRoi:
+    """Mean and SD HU in an ellipse in the anterior two thirds of the body, on the mid-body axial slice.
+
+    Like Pickhardt's manual ROI: centred at 35 % of the body depth from the anterior wall, semi-axes 22 % of the
+    depth (antero-posterior) and 30 % of the body width (left-right), so it keeps > 2 mm from the cortex and stays
+    in front of the basivertebral vein, which enters the posterior third.
+    """
+    z = vertebra.mid_slice
+    image = volume[z]
+    stride, row_mm, col_mm = track.stride, float(spacing[1]), float(spacing[2])
+    anterior = vertebra.anterior_row * stride
+    posterior = vertebra.posterior_row * stride
+    depth = posterior - anterior
+    center_row = anterior + 0.40 * depth
+    semi_rows = 0.20 * depth
+    column = int(track.column[z] * stride)
+    left, right = _body_extent(image, int(round(center_row)), column, col_mm)
+    width_px = float(left + right + 1)
+    center_col = column - left + 0.5 * (left + right)  # centre on the body, not on the bone-count peak
+    semi_cols = max(5.0 / col_mm, 0.30 * width_px)
+    rr, cc = np.ogrid[: image.shape[0], : image.shape[1]]
+    mask = ((rr - center_row) / semi_rows) ** 2 + ((cc - center_col) / semi_cols) ** 2 <= 1.0
+    values = image[mask].astype(np.float64)
+    _ = row_mm
+    return TrabecularRoi(
+        z, center_row, center_col, semi_rows, semi_cols, float(values.mean()), float(values.std()), int(values.size)
+    )
+
+
+def _body_extent(image: np.ndarray, row: int, col: int, col_mm: float) -> tuple[int, int]:
+    """Pixels of body to the right and left of ``col`` on ``row``: the contiguous run above half the local
+    attenuation (at least 60 HU) after 3 mm smoothing, each side capped at 30 mm."""
+    line = ndimage.uniform_filter1d(image[max(0, row - 2) : row + 3].mean(axis=0), max(1, int(round(3 / col_mm))))
+    inside = line > max(60.0, 0.5 * float(line[col]))
+    limit = int(round(30.0 / col_mm))
+    left = right = 0
+    while left < limit and col - left - 1 >= 0 and inside[col - left - 1]:
+        left += 1
+    while right < limit and col + right + 1 < line.size and inside[col + right + 1]:
+        right += 1
+    return left, right
+
+
+def measure_heights(track: SpineTrack, vertebra: Vertebra) -> BodyHeights | None:
+    """Anterior, middle and posterior heights on the mid-sagittal slab.
+
+    Each height is measured along a vertical line at 15 %, 50 % and 85 % of the body depth: the body spans the
+    slices where attenuation is above halfway between its own median and the disc minima that bound it, with
+    linear interpolation between slices (sub-slice, but still blurred by the slice thickness). Lines are vertical
+    in the scanner frame, so heights are multiplied by the cosine of the body's tilt (from the posterior wall).
+    """
+    if not vertebra.complete:
+        return None
+    a, p = vertebra.anterior_row, vertebra.posterior_row
+    lo = int(math.floor(vertebra.inferior_slice))
+    hi = int(math.ceil(vertebra.superior_slice))
+    if hi - lo < 3:
+        return None
+    zs = np.arange(lo, hi + 1)
+    walls = track.posterior_row[zs]
+    ok = np.isfinite(walls)
+    tilt = 0.0
+    if ok.sum() >= 3:
+        slope = np.polyfit(zs[ok] * track.slice_mm, walls[ok] * track.pixel_mm, 1)[0]
+        tilt = math.atan(float(slope))
+    heights: list[float] = []
+    spans: list[tuple[float, float]] = []
+    rows = (a + 0.15 * (p - a), 0.5 * (a + p), p - 0.15 * (p - a))
+    half = max(1, int(round(1.5 / track.pixel_mm)))
+    for row in rows:
+        r = int(round(row))
+        profile = track.sagittal[lo : hi + 1, max(0, r - half) : r + half + 1].mean(axis=1).astype(np.float64)
+        inner = profile[1:-1]
+        level = 0.5 * (float(np.median(inner)) + 0.5 * (profile[0] + profile[-1]))
+        bottom = _rise(profile, 0, +1, level)
+        top = _rise(profile, len(profile) - 1, -1, level)
+        spans.append((lo + bottom, lo + top))
+        heights.append(max(0.0, (top - bottom) * track.slice_mm * math.cos(tilt)))
+    if min(heights) <= 0.0 or any(top <= bottom for bottom, top in spans):
+        return None
+    return BodyHeights(heights[0], heights[1], heights[2], rows, (spans[0], spans[1], spans[2]))
+
+
+def _rise(profile: np.ndarray, start: int, step: int, level: float) -> float:
+    """Fractional index where ``profile`` first reaches ``level`` walking from the disc at ``start`` inwards."""
+    i = start
+    while 0 <= i + step < profile.size and profile[i + step] < level:
+        i += step
+    j = i + step
+    if not 0 <= j < profile.size:
+        return float(i)
+    denom = profile[j] - profile[i]
+    frac = 0.5 if denom <= 0 else (level - profile[i]) / denom
+    return i + step * float(np.clip(frac, 0.0, 1.0))
+
+
+def aorta_hu(volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra) -> float:
+    """Brightest 10 mm disc of soft tissue in front of and left of the vertebral body: the aortic lumen.
+
+    Calcified plaque is thin and averages away in a 10 mm window; the body itself is excluded by keeping the
+    window centres at least 7 mm in front of its anterior wall.
+    """
+    z = vertebra.mid_slice
+    stride = track.stride
+    px = float(spacing[1])
+    front = vertebra.anterior_row * stride
+    col = track.column[z] * stride
+    r0, r1 = int(max(0, front - 50 / px)), int(max(0, front - 7 / px))
+    c0, c1 = int(max(0, col - 25 / px)), int(min(volume.shape[2], col + 45 / px))
+    if r1 - r0 < 3 or c1 - c0 < 3:
+        return float("nan")
+    pad = int(round(5 / px))
+    region = volume[z, max(0, r0 - pad) : r1 + pad, max(0, c0 - pad) : c1 + pad]
+    smooth = ndimage.uniform_filter(np.clip(region, -100.0, 400.0), size=max(3, int(round(10 / px))))
+    return float(smooth[pad : pad + (r1 - r0), pad : pad + (c1 - c0)].max())
+
+
+class BoneAnalyzer:
+    """Opportunistic bone density (Pickhardt L1 HU) and vertebral body height analysis of chest/abdomen CT."""
+
+    name = "ct-bone"
+    version = "0.1.0"
+    title = "CT opportunistic osteoporosis screening and vertebral body heights"
+    requirements = SeriesRequirements(
+        modalities=("CT",),
+        min_instances=10,
+        body_parts=("ABDOMEN", "CHEST", "SPINE", "LSPINE", "TSPINE", "PELVIS"),
+        description_keywords=("abd", "chest", "thorax", "spine", "bone"),
+        excluded_description_keywords=("scout", "localizer", "topogram", "mip", "lung"),
+    )
+
+    def check_input(self, image: ImageInput) -> None:
+        """CT only, a 3-D volume of at least 10 slices over >= 40 mm, in calibrated HU, with a spine in view."""
+        if image.modality.upper() != "CT":
+            raise UnsuitableInputError(
+                f"The bone analyzer reads CT; this series is {image.modality}.",
+                remedy="Send a chest or abdomen CT series.",
+            )
+        if image.array.ndim != 3:
+            raise UnsuitableInputError(
+                f"The bone analyzer needs a 3-D CT volume; got a {image.array.ndim}-D image.",
+                remedy="Send the whole axial series, not a single slice or a projection.",
+            )
+        slices = image.array.shape[0]
+        extent = slices * float(image.spacing[0])
+        if slices < 10 or extent < 40.0:
+            raise UnsuitableInputError(
+                f"The volume covers {extent:.0f} mm in {slices} slices; at least 10 slices over 40 mm are needed to "
+                "see whole vertebral bodies.",
+                remedy="Send the full axial series.",
+            )
+        sample = image.array[:: max(1, slices // 8), ::4, ::4]
+        low, high = float(np.percentile(sample, 1)), float(np.percentile(sample, 99.9))
+        if low > -800.0 or high < 300.0:
+            raise UnsuitableInputError(
+                f"Pixel values do not look like calibrated Hounsfield units (1st percentile {low:.0f}, 99.9th "
+                f"{high:.0f}; air should be near -1000 HU and bone above 300 HU).",
+                remedy="Apply RescaleSlope/RescaleIntercept when decoding the series.",
+            )
+        find_spine(image.array, _spacing3(image))  # raises UnsuitableInputError when no spine is seen
+
+    def analyze(self, image: ImageInput) -> AnalysisResult:
+        spacing = _spacing3(image)
+        volume = image.array
+        track = find_spine(volume, spacing)
+        vertebrae = split_vertebrae(track)
+        levels = identify_levels(volume, spacing, track, vertebrae)
+        warnings: list[str] = [levels.note] if levels.method != "none" else []
+        if levels.conflict:
+            warnings.append("Rib and sacrum counts disagree: check the level labels before acting on them.")
+        target = _choose_vertebra(levels)
+        if target is None:
+            return AnalysisResult(
+                self.name,
+                self.version,
+                (),
+                Category("not-assessable", "No complete vertebral body to measure", PICKHARDT_RULE, False),
+                "A spine is in view but no complete vertebral body could be delimited; nothing was measured.",
+                warnings=(levels.note,),
+            )
+        roi = measure_trabecular_roi(volume, spacing, track, target)
+        heights = measure_heights(track, target)
+        measurements, category, conclusion = self._summarise(levels, target, roi, heights, warnings, track)
+        aorta = aorta_hu(volume, spacing, track, target)
+        if np.isfinite(aorta) and aorta > CONTRAST_AORTA_HU:
+            warnings.append(
+                f"Intravenous contrast likely (aortic lumen about {aorta:.0f} HU): contrast raises trabecular "
+                "attenuation somewhat; Pickhardt 2013 found it did not change the thresholds' performance."
+            )
+        if roi.sd_hu > 80.0:
+            warnings.append(
+                f"Heterogeneous ROI (SD {roi.sd_hu:.0f} HU): a bone island, lesion or cortex may be inside it; "
+                "check the axial overlay."
+            )
+        if track.slice_mm > 1.5:
+            warnings.append(
+                f"Slices are {track.slice_mm:.1f} mm: end-plate positions, hence body heights, are uncertain by about "
+                f"+/- {track.slice_mm:.0f} mm, and disc boundaries are coarse."
+            )
+        explanations = (
+            Explanation(
+                "Mid-sagittal reformat: vertebral bodies, levels and measured heights",
+                "overlay",
+                _sagittal_png(track, levels, target, heights),
+            ),
+            Explanation(
+                f"Axial slice through {target.label}: trabecular ROI",
+                "overlay",
+                _axial_png(volume, roi, target, spacing),
+                slice_index=roi.slice_index,
+            ),
+        )
+        return AnalysisResult(
+            self.name, self.version, measurements, category, conclusion, explanations, warnings=tuple(warnings)
+        )
+
+    def _summarise(
+        self,
+        levels: LevelIdentification,
+        target: Vertebra,
+        roi: TrabecularRoi,
+        heights: BodyHeights | None,
+        warnings: list[str],
+        track: SpineTrack,
+    ) -> tuple[tuple[Measurement, ...], Category, str]:
+        measurements: list[Measurement] = []
+        identified = target.level is not None
+        if identified:
+            assert target.level is not None
+            key = f"{target.level.lower()}_trabecular_hu"
+            note = "" if target.level == "L1" else f"L1 not measurable; measured at {target.level} instead."
+            category = attenuation_category(roi.mean_hu)
+            interpretation = "L" if category.abnormal else "N"
+            measurements.append(
+                Measurement(
+                    key,
+                    f"{target.level} trabecular attenuation",
+                    round(roi.mean_hu, 1),
+                    "[hnsf'U]",
+                    interpretation,
+                    reference_low=PICKHARDT_SENSITIVE_HU,
+                    note=note,
+                )
+            )
+            conclusion = (
+                f"{target.level} trabecular attenuation {roi.mean_hu:.0f} HU (SD {roi.sd_hu:.0f}): {category.display}."
+            )
+        else:
+            measurements.append(
+                Measurement(
+                    "vertebral_trabecular_hu",
+                    "Trabecular attenuation, unidentified level",
+                    round(roi.mean_hu, 1),
+                    "[hnsf'U]",
+                    note="Vertebral level could not be identified; Pickhardt L1 thresholds not applied.",
+                )
+            )
+            category = Category(
+                "level-not-identified",
+                "L1 could not be identified; bone density not classified",
+                PICKHARDT_RULE,
+                False,
+            )
+            conclusion = (
+                f"L1 could not be identified ({levels.note}) The lowest complete vertebral body in view measures "
+                f"{roi.mean_hu:.0f} HU (SD {roi.sd_hu:.0f}), level unknown, so no osteoporosis threshold was applied."
+            )
+        measurements.append(
+            Measurement("trabecular_roi_sd_hu", "Trabecular ROI standard deviation", round(roi.sd_hu, 1), "[hnsf'U]")
+        )
+        if heights is None:
+            warnings.append(f"Body heights of {target.label} not measured: its end plates are not both in view.")
+            return tuple(measurements), category, conclusion
+        for key, display, value in (
+            ("anterior_height_mm", "Anterior vertebral body height", heights.anterior_mm),
+            ("middle_height_mm", "Middle vertebral body height", heights.middle_mm),
+            ("posterior_height_mm", "Posterior vertebral body height", heights.posterior_mm),
+        ):
+            measurements.append(Measurement(key, f"{display} ({target.label})", round(value, 1), "mm"))
+        loss = heights.loss_percent
+        measurements.append(Measurement("height_loss_percent", f"Height loss ({target.label})", round(loss, 1), "%"))
+        if track.slice_mm <= MAX_SLICE_MM_FOR_GRADING + 0.01:
+            grade = genant_grade(loss)
+            measurements.append(
+                Measurement(
+                    "genant_grade",
+                    f"Genant semi-quantitative grade ({target.label})",
+                    float(grade),
+                    "1",
+                    "A" if grade > 0 else "N",
+                    note=GENANT_RULE,
+                )
+            )
+            conclusion += f" {target.label} height loss {loss:.0f}% (Genant grade {grade})."
+            if grade > 0:
+                warnings.append(
+                    f"Possible vertebral fracture at {target.label} (Genant grade {grade}) from automated heights; "
+                    "confirm on sagittal images (physiological wedging and end-plate detection can mimic it)."
+                )
+        else:
+            warnings.append(
+                f"No fracture grade: {track.slice_mm:.1f} mm slices are too coarse for Genant grading "
+                f"(needs <= {MAX_SLICE_MM_FOR_GRADING:.0f} mm)."
+            )
+            conclusion += f" {target.label} height loss {loss:.0f}% (not graded: slices too thick)."
+        return tuple(measurements), category, conclusion
+
+
+def _spacing3(image: ImageInput) -> tuple[float, float, float]:
+    if len(image.spacing) != 3:
+        raise UnsuitableInputError("The bone analyzer needs a 3-D CT volume.", remedy="Send the whole axial series.")
+    return (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
+
+
+def _choose_vertebra(levels: LevelIdentification) -> Vertebra | None:
+    """L1 if identified and complete, else the nearest identified level; with no levels, the lowest complete body
+    that is not joined to the pelvis (in a chest CT the one nearest the thoracolumbar junction)."""
+    complete = [v for v in levels.vertebrae if v.complete]
+    by_level = {v.level: v for v in complete if v.level}
+    for level in _MEASURE_PREFERENCE:
+        if level in by_level:
+            return by_level[level]
+    labelled = [v for v in complete if v.level]
+    if labelled:
+        order = ("S1", "L5", "L4", "L3", "L2", "L1", *[f"T{n}" for n in range(12, 0, -1)], "C7", "C6")
+        return min(labelled, key=lambda v: abs(order.index(v.level or "L1") - order.index("L1")))
+    candidates = [v for v in complete if not v.pelvis_joined]
+    return candidates[0] if candidates else None
+
+
+def _sagittal_png(
+    track: SpineTrack, levels: LevelIdentification, target: Vertebra, heights: BodyHeights | None
+) -> bytes:
+    """Mid-sagittal slab, superior up, anterior left, at isotropic display scale; every body outlined with its
+    label, the measured one in a double outline, its three heights as lines with end ticks."""
+    scale_z = track.slice_mm / track.pixel_mm
+    zoom = max(1.0, 400.0 / max(track.sagittal.shape[1], track.slices * scale_z))
+    gray = render.window(track.sagittal, 400.0, 1800.0)
+    height = int(round(track.slices * scale_z * zoom))
+    width = int(round(track.sagittal.shape[1] * zoom))
+    canvas = Image.fromarray(gray).resize((width, height), Image.BILINEAR).transpose(Image.FLIP_TOP_BOTTOM)
+    canvas = canvas.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+
+    def to_xy(row: float, slice_coord: float) -> tuple[float, float]:
+        return row * zoom, height - (slice_coord + 0.5) * scale_z * zoom
+
+    for v in levels.vertebrae:
+        box = [to_xy(v.anterior_row, v.superior_slice), to_xy(v.posterior_row, v.inferior_slice)]
+        (x0, y0), (x1, y1) = box
+        draw.rectangle([x0, y0, x1, y1], outline=render.CYAN, width=1)
+        if v is target:
+            draw.rectangle([x0 - 3, y0 - 3, x1 + 3, y1 + 3], outline=render.YELLOW, width=1)
+        draw.text((x1 + 6, (y0 + y1) / 2 - 6), v.label if v.level else "?", fill=render.WHITE)
+    if heights is not None:
+        for row, (bottom, top) in zip(heights.rows, heights.spans, strict=True):
+            (xa, ya), (_, yb) = to_xy(row, top), to_xy(row, bottom)
+            draw.line([xa, ya, xa, yb], fill=render.MAGENTA, width=2)
+            draw.line([xa - 3, ya, xa + 3, ya], fill=render.MAGENTA, width=1)
+            draw.line([xa - 3, yb, xa + 3, yb], fill=render.MAGENTA, width=1)
+    caption = "Sagittal, anterior left. Boxes: vertebral bodies with level (? = unidentified)."
+    if heights is not None:
+        caption += (
+            f"\nDouble box: {target.label}; lines: heights A {heights.anterior_mm:.0f} / M {heights.middle_mm:.0f} / "
+            f"P {heights.posterior_mm:.0f} mm"
+        )
+    return render.to_png(render.label(np.asarray(canvas), caption, font_size=12))
+
+
+def _axial_png(volume: np.ndarray, roi: TrabecularRoi, target: Vertebra, spacing: tuple[float, float, float]) -> bytes:
+    """The measured axial slice (bone window), cropped around the body, with the ROI ellipse outlined."""
+    image = volume[roi.slice_index]
+    half = int(round(60.0 / float(spacing[1])))
+    r0 = int(max(0, roi.center_row - half))
+    c0 = int(max(0, roi.center_col - half))
+    crop = image[r0 : r0 + 2 * half, c0 : c0 + 2 * half]
+    gray = render.window(crop, 400.0, 1800.0)
+    zoom = max(1, int(round(360 / max(crop.shape))))
+    canvas = Image.fromarray(gray).resize((crop.shape[1] * zoom, crop.shape[0] * zoom), Image.BILINEAR)
+    canvas = canvas.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    cy, cx = (roi.center_row - r0) * zoom, (roi.center_col - c0) * zoom
+    ry, rx = roi.semi_rows * zoom, roi.semi_cols * zoom
+    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], outline=render.YELLOW, width=2)
+    caption = (
+        f"Axial, {target.label}, anterior up, patient right on the left.\n"
+        f"Ellipse: trabecular ROI, mean {roi.mean_hu:.0f} HU, SD {roi.sd_hu:.0f} HU, {roi.pixels} pixels"
+    )
+    return render.to_png(render.label(np.asarray(canvas), caption, font_size=12))
