@@ -71,15 +71,15 @@ class AiFinding:
 
 def bundle_resources(bundle: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The resources in a Bundle's entries (an absent or empty Bundle gives none)."""
-    if not isinstance(bundle, Mapping):
+    if not isinstance(bundle, dict):
         return []
-    return [e["resource"] for e in bundle.get("entry", []) or [] if isinstance(e, Mapping) and e.get("resource")]
+    return [e["resource"] for e in bundle.get("entry", []) or [] if isinstance(e, dict) and e.get("resource")]
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
-    if not isinstance(concept, Mapping):
+    if not isinstance(concept, dict):
         return []
-    return [c for c in concept.get("coding", []) or [] if isinstance(c, Mapping)]
+    return [c for c in concept.get("coding", []) or [] if isinstance(c, dict)]
 
 
 def parse_datetime(value: Any) -> datetime | None:
@@ -98,7 +98,7 @@ def parse_datetime(value: Any) -> datetime | None:
 
 def is_ai_report(resource: Mapping[str, Any]) -> bool:
     return resource.get("resourceType") == "DiagnosticReport" and any(
-        isinstance(i, Mapping) and i.get("system") == ANALYSIS_IDENTIFIER_SYSTEM
+        isinstance(i, dict) and i.get("system") == ANALYSIS_IDENTIFIER_SYSTEM
         for i in resource.get("identifier", []) or []
     )
 
@@ -116,7 +116,7 @@ def _analyzer_and_category(report: Mapping[str, Any]) -> tuple[str, str, str] | 
 def _measured_value(observation: Mapping[str, Any]) -> MeasuredValue | None:
     coding = next((c for c in _codings(observation.get("code")) if c.get("system") == MEASUREMENT_CODESYSTEM), None)
     quantity = observation.get("valueQuantity")
-    if coding is None or not isinstance(quantity, Mapping) or not isinstance(quantity.get("value"), int | float):
+    if coding is None or not isinstance(quantity, dict) or not isinstance(quantity.get("value"), int | float):
         return None
     interpretation = next(
         (str(c.get("code")) for concept in observation.get("interpretation", []) or [] for c in _codings(concept)),
@@ -138,7 +138,7 @@ def _device_versions(resources: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         if resource.get("resourceType") != "Device":
             continue
         for identifier in resource.get("identifier", []) or []:
-            if isinstance(identifier, Mapping) and identifier.get("system") == DEVICE_IDENTIFIER_SYSTEM:
+            if isinstance(identifier, dict) and identifier.get("system") == DEVICE_IDENTIFIER_SYSTEM:
                 versions[f"Device/{resource.get('id')}"] = str(identifier.get("value", ""))
     return versions
 
@@ -151,7 +151,7 @@ def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str 
     patient is skipped: a mis-built prefetch must never put one patient's finding on another's card.
     """
     subject = f"Patient/{patient_id}" if patient_id else None
-    items = [r for r in resources if isinstance(r, Mapping)]
+    items = [r for r in resources if isinstance(r, dict)]
     by_reference = {f"{r.get('resourceType')}/{r.get('id')}": r for r in items if r.get("id")}
     devices = _device_versions(items)
     findings: list[AiFinding] = []
@@ -188,7 +188,7 @@ def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str 
                 status=str(report.get("status", "")),
                 conclusion=str(report.get("conclusion", "")),
                 imaging_studies=tuple(
-                    str(s.get("reference")) for s in report.get("imagingStudy", []) or [] if isinstance(s, Mapping)
+                    str(s.get("reference")) for s in report.get("imagingStudy", []) or [] if isinstance(s, dict)
                 ),
                 effective=parse_datetime(report.get("effectiveDateTime") or report.get("issued")),
                 measurements=tuple(measurements),

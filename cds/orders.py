@@ -53,12 +53,12 @@ def _texts(resource: Mapping[str, Any]) -> list[str]:
     texts: list[str] = []
     concepts = [resource.get("code"), *(resource.get("bodySite") or []), *(resource.get("category") or [])]
     for concept in concepts:
-        if not isinstance(concept, Mapping):
+        if not isinstance(concept, dict):
             continue
         if isinstance(concept.get("text"), str):
             texts.append(concept["text"])
         for coding in concept.get("coding", []) or []:
-            if isinstance(coding, Mapping) and isinstance(coding.get("display"), str):
+            if isinstance(coding, dict) and isinstance(coding.get("display"), str):
                 texts.append(coding["display"])
     return texts
 
@@ -66,7 +66,7 @@ def _texts(resource: Mapping[str, Any]) -> list[str]:
 def _is_imaging(resource: Mapping[str, Any], modalities: frozenset[str]) -> bool:
     for concept in resource.get("category", []) or []:
         for coding in (concept or {}).get("coding", []) or []:
-            if isinstance(coding, Mapping) and coding.get("code") == IMAGING_CATEGORY_SNOMED:
+            if isinstance(coding, dict) and coding.get("code") == IMAGING_CATEGORY_SNOMED:
                 return True
     return bool(modalities)
 
@@ -83,7 +83,7 @@ def read_order(resource: Mapping[str, Any]) -> ImagingOrder | None:
     supporting = tuple(
         str(ref.get("reference"))
         for ref in resource.get("supportingInfo", []) or []
-        if isinstance(ref, Mapping) and str(ref.get("reference", "")).startswith("ImagingStudy/")
+        if isinstance(ref, dict) and str(ref.get("reference", "")).startswith("ImagingStudy/")
     )
     return ImagingOrder(
         reference=f"ServiceRequest/{resource['id']}",

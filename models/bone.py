@@ -32,7 +32,15 @@ from scipy import ndimage
 
 from imaging_cds.errors import UnsuitableInputError
 from models import render
-from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
+from models.base import (
+    AnalysisResult,
+    Category,
+    Explanation,
+    ImageInput,
+    Interpretation,
+    Measurement,
+    SeriesRequirements,
+)
 from models.spine import LevelIdentification, SpineTrack, Vertebra, find_spine, identify_levels, split_vertebrae
 
 PICKHARDT_SENSITIVE_HU = 160.0
@@ -51,6 +59,9 @@ the same order as the 20 % Genant threshold, so no fracture grade is given."""
 
 CONTRAST_AORTA_HU = 150.0
 """Unenhanced blood is ~40-60 HU; an aortic lumen well above 150 HU means intravenous contrast."""
+
+_ISLAND_HU = 500.0
+"""No trabecular bone reaches this; pixels above it in the ROI are cortex or a bone island and are left out."""
 
 _MEASURE_PREFERENCE = ("L1", "T12", "L2", "L3", "T11", "L4")
 """Pickhardt's thresholds are for L1; they reported similar performance at T12-L5, so the nearest level stands in."""
@@ -125,13 +136,15 @@ def measure_trabecular_roi(
     center_row = anterior + 0.40 * depth
     semi_rows = 0.20 * depth
     column = int(track.column[z] * stride)
-    left, right = _body_extent(image, int(round(center_row)), column, col_mm)
+    left, right = _body_extent(image, round(center_row), column, col_mm)
     width_px = float(left + right + 1)
     center_col = column - left + 0.5 * (left + right)  # centre on the body, not on the bone-count peak
     semi_cols = max(5.0 / col_mm, 0.30 * width_px)
     rr, cc = np.ogrid[: image.shape[0], : image.shape[1]]
     mask = ((rr - center_row) / semi_rows) ** 2 + ((cc - center_col) / semi_cols) ** 2 <= 1.0
     values = image[mask].astype(np.float64)
+    trabecular = values[values <= _ISLAND_HU]  # cortex or a sclerotic bone island, which Pickhardt's ROI avoids
+    values = trabecular if trabecular.size >= 0.5 * values.size else values
     _ = row_mm
     return TrabecularRoi(
         z, center_row, center_col, semi_rows, semi_cols, float(values.mean()), float(values.std()), int(values.size)
@@ -141,9 +154,9 @@ def measure_trabecular_roi(
 def _body_extent(image: np.ndarray, row: int, col: int, col_mm: float) -> tuple[int, int]:
     """Pixels of body to the right and left of ``col`` on ``row``: the contiguous run above half the local
     attenuation (at least 60 HU) after 3 mm smoothing, each side capped at 30 mm."""
-    line = ndimage.uniform_filter1d(image[max(0, row - 2) : row + 3].mean(axis=0), max(1, int(round(3 / col_mm))))
+    line = ndimage.uniform_filter1d(image[max(0, row - 2) : row + 3].mean(axis=0), max(1, round(3 / col_mm)))
     inside = line > max(60.0, 0.5 * float(line[col]))
-    limit = int(round(30.0 / col_mm))
+    limit = round(30.0 / col_mm)
     left = right = 0
     while left < limit and col - left - 1 >= 0 and inside[col - left - 1]:
         left += 1
@@ -163,8 +176,8 @@ def measure_heights(track: SpineTrack, vertebra: Vertebra) -> BodyHeights | None
     if not vertebra.complete:
         return None
     a, p = vertebra.anterior_row, vertebra.posterior_row
-    lo = int(math.floor(vertebra.inferior_slice))
-    hi = int(math.ceil(vertebra.superior_slice))
+    lo = math.floor(vertebra.inferior_slice)
+    hi = math.ceil(vertebra.superior_slice)
     if hi - lo < 3:
         return None
     zs = np.arange(lo, hi + 1)
@@ -177,9 +190,9 @@ def measure_heights(track: SpineTrack, vertebra: Vertebra) -> BodyHeights | None
     heights: list[float] = []
     spans: list[tuple[float, float]] = []
     rows = (a + 0.15 * (p - a), 0.5 * (a + p), p - 0.15 * (p - a))
-    half = max(1, int(round(1.5 / track.pixel_mm)))
+    half = max(1, round(1.5 / track.pixel_mm))
     for row in rows:
-        r = int(round(row))
+        r = round(row)
         profile = track.sagittal[lo : hi + 1, max(0, r - half) : r + half + 1].mean(axis=1).astype(np.float64)
         inner = profile[1:-1]
         level = 0.5 * (float(np.median(inner)) + 0.5 * (profile[0] + profile[-1]))
@@ -220,9 +233,9 @@ def aorta_hu(volume: np.ndarray, spacing: tuple[float, float, float], track: Spi
     c0, c1 = int(max(0, col - 25 / px)), int(min(volume.shape[2], col + 45 / px))
     if r1 - r0 < 3 or c1 - c0 < 3:
         return float("nan")
-    pad = int(round(5 / px))
+    pad = round(5 / px)
     region = volume[z, max(0, r0 - pad) : r1 + pad, max(0, c0 - pad) : c1 + pad]
-    smooth = ndimage.uniform_filter(np.clip(region, -100.0, 400.0), size=max(3, int(round(10 / px))))
+    smooth = ndimage.uniform_filter(np.clip(region, -100.0, 400.0), size=max(3, round(10 / px)))
     return float(smooth[pad : pad + (r1 - r0), pad : pad + (c1 - c0)].max())
 
 
@@ -341,7 +354,7 @@ class BoneAnalyzer:
             key = f"{target.level.lower()}_trabecular_hu"
             note = "" if target.level == "L1" else f"L1 not measurable; measured at {target.level} instead."
             category = attenuation_category(roi.mean_hu)
-            interpretation = "L" if category.abnormal else "N"
+            interpretation: Interpretation = "L" if category.abnormal else "N"
             measurements.append(
                 Measurement(
                     key,
@@ -447,9 +460,13 @@ def _sagittal_png(
     scale_z = track.slice_mm / track.pixel_mm
     zoom = max(1.0, 400.0 / max(track.sagittal.shape[1], track.slices * scale_z))
     gray = render.window(track.sagittal, 400.0, 1800.0)
-    height = int(round(track.slices * scale_z * zoom))
-    width = int(round(track.sagittal.shape[1] * zoom))
-    canvas = Image.fromarray(gray).resize((width, height), Image.BILINEAR).transpose(Image.FLIP_TOP_BOTTOM)
+    height = round(track.slices * scale_z * zoom)
+    width = round(track.sagittal.shape[1] * zoom)
+    canvas = (
+        Image.fromarray(gray)
+        .resize((width, height), Image.Resampling.BILINEAR)
+        .transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    )
     canvas = canvas.convert("RGB")
     draw = ImageDraw.Draw(canvas)
 
@@ -481,13 +498,13 @@ def _sagittal_png(
 def _axial_png(volume: np.ndarray, roi: TrabecularRoi, target: Vertebra, spacing: tuple[float, float, float]) -> bytes:
     """The measured axial slice (bone window), cropped around the body, with the ROI ellipse outlined."""
     image = volume[roi.slice_index]
-    half = int(round(60.0 / float(spacing[1])))
+    half = round(60.0 / float(spacing[1]))
     r0 = int(max(0, roi.center_row - half))
     c0 = int(max(0, roi.center_col - half))
     crop = image[r0 : r0 + 2 * half, c0 : c0 + 2 * half]
     gray = render.window(crop, 400.0, 1800.0)
-    zoom = max(1, int(round(360 / max(crop.shape))))
-    canvas = Image.fromarray(gray).resize((crop.shape[1] * zoom, crop.shape[0] * zoom), Image.BILINEAR)
+    zoom = max(1, round(360 / max(crop.shape)))
+    canvas = Image.fromarray(gray).resize((crop.shape[1] * zoom, crop.shape[0] * zoom), Image.Resampling.BILINEAR)
     canvas = canvas.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     cy, cx = (roi.center_row - r0) * zoom, (roi.center_col - c0) * zoom

@@ -85,7 +85,7 @@ class Vertebra:
 
     @property
     def mid_slice(self) -> int:
-        return int(round((self.inferior_slice + self.superior_slice) / 2.0))
+        return round((self.inferior_slice + self.superior_slice) / 2.0)
 
     @property
     def label(self) -> str:
@@ -104,7 +104,7 @@ class LevelIdentification:
 
 def detection_grid(volume: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, int, float]:
     """A strided view with about 1.2 mm pixels (no copy); returns (grid, stride, pixel_mm)."""
-    stride = max(1, int(round(_GRID_MM / float(spacing[1]))))
+    stride = max(1, round(_GRID_MM / float(spacing[1])))
     return volume[:, ::stride, ::stride], stride, float(spacing[1]) * stride
 
 
@@ -161,9 +161,9 @@ def find_spine(volume: np.ndarray, spacing: tuple[float, float, float]) -> Spine
     """
     grid, stride, px = detection_grid(volume, spacing)
     dz = float(spacing[0])
-    nz, ny, nx = grid.shape
+    nz, _ny, nx = grid.shape
     body = body_mask(grid)
-    max_step = max(1, int(round(dz * 0.7 / px)))  # the spine drifts < ~0.7 mm per mm of z, even with scoliosis
+    max_step = max(1, round(dz * 0.7 / px))  # the spine drifts < ~0.7 mm per mm of z, even with scoliosis
 
     # 1. left-right position of the spine
     column_score = np.zeros((nz, nx), dtype=np.float32)
@@ -177,7 +177,7 @@ def find_spine(volume: np.ndarray, spacing: tuple[float, float, float]) -> Spine
         y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
         extents.append((int(y0), int(y1)))
         posterior = (grid[z, (y0 + y1) // 2 : y1 + 1] > BONE_HU) & body[z, (y0 + y1) // 2 : y1 + 1]
-        profile = ndimage.uniform_filter1d(posterior.sum(axis=0).astype(np.float32), max(3, int(round(20 / px))))
+        profile = ndimage.uniform_filter1d(posterior.sum(axis=0).astype(np.float32), max(3, round(20 / px)))
         # prior: the spine lies near the middle of the body outline (sd 10 % of its width); without it the
         # path drifts onto an iliac bone or a sacroiliac joint in the pelvis
         prior = np.exp(-0.5 * ((np.arange(nx) - 0.5 * (x0 + x1)) / (0.1 * (x1 - x0) + 1.0)) ** 2)
@@ -188,12 +188,12 @@ def find_spine(volume: np.ndarray, spacing: tuple[float, float, float]) -> Spine
     column = track_path(column_score, max_step, 0.05)
 
     # 2. mid-sagittal slab and the canal
-    half = max(1, int(round(5.0 / px)))
+    half = max(1, round(5.0 / px))
     sagittal = np.stack(
         [grid[z, :, max(0, column[z] - half) : column[z] + half + 1].mean(axis=1) for z in range(nz)]
     ).astype(np.float32)
     bright = ndimage.maximum_filter1d(sagittal, 3, axis=0)  # a disc slice borrows its neighbours' end plates
-    near, far = max(1, int(round(3.0 / px))), int(round(14.0 / px))
+    near, far = max(1, round(3.0 / px)), round(14.0 / px)
     front = np.full_like(sagittal, -1000.0)
     behind = np.full_like(sagittal, -1000.0)
     for k in range(near, far + 1):
@@ -276,7 +276,7 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
         if np.isnan(track.anterior_row[z]) or track.canal_score[z] <= 0.05:
             continue
         a, p = track.anterior_row[z], track.posterior_row[z]
-        lo, hi = int(round(a + 0.2 * (p - a))), int(round(p - 0.2 * (p - a)))
+        lo, hi = round(a + 0.2 * (p - a)), round(p - 0.2 * (p - a))
         if hi > lo:
             core[z] = float(track.sagittal[z, lo : hi + 1].mean())
     valid = np.isfinite(core)
@@ -420,7 +420,7 @@ def _labels_from(anchor: int, anchor_label: str, count: int) -> dict[int, str]:
 
 def _lateral_bone(grid: np.ndarray, track: SpineTrack, px: float) -> tuple[np.ndarray, np.ndarray]:
     """Bone more than 20 mm lateral to the spine midline, and each voxel's lateral distance (mm)."""
-    nz, ny, nx = grid.shape
+    _nz, _ny, nx = grid.shape
     lateral_mm = np.abs(np.arange(nx)[None, :] - track.column[:, None]).astype(np.float32) * px  # (nz, nx)
     bone = grid > BONE_HU
     bone &= (lateral_mm >= _LATERAL_BONE_MM)[:, None, :]
@@ -436,11 +436,11 @@ def _rib_bearing(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra],
     Large plates (an iliac wing: > 40 cm3 here or > 60 mm tall) are not ribs.
     """
     bone, lateral_mm = _lateral_bone(grid, track, px)
-    nz, ny, _ = grid.shape
+    _nz, ny, _ = grid.shape
     rows = np.arange(ny)[None, :]
-    keep_rows = rows >= (track.canal_row[:, None] - int(round(40.0 / px)))  # from mid-body backwards
+    keep_rows = rows >= (track.canal_row[:, None] - round(40.0 / px))  # from mid-body backwards
     bone &= keep_rows[:, :, None]
-    labels, count = ndimage.label(bone, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, _count = ndimage.label(bone, structure=np.ones((3, 3, 3), dtype=bool))
     result = [False] * len(vertebrae)
     voxel_ml = px * px * track.slice_mm / 1000.0
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
@@ -475,9 +475,9 @@ def _pelvis_joined(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra
         zs = range(int(np.ceil(v.inferior_slice + 0.25)), int(np.floor(v.superior_slice - 0.25)) + 1)
         votes = []
         for z in zs:
-            bone = ndimage.binary_closing(grid[z] > 150.0, iterations=max(1, int(round(4.5 / px))))
+            bone = ndimage.binary_closing(grid[z] > 150.0, iterations=max(1, round(4.5 / px)))
             labels, _ = ndimage.label(bone)
-            row = int(round((v.anterior_row + v.posterior_row) / 2.0))
+            row = round((v.anterior_row + v.posterior_row) / 2.0)
             col = int(track.column[z])
             window = labels[max(0, row - 3) : row + 4, max(0, col - 3) : col + 4]
             ids = np.unique(window[window > 0])

@@ -1,31 +1,24 @@
-"""Test support for the FHIR client tests: a fault-injecting reverse proxy and a configurable sekmet server.
+"""Test support for the FHIR client tests: a fault-injecting reverse proxy in front of the real server.
 
 The proxy sits on loopback in front of the REAL sekmet-fhir server. It forwards every request unchanged
 except the ones its ``plan`` tells it to answer itself (a 500, a 400) or to delay (to provoke a timeout),
 and it counts what it received, so a test can assert how many attempts the client made.
-
-``sekmet_server`` starts sekmet with settings that :func:`imaging_cds.servers.fhir_server` does not expose
-yet (client JWKS for private_key_jwt, token lifetime); it follows the same pattern as that helper.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import requests
 
-from imaging_cds.servers import free_port, sekmet_executable
+from imaging_cds.servers import free_port
 
 
 @dataclass
@@ -131,61 +124,3 @@ def fault_proxy(upstream_base: str, plan: Plan) -> Iterator[FaultProxy]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@dataclass(frozen=True)
-class Sekmet:
-    base_url: str
-    token_url: str
-    root: Path
-
-
-@contextmanager
-def sekmet_server(server_auth: dict[str, Any], *, timeout: float = 60.0) -> Iterator[Sekmet]:
-    """Run sekmet-fhir with ``server_auth`` settings written verbatim (e.g. smart_clients with ``jwks``)."""
-    root = Path(tempfile.mkdtemp(prefix="imaging-cds-fhir-auth-"))
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}/fhir"
-    settings = {
-        "base_url": base_url,
-        "host": "127.0.0.1",
-        "port": port,
-        "data_dir": str(root / "data"),
-        "simulator": {"enabled": False},
-        "validation": {"inbound": "strict"},
-        "server_auth": server_auth,
-    }
-    config = root / "settings.yaml"
-    config.write_text(json.dumps(settings, indent=2))  # JSON is YAML
-    log_path = root / "sekmet.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [str(sekmet_executable()), "serve", "-c", str(config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"sekmet exited while starting; see {log_path}")
-            try:
-                if requests.get(f"{base_url}/metadata", timeout=1).status_code < 500:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sekmet did not start within {timeout} s; see {log_path}")
-            time.sleep(0.1)
-        yield Sekmet(base_url=base_url, token_url=f"http://127.0.0.1:{port}/auth/token", root=root)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        shutil.rmtree(root, ignore_errors=True)

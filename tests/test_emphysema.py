@@ -11,12 +11,12 @@ from lung_support import chest_phantom, load_pyradiomics_ct
 from PIL import Image
 
 from imaging_cds.errors import UnsuitableInputError
-from models.base import Analyzer, ImageInput
+from models.base import AnalysisResult, Analyzer, ImageInput
 from models.emphysema import EmphysemaAnalyzer, categorize, zone_percentages
 from models.registry import get_analyzer
 
 
-def _analyze(image: ImageInput):  # type: ignore[no-untyped-def]
+def _analyze(image: ImageInput) -> AnalysisResult:
     analyzer = EmphysemaAnalyzer()
     analyzer.check_input(image)
     return analyzer.analyze(image)
@@ -153,7 +153,8 @@ def test_lung2_real_chest_ct_is_not_emphysematous(data_dir: Path) -> None:
     # 0.25% with trachea, bronchi and stomach gas excluded (a plain threshold mask that keeps them reads ~2%).
     assert 0.05 < laa < 2.0
     assert result.category.code == "none"
-    assert result.measurement("low_attenuation_volume_ml").value == pytest.approx(lung_ml * laa / 100, rel=0.01)
+    # laa is rounded to 0.01 percentage points, hence the tolerance.
+    assert result.measurement("low_attenuation_volume_ml").value == pytest.approx(lung_ml * laa / 100, rel=0.03)
     assert not any("beyond the scanned range" in w for w in result.warnings)
     assert any("5 mm thick" in w for w in result.warnings)
     assert f"{lung_ml / 1000:.2f} L" in result.conclusion
@@ -163,8 +164,9 @@ def test_lung2_explanations_show_upper_middle_and_lower_zones(data_dir: Path) ->
     hu, spacing = load_pyradiomics_ct(data_dir, "lung2_image")
     result = _analyze(ImageInput(hu, spacing, "CT", {}))
     assert [e.title.rsplit(" ", 2)[-2] for e in result.explanations] == ["upper", "middle", "lower"]
-    indices = [e.slice_index for e in result.explanations]
-    assert indices == sorted(indices, reverse=True), "upper zone first, slices counted from the feet"
+    upper, middle, lower = (e.slice_index if e.slice_index is not None else -1 for e in result.explanations)
+    # The lungs span slices 5-57 (counted from the feet); each image comes from its own third of that span.
+    assert upper >= 40 and 23 <= middle < 40 and 5 <= lower < 23
     for explanation in result.explanations:
         assert explanation.kind == "overlay"
         image = Image.open(io.BytesIO(explanation.png))

@@ -65,7 +65,7 @@ def test_lung2_whole_lungs_in_view_with_plausible_adult_volumes(data_dir: Path) 
     assert 0.5 < right_ml / (right_ml + left_ml) < 0.65
     # Apex and bases are inside the scanned range: no lung on the first (feet) and last (head) slices.
     first, last = lungs.slice_extent() or (0, 0)
-    assert 0 < first and last < hu.shape[0] - 1
+    assert first > 0 and last < hu.shape[0] - 1
     # The trachea (about 2 cm2 over 13 cm above the carina) was found and removed.
     assert 10 < lungs.airway_voxels * voxel_ml < 60
 
