@@ -43,7 +43,8 @@ def to_rgb(gray: np.ndarray) -> np.ndarray:
 
 def hatch(shape: tuple[int, int], spacing: int = 6) -> np.ndarray:
     """Boolean diagonal-line pattern; drawn solid inside a mask it keeps the mask visible without colour."""
-    rows, cols = np.indices(shape)
+    rows = np.arange(shape[0])[:, None]
+    cols = np.arange(shape[1])[None, :]
     return ((rows + cols) % spacing) == 0
 
 
@@ -60,8 +61,9 @@ def overlay_mask(
     pixels = rgb[mask].astype(np.float32)
     rgb[mask] = np.clip((1.0 - alpha) * pixels + alpha * tint, 0, 255).astype(np.uint8)
     if hatched:
-        lines = mask & hatch(mask.shape)
-        rgb[lines] = color
+        rows, cols = np.nonzero(mask)
+        on_line = (rows + cols) % 6 == 0  # the same diagonal lines as hatch(), computed only inside the mask
+        rgb[rows[on_line], cols[on_line]] = color
     return rgb
 
 
