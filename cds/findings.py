@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_adapters.constants import (
+    ABNORMAL_INTERPRETATION_SYSTEM,
     ANALYSIS_IDENTIFIER_SYSTEM,
     CATEGORY_CODESYSTEM,
     DEVICE_IDENTIFIER_SYSTEM,
@@ -22,7 +23,7 @@ from fhir_adapters.constants import (
 )
 
 NORMAL_CATEGORY_CODES = frozenset({"none", "normal", "negative", "no-finding", "not-detected", "benign"})
-"""Category codes that mean "nothing abnormal"; every other category of an analyzer counts as a finding."""
+"""Fallback for reports without an explicit A/N conclusion code: category codes that mean "nothing abnormal"."""
 AWAITING_REVIEW_STATUSES = frozenset({"registered", "partial", "preliminary"})
 SIGNED_STATUSES = frozenset({"final", "amended", "corrected", "appended"})
 
@@ -52,9 +53,12 @@ class AiFinding:
     imaging_studies: tuple[str, ...]
     effective: datetime | None
     measurements: tuple[MeasuredValue, ...]
+    stated_abnormal: bool | None = None  # the report's own A/N conclusion code, when it has one
 
     @property
     def abnormal(self) -> bool:
+        if self.stated_abnormal is not None:
+            return self.stated_abnormal
         return self.category_code not in NORMAL_CATEGORY_CODES
 
     @property
@@ -110,6 +114,15 @@ def _analyzer_and_category(report: Mapping[str, Any]) -> tuple[str, str, str] | 
             if coding.get("system") == CATEGORY_CODESYSTEM and isinstance(code, str) and "/" in code:
                 analyzer, _, category = code.partition("/")
                 return analyzer, category, str(coding.get("display") or concept.get("text") or category)
+    return None
+
+
+def _stated_abnormal(report: Mapping[str, Any]) -> bool | None:
+    """The analyzer's own verdict, written by the builders as a v3 ObservationInterpretation A/N code."""
+    for concept in report.get("conclusionCode", []) or []:
+        for coding in _codings(concept):
+            if coding.get("system") == ABNORMAL_INTERPRETATION_SYSTEM and coding.get("code") in ("A", "N"):
+                return coding.get("code") == "A"
     return None
 
 
@@ -192,6 +205,7 @@ def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str 
                 ),
                 effective=parse_datetime(report.get("effectiveDateTime") or report.get("issued")),
                 measurements=tuple(measurements),
+                stated_abnormal=_stated_abnormal(report),
             )
         )
     oldest = datetime.min.replace(tzinfo=UTC)

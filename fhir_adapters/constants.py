@@ -23,3 +23,7 @@ CATEGORY_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding-category"
 # HL7 AI Transparency: security label marking content asserted by artificial intelligence.
 AI_ASSERTED_SECURITY_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 AI_ASSERTED_SECURITY_CODE: Final = "AIAST"
+
+# DiagnosticReport.conclusionCode carries the analyzer's verdict as an HL7 v3 ObservationInterpretation
+# code: A (abnormal: a finding) or N (no finding, including "could not be assessed").
+ABNORMAL_INTERPRETATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"

@@ -168,12 +168,18 @@ def finding_code(analyzer: str, category: Category) -> Code | None:
 
 
 def conclusion_codes(analyzer: str, category: Category) -> list[dict[str, Any]]:
-    """``DiagnosticReport.conclusionCode``: the standard finding (when there is one), then the project code."""
+    """``DiagnosticReport.conclusionCode``: the standard finding (when there is one), the project code, and
+    whether the analyzer calls the result abnormal (v3 ObservationInterpretation ``A`` / ``N``).
+
+    The explicit A/N lets readers (the CDS service, the app) tell a finding from a non-result such as
+    "level not identified" without knowing every analyzer's category names.
+    """
     concepts: list[dict[str, Any]] = []
     standard = finding_code(analyzer, category)
     if standard is not None:
         concepts.append(standard.concept())
     concepts.append(category_code(analyzer, category).concept(category.display))
+    concepts.append(interpretation_concept("A" if category.abnormal else "N"))
     return concepts
 
 

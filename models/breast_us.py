@@ -14,7 +14,7 @@ from pathlib import Path
 from imaging_cds.errors import UnsuitableInputError
 from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
 from models.cxr_pneumonia import CARD_DIR, WEIGHTS_DIR, check_projection_image, gradcam_overlay_png, matches
-from models.networks import ShippedClassifier, downsample_like_medmnist, load_shipped_classifier
+from models.networks import ShippedClassifier, load_shipped_classifier
 
 BREAST_US_WARNING = (
     "Trained only on 546 breast ultrasound images (28x28) from one hospital (Baheya Hospital, Cairo; women "
@@ -61,7 +61,7 @@ class BreastUltrasoundAnalyzer:
         check_projection_image(image, self.name)
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
-        small = downsample_like_medmnist(image.array, self._classifier.input_size)
+        small = self._classifier.prepare(image.array)
         probability = self._classifier.probability(small)
         suspected = probability >= self.threshold
         threshold_percent = 100.0 * self.threshold

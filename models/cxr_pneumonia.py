@@ -27,7 +27,7 @@ from skimage.transform import resize
 from imaging_cds.errors import UnsuitableInputError
 from models import render
 from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
-from models.networks import ShippedClassifier, downsample_like_medmnist, load_shipped_classifier
+from models.networks import ShippedClassifier, load_shipped_classifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CARD_DIR = Path(__file__).resolve().parent / "cards"
@@ -191,7 +191,7 @@ class PneumoniaAnalyzer:
         check_projection_image(image, self.name)
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
-        small = downsample_like_medmnist(image.array, self._classifier.input_size)
+        small = self._classifier.prepare(image.array)
         probability = self._classifier.probability(small)
         suspected = probability >= self.threshold
         threshold_percent = 100.0 * self.threshold

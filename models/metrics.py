@@ -145,12 +145,17 @@ def fit_temperature(y_true: ArrayLike, logits: ArrayLike) -> float:
 
 
 def youden_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
-    """Score threshold maximising sensitivity + specificity - 1 (ties: the highest such threshold)."""
+    """Score threshold maximising sensitivity + specificity - 1 (Youden's J).
+
+    When several thresholds reach the maximum (common on a well-separated validation split, where a whole
+    gap between the classes is optimal) the midpoint of the lowest and highest of them is returned, so the
+    operating point sits in the middle of the gap rather than at one class's edge.
+    """
     return _best_threshold(y_true, scores, lambda tp, fp, tn, fn: _ratio(tp, tp + fn) + _ratio(tn, tn + fp))
 
 
 def max_accuracy_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
-    """Score threshold maximising accuracy, placed midway between neighbouring scores."""
+    """Score threshold maximising accuracy (ties: the midpoint of the tying thresholds, as above)."""
     return _best_threshold(y_true, scores, lambda tp, fp, tn, fn: (tp + tn) / (tp + fp + tn + fn))
 
 
@@ -158,12 +163,9 @@ def _best_threshold(y_true: ArrayLike, scores: ArrayLike, objective: Callable[[i
     labels, values = _as_binary(y_true, scores)
     distinct = np.unique(values)
     candidates = np.concatenate(([distinct[0] - 1e-6], (distinct[1:] + distinct[:-1]) / 2.0, [distinct[-1] + 1e-6]))
-    best_value, best_threshold = -np.inf, float(candidates[0])
-    for candidate in candidates:
-        value = objective(*confusion_counts(labels, values, float(candidate)))
-        if value >= best_value:  # >= keeps the highest threshold among ties: fewer false alarms
-            best_value, best_threshold = value, float(candidate)
-    return best_threshold
+    objectives = np.array([objective(*confusion_counts(labels, values, float(c))) for c in candidates])
+    best = candidates[objectives >= np.nanmax(objectives) - 1e-12]
+    return float((best.min() + best.max()) / 2.0)
 
 
 def bootstrap_ci(

@@ -29,6 +29,7 @@ class NetworkConfig:
     convs_per_stage: int = 2
     dropout: float = 0.2
     in_channels: int = 1
+    standardise: bool = True
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "channels": list(self.channels)}
@@ -42,6 +43,7 @@ class NetworkConfig:
             convs_per_stage=int(str(data.get("convs_per_stage", cls.convs_per_stage))),
             dropout=float(str(data.get("dropout", cls.dropout))),
             in_channels=int(str(data.get("in_channels", cls.in_channels))),
+            standardise=bool(data.get("standardise", cls.standardise)),
         )
 
 
@@ -78,7 +80,11 @@ class MedMnistCNN(nn.Module):
         return f"features.stage{len(self.config.channels) - 1}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(standardise_per_image(x)))
+        if self.config.standardise:
+            x = standardise_per_image(x)
+        else:  # fixed mapping of the [0, 1] MedMNIST scale to [-1, 1]
+            x = 2.0 * x - 1.0
+        return self.head(self.features(x))
 
 
 class CalibratedEnsemble(nn.Module):
@@ -184,7 +190,23 @@ class ShippedClassifier:
         self.tta_shifts = int(str(checkpoint.get("tta_shifts", 0)))
         self.input_size = int(str(checkpoint.get("input_size", 28)))
         self.finding = str(checkpoint.get("finding", "finding"))
+        reference = checkpoint.get("intensity_reference", (0.0, 1.0))
+        assert isinstance(reference, (list, tuple))
+        self.intensity_reference = (float(reference[0]), float(reference[1]))
         self.sha256 = sha256
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """A presentation-intensity radiograph of any size -> the 28x28 [0, 1] input the ensemble was trained on.
+
+        Geometry as MedMNIST (:func:`downsample_like_medmnist`); intensity mapped linearly so that the image's
+        1st and 99th percentiles land on the training images' average 1st and 99th percentiles (stored in the
+        checkpoint), which puts an arbitrary DICOM window on the scale of the 8-bit training images.
+        """
+        small = downsample_like_medmnist(image, self.input_size)
+        low, high = np.percentile(small, [1, 99])
+        target_low, target_high = self.intensity_reference
+        scale = (target_high - target_low) / (high - low) if high > low else 1.0
+        return np.clip(target_low + (small - low) * scale, 0.0, 1.0).astype(np.float32)
 
     def _batch(self, image: np.ndarray) -> torch.Tensor:
         if image.shape != (self.input_size, self.input_size):

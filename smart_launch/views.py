@@ -86,8 +86,7 @@ def permissions(granted: GrantedScopes, fhir_user: str | None) -> Permissions:
     missing_review = granted.missing(REVIEW_NEEDS)
     if missing_review:
         reasons.append(
-            "Results cannot be signed off here: the EHR did not grant permission for "
-            f"{_scope_words(missing_review)}."
+            f"Results cannot be signed off here: the EHR did not grant permission for {_scope_words(missing_review)}."
         )
     practitioner = fhir_user if fhir_user and fhir_user.split("/")[0] in ("Practitioner", "PractitionerRole") else None
     if practitioner is None:
@@ -336,10 +335,8 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         device = by_reference.get(relative_reference((observation.get("device") or {}).get("reference")) or "")
         if device is not None and not version:
             _, version = _device_version(device)
-        code = next(
-            (str(c.get("code")) for c in _codings(observation.get("code")) if c.get("system") == constants.MEASUREMENT_CODESYSTEM),
-            "",
-        )
+        codings = _codings(observation.get("code"))
+        code = next((str(c.get("code")) for c in codings if c.get("system") == constants.MEASUREMENT_CODESYSTEM), "")
         quantity = observation.get("valueQuantity") or {}
         if not isinstance(quantity.get("value"), int | float):
             continue
@@ -347,10 +344,8 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         if code == terminology.PROBABILITY_KEY or code.endswith("_probability"):
             probability = _format_number(value)
             continue
-        interpretation = next(
-            (str(c.get("display") or c.get("code")) for i in observation.get("interpretation", []) or [] for c in _codings(i)),
-            "",
-        )
+        interpretations = [c for i in observation.get("interpretation", []) or [] for c in _codings(i)]
+        interpretation = next((str(c.get("display") or c.get("code")) for c in interpretations), "")
         findings.append(
             FindingView(
                 display=_concept_text(observation.get("code")),

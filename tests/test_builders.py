@@ -192,7 +192,8 @@ def test_report_field_by_field() -> None:
         "Moderate emphysema, upper-zone predominant. Warnings: Slice thickness 2.5 mm is above the validated "
         "1.25 mm. AI-generated, preliminary, requires clinician review."
     )
-    snomed, project = report["conclusionCode"]
+    snomed, project, verdict = report["conclusionCode"]
+    assert verdict["coding"][0]["code"] == "A"  # abnormal, stated explicitly for readers such as the CDS service
     assert snomed["coding"] == [
         {"system": "http://snomed.info/sct", "code": "87433001", "display": "Pulmonary emphysema"}
     ]
@@ -265,7 +266,7 @@ def test_normal_category_asserts_no_emphysema_code_and_unknown_start_leaves_effe
     normal = emphysema_result(Category("none", "No emphysema", "LAA-950 < 6 %", False))
     bundle = build_results_bundle(_target(started=None), normal, EMPHYSEMA_DEVICE, issued=ISSUED)
     report = _entries(bundle, "DiagnosticReport")[0]["resource"]
-    assert [c["coding"][0]["code"] for c in report["conclusionCode"]] == ["ct-emphysema/none"]
+    assert [c["coding"][0]["code"] for c in report["conclusionCode"]] == ["ct-emphysema/none", "N"]
     assert "effectiveDateTime" not in report
     assert all("effectiveDateTime" not in e["resource"] for e in _entries(bundle, "Observation"))
 

@@ -290,6 +290,32 @@ def test_patient_view_with_no_findings_returns_no_cards(call: Call, fhir_base: F
     assert nulls.status_code == 200 and nulls.get_json() == {"cards": []}
 
 
+def test_a_signed_result_the_analyzer_could_not_assess_is_not_shown_as_a_finding(
+    call: Call, fhir_base: FhirServer
+) -> None:
+    """A bone analysis whose vertebral level could not be identified is no finding, whatever its category is
+    called: the report says so with its N conclusion code, and once signed it gets no card."""
+    from models.base import AnalysisResult, Category, Measurement
+
+    base = fhir_base.base_url
+    patient = create_patient(base)
+    study = create_study(base, patient, started="2025-03-01T10:00:00Z")
+    unassessed = AnalysisResult(
+        analyzer="ct-bone",
+        version="0.1.0",
+        measurements=(
+            Measurement("vertebral_trabecular_hu", "Trabecular attenuation, level unknown", 140.0, "[hnsf'U]"),
+        ),
+        category=Category("level-not-identified", "Vertebral level not identified", "no rule applied", abnormal=False),
+        conclusion="No vertebral level could be identified; the osteoporosis thresholds were not applied.",
+    )
+    report = post_result(base, patient, study, unassessed, started="2025-03-01T10:00:00Z")
+    sign_off(base, report)
+    response = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": patient}, **fetch_via(fhir_base)))
+    assert response.status_code == 200
+    assert response.get_json() == {"cards": []}
+
+
 def test_missing_prefetch_without_fhir_server_is_412(call: Call, patient: Patient) -> None:
     response = call(PATIENT_VIEW, hook_body("patient-view", {"patientId": patient.id}))
     assert response.status_code == 412

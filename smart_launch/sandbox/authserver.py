@@ -104,7 +104,7 @@ class StoredAuthorizationRequest(OAuth2Request):
         return {}
 
 
-class SmartAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
+class SmartAuthorizationServer(AuthorizationServer):
     """authlib's Flask server that also accepts an already-built request (the consent replay)."""
 
     def create_oauth2_request(self, request: Any) -> OAuth2Request:
@@ -113,7 +113,7 @@ class SmartAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         return FlaskOAuth2Request(flask_request)
 
 
-class S256OnlyCodeChallenge(CodeChallenge):  # type: ignore[misc]
+class S256OnlyCodeChallenge(CodeChallenge):
     """PKCE as SMART 2.x requires it: a challenge on every request, method S256, nothing else."""
 
     SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]  # noqa: RUF012 - authlib reads the class attribute
@@ -152,7 +152,7 @@ class SmartRequestChecks:
             raise InvalidRequestError("'aud' does not match this EHR's FHIR base URL (the iss).")
 
 
-class PrivateKeyJwtAuth(JWTBearerClientAssertion):  # type: ignore[misc]
+class PrivateKeyJwtAuth(JWTBearerClientAssertion):
     """``private_key_jwt`` client authentication against the JWKS registered by value."""
 
     CLIENT_AUTH_METHOD = "private_key_jwt"
@@ -160,16 +160,16 @@ class PrivateKeyJwtAuth(JWTBearerClientAssertion):  # type: ignore[misc]
     def __init__(self, state: SandboxState, token_url: Callable[[], str]) -> None:
         super().__init__(validate_jti=True, leeway=60)
         self.state = state
-        self.token_url = token_url  # type: ignore[assignment]
+        self.token_url = token_url
 
     def get_audiences(self) -> list[str]:
-        return [self.token_url()]  # type: ignore[operator]
+        return [self.token_url()]
 
     def validate_jti(self, claims: Any, jti: str) -> bool:
         return self.state.use_jti(f"{claims['sub']}:{jti}", float(claims.get("exp") or 0))
 
     def resolve_client_public_key(self, client: SandboxClientModel) -> KeySet:
-        return KeySet.import_key_set(client.registration.jwks or {"keys": []})
+        return KeySet.import_key_set(client.registration.jwks or {"keys": []})  # type: ignore[arg-type]
 
     def process_assertion_claims(self, assertion: str, resolve_key: Any) -> Any:
         try:
@@ -287,8 +287,8 @@ def build_authorization_server(
             )
         )
 
-    class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
-        TOKEN_ENDPOINT_AUTH_METHODS = TOKEN_AUTH_METHODS  # noqa: RUF012
+    class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
+        TOKEN_ENDPOINT_AUTH_METHODS = TOKEN_AUTH_METHODS
 
         def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
             grant: Grant = request.user
@@ -316,8 +316,8 @@ def build_authorization_server(
         def authenticate_user(self, authorization_code: AuthorizationCodeRecord) -> Grant:
             return authorization_code.grant
 
-    class SmartRefreshTokenGrant(RefreshTokenGrant):  # type: ignore[misc]
-        TOKEN_ENDPOINT_AUTH_METHODS = TOKEN_AUTH_METHODS  # noqa: RUF012
+    class SmartRefreshTokenGrant(RefreshTokenGrant):
+        TOKEN_ENDPOINT_AUTH_METHODS = TOKEN_AUTH_METHODS
         INCLUDE_NEW_REFRESH_TOKEN = False  # the refresh token stays valid until it expires or is revoked
 
         def authenticate_refresh_token(self, refresh_token: str) -> TokenRecord | None:

@@ -36,7 +36,7 @@ RETURNED_RESPONSE_HEADERS = ("Content-Type", "Location", "Content-Location", "ET
 
 
 @dataclass
-class ProxyRefusal(Exception):
+class ProxyRefusalError(Exception):
     """A call the proxy answers itself (401/403/400/502) with an OperationOutcome."""
 
     status: int
@@ -52,7 +52,7 @@ def operation_outcome(code: str, diagnostics: str) -> dict[str, Any]:
     }
 
 
-def refusal_response(refusal: ProxyRefusal) -> Response:
+def refusal_response(refusal: ProxyRefusalError) -> Response:
     response = Response(
         json.dumps(operation_outcome(refusal.code, refusal.diagnostics)),
         status=refusal.status,
@@ -67,14 +67,16 @@ def authenticate_bearer(state: SandboxState, authorization: str | None) -> Token
     """The token record behind an ``Authorization`` header; 401 (RFC 6750) when missing/unknown/expired."""
     realm = 'Bearer realm="sandbox-ehr"'
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise ProxyRefusal(401, "login", "This FHIR server needs a SMART access token (Authorization: Bearer).", realm)
+        raise ProxyRefusalError(
+            401, "login", "This FHIR server needs a SMART access token (Authorization: Bearer).", realm
+        )
     record = state.by_access_token(authorization.split(" ", 1)[1].strip())
     if record is None or record.is_revoked():
-        raise ProxyRefusal(
+        raise ProxyRefusalError(
             401, "login", "The access token is not known or was revoked.", f'{realm}, error="invalid_token"'
         )
     if record.is_expired():
-        raise ProxyRefusal(
+        raise ProxyRefusalError(
             401, "expired", "The access token has expired; refresh it.", f'{realm}, error="invalid_token"'
         )
     return record
@@ -84,11 +86,11 @@ def authorize_interaction(token: TokenRecord, need: FhirInteraction) -> str | No
     """Check one interaction; returns the patient id to confine it to (``patient/`` grant) or None (``user/``)."""
     grant = granting_scope(token.scopes, need)
     if grant is None:
-        raise ProxyRefusal(403, "forbidden", missing_scope_message(need))
+        raise ProxyRefusalError(403, "forbidden", missing_scope_message(need))
     if grant.context == "patient":
         patient = token.grant.context.patient
         if not patient:
-            raise ProxyRefusal(
+            raise ProxyRefusalError(
                 403, "forbidden", f"The scope {grant.text} needs a patient in context, and this token has none."
             )
         return patient
@@ -100,36 +102,47 @@ def check_compartment(resource: Any, patient: str | None, what: str) -> None:
         return
     why = compartment_violation(resource, patient)
     if why:
-        raise ProxyRefusal(403, "forbidden", f"{what} is outside the patient's compartment: {why}.")
+        raise ProxyRefusalError(403, "forbidden", f"{what} is outside the patient's compartment: {why}.")
 
 
-def plan_request(
-    token: TokenRecord, method: str, path: str, query_string: str, body: bytes
-) -> tuple[str, str | None, FhirInteraction | None]:
-    """Authorize a call before it is forwarded; returns the (possibly patient-restricted) query string,
-    the patient a single-resource read must belong to, and the interaction."""
+@dataclass(frozen=True)
+class ForwardPlan:
+    """An authorized call, ready to forward: its (possibly patient-confined) query and body, and what a
+    single-resource read must be checked against when the answer comes back."""
+
+    query_string: str
+    body: bytes
+    read_patient: str | None = None
+    resource_type: str | None = None
+
+
+def plan_request(token: TokenRecord, method: str, path: str, query_string: str, body: bytes) -> ForwardPlan:
+    """Authorize a call before it is forwarded, or raise :class:`ProxyRefusalError`."""
     need = interaction_for(method, path)
     if need is None:
         if method.upper() == "POST" and path.strip("/") == "":
             check_transaction(token, body)
-            return query_string, None, None
-        raise ProxyRefusal(403, "forbidden", "Whole-system calls other than transaction/batch are not allowed.")
+            return ForwardPlan(query_string, body)
+        raise ProxyRefusalError(403, "forbidden", "Whole-system calls other than transaction/batch are not allowed.")
     patient = authorize_interaction(token, need)
     if patient is not None and need.interaction == "s":
         query = parse_query(query_string)
-        if method.upper() == "POST":  # POST _search: parameters in the form body join the query
+        form_search = method.upper() == "POST"
+        if form_search:  # POST _search: the form body's parameters count as query parameters
             query += parse_query(body.decode("utf-8", "replace"))
         restricted, why = restrict_search_to_patient(need.resource_type, query, patient)
         if restricted is None:
-            raise ProxyRefusal(403, "forbidden", f"Search on {need.resource_type} refused: {why}.")
-        return urlencode(restricted), None, need
+            raise ProxyRefusalError(403, "forbidden", f"Search on {need.resource_type} refused: {why}.")
+        if form_search:
+            return ForwardPlan("", urlencode(restricted).encode(), None, need.resource_type)
+        return ForwardPlan(urlencode(restricted), body, None, need.resource_type)
     if patient is not None and need.interaction in ("c", "u") and body:
         try:
             resource = json.loads(body)
         except ValueError:
             resource = None
         check_compartment(resource, patient, f"The {need.resource_type} being written")
-    return query_string, patient if need.interaction == "r" else None, need
+    return ForwardPlan(query_string, body, patient if need.interaction == "r" else None, need.resource_type)
 
 
 def check_transaction(token: TokenRecord, body: bytes) -> None:
@@ -137,26 +150,32 @@ def check_transaction(token: TokenRecord, body: bytes) -> None:
     try:
         bundle = json.loads(body or b"{}")
     except ValueError as error:
-        raise ProxyRefusal(400, "invalid", "The request body is not JSON; a transaction Bundle was expected.") from error
+        raise ProxyRefusalError(
+            400, "invalid", "The request body is not JSON; a transaction Bundle was expected."
+        ) from error
     if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
-        raise ProxyRefusal(400, "invalid", "POST to the FHIR base needs a transaction or batch Bundle.")
+        raise ProxyRefusalError(400, "invalid", "POST to the FHIR base needs a transaction or batch Bundle.")
     entries = bundle.get("entry") or []
     for index, need in enumerate(bundle_entry_interactions(bundle)):
         if need is None:
-            raise ProxyRefusal(403, "forbidden", f"Bundle entry {index} has no request the sandbox can authorize.")
+            raise ProxyRefusalError(403, "forbidden", f"Bundle entry {index} has no request the sandbox can authorize.")
         try:
             patient = authorize_interaction(token, need)
             entry = entries[index] if isinstance(entries[index], Mapping) else {}
             if patient is not None and need.interaction in ("c", "u"):
                 check_compartment(entry.get("resource"), patient, f"Bundle entry {index} ({need.resource_type})")
             if patient is not None and need.interaction == "s":
-                raise ProxyRefusal(
-                    403, "forbidden", "Searches inside a transaction cannot be confined to the patient; search directly."
+                raise ProxyRefusalError(
+                    403,
+                    "forbidden",
+                    "Searches inside a transaction cannot be confined to the patient; search directly.",
                 )
-        except ProxyRefusal as refusal:
+        except ProxyRefusalError as refusal:
             if refusal.diagnostics.startswith("Bundle entry"):
                 raise
-            raise ProxyRefusal(refusal.status, refusal.code, f"Bundle entry {index}: {refusal.diagnostics}") from None
+            raise ProxyRefusalError(
+                refusal.status, refusal.code, f"Bundle entry {index}: {refusal.diagnostics}"
+            ) from None
 
 
 def forward(
@@ -177,7 +196,7 @@ def forward(
     try:
         return session.request(method, url, data=body or None, headers=outgoing, timeout=timeout, allow_redirects=False)
     except requests.RequestException as error:
-        raise ProxyRefusal(
+        raise ProxyRefusalError(
             502, "transient", f"The FHIR server behind the sandbox did not answer ({type(error).__name__})."
         ) from error
 
@@ -204,7 +223,10 @@ def with_oauth_uris(capability: dict[str, Any], authorize_url: str, token_url: s
         "service": [
             {
                 "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
                 ]
             }
         ],

@@ -165,7 +165,9 @@ def allowed_subset(requested: Iterable[str], allowed: Iterable[str], *, v1_only:
 def granting_scope(scopes: Iterable[str], need: FhirInteraction) -> ResourceScope | None:
     """The granted scope that allows ``need``; a ``user/`` grant wins over a ``patient/`` one (no compartment)."""
     candidates = [p for p in (parse_resource_scope(s) for s in scopes) if p is not None]
-    allowing = [p for p in candidates if p.context in ("user", "patient") and p.allows(need.resource_type, need.interaction)]
+    allowing = [
+        p for p in candidates if p.context in ("user", "patient") and p.allows(need.resource_type, need.interaction)
+    ]
     if not allowing:
         return None
     return next((p for p in allowing if p.context == "user"), allowing[0])
@@ -221,7 +223,9 @@ def bundle_entry_interactions(bundle: Mapping[str, Any]) -> list[FhirInteraction
 def references_patient(reference: str, patient_id: str) -> bool:
     """True when a reference (relative, absolute, or a bare id) names ``Patient/patient_id``."""
     reference = reference.split("/_history/")[0].rstrip("/")
-    return reference == patient_id or reference == f"Patient/{patient_id}" or reference.endswith(f"/Patient/{patient_id}")
+    return (
+        reference == patient_id or reference == f"Patient/{patient_id}" or reference.endswith(f"/Patient/{patient_id}")
+    )
 
 
 def compartment_violation(resource: Mapping[str, Any], patient_id: str) -> str | None:

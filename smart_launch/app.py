@@ -1,0 +1,707 @@
+"""The clinician's SMART app: a Flask blueprint and an application factory.
+
+This module adapts HTTP to the pure parts and nothing more:
+
+* :mod:`smart_launch.oauth` - discovery, PKCE, state, scopes, token grants, id_token verification;
+* :mod:`smart_launch.session` - the server-side authorisation state behind an opaque session cookie;
+* :mod:`smart_launch.views` - what the screens show, computed from FHIR JSON;
+* :mod:`imaging_cds.pipeline` (through :mod:`imaging_cds.jobs`) - the analysis itself;
+* :func:`fhir_adapters.builders.build_signoff_bundle` - the clinician's review, written back;
+* :mod:`smart_launch.reviews` - the acceptance figures.
+
+Security in one place: every response carries a strict Content-Security-Policy (scripts and styles from this
+app's static files only) and ``Cache-Control: no-store``; every state-changing request is a POST with the
+session's CSRF token; the session cookie is HttpOnly, SameSite=Lax and Secure unless configured for loopback
+tests; tokens stay in the server-side session and reach the FHIR server only as an ``Authorization`` header.
+Errors show the project error's message and remedy, never a stack trace, and logs name resource ids only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from werkzeug.exceptions import HTTPException
+
+from fhir_adapters.builders import build_signoff_bundle
+from fhir_adapters.client import FhirClient
+from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
+from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
+from fhir_adapters.validation import validate_bundle
+from imaging_cds.allowlist import AllowList
+from imaging_cds.errors import ImagingCdsError
+from imaging_cds.jobs import EmbeddedJobRunner, JobRecord, JobState, ProgressReporter, SqliteJobStore, UnknownJobError
+from models.base import Analyzer
+from smart_launch import oauth
+from smart_launch.config import SmartAppConfig
+from smart_launch.oauth import SmartLaunchError, TokenSet
+from smart_launch.reviews import ReviewLog
+from smart_launch.session import AuthorizationState, SessionStore, SessionTokenProvider
+from smart_launch.views import (
+    AnalyzerChoice,
+    Permissions,
+    card_summary,
+    is_ai_report,
+    patient_banner,
+    permissions,
+    report_view,
+    study_row,
+    study_rows,
+    suitable_analyzers,
+)
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "imaging_cds.smart"
+SESSION_COOKIE = "imaging_cds_sid"
+ANALYSIS_JOB = "smart-analysis"
+REJECTION_KINDS = ("entered-in-error", "cancelled")
+
+bp = Blueprint(
+    "smart",
+    __name__,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/smart-static",
+)
+
+
+# ---------------------------------------------------------------------------------------------- app state
+
+
+@dataclass
+class SmartApp:
+    """Everything the blueprint needs at run time, built once by :func:`create_app`."""
+
+    config: SmartAppConfig
+    sessions: SessionStore
+    jobs: EmbeddedJobRunner
+    job_store: SqliteJobStore
+    reviews: ReviewLog
+    http: requests.Session = field(default_factory=requests.Session)
+    _analyzers: dict[str, Analyzer] = field(default_factory=dict)
+    _analyzer_errors: dict[str, str] = field(default_factory=dict)
+    _analyzer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ tokens and FHIR
+
+    def refresher(self, state: AuthorizationState) -> TokenSet:
+        """Refresh a session's access token with the registration of the EHR that issued it."""
+        client = self.config.registration_for(state.fhir_base)
+        assert state.refresh_token is not None
+        return oauth.refresh_access_token(
+            state.smart_configuration,
+            client,
+            refresh_token=state.refresh_token,
+            granted_scope=state.granted_scope,
+            http=self.http,
+            timeout=self.config.http_timeout_s,
+        )
+
+    def token_provider(self, session_id: str) -> SessionTokenProvider:
+        return SessionTokenProvider(self.sessions, session_id, self.refresher)
+
+    def fhir_client(self, session_id: str, state: AuthorizationState) -> FhirClient:
+        """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session."""
+        return FhirClient(
+            state.fhir_base,
+            auth=self.token_provider(session_id),
+            timeout=self.config.http_timeout_s,
+            session=requests.Session(),
+            allow_list=AllowList.of([state.fhir_base]),
+        )
+
+    # ------------------------------------------------------------------ analyzers
+
+    def analyzer(self, name: str) -> Analyzer:
+        """The analyzer ``name``, built once (loading weights is slow) and kept for later jobs."""
+        if name not in self.config.analyzers:
+            from imaging_cds.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"Analyzer {name!r} is not offered by this app.",
+                remedy=f"Choose one of: {', '.join(self.config.analyzers)}.",
+            )
+        with self._analyzer_lock:
+            if name not in self._analyzers:
+                from models.registry import get_analyzer
+
+                self._analyzers[name] = get_analyzer(name)
+            return self._analyzers[name]
+
+    def analyzer_choices(self) -> list[AnalyzerChoice]:
+        """The configured analyzers that could be built here (one whose weights are missing is left out)."""
+        choices: list[AnalyzerChoice] = []
+        for name in self.config.analyzers:
+            if name in self._analyzer_errors:
+                continue
+            try:
+                analyzer = self.analyzer(name)
+            except ImagingCdsError as exc:
+                self._analyzer_errors[name] = exc.message
+                log.warning("Analyzer %s is unavailable: %s", name, type(exc).__name__)
+                continue
+            choices.append(AnalyzerChoice(name, analyzer.title, tuple(analyzer.requirements.modalities)))
+        return choices
+
+    # ------------------------------------------------------------------ jobs
+
+    def run_analysis(self, params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
+        """The job handler: the launching session's token reaches the pipeline through the session store."""
+        from imaging_cds.pipeline import analyze_study
+
+        session_id = self.sessions.session_for_job_ref(str(params.get("launch_ref", "")))
+        state = self.sessions.get(session_id) if session_id else None
+        if session_id is None or state is None or not state.authorized:
+            raise SmartLaunchError(
+                "The launch that started this analysis has ended, so the EHR cannot be read for it.",
+                remedy="Launch imaging-cds again from the EHR and start the analysis again.",
+            )
+        outcome = analyze_study(
+            self.fhir_client(session_id, state),
+            str(params["imaging_study"]),
+            self.analyzer(str(params["analyzer"])),
+            dicomweb_allow_list=self.config.dicomweb_allow_list,
+            card_base_url=self.config.card_base_url,
+            progress=report,
+        )
+        return {
+            "diagnosticReport": outcome.diagnostic_report,
+            "alreadyPresent": outcome.already_present,
+            "analyzer": outcome.result.analyzer,
+            "version": outcome.result.version,
+            "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
+        }
+
+    def close(self) -> None:
+        self.jobs.shutdown(wait=True)
+        self.job_store.close()
+        self.sessions.close()
+        self.reviews.close()
+
+
+def smart_app() -> SmartApp:
+    ext: SmartApp = current_app.extensions[EXTENSION_KEY]
+    return ext
+
+
+def create_app(config: SmartAppConfig) -> Flask:
+    """Build the clinician app for ``config``; state files live under ``config.data_dir``."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=secrets.token_bytes(32),  # Flask's own cookie session is not used; this only guards misuse
+        MAX_CONTENT_LENGTH=64 * 1024,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=config.secure_cookies,
+    )
+    job_store = SqliteJobStore(config.data_dir / "smart-jobs.sqlite")
+    holder: dict[str, SmartApp] = {}
+
+    def handler(params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
+        return holder["app"].run_analysis(params, report)
+
+    runner = EmbeddedJobRunner(job_store, {ANALYSIS_JOB: handler}, max_workers=config.job_workers)
+    ext = SmartApp(
+        config=config,
+        sessions=SessionStore(config.data_dir / "smart-sessions.sqlite", max_age_s=config.session_lifetime_s),
+        jobs=runner,
+        job_store=job_store,
+        reviews=ReviewLog(config.data_dir / "reviews.sqlite"),
+    )
+    holder["app"] = ext
+    app.extensions[EXTENSION_KEY] = ext
+    app.register_blueprint(bp)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- request plumbing
+
+
+@dataclass(frozen=True)
+class Current:
+    """The request's session: its id and state (``None`` when the browser has no live session)."""
+
+    session_id: str | None
+    state: AuthorizationState | None
+
+
+def current() -> Current:
+    if "smart_current" not in g:
+        session_id = request.cookies.get(SESSION_COOKIE)
+        state = smart_app().sessions.get(session_id) if session_id else None
+        g.smart_current = Current(session_id if state else None, state)
+    found: Current = g.smart_current
+    return found
+
+
+def require_session() -> tuple[str, AuthorizationState]:
+    found = current()
+    if found.session_id is None or found.state is None or not found.state.authorized:
+        raise SmartLaunchError(
+            "There is no active launch in this browser (it may have expired).",
+            remedy="Open imaging-cds from the patient's chart in the EHR, or use the standalone launch.",
+        )
+    return found.session_id, found.state
+
+
+def check_csrf(state: AuthorizationState) -> None:
+    sent = request.form.get("csrf_token", "")
+    if not sent or not hmac.compare_digest(sent.encode("utf-8"), state.csrf_token.encode("utf-8")):
+        raise SmartLaunchError(
+            "This form was not submitted from the page this app showed you (its security token is missing or old).",
+            remedy="Reload the page and submit the form again.",
+        )
+
+
+def set_session_cookie(response: Response, session_id: str) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_id,
+        httponly=True,
+        samesite="Lax",
+        secure=smart_app().config.secure_cookies,
+        path="/",
+        max_age=int(smart_app().config.session_lifetime_s),
+    )
+
+
+def content_security_policy(frame_ancestors: tuple[str, ...]) -> str:
+    ancestors = " ".join(frame_ancestors) if frame_ancestors else "'none'"
+    return (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
+    )
+
+
+@bp.after_app_request
+def security_headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = content_security_policy(smart_app().config.frame_ancestors)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    if not request.path.startswith("/smart-static/"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def render(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
+    found = current()
+    state = found.state if found.state and found.state.authorized else None
+    return render_template(template, active=state, csrf_token=state.csrf_token if state else "", **context), status
+
+
+def error_page(exc: ImagingCdsError) -> tuple[str, int]:
+    status = exc.http_status if 400 <= exc.http_status < 600 else 500
+    return render("error.html", status, title=_error_title(exc), message=exc.message, remedy=exc.remedy)
+
+
+def _error_title(exc: ImagingCdsError) -> str:
+    if isinstance(exc, oauth.AuthorizationDeniedError):
+        return "Access not granted"
+    if isinstance(exc, SmartLaunchError):
+        return "The launch could not be completed"
+    if isinstance(exc, FhirForbidden):
+        return "The EHR did not allow this"
+    if isinstance(exc, FhirUnauthorized):
+        return "Your EHR session has ended"
+    return "Something went wrong"
+
+
+@bp.app_errorhandler(ImagingCdsError)
+def handle_project_error(exc: ImagingCdsError) -> tuple[str, int]:
+    log.info("Request %s %s ended with %s", request.method, request.url_rule, type(exc).__name__)
+    return error_page(exc)
+
+
+@bp.app_errorhandler(Exception)
+def handle_unexpected(exc: Exception) -> Any:
+    if isinstance(exc, HTTPException):
+        return exc
+    reference = secrets.token_hex(4)
+    log.error("Unexpected %s in %s %s (reference %s)", type(exc).__name__, request.method, request.url_rule, reference)
+    return render(
+        "error.html",
+        500,
+        title="Something went wrong",
+        message=f"The app hit an unexpected error (reference {reference}).",
+        remedy="Try again; if it keeps happening, give the reference to the administrator.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- launch
+
+
+@bp.get("/launch")
+def launch() -> Any:
+    """EHR launch (``iss`` + ``launch``) or standalone launch (``iss`` alone); without ``iss``, the chooser page."""
+    iss = request.args.get("iss", "").strip()
+    launch_id = request.args.get("launch", "").strip() or None
+    if not iss:
+        return render("launch.html", registrations=smart_app().config.clients)
+    ext = smart_app()
+    client = ext.config.registration_for(iss)
+    smart = oauth.discover(client.fhir_base.rstrip("/"), ext.http, timeout=ext.config.http_timeout_s)
+    pkce = oauth.new_pkce()
+    scope = oauth.scope_request(smart, standalone=launch_id is None)
+    state = AuthorizationState(
+        smart=smart.to_json(),
+        client_id=client.client_id,
+        standalone=launch_id is None,
+        oauth_state=oauth.new_state(),
+        code_verifier=pkce.verifier,
+        requested_scope=scope,
+    )
+    old = request.cookies.get(SESSION_COOKIE)
+    if old:
+        ext.sessions.delete(old)  # a new launch replaces the browser's previous one (and its tokens)
+    session_id = ext.sessions.create(state)
+    assert state.oauth_state is not None
+    target = oauth.authorization_url(smart, client, scope=scope, state=state.oauth_state, pkce=pkce, launch=launch_id)
+    log.info("Starting %s launch for client %s", "standalone" if launch_id is None else "EHR", client.client_id)
+    response = redirect(target, code=302)
+    set_session_cookie(response, session_id)
+    return response
+
+
+@bp.get("/callback")
+def callback() -> Any:
+    """The redirect URI: check ``state`` against this browser's session, trade the code, verify the id_token."""
+    ext = smart_app()
+    session_id = request.cookies.get(SESSION_COOKIE)
+    state = ext.sessions.get(session_id) if session_id else None
+    pending = state.oauth_state if state is not None and state.phase == "authorizing" else None
+    oauth.check_state(pending, request.args.get("state"))
+    assert session_id is not None and state is not None
+    error = request.args.get("error")
+    if error:
+        ext.sessions.delete(session_id)
+        raise oauth.authorization_error(error, request.args.get("error_description"))
+    code = request.args.get("code", "")
+    if not code or state.code_verifier is None:
+        raise SmartLaunchError("The EHR's answer has no authorization code.", remedy="Launch the app again.")
+    client = ext.config.registration_for(state.fhir_base)
+    smart = state.smart_configuration
+    # The state is single use: whatever happens next, this answer cannot be replayed against this session.
+    verifier = state.code_verifier
+    state.oauth_state = None
+    state.code_verifier = None
+    ext.sessions.put(session_id, state)
+    tokens = oauth.exchange_code(
+        smart,
+        client,
+        code=code,
+        code_verifier=verifier,
+        requested_scope=state.requested_scope,
+        http=ext.http,
+        timeout=ext.config.http_timeout_s,
+    )
+    state.apply_tokens(tokens)
+    if tokens.id_token:
+        jwks = oauth.fetch_jwks(smart, ext.http, timeout=ext.config.http_timeout_s)
+        claims = oauth.verify_id_token(
+            tokens.id_token, jwks, client_id=client.client_id, issuer=smart.issuer or smart.fhir_base
+        )
+        fhir_user = claims.get("fhirUser")
+        state.fhir_user = oauth.relative_reference(fhir_user) if isinstance(fhir_user, str) else None
+    if not state.patient:
+        raise SmartLaunchError(
+            "The EHR did not say which patient this launch is for.",
+            remedy="Launch the app from a patient's chart, or pick a patient when the EHR asks.",
+        )
+    state.phase = "authorized"
+    # A fresh session id after login: an id planted in the browser before the launch is worth nothing now.
+    ext.sessions.delete(session_id)
+    new_id = ext.sessions.create(state)
+    log.info("Launch authorised for client %s (%d scopes granted)", client.client_id, len(state.granted.scopes))
+    study = next(
+        (
+            oauth.relative_reference(str(item.get("reference", "")))
+            for item in state.fhir_context
+            if str(item.get("reference", "")).split("/")[-2:-1] == ["ImagingStudy"]
+            or (oauth.relative_reference(str(item.get("reference", ""))) or "").startswith("ImagingStudy/")
+        ),
+        None,
+    )
+    target = url_for("smart.study", study_id=study.split("/")[1]) if study else url_for("smart.index")
+    response = redirect(target, code=303)
+    set_session_cookie(response, new_id)
+    return response
+
+
+@bp.post("/logout")
+def logout() -> Any:
+    found = current()
+    if found.session_id and found.state:
+        check_csrf(found.state)
+        smart_app().sessions.delete(found.session_id)
+    response = redirect(url_for("smart.launch"), code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# ---------------------------------------------------------------------------------------------- screens
+
+
+def _can(state: AuthorizationState) -> Permissions:
+    return permissions(state.granted, state.fhir_user)
+
+
+def _patient_reports(client: FhirClient, patient: str) -> list[dict[str, Any]]:
+    return list(client.search("DiagnosticReport", {"patient": patient, "identifier": f"{ANALYSIS_IDENTIFIER_SYSTEM}|"}))
+
+
+@bp.get("/")
+def index() -> Any:
+    """The patient's imaging studies with their AI results (or, without a launch, how to open the app)."""
+    found = current()
+    if found.state is None or not found.state.authorized or found.session_id is None:
+        return render("welcome.html", registrations=smart_app().config.clients)
+    session_id, state = found.session_id, found.state
+    assert state.patient is not None
+    client = smart_app().fhir_client(session_id, state)
+    banner = patient_banner(client.read("Patient", state.patient)) if state.need_patient_banner else None
+    studies = list(client.search("ImagingStudy", {"patient": state.patient, "_count": "100"}))
+    reports = _patient_reports(client, state.patient) if state.granted.allows("DiagnosticReport", "s") else []
+    return render("studies.html", banner=banner, rows=study_rows(studies, reports), can=_can(state))
+
+
+@bp.get("/studies/<study_id>")
+def study(study_id: str) -> Any:
+    """One study: its series, its AI results, and the analyzers that suit its modality."""
+    session_id, state = require_session()
+    client = smart_app().fhir_client(session_id, state)
+    resource = client.read("ImagingStudy", study_id)
+    _check_same_patient(resource, state)
+    banner = patient_banner(client.read("Patient", str(state.patient))) if state.need_patient_banner else None
+    reports = _patient_reports(client, str(state.patient)) if state.granted.allows("DiagnosticReport", "s") else []
+    row = study_row(resource, reports)
+    analyzers = suitable_analyzers(row.modalities, smart_app().analyzer_choices())
+    running = _running_job_for(state, f"ImagingStudy/{study_id}")
+    return render("study.html", banner=banner, row=row, analyzers=analyzers, can=_can(state), running=running)
+
+
+def _check_same_patient(resource: dict[str, Any], state: AuthorizationState) -> None:
+    """Never show one patient's data under another patient's banner, whatever the EHR's scopes allowed."""
+    subject = oauth.relative_reference(str((resource.get("subject") or {}).get("reference", "")))
+    if subject != f"Patient/{state.patient}":
+        raise FhirNotFound(
+            f"{resource.get('resourceType')}/{resource.get('id')} does not belong to the patient of this launch.",
+            remedy="Open the study from this patient's list.",
+        )
+
+
+def _running_job_for(state: AuthorizationState, imaging_study: str) -> JobRecord | None:
+    runner = smart_app().jobs
+    for job_id in reversed(state.jobs):
+        try:
+            record = runner.get(job_id)
+        except UnknownJobError:
+            continue
+        if record.params.get("imaging_study") == imaging_study and not record.state.finished:
+            return record
+    return None
+
+
+@bp.post("/studies/<study_id>/analyze")
+def analyze(study_id: str) -> Any:
+    """Start an analysis job (or join the one already running for this study and analyzer)."""
+    session_id, state = require_session()
+    check_csrf(state)
+    can = _can(state)
+    if not can.can_analyze:
+        raise FhirForbidden(can.reasons[0], remedy="Analysis needs permission to file results in the record.")
+    ext = smart_app()
+    name = request.form.get("analyzer", "")
+    client = ext.fhir_client(session_id, state)
+    resource = client.read("ImagingStudy", study_id)
+    _check_same_patient(resource, state)
+    row = study_row(resource)
+    if name not in {a.name for a in suitable_analyzers(row.modalities, ext.analyzer_choices())}:
+        raise SmartLaunchError(
+            f"Analyzer {name[:40]!r} does not suit ImagingStudy/{study_id} "
+            f"({', '.join(row.modalities) or 'no modality'}).",
+            remedy="Choose one of the analyzers offered on the study page.",
+        )
+    imaging_study = f"ImagingStudy/{study_id}"
+    record = ext.jobs.submit(
+        ANALYSIS_JOB,
+        {"imaging_study": imaging_study, "analyzer": name, "fhir_base": state.fhir_base, "launch_ref": state.job_ref},
+        dedupe_key=f"{state.fhir_base}|{imaging_study}|{name}",
+    )
+    with ext.sessions.locked(session_id):
+        fresh = ext.sessions.get(session_id)
+        if fresh is not None and record.id not in fresh.jobs:
+            fresh.jobs = [*fresh.jobs[-49:], record.id]
+            ext.sessions.put(session_id, fresh)
+    log.info("Analysis job %s submitted (%s on %s)", record.id, name, imaging_study)
+    return redirect(url_for("smart.job", job_id=record.id), code=303)
+
+
+def _own_job(state: AuthorizationState, job_id: str) -> JobRecord:
+    if job_id not in state.jobs:
+        raise UnknownJobError(f"No analysis {job_id[:40]!r} in this session.", remedy="Start it from the study page.")
+    return smart_app().jobs.get(job_id)
+
+
+def _job_json(record: JobRecord) -> dict[str, Any]:
+    report = (record.result or {}).get("diagnosticReport") if record.state == JobState.DONE else None
+    report_ref = oauth.relative_reference(str(report)) if report else None
+    return {
+        "state": record.state.value,
+        "progress": round(record.progress, 3),
+        "step": record.step,
+        "error": record.error,
+        "reportUrl": url_for("smart.report", report_id=report_ref.split("/")[1]) if report_ref else None,
+        "studyUrl": url_for("smart.study", study_id=str(record.params.get("imaging_study", "/")).split("/")[-1]),
+    }
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str) -> Any:
+    """The progress page; it refreshes itself without JS and moves on to the results once they are filed."""
+    _, state = require_session()
+    record = _own_job(state, job_id)
+    status = _job_json(record)
+    if status["reportUrl"]:
+        return redirect(status["reportUrl"], code=303)
+    return render("job.html", job=record, status=status)
+
+
+@bp.get("/jobs/<job_id>/status")
+def job_status(job_id: str) -> Any:
+    """The JSON the progress page polls: state, progress, step, and where the results are once done."""
+    _, state = require_session()
+    return jsonify(_job_json(_own_job(state, job_id)))
+
+
+@bp.get("/reports/<report_id>")
+def report(report_id: str) -> Any:
+    """One AI result: findings, category, probability, explanation images, analyzer version, limits, review."""
+    session_id, state = require_session()
+    client = smart_app().fhir_client(session_id, state)
+    bundle = client.search_bundle(
+        "DiagnosticReport", {"_id": report_id, "_include": "DiagnosticReport:result", "patient": str(state.patient)}
+    )
+    resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e.get("resource"), dict)]
+    resource = next((r for r in resources if r.get("resourceType") == "DiagnosticReport"), None)
+    if resource is None or not is_ai_report(resource):
+        raise FhirNotFound(
+            f"DiagnosticReport/{report_id} is not an AI result of this patient.", remedy="Open it from the study page."
+        )
+    _check_same_patient(resource, state)
+    devices = {
+        ref
+        for r in resources
+        if r.get("resourceType") == "Observation"
+        for ref in [oauth.relative_reference(str((r.get("device") or {}).get("reference", "")))]
+        if ref
+    }
+    for ref in sorted(devices)[:1]:
+        try:
+            resources.append(client.read_reference(ref))
+        except FhirError as exc:
+            log.info("Could not read the analyzer Device of a report: %s", type(exc).__name__)
+    view = report_view(resource, resources)
+    card = card_summary(view.analyzer, smart_app().config.model_cards_dir)
+    outcome = request.args.get("reviewed")
+    return render(
+        "report.html",
+        view=view,
+        card=card,
+        can=_can(state),
+        reviewed=outcome if outcome in ("accepted", "rejected") else None,
+        rejection_kinds=REJECTION_KINDS,
+    )
+
+
+@bp.get("/media/<media_id>")
+def media(media_id: str) -> Any:
+    """An explanation image, read from the EHR's Media with the session's token and served as PNG bytes."""
+    session_id, state = require_session()
+    resource = smart_app().fhir_client(session_id, state).read("Media", media_id)
+    _check_same_patient(resource, state)
+    content = resource.get("content") or {}
+    if content.get("contentType") != "image/png" or not content.get("data"):
+        abort(404)
+    try:
+        png = base64.b64decode(str(content["data"]), validate=True)
+    except (binascii.Error, ValueError):
+        abort(404)
+    return Response(png, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
+
+
+@bp.post("/reports/<report_id>/review")
+def review(report_id: str) -> Any:
+    """Accept (final, the clinician as resultsInterpreter) or reject (entered-in-error/cancelled with a note)."""
+    session_id, state = require_session()
+    check_csrf(state)
+    can = _can(state)
+    if not can.can_review:
+        raise FhirForbidden(can.reasons[-1], remedy="Sign-off needs write permission and a Practitioner user.")
+    decision = request.form.get("decision")
+    if decision not in ("accept", "reject"):
+        raise SmartLaunchError("The review form sent no decision.", remedy="Press Accept or Reject.")
+    kind = request.form.get("rejection_kind", "entered-in-error")
+    if kind not in REJECTION_KINDS:
+        raise SmartLaunchError("Unknown rejection kind.", remedy="Choose 'wrong result' or 'not needed'.")
+    ext = smart_app()
+    client = ext.fhir_client(session_id, state)
+    resource = client.read("DiagnosticReport", report_id)
+    if not is_ai_report(resource):
+        raise FhirNotFound(f"DiagnosticReport/{report_id} is not an AI result.", remedy="Open it from the study page.")
+    _check_same_patient(resource, state)
+    accepted = decision == "accept"
+    assert state.fhir_user is not None
+    bundle = build_signoff_bundle(
+        resource,
+        state.fhir_user,
+        accepted=accepted,
+        reason=request.form.get("reason", "")[:1000] if not accepted else None,
+        when=datetime.now(UTC),
+    )
+    if not accepted and kind == "cancelled":
+        bundle = _as_cancelled(bundle)
+    client.transaction(bundle)
+    view = report_view(resource, [])
+    ext.reviews.record(
+        f"DiagnosticReport/{report_id}",
+        view.analyzer,
+        view.version,
+        "accepted" if accepted else "rejected",
+        rejection_kind=None if accepted else kind,  # type: ignore[arg-type]
+    )
+    log.info("Review of DiagnosticReport/%s recorded: %s", report_id, "accepted" if accepted else "rejected")
+    outcome = "accepted" if accepted else "rejected"
+    return redirect(url_for("smart.report", report_id=report_id, reviewed=outcome), code=303)
+
+
+def _as_cancelled(bundle: dict[str, Any]) -> dict[str, Any]:
+    """A rejection recorded as ``cancelled`` (the result is not needed) instead of ``entered-in-error`` (wrong)."""
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        if resource.get("resourceType") == "DiagnosticReport":
+            resource["status"] = "cancelled"
+    validate_bundle(bundle)
+    return bundle

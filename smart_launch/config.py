@@ -1,0 +1,78 @@
+"""How one deployment of the clinician app is set up: the EHRs it is registered with, where it keeps state, policy.
+
+One frozen object configures one app (the Flask application factory takes it), so tests build several apps side
+by side without global state, and nothing is read from the environment at import time.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imaging_cds.allowlist import AllowList
+from imaging_cds.errors import ConfigurationError
+from smart_launch.oauth import ClientRegistration
+from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
+from smart_launch.views import MODEL_CARDS_DIR
+
+DEFAULT_ANALYZERS = ("ct-emphysema", "ct-bone", "cxr-pneumonia", "us-breast")
+
+
+@dataclass(frozen=True)
+class SmartAppConfig:
+    """Settings of the clinician app.
+
+    * ``clients``: one :class:`~smart_launch.oauth.ClientRegistration` per EHR (``iss``) the app is registered
+      with; a launch from any other ``iss`` is refused before any request is made to it.
+    * ``data_dir``: where the server-side sessions, the analysis jobs and the review log are kept (SQLite).
+    * ``dicomweb_allow_list``: the PACS the analysis may fetch images from (an ImagingStudy's Endpoint must be
+      on it).
+    * ``secure_cookies``: mark the session cookie ``Secure``; must stay on outside loopback tests over http.
+    * ``card_base_url``: absolute base URL of this app, written into the Device of each result as the
+      model card's address (``{card_base_url}/models/<name>``); the screen links ``/models/<name>``.
+    * ``frame_ancestors``: origins allowed to embed the app in a frame (an EHR that opens apps in an
+      iframe); none by default.
+    """
+
+    clients: tuple[ClientRegistration, ...]
+    data_dir: Path
+    dicomweb_allow_list: AllowList
+    secure_cookies: bool = True
+    analyzers: tuple[str, ...] = DEFAULT_ANALYZERS
+    card_base_url: str | None = None
+    model_cards_dir: Path = MODEL_CARDS_DIR
+    session_lifetime_s: float = DEFAULT_SESSION_LIFETIME_S
+    http_timeout_s: float = 30.0
+    job_workers: int = 1
+    frame_ancestors: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.clients:
+            raise ConfigurationError(
+                "The clinician app has no SMART client registration.",
+                remedy="Register the app with the EHR and add a ClientRegistration for its FHIR base (iss).",
+            )
+        bases = [c.fhir_base.rstrip("/") for c in self.clients]
+        if len(set(bases)) != len(bases):
+            raise ConfigurationError(
+                "Two SMART client registrations name the same FHIR base.", remedy="Keep one per EHR (iss)."
+            )
+
+    def registration_for(self, iss: str) -> ClientRegistration:
+        """The registration for a launch's ``iss`` (exact FHIR base, trailing slash ignored); else refuse."""
+        wanted = (iss or "").strip().rstrip("/")
+        for client in self.clients:
+            if client.fhir_base.rstrip("/") == wanted:
+                return client
+        from smart_launch.oauth import SmartLaunchError
+
+        close = difflib.get_close_matches(wanted, [c.fhir_base for c in self.clients], n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise SmartLaunchError(
+            f"This app is not registered with the EHR whose FHIR server is {wanted[:200] or '(none given)'}.{hint}",
+            remedy="Launch it from an EHR it is registered with; an administrator can add a registration.",
+        )
