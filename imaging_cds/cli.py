@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("analyzers", help="list the available analyzers")
+
+    evaluate = sub.add_parser(
+        "evaluate", help="assess an analyzer on a labelled dataset: sensitivity, specificity, AUC... with 95% CIs"
+    )
+    evaluate.add_argument("analyzer", help="analyzer name (see 'imaging-cds analyzers')")
+    evaluate.add_argument(
+        "--dataset", type=Path, required=True, help="MedMNIST-style .npz, or a folder of DICOM cases with labels.csv"
+    )
+    evaluate.add_argument("--split", default="test", help="split of an .npz dataset (default: test)")
+    evaluate.add_argument(
+        "--positive-label",
+        type=int,
+        help="label value meaning 'finding present' (default: known MedMNIST sets, else 1)",
+    )
+    evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the assessment as JSON (for the card)")
+    evaluate.add_argument(
+        "--feedback-db", type=Path, help="CDS Hooks feedback SQLite file: live accept/override figures"
+    )
+    evaluate.add_argument("--review-db", type=Path, help="SMART app review SQLite file: clinician review acceptance")
+    evaluate.add_argument("--limit", type=int, help="assess only the first N cases (a quick look, not for the card)")
     return parser
 
 
@@ -191,7 +211,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output, keep_running=keep_running)
 
 
-COMMANDS = {"analyze": cmd_analyze, "analyzers": cmd_analyzers, "demo": cmd_demo}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imaging_cds.evaluate import evaluate, format_table
+
+    assessment = evaluate(
+        args.analyzer,
+        args.dataset,
+        split=args.split,
+        positive_label=args.positive_label,
+        feedback_db=args.feedback_db,
+        review_db=args.review_db,
+        json_out=args.json,
+        limit=args.limit,
+    )
+    print(format_table(assessment))
+    if args.json:
+        print(f"\nWrote {args.json}")
+    return EXIT_OK
+
+
+COMMANDS = {"analyze": cmd_analyze, "analyzers": cmd_analyzers, "demo": cmd_demo, "evaluate": cmd_evaluate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

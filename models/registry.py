@@ -53,6 +53,7 @@ class RegisteredAnalyzer:
     title: str
     status: str
     kind: str  # "built-in" or "MONAI bundle"
+    problem: str | None = None  # why the card is unusable (only in a non-strict listing)
 
 
 def register_bundle(path: Path | str, *, sha256_pins: Mapping[str, str]) -> str:
@@ -160,12 +161,22 @@ def get_card(name: str) -> ModelCard:
     return bundle.card
 
 
-def registered_analyzers() -> list[RegisteredAnalyzer]:
-    """Name, version, title and status of every analyzer, from the cards; raises if a card is invalid."""
+def registered_analyzers(*, strict: bool = True) -> list[RegisteredAnalyzer]:
+    """Name, version, title and status of every analyzer, from the cards alone (no model is loaded).
+
+    ``strict`` raises on the first invalid card; otherwise the analyzer is listed with status
+    ``"card invalid"`` and the reason in ``problem``, so an index page can show what needs fixing.
+    """
     rows = []
     bundles = _bundles()
     for name in analyzer_names():
-        card = get_card(name)
+        try:
+            card = get_card(name)
+        except ConfigurationError as exc:
+            if strict:
+                raise
+            rows.append(RegisteredAnalyzer(name, "", name, "card invalid", _kind(name, bundles), exc.message))
+            continue
         rows.append(RegisteredAnalyzer(card.name, card.version, card.title, card.status, _kind(name, bundles)))
     return rows
 

@@ -278,6 +278,8 @@ class CardSummary:
     intended_use: str = ""
     validated_on: tuple[str, ...] = ()
     not_for: tuple[str, ...] = ()
+    limits: tuple[str, ...] = ()
+    status: str = ""
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,8 @@ def _as_lines(value: Any) -> tuple[str, ...]:
 def card_summary(name: str, cards_dir: Path = MODEL_CARDS_DIR) -> CardSummary | None:
     """The limits a clinician must know, from the model card's JSON, or ``None`` when the card is absent.
 
-    Cards are written by hand and by the training scripts, so several spellings of each section are read.
+    Reads the fields of :data:`models.cards.CARD_SCHEMA` (``intended_use``, ``validation.summary``, ``not_for``,
+    ``limits``, ``status``) leniently: a card being edited must not take the result screen down with it.
     """
     if not name.replace("-", "").isalnum():
         return None
@@ -419,5 +422,7 @@ def card_summary(name: str, cards_dir: Path = MODEL_CARDS_DIR) -> CardSummary | 
     return CardSummary(
         intended_use=" ".join(_as_lines(first("intended_use", "intendedUse", "purpose"))),
         validated_on=_as_lines(first("validated_on", "validation", "validation_data", "evaluation_data")),
-        not_for=_as_lines(first("not_for", "out_of_scope", "limitations", "contraindications", "not_intended_for")),
+        not_for=_as_lines(first("not_for", "out_of_scope", "contraindications", "not_intended_for")),
+        limits=_as_lines(first("limits", "known_limits", "limitations")),
+        status=str(card.get("status") or ""),
     )

@@ -243,7 +243,7 @@ def test_ehr_launch_gives_the_study_context_a_signed_id_token_and_read_only_acce
     other = requests.get(f"{sandbox.fhir_base}/ImagingStudy/{ehr.other_study}", headers=bearer(token["access_token"]))
     assert other.status_code == 403
 
-    report = {"resourceType": "DiagnosticReport", "status": "preliminary", "code": {"text": "AI"}}
+    report: dict[str, Any] = {"resourceType": "DiagnosticReport", "status": "preliminary", "code": {"text": "AI"}}
     refused = requests.post(f"{sandbox.fhir_base}/DiagnosticReport", json=report, headers=bearer(token["access_token"]))
     assert refused.status_code == 403
     assert "patient/DiagnosticReport.c" in refused.json()["issue"][0]["diagnostics"]
@@ -362,6 +362,12 @@ def test_expired_access_token_gets_401_and_refresh_restores_access(ehr: Ehr) -> 
         again = requests.get(f"{handle.fhir_base}/Patient/{ehr.patient}", headers=bearer(refreshed["access_token"]))
         assert again.status_code == 200 and again.json()["id"] == ehr.patient
 
+        refresh = {"grant_type": "refresh_token", "refresh_token": token["refresh_token"], "client_id": "imaging-app"}
+        narrower = requests.post(handle.token_url, data={**refresh, "scope": "patient/Patient.r"}).json()
+        assert narrower["scope"] == "patient/Patient.r"
+        wider = requests.post(handle.token_url, data={**refresh, "scope": "patient/DiagnosticReport.c"})
+        assert wider.json()["error"] == "invalid_scope"
+
 
 def test_missing_token_gets_401_with_www_authenticate(sandbox: SandboxHandle, ehr: Ehr) -> None:
     response = requests.get(f"{sandbox.fhir_base}/Patient/{ehr.patient}", headers=FHIR_JSON)
@@ -381,7 +387,7 @@ def test_v1_only_sandbox_advertises_and_enforces_v1_scopes(ehr: Ehr) -> None:
         assert token["scope"].split() == ["launch", "patient/*.read"]
         read = requests.get(f"{handle.fhir_base}/ImagingStudy/{ehr.study}", headers=bearer(token["access_token"]))
         assert read.status_code == 200
-        obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+        obs: dict[str, Any] = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
         write = requests.post(f"{handle.fhir_base}/Observation", json=obs, headers=bearer(token["access_token"]))
         assert write.status_code == 403
         assert "patient/Observation.write" in write.json()["issue"][0]["diagnostics"]
@@ -390,7 +396,7 @@ def test_v1_only_sandbox_advertises_and_enforces_v1_scopes(ehr: Ehr) -> None:
 def test_location_header_passes_through_pointing_at_the_backing_server(sandbox: SandboxHandle, ehr: Ehr) -> None:
     code, verifier, _ = launch_and_get_code(sandbox, ehr)
     token = exchange(sandbox, code, verifier).json()
-    observation = {
+    observation: dict[str, Any] = {
         "resourceType": "Observation",
         "status": "preliminary",
         "code": {"text": "LAA-950"},
@@ -401,7 +407,7 @@ def test_location_header_passes_through_pointing_at_the_backing_server(sandbox: 
     assert created.headers["Location"].startswith(ehr.upstream + "/Observation/")
     assert not created.headers["Location"].startswith(sandbox.fhir_base)
 
-    elsewhere = {**observation, "subject": {"reference": f"Patient/{ehr.other_patient}"}}
+    elsewhere: dict[str, Any] = {**observation, "subject": {"reference": f"Patient/{ehr.other_patient}"}}
     refused = requests.post(f"{sandbox.fhir_base}/Observation", json=elsewhere, headers=bearer(token["access_token"]))
     assert refused.status_code == 403 and "another patient" in refused.json()["issue"][0]["diagnostics"]
 
@@ -410,7 +416,7 @@ def test_transaction_entries_are_each_checked_against_the_scopes(sandbox: Sandbo
     code, verifier, _ = launch_and_get_code(sandbox, ehr)
     token = exchange(sandbox, code, verifier).json()
     subject = {"reference": f"Patient/{ehr.patient}"}
-    bundle = {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [

@@ -57,6 +57,8 @@ What the FHIR proxy (``{iss}/...``) enforces
   ``patient``/``subject`` naming someone else is refused); a read is refused when the returned resource's
   ``subject``/``patient``/``for``/``beneficiary``/``target`` names another patient; a create/update whose body
   names another patient is refused. Non-compartment types (Practitioner, Endpoint, Organization) are not confined.
+  NOT enforced: resources pulled in by ``_include`` / ``_revinclude`` are not scope-checked (so
+  ``ImagingStudy?_include=ImagingStudy:endpoint`` returns the Endpoint), and granular scope queries are ignored.
 * QUIRK (as the reference SMART launcher): ``Location``, ``Content-Location``, ``fullUrl`` and Bundle
   ``link`` URLs are passed through exactly as the real FHIR server wrote them, so they point at the BACKING
   server, not at ``{iss}``. Apps must resolve them against their ``iss`` (keep the ``Type/id[/_history/v]`` tail).

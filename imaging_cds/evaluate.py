@@ -1,0 +1,479 @@
+"""The assessment harness: run an analyzer on a labelled dataset and print the figures clinicians ask for.
+
+Every case goes through the analyzer's normal path, ``check_input`` then ``analyze``, exactly as in
+production, so the figures describe what a clinician would see (the input guard included: refused cases are
+counted and reported, not scored). The table gives, at the analyzer's operating threshold, recognition rate
+(sensitivity), specificity, misdiagnosis rate (false-positive rate), missed-diagnosis rate (false-negative
+rate), AUC, accuracy and calibration error, each with a seeded bootstrap 95% confidence interval
+(:mod:`models.metrics`), plus the mean and 95th-percentile analysis time per study on this machine. The same
+figures are written as JSON in the shape a model card's ``validation.figures`` takes.
+
+Datasets:
+
+* a MedMNIST-style ``.npz`` with ``<split>_images`` and ``<split>_labels``. Its 28x28 images are the
+  benchmark's own, not clinical DICOM: each is enlarged by pixel repetition to the smallest size the input
+  guard accepts and wrapped as an :class:`ImageInput` of the analyzer's modality (the output says so);
+* a folder with ``labels.csv`` (columns ``file,label``): each ``file`` is a DICOM projection image, or a
+  folder holding one DICOM series (a volume), read exactly as the pipeline reads them.
+
+Live figures, when their stores exist: CDS Hooks feedback (accepted / overridden per analyzer, from
+:mod:`cds.feedback`) and clinician review acceptance (from the SMART app's ``review_figures``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imaging_cds.errors import ConfigurationError, UnsuitableInputError
+from models import metrics
+from models.base import Analyzer, ImageInput
+
+BENCHMARK_MIN_SIDE = 64
+"""Smallest side the projection input guard accepts (``models.cxr_pneumonia.MIN_SIDE_PIXELS``)."""
+
+MEDMNIST_POSITIVE_LABEL = {"pneumoniamnist": 1, "breastmnist": 0}
+"""Label value meaning "finding present" (MedMNIST v2 INFO: pneumonia = 1; BreastMNIST malignant = 0)."""
+
+FIGURES = (
+    ("sensitivity", "Recognition rate (sensitivity)", True),
+    ("specificity", "Specificity", True),
+    ("false_positive_rate", "Misdiagnosis rate (false-positive rate)", True),
+    ("false_negative_rate", "Missed-diagnosis rate (false-negative rate)", True),
+    ("auc", "AUC (area under the ROC curve)", False),
+    ("accuracy", "Accuracy", True),
+    ("expected_calibration_error", "Expected calibration error", False),
+)
+"""(key in models.metrics.assess_binary, label, shown as a percentage)."""
+
+REVIEW_FIGURES_MODULES = ("smart_launch.review", "smart_launch.app", "smart_launch.reviews")
+"""Where the SMART app's ``review_figures(db_path)`` may live; the first that has it is used."""
+
+
+@dataclass(frozen=True)
+class LabelledCase:
+    """One case: the analyzer input, its label (1 = finding present) and a non-identifying case id."""
+
+    case_id: str
+    image: ImageInput
+    label: int
+
+
+@dataclass(frozen=True)
+class LabelledDataset:
+    """Cases to assess, described in words for the report (what they are, where they came from)."""
+
+    name: str
+    description: str
+    size: int
+    cases: Iterable[LabelledCase]
+
+
+@dataclass
+class Assessment:
+    """Everything the harness measured; ``as_dict`` is the JSON written for the card."""
+
+    analyzer: str
+    version: str
+    dataset: str
+    dataset_description: str
+    threshold: float
+    score: str
+    labels: np.ndarray
+    scores: np.ndarray
+    figures: dict[str, metrics.Estimate]
+    seconds_per_study: np.ndarray
+    refused: Counter[str] = field(default_factory=Counter)
+    live: dict[str, Any] = field(default_factory=dict)
+    bootstrap_samples: int = metrics.DEFAULT_BOOTSTRAP_SAMPLES
+    seed: int = metrics.DEFAULT_SEED
+
+    @property
+    def confusion(self) -> dict[str, int]:
+        tp, fp, tn, fn = metrics.confusion_counts(self.labels, self.scores, self.threshold)
+        return {"true_positive": tp, "false_positive": fp, "true_negative": tn, "false_negative": fn}
+
+    def as_dict(self) -> dict[str, Any]:
+        times = self.seconds_per_study
+        return {
+            "analyzer": {"name": self.analyzer, "version": self.version},
+            "dataset": {"name": self.dataset, "description": self.dataset_description},
+            "cases": {
+                "scored": int(self.labels.size),
+                "with_finding": int(self.labels.sum()),
+                "without_finding": int(self.labels.size - self.labels.sum()),
+                "refused_by_input_guard": int(sum(self.refused.values())),
+                "refusal_reasons": dict(self.refused),
+            },
+            "operating_threshold": self.threshold,
+            "score": self.score,
+            "figures": {name: estimate.as_dict() for name, estimate in self.figures.items()},
+            "confusion": self.confusion,
+            "analysis_seconds_per_study": {
+                "mean": float(times.mean()) if times.size else None,
+                "p95": float(np.percentile(times, 95)) if times.size else None,
+                "note": "check_input + analyze on this machine, explanation images included",
+            },
+            "bootstrap": {"samples": self.bootstrap_samples, "seed": self.seed, "interval": "percentile 95%"},
+            "live": self.live,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def positive_label_for(path: Path) -> int:
+    """The label that means "finding present" for a known MedMNIST file, else 1."""
+    stem = path.name.lower()
+    for prefix, label in MEDMNIST_POSITIVE_LABEL.items():
+        if stem.startswith(prefix):
+            return label
+    return 1
+
+
+def benchmark_input(image: np.ndarray, analyzer: Analyzer) -> ImageInput:
+    """Wrap one small benchmark image as the analyzer's input.
+
+    The image is enlarged by an integer factor with pixel repetition (no new detail is invented) to the
+    smallest size the input guard accepts; the analyzer's own centre-crop and anti-aliased resize bring it
+    back to its working size. Modality and body part are the first the analyzer lists; no view position is
+    claimed, so the analyzer warns that it assumes a frontal view.
+    """
+    array = np.asarray(image, dtype=np.float32)
+    factor = max(1, math.ceil(BENCHMARK_MIN_SIDE / min(array.shape)))
+    enlarged = np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+    requirements = analyzer.requirements
+    modality = requirements.modalities[0]
+    attributes = {"Modality": modality}
+    if requirements.body_parts:
+        attributes["BodyPartExamined"] = requirements.body_parts[0]
+    return ImageInput(array=enlarged, spacing=(1.0, 1.0), modality=modality, attributes=attributes)
+
+
+def load_npz(path: Path, split: str, analyzer: Analyzer, positive_label: int | None = None) -> LabelledDataset:
+    """A MedMNIST-style split as labelled cases (images wrapped by :func:`benchmark_input`)."""
+    if not path.is_file():
+        raise ConfigurationError(f"Dataset {path} does not exist.", remedy="Give the path of an .npz or a folder.")
+    with np.load(path) as data:
+        keys = sorted(data.files)
+        splits = sorted({k.rsplit("_", 1)[0] for k in keys if k.endswith(("_images", "_labels"))})
+        if f"{split}_images" not in keys:
+            raise ConfigurationError(
+                f"Dataset {path.name} has no split {split!r} (no '{split}_images' array).",
+                remedy=f"Choose one of its splits with --split: {', '.join(splits) or 'none found'}.",
+            )
+        if f"{split}_labels" not in keys:
+            raise ConfigurationError(
+                f"Dataset {path.name} has no labels for split {split!r} (no '{split}_labels' array; it holds "
+                f"{', '.join(keys)}).",
+                remedy="The assessment needs the true label of every case; use a labelled dataset.",
+            )
+        images = np.asarray(data[f"{split}_images"])
+        raw_labels = np.asarray(data[f"{split}_labels"]).reshape(-1)
+    if images.ndim == 4 and images.shape[-1] in (1, 3):  # MedMNIST colour sets: (N, H, W, C) -> luminance
+        images = images.mean(axis=-1)
+    if images.shape[0] != raw_labels.size:
+        raise ConfigurationError(
+            f"Dataset {path.name} split {split}: {images.shape[0]} images but {raw_labels.size} labels.",
+            remedy="Repair the dataset file.",
+        )
+    positive = positive_label_for(path) if positive_label is None else positive_label
+    labels = (raw_labels == positive).astype(np.int64)
+    factor = max(1, math.ceil(BENCHMARK_MIN_SIDE / min(images.shape[1:3])))
+
+    def cases() -> Iterator[LabelledCase]:
+        for index in range(images.shape[0]):
+            yield LabelledCase(f"{split}[{index}]", benchmark_input(images[index], analyzer), int(labels[index]))
+
+    side = f"{images.shape[1]}x{images.shape[2]}"
+    description = (
+        f"{path.name}, split {split}: {images.shape[0]} of the benchmark's own {side} images (label {positive} = "
+        f"finding), not clinical DICOM; each enlarged {factor}x by pixel repetition to pass the input guard and "
+        f"wrapped as modality {analyzer.requirements.modalities[0]}"
+    )
+    return LabelledDataset(f"{path.name} ({split})", description, images.shape[0], cases())
+
+
+def _read_case(path: Path) -> ImageInput:
+    from pydicom import dcmread
+
+    if path.is_dir():
+        from imaging_cds.volume import assemble_volume
+
+        return assemble_volume(dcmread(p) for p in sorted(path.iterdir()) if p.is_file()).to_image_input()
+    from imaging_cds.projection import read_projection
+
+    return read_projection(path)
+
+
+def load_labels_csv(folder: Path, positive_label: int | None = None) -> LabelledDataset:
+    """A folder of DICOM cases with ``labels.csv`` (``file,label``; label 1 = finding unless told otherwise)."""
+    table = folder / "labels.csv"
+    if not table.is_file():
+        raise ConfigurationError(
+            f"Dataset folder {folder} has no labels.csv.",
+            remedy="Add labels.csv with the columns file,label (one row per case) to assess on DICOM files.",
+        )
+    with table.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"file", "label"} <= set(rows[0]):
+        raise ConfigurationError(
+            f"{table.name} in {folder.name} needs the columns file,label and at least one row.", remedy="Fix it."
+        )
+    positive = 1 if positive_label is None else positive_label
+    for number, row in enumerate(rows, start=2):
+        if not (folder / row["file"]).exists() or not row["label"].strip().lstrip("-").isdigit():
+            raise ConfigurationError(
+                f"{table.name} line {number}: file {row['file']!r} missing or label {row['label']!r} not an integer.",
+                remedy="Every row needs an existing file and an integer label.",
+            )
+
+    def cases() -> Iterator[LabelledCase]:
+        for row in rows:
+            label = int(int(row["label"]) == positive)
+            yield LabelledCase(row["file"], _read_case(folder / row["file"]), label)
+
+    description = f"{folder.name}: {len(rows)} DICOM cases listed in labels.csv (label {positive} = finding)"
+    return LabelledDataset(folder.name, description, len(rows), cases())
+
+
+def load_dataset(path: Path, split: str, analyzer: Analyzer, positive_label: int | None = None) -> LabelledDataset:
+    if path.is_dir():
+        return load_labels_csv(path, positive_label)
+    return load_npz(path, split, analyzer, positive_label)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assessment
+
+
+def operating_threshold(analyzer: Analyzer) -> float | None:
+    """The analyzer's own probability threshold (trained models expose ``threshold``); None for rule-based."""
+    value = getattr(analyzer, "threshold", None)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def assess(
+    analyzer: Analyzer,
+    dataset: LabelledDataset,
+    *,
+    samples: int = metrics.DEFAULT_BOOTSTRAP_SAMPLES,
+    seed: int = metrics.DEFAULT_SEED,
+    limit: int | None = None,
+) -> Assessment:
+    """Run every case through ``check_input`` + ``analyze`` and compute the assessment table.
+
+    The score is the analyzer's probability at its operating threshold; an analyzer without probabilities
+    (a rule-based one) is scored by its category (abnormal = 1) at threshold 0.5, and its AUC is then that
+    of a single operating point.
+    """
+    threshold = operating_threshold(analyzer)
+    labels: list[int] = []
+    scores: list[float] = []
+    seconds: list[float] = []
+    refused: Counter[str] = Counter()
+    score_kind = "probability"
+    for count, case in enumerate(dataset.cases):
+        if limit is not None and count >= limit:
+            break
+        started = time.perf_counter()
+        try:
+            analyzer.check_input(case.image)
+        except UnsuitableInputError as exc:
+            refused[exc.message.split(";")[0][:120]] += 1
+            continue
+        result = analyzer.analyze(case.image)
+        seconds.append(time.perf_counter() - started)
+        if result.probability is not None and threshold is not None:
+            scores.append(float(result.probability))
+        else:
+            score_kind = "category (abnormal = 1)"
+            scores.append(1.0 if result.category.abnormal else 0.0)
+        labels.append(case.label)
+    if not labels:
+        raise ConfigurationError(
+            f"{analyzer.name} accepted none of the {dataset.size} cases of {dataset.name}"
+            + (f" (refused: {', '.join(refused)})" if refused else "")
+            + ".",
+            remedy="Assess the analyzer on data of the kind its model card lists under inputs accepted.",
+        )
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(scores, dtype=np.float64)
+    cut = threshold if score_kind == "probability" and threshold is not None else 0.5
+    return Assessment(
+        analyzer=analyzer.name,
+        version=analyzer.version,
+        dataset=dataset.name,
+        dataset_description=dataset.description,
+        threshold=cut,
+        score=score_kind,
+        labels=y,
+        scores=p,
+        figures=metrics.assess_binary(y, p, cut, samples=samples, seed=seed),
+        seconds_per_study=np.asarray(seconds),
+        refused=refused,
+        bootstrap_samples=samples,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Live figures from clinical use
+
+
+def feedback_figures(db_path: Path, analyzer: str) -> dict[str, Any]:
+    """CDS Hooks feedback on this analyzer's cards (accepted / overridden), from the service's SQLite store."""
+    if not db_path.is_file():
+        raise ConfigurationError(
+            f"Feedback database {db_path} does not exist.", remedy="Give the CDS service's feedback SQLite file."
+        )
+    from cds.feedback import FeedbackStore
+
+    figures = FeedbackStore(db_path).analyzer_figures().get(analyzer)
+    if figures is None or (figures.cards_issued == 0 and figures.responded == 0):
+        return {}
+    return {
+        "cards_issued": figures.cards_issued,
+        "accepted": figures.accepted,
+        "overridden": figures.overridden,
+        "acceptance_rate": figures.acceptance_rate,
+        "override_rate": figures.override_rate,
+        "override_reasons": dict(figures.override_reasons),
+    }
+
+
+def review_figures(db_path: Path, analyzer: str) -> dict[str, Any] | None:
+    """Clinician review acceptance for this analyzer from the SMART app; None when the app offers none yet."""
+    if not db_path.is_file():
+        raise ConfigurationError(
+            f"Review database {db_path} does not exist.", remedy="Give the SMART app's review SQLite file."
+        )
+    for module_name in REVIEW_FIGURES_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        function = getattr(module, "review_figures", None)
+        if callable(function):
+            figures = function(db_path)
+            entry = figures.get(analyzer) if isinstance(figures, Mapping) else None
+            if entry is None:
+                return {}
+            return dict(entry) if isinstance(entry, Mapping) else dict(vars(entry))
+    return None
+
+
+def live_figures(analyzer: str, feedback_db: Path | None, review_db: Path | None) -> dict[str, Any]:
+    live: dict[str, Any] = {}
+    if feedback_db is not None:
+        live["cds_feedback"] = feedback_figures(feedback_db, analyzer)
+    if review_db is not None:
+        review = review_figures(review_db, analyzer)
+        if review is not None:
+            live["clinician_review"] = review
+    return live
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presentation
+
+
+def _format(value: float, percent: bool) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{100.0 * value:.1f} %" if percent else f"{value:.3f}"
+
+
+def format_table(assessment: Assessment) -> str:
+    """The plain-text assessment table (what ``imaging-cds evaluate`` prints)."""
+    data = assessment.as_dict()
+    cases = data["cases"]
+    lines = [
+        f"Assessment of {assessment.analyzer} {assessment.version}",
+        f"Data: {assessment.dataset_description}.",
+        f"Cases scored: {cases['scored']} ({cases['with_finding']} with the finding, "
+        f"{cases['without_finding']} without); refused by the input guard: {cases['refused_by_input_guard']}.",
+    ]
+    for reason, count in assessment.refused.most_common(3):
+        lines.append(f"  refused {count}x: {reason}")
+    lines.append(
+        f"Operating threshold: {assessment.threshold:.4f} on the {assessment.score} (>= threshold = positive)."
+    )
+    lines.append("")
+    lines.append(f"{'Figure':<46}{'Value':>9}   95% confidence interval")
+    for key, label, percent in FIGURES:
+        estimate = assessment.figures[key]
+        interval = f"{_format(estimate.ci_low, percent)} to {_format(estimate.ci_high, percent)}"
+        lines.append(f"{label:<46}{_format(estimate.value, percent):>9}   {interval}")
+    confusion = assessment.confusion
+    lines.append(
+        f"Counts: {confusion['true_positive']} true positive, {confusion['false_positive']} false positive, "
+        f"{confusion['true_negative']} true negative, {confusion['false_negative']} false negative."
+    )
+    timing = data["analysis_seconds_per_study"]
+    if timing["mean"] is not None:
+        lines.append(
+            f"Analysis time per study on this machine: mean {1000 * timing['mean']:.0f} ms, "
+            f"p95 {1000 * timing['p95']:.0f} ms (input check + analysis, explanation images included)."
+        )
+    lines.append(
+        f"Intervals: percentile bootstrap, {assessment.bootstrap_samples} case resamples, seed {assessment.seed}."
+    )
+    lines.append("")
+    lines.extend(format_live(assessment.live))
+    return "\n".join(lines)
+
+
+def format_live(live: Mapping[str, Any]) -> list[str]:
+    if not any(live.values()):
+        return ["Live figures: no live figures yet."]
+    lines = ["Live figures from clinical use:"]
+    feedback = live.get("cds_feedback")
+    if feedback:
+        rate = feedback["acceptance_rate"]
+        shown = "n/a (no responses yet)" if rate is None else f"{100 * rate:.1f} %"
+        lines.append(
+            f"  CDS Hooks cards: {feedback['cards_issued']} issued, {feedback['accepted']} accepted, "
+            f"{feedback['overridden']} overridden; acceptance {shown}."
+        )
+        for reason, count in sorted(feedback["override_reasons"].items()):
+            lines.append(f"    override reason {reason}: {count}")
+    review = live.get("clinician_review")
+    if review:
+        lines.append("  Clinician review: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in review.items()))
+    return lines
+
+
+def evaluate(
+    analyzer_name: str,
+    dataset_path: Path,
+    *,
+    split: str = "test",
+    positive_label: int | None = None,
+    feedback_db: Path | None = None,
+    review_db: Path | None = None,
+    json_out: Path | None = None,
+    limit: int | None = None,
+) -> Assessment:
+    """Build the analyzer through the registry (card and weights checked), assess it, attach live figures."""
+    from models.registry import get_analyzer
+
+    analyzer = get_analyzer(analyzer_name)
+    dataset = load_dataset(dataset_path, split, analyzer, positive_label)
+    live = live_figures(analyzer.name, feedback_db, review_db)  # a wrong path fails before the long run
+    assessment = assess(analyzer, dataset, limit=limit)
+    assessment.live = live
+    if json_out is not None:
+        json_out.write_text(json.dumps(assessment.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return assessment

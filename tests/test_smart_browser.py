@@ -1,0 +1,282 @@
+"""The clinician app in real headless Chromium, launched from the sandbox EHR in front of real sekmet-fhir + Orthanc.
+
+Each test is a clinician's path through the app: the EHR launch through sign-off of an AI result, a standalone
+launch, a launch that opens one study, and the ways a launch can go wrong (consent denied, no write permission,
+a tampered ``state``, a wrong PKCE verifier, a replayed code), each of which must end in a clear message.
+Screenshots of the main screens are saved under ``artifacts/screenshots/`` at 1280x800 and at tablet width.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, Route, sync_playwright
+
+from fhir_adapters.client import FhirClient
+from imaging_cds.demo import LoadedStudy, load_sample_study
+from imaging_cds.samples import SAMPLES
+from imaging_cds.servers import FhirServer, OrthancServer
+from tests.smart_support import CHROMIUM_ARGS, SCREENSHOTS, RunningApp, practitioner_resource, serve_app_with_sandbox
+
+pytestmark = pytest.mark.slow
+
+TABLET = {"width": 768, "height": 1024}
+DESKTOP = {"width": 1280, "height": 800}
+
+
+@pytest.fixture(scope="module")
+def fhir(fhir_base: FhirServer) -> FhirClient:
+    return FhirClient(fhir_base.base_url, session=requests.Session())
+
+
+@pytest.fixture(scope="module")
+def chest_ct(fhir: FhirClient, orthanc: OrthancServer) -> LoadedStudy:
+    """The real de-identified chest CT (pyradiomics lung2) in Orthanc, and its ImagingStudy in the EHR."""
+    return load_sample_study(fhir, orthanc, SAMPLES["lung2"])
+
+
+@pytest.fixture(scope="module")
+def practitioner(fhir: FhirClient) -> str:
+    created = fhir.create(practitioner_resource("Radiologist"))
+    return f"Practitioner/{created['id']}"
+
+
+@pytest.fixture(scope="module")
+def app(
+    fhir_base: FhirServer, orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    with serve_app_with_sandbox(
+        fhir_base.base_url, tmp_path_factory.mktemp("smart-app"), orthanc.dicomweb_url
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport=DESKTOP)
+    tab = context.new_page()
+    tab.set_default_timeout(30_000)
+    yield tab
+    context.close()
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Save the screen at desktop and tablet width (the artefacts a reviewer looks at)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size(DESKTOP)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}-1280.png"))
+    page.set_viewport_size(TABLET)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}-768.png"), full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def ehr_launch(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, **kwargs: object) -> None:
+    """Click the app in the EHR and land on the sandbox's consent page."""
+    patient = chest_ct.patient.split("/")[1]
+    page.goto(app.sandbox.launch_url(patient, practitioner, app.launch_url, **kwargs))  # type: ignore[arg-type]
+    page.wait_for_selector("#approve")
+
+
+def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_practitioner(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, fhir: FhirClient
+) -> None:
+    ehr_launch(page, app, chest_ct, practitioner)
+    page.click("#approve")
+    page.wait_for_selector("table.studies")
+    assert page.url.rstrip("/") == app.url
+    assert "Demo patient lung2" in page.inner_text(".patient-banner")
+    row = page.inner_text("table.studies tbody")
+    assert "CT" in row and "CHEST" in row.upper()
+    screenshot(page, "01-study-list")
+
+    page.click(f"a[href='/studies/{chest_ct.imaging_study.split('/')[1]}']")
+    page.wait_for_selector("#analyze-button")
+    assert page.is_enabled("#analyze-button")
+    screenshot(page, "02-study")
+    page.focus("#analyze-button")
+    page.keyboard.press("Enter")  # keyboard only: a real button, reachable and operable without a mouse
+    page.wait_for_url(re.compile(r".*/reports/[^/]+$"), timeout=300_000)
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('img.explanation')).every(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert page.eval_on_selector("img.explanation", "i => i.naturalWidth") > 0
+    findings = page.inner_text("table.findings")
+    assert "LAA" in findings and "%" in findings
+    assert "version" in page.inner_text(".facts")
+    assert page.get_attribute("a[href^='/models/']", "href") == "/models/ct-emphysema"
+    html = page.content()
+    session_state = next(iter(app.ext.sessions._connection.execute("SELECT data FROM smart_sessions")))[0]
+    assert "access_token" in session_state  # it is there, server-side ...
+    token = re.search(r'"access_token": "([^"]+)"', session_state)
+    assert token is not None and token.group(1) not in html  # ... and never in the page
+    screenshot(page, "03-result")
+
+    report_id = page.url.rsplit("/", 1)[1]
+    page.click("#accept-button")
+    page.wait_for_selector("#review-outcome")
+    assert "Accepted" in page.inner_text("#review-outcome")
+    screenshot(page, "04-accepted")
+
+    stored = fhir.read("DiagnosticReport", report_id)  # read sekmet directly, not through the app
+    assert stored["status"] == "final"
+    assert stored["resultsInterpreter"] == [{"reference": practitioner}]
+    provenance = list(fhir.search("Provenance", {"target": f"DiagnosticReport/{report_id}"}))
+    assert any(a["who"]["reference"] == practitioner for p in provenance for a in p["agent"])
+    figures = app.ext.reviews.figures()
+    assert figures["ct-emphysema"].accepted >= 1
+
+
+def test_launch_with_fhir_context_opens_that_study(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    ehr_launch(page, app, chest_ct, practitioner, fhir_context=[chest_ct.imaging_study])
+    page.click("#approve")
+    page.wait_for_url(f"{app.url}/studies/{chest_ct.imaging_study.split('/')[1]}")
+    assert page.inner_text("h1") == "DEMO CHEST CT"
+    assert page.is_visible("#analyze-button")
+
+
+def test_standalone_launch_lets_the_clinician_pick_the_patient(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy
+) -> None:
+    page.goto(f"{app.url}/")
+    screenshot(page, "00-welcome")
+    page.click(".launch-list a")
+    page.check(f"#patient-{chest_ct.patient.split('/')[1]}")
+    page.check("input[name='sandbox_practitioner']")
+    page.click("#continue")
+    page.click("#approve")
+    page.wait_for_selector("table.studies")
+    assert "Demo patient lung2" in page.inner_text(".patient-banner")
+
+
+def test_denied_consent_says_nothing_was_shared(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    ehr_launch(page, app, chest_ct, practitioner)
+    page.click("#deny")
+    page.wait_for_selector("[role=alert]")
+    assert "Access not granted" in page.inner_text("h1")
+    assert "declined" in page.inner_text("[role=alert]")
+    screenshot(page, "05-denied")
+
+
+def test_without_write_scopes_the_app_says_it_cannot_file_results_and_disables_analyze(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    ehr_launch(page, app, chest_ct, practitioner)
+    for box in page.query_selector_all("input[name=granted]"):
+        scope = box.get_attribute("value") or ""
+        if re.search(r"\.[a-z]*[cud][a-z]*$", scope) and not scope.endswith(".rs") and not scope.endswith(".r"):
+            box.uncheck()
+    page.click("#approve")
+    page.wait_for_selector("table.studies")
+    notice = page.inner_text(".notice.warning")
+    assert "cannot file AI results" in notice and "DiagnosticReport.c" in notice
+    page.click(f"a[href='/studies/{chest_ct.imaging_study.split('/')[1]}']")
+    page.wait_for_selector("#analyze-button")
+    assert page.is_disabled("#analyze-button")
+    screenshot(page, "06-no-write")
+
+
+def _capture_callback(page: Page) -> list[str]:
+    """Stop the browser at the app's callback and keep its URL (the code and state), as an attacker would."""
+    captured: list[str] = []
+
+    def hold(route: Route) -> None:
+        captured.append(route.request.url)
+        route.fulfill(status=204, body="")
+
+    page.route("**/callback?*", hold)
+    return captured
+
+
+def test_tampered_state_is_rejected(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str) -> None:
+    ehr_launch(page, app, chest_ct, practitioner)
+    captured = _capture_callback(page)
+    page.click("#approve")
+    page.wait_for_timeout(500)
+    page.unroute("**/callback?*")
+    query = parse_qs(urlsplit(captured[0]).query)
+    page.goto(f"{app.redirect_uri}?{urlencode({'code': query['code'][0], 'state': query['state'][0] + 'x'})}")
+    assert "does not belong to the launch this browser started" in page.inner_text("[role=alert]")
+
+
+def test_pkce_verifier_mismatch_is_rejected(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    ehr_launch(page, app, chest_ct, practitioner)
+    captured = _capture_callback(page)
+    page.click("#approve")
+    page.wait_for_timeout(500)
+    page.unroute("**/callback?*")
+    session_id = next(c["value"] for c in page.context.cookies() if c["name"] == "imaging_cds_sid")
+    state = app.ext.sessions.get(session_id)
+    assert state is not None and state.code_verifier
+    state.code_verifier = state.code_verifier[::-1]  # the verifier no longer matches the challenge sent
+    app.ext.sessions.put(session_id, state)
+    page.goto(captured[0])
+    message = page.inner_text("[role=alert]")
+    assert "invalid_grant" in message and "PKCE code verifier did not match" in message
+
+
+def test_replayed_code_is_rejected(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str) -> None:
+    ehr_launch(page, app, chest_ct, practitioner)
+    captured = _capture_callback(page)
+    page.click("#approve")
+    page.wait_for_timeout(500)
+    page.unroute("**/callback?*")
+    page.goto(captured[0])  # the genuine callback: the code is spent here
+    page.wait_for_selector("table.studies")
+    first_code = parse_qs(urlsplit(captured[0]).query)["code"][0]
+
+    ehr_launch(page, app, chest_ct, practitioner)  # a second launch; its state is valid, the code is the old one
+    second = _capture_callback(page)
+    page.click("#approve")
+    page.wait_for_timeout(500)
+    page.unroute("**/callback?*")
+    state = parse_qs(urlsplit(second[0]).query)["state"][0]
+    page.goto(f"{app.redirect_uri}?{urlencode({'code': first_code, 'state': state})}")
+    message = page.inner_text("[role=alert]")
+    assert "invalid_grant" in message and "used already" in message
+    screenshot(page, "07-replayed-code")
+
+
+def test_expired_access_token_is_refreshed_without_the_clinician_noticing(
+    browser: Browser,
+    fhir_base: FhirServer,
+    orthanc: OrthancServer,
+    chest_ct: LoadedStudy,
+    practitioner: str,
+    tmp_path: Path,
+) -> None:
+    with serve_app_with_sandbox(fhir_base.base_url, tmp_path, orthanc.dicomweb_url, access_token_lifetime=3) as app:
+        context = browser.new_context(viewport=DESKTOP)
+        page = context.new_page()
+        ehr_launch(page, app, chest_ct, practitioner)
+        page.click("#approve")
+        page.wait_for_selector("table.studies")
+        session_id = next(c["value"] for c in context.cookies() if c["name"] == "imaging_cds_sid")
+        first = app.ext.sessions.get(session_id)
+        assert first is not None and first.token_lifetime_s == 3
+        time.sleep(3.5)  # let the access token expire (a wait, not a measurement)
+        page.reload()
+        page.wait_for_selector("table.studies")
+        assert "Demo patient lung2" in page.inner_text(".patient-banner")
+        second = app.ext.sessions.get(session_id)
+        assert second is not None and second.access_token != first.access_token
+        context.close()
