@@ -41,7 +41,15 @@ from models.base import (
     Measurement,
     SeriesRequirements,
 )
-from models.spine import LevelIdentification, SpineTrack, Vertebra, find_spine, identify_levels, split_vertebrae
+from models.spine import (
+    BONE_HU,
+    LevelIdentification,
+    SpineTrack,
+    Vertebra,
+    find_spine,
+    identify_levels,
+    split_vertebrae,
+)
 
 PICKHARDT_SENSITIVE_HU = 160.0
 PICKHARDT_SPECIFIC_HU = 110.0
@@ -60,8 +68,20 @@ the same order as the 20 % Genant threshold, so no fracture grade is given."""
 CONTRAST_AORTA_HU = 150.0
 """Unenhanced blood is ~40-60 HU; an aortic lumen well above 150 HU means intravenous contrast."""
 
+_CORTEX_MARGIN_MM = 3.0
+"""The ROI keeps this far inside the body outline, clear of the cortex and of partial volume with it."""
+
 _ISLAND_HU = 500.0
 """No trabecular bone reaches this; pixels above it in the ROI are cortex or a bone island and are left out."""
+
+TRABECULAR_RANGE_HU = (0.0, 350.0)
+"""Plausible adult trabecular attenuation (fatty osteoporotic marrow near 0 HU, young dense bone up to ~300 HU)."""
+
+MAX_ROI_SD_HU = 90.0
+"""Cancellous bone in a Pickhardt-size ROI has an SD of about 20-60 HU; far above that, the mean is a mixture."""
+
+MIN_INSIDE_FRACTION = 0.8
+MIN_ROI_MM2 = 50.0
 
 _MEASURE_PREFERENCE = ("L1", "T12", "L2", "L3", "T11", "L4")
 """Pickhardt's thresholds are for L1; they reported similar performance at T12-L5, so the nearest level stands in."""
@@ -79,6 +99,34 @@ class TrabecularRoi:
     mean_hu: float
     sd_hu: float
     pixels: int
+    area_mm2: float
+    inside_fraction: float  # share of the nominal ellipse inside the eroded body outline
+
+    def untrusted_reason(self) -> str | None:
+        """Why this ROI's mean cannot be read as trabecular attenuation, or None when it can.
+
+        Adult trabecular bone lies between about 0 HU (fatty, severely osteoporotic) and about 350 HU (young,
+        dense); a mean outside that, an ROI mostly outside the body outline, or a tiny ROI means the ellipse is on
+        cortex, a sclerotic lesion, a disc or soft tissue, and a category from it would mislead.
+        """
+        if self.inside_fraction < MIN_INSIDE_FRACTION:
+            return (
+                f"the ROI could not be placed inside the cancellous bone (only {100 * self.inside_fraction:.0f}% "
+                "of it inside the body outline)"
+            )
+        if self.area_mm2 < MIN_ROI_MM2:
+            return f"the cancellous bone is too small for an ROI ({self.area_mm2:.0f} mm2)"
+        if self.sd_hu > MAX_ROI_SD_HU:
+            return (
+                f"the ROI is heterogeneous (SD {self.sd_hu:.0f} HU): an end plate, a sclerotic or lytic focus or the "
+                "cortex is inside it"
+            )
+        if not TRABECULAR_RANGE_HU[0] <= self.mean_hu <= TRABECULAR_RANGE_HU[1]:
+            return (
+                f"the ROI mean ({self.mean_hu:.0f} HU) is outside the range of adult trabecular bone "
+                f"({TRABECULAR_RANGE_HU[0]:.0f}-{TRABECULAR_RANGE_HU[1]:.0f} HU): sclerosis, cortex or a disc"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -121,48 +169,93 @@ def attenuation_category(hu: float) -> Category:
 def measure_trabecular_roi(
     volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra
 ) -> TrabecularRoi:
-    """Mean and SD HU in an ellipse in the anterior two thirds of the body, on the mid-body axial slice.
+    """Mean and SD HU in an ellipse in the anterior two thirds of the body's cancellous bone, on its mid-body slice.
 
-    Like Pickhardt's manual ROI: centred at 35 % of the body depth from the anterior wall, semi-axes 22 % of the
-    depth (antero-posterior) and 30 % of the body width (left-right), so it keeps > 2 mm from the cortex and stays
-    in front of the basivertebral vein, which enters the posterior third.
+    Like Pickhardt's manual ROI, placed from the body's own outline rather than from the spine track: the body is
+    the region enclosed by its cortex (bone > 200 HU, closed over 2 mm gaps, holes filled) in front of the posterior
+    wall; it is eroded by 3 mm so the ROI keeps off the cortex, and the ellipse (semi-axes 30 % of the inner depth
+    and 35 % of the inner width) is centred at 40 % of the inner depth from the front, i.e. in the anterior two
+    thirds, in front of the basivertebral vein. Pixels outside the eroded body are not counted. ``inside`` says how
+    much of the nominal ellipse lay inside the body: a low value means the outline was not found and the value is
+    not trusted.
     """
     z = vertebra.mid_slice
-    image = volume[z]
-    stride, row_mm, col_mm = track.stride, float(spacing[1]), float(spacing[2])
+    image = volume[z].astype(np.float32)
+    stride, px = track.stride, float(spacing[1])
     anterior = vertebra.anterior_row * stride
     posterior = vertebra.posterior_row * stride
-    depth = posterior - anterior
-    center_row = anterior + 0.40 * depth
-    semi_rows = 0.20 * depth
-    column = int(track.column[z] * stride)
-    left, right = _body_extent(image, round(center_row), column, col_mm)
-    width_px = float(left + right + 1)
-    center_col = column - left + 0.5 * (left + right)  # centre on the body, not on the bone-count peak
-    semi_cols = max(5.0 / col_mm, 0.30 * width_px)
+    seed_row = round(anterior + 0.5 * (posterior - anterior))
+    seed_col = round(float(track.column[z]) * stride)
+    body = _body_outline(image, anterior, posterior, seed_row, seed_col, px)
+    inner = ndimage.binary_erosion(body, iterations=max(1, round(_CORTEX_MARGIN_MM / px)))
+    if inner.sum() * px * px < 100.0:  # less than 1 cm2 of cancellous bone: no outline, fall back to the track
+        inner = body if body.sum() * px * px >= 100.0 else np.zeros_like(body)
+    if inner.any():
+        rows = np.flatnonzero(inner.any(axis=1))
+        cols = np.flatnonzero(inner.any(axis=0))
+        top, bottom, left, right = float(rows[0]), float(rows[-1]), float(cols[0]), float(cols[-1])
+    else:  # nothing segmented: nominal placement from the sagittal walls, flagged by inside == 0
+        top, bottom = anterior + 3.0 / px, posterior - 3.0 / px
+        left, right = seed_col - 15.0 / px, seed_col + 15.0 / px
+    depth, width = bottom - top, right - left
+    center_row, center_col = top + 0.40 * depth, 0.5 * (left + right)
+    semi_rows, semi_cols = max(2.0 / px, 0.30 * depth), max(3.0 / px, 0.35 * width)
     rr, cc = np.ogrid[: image.shape[0], : image.shape[1]]
-    mask = ((rr - center_row) / semi_rows) ** 2 + ((cc - center_col) / semi_cols) ** 2 <= 1.0
-    values = image[mask].astype(np.float64)
-    trabecular = values[values <= _ISLAND_HU]  # cortex or a sclerotic bone island, which Pickhardt's ROI avoids
-    values = trabecular if trabecular.size >= 0.5 * values.size else values
-    _ = row_mm
+    ellipse = ((rr - center_row) / semi_rows) ** 2 + ((cc - center_col) / semi_cols) ** 2 <= 1.0
+    mask = ellipse & inner
+    inside = float(mask.sum()) / max(1.0, float(ellipse.sum()))
+    # a bone island (or a calcified end-plate fleck) is avoided by a reader placing the ROI: leave out pixels above
+    # 500 HU and their immediate neighbours (partial volume), unless that would remove most of the ROI
+    island = ndimage.binary_dilation(image > _ISLAND_HU, iterations=1)
+    if (mask & ~island).sum() >= 0.5 * mask.sum():
+        mask &= ~island
+    values = image[mask if mask.any() else ellipse].astype(np.float64)
     return TrabecularRoi(
-        z, center_row, center_col, semi_rows, semi_cols, float(values.mean()), float(values.std()), int(values.size)
+        z,
+        center_row,
+        center_col,
+        semi_rows,
+        semi_cols,
+        float(values.mean()),
+        float(values.std()),
+        int(values.size),
+        float(values.size) * px * float(spacing[2]),
+        inside,
     )
 
 
-def _body_extent(image: np.ndarray, row: int, col: int, col_mm: float) -> tuple[int, int]:
-    """Pixels of body to the right and left of ``col`` on ``row``: the contiguous run above half the local
-    attenuation (at least 60 HU) after 3 mm smoothing, each side capped at 30 mm."""
-    line = ndimage.uniform_filter1d(image[max(0, row - 2) : row + 3].mean(axis=0), max(1, round(3 / col_mm)))
-    inside = line > max(60.0, 0.5 * float(line[col]))
-    limit = round(30.0 / col_mm)
-    left = right = 0
-    while left < limit and col - left - 1 >= 0 and inside[col - left - 1]:
-        left += 1
-    while right < limit and col + right + 1 < line.size and inside[col + right + 1]:
-        right += 1
-    return left, right
+def _body_outline(
+    image: np.ndarray, anterior: float, posterior: float, seed_row: int, seed_col: int, px: float
+) -> np.ndarray:
+    """The vertebral body's cross-section on one axial slice.
+
+    Cancellous bone is often only 60-200 HU and the cortex, blurred by partial volume at 3-5 mm, is not a closed
+    ring above 200 HU, so the body is taken as tissue above 90 HU after 1.5 mm smoothing *or* cortex above 200 HU,
+    inside a box from 3 mm in front of the anterior wall to 1.5 mm behind the posterior wall (so the canal and
+    the neural arch are not included) and within 27 mm of the midline (half the widest lumbar body); closed over
+    2 mm, holes filled, the component at the seed kept. Soft tissue (muscle, crura, unenhanced vessels) is below
+    90 HU; a densely enhanced aorta touching the body can leak in, which the ROI's centring tolerates.
+    """
+    body = np.zeros(image.shape, dtype=bool)
+    r0, r1 = max(0, round(anterior - 3.0 / px)), min(image.shape[0], round(posterior + 1.5 / px) + 1)
+    reach = round(27.0 / px)
+    c0, c1 = max(0, seed_col - reach), min(image.shape[1], seed_col + reach + 1)
+    if r1 - r0 < 3 or c1 - c0 < 3:
+        return body
+    crop = image[r0:r1, c0:c1]
+    smooth = ndimage.gaussian_filter(crop, 1.5 / px / 2.355)
+    tissue = (smooth > 90.0) | (crop > BONE_HU)
+    tissue = ndimage.binary_closing(tissue, iterations=max(1, round(2.0 / px)), border_value=0)
+    tissue = ndimage.binary_fill_holes(tissue)
+    labels, count = ndimage.label(tissue)
+    if count == 0:
+        return body
+    seed_r, seed_c = min(max(seed_row - r0, 0), crop.shape[0] - 1), min(max(seed_col - c0, 0), crop.shape[1] - 1)
+    keep = labels[seed_r, seed_c]
+    if keep == 0:  # the seed fell in a dark core (fatty marrow): take the largest component instead
+        keep = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    body[r0:r1, c0:c1] = labels == keep
+    return body
 
 
 def measure_heights(track: SpineTrack, vertebra: Vertebra) -> BodyHeights | None:
@@ -243,7 +336,7 @@ class BoneAnalyzer:
     """Opportunistic bone density (Pickhardt L1 HU) and vertebral body height analysis of chest/abdomen CT."""
 
     name = "ct-bone"
-    version = "0.1.0"
+    version = "0.2.0"
     title = "CT opportunistic osteoporosis screening and vertebral body heights"
     requirements = SeriesRequirements(
         modalities=("CT",),
@@ -311,7 +404,7 @@ class BoneAnalyzer:
                 f"Intravenous contrast likely (aortic lumen about {aorta:.0f} HU): contrast raises trabecular "
                 "attenuation somewhat; Pickhardt 2013 found it did not change the thresholds' performance."
             )
-        if roi.sd_hu > 80.0:
+        if roi.sd_hu > 80.0 and roi.untrusted_reason() is None:
             warnings.append(
                 f"Heterogeneous ROI (SD {roi.sd_hu:.0f} HU): a bone island, lesion or cortex may be inside it; "
                 "check the axial overlay."
@@ -349,7 +442,23 @@ class BoneAnalyzer:
     ) -> tuple[tuple[Measurement, ...], Category, str]:
         measurements: list[Measurement] = []
         identified = target.level is not None
-        if identified:
+        untrusted = roi.untrusted_reason()
+        if untrusted is not None and not identified:
+            category = Category(
+                "level-not-identified", "L1 could not be identified; bone density not classified", PICKHARDT_RULE, False
+            )
+            conclusion = (
+                f"L1 could not be identified ({levels.note}) No attenuation is reported for the lowest complete "
+                f"vertebral body either: {untrusted}."
+            )
+            warnings.append(f"Trabecular attenuation withheld: {untrusted}; see the axial overlay.")
+        elif untrusted is not None:
+            category = Category(
+                "not-assessable", "Trabecular attenuation not measurable reliably", PICKHARDT_RULE, False
+            )
+            conclusion = f"Bone density not assessed at {target.label}: {untrusted}. No threshold was applied."
+            warnings.append(f"Trabecular attenuation withheld: {untrusted}; see the axial overlay.")
+        elif identified:
             assert target.level is not None
             key = f"{target.level.lower()}_trabecular_hu"
             note = "" if target.level == "L1" else f"L1 not measurable; measured at {target.level} instead."
@@ -389,9 +498,12 @@ class BoneAnalyzer:
                 f"L1 could not be identified ({levels.note}) The lowest complete vertebral body in view measures "
                 f"{roi.mean_hu:.0f} HU (SD {roi.sd_hu:.0f}), level unknown, so no osteoporosis threshold was applied."
             )
-        measurements.append(
-            Measurement("trabecular_roi_sd_hu", "Trabecular ROI standard deviation", round(roi.sd_hu, 1), "[hnsf'U]")
-        )
+        if untrusted is None:
+            measurements.append(
+                Measurement(
+                    "trabecular_roi_sd_hu", "Trabecular ROI standard deviation", round(roi.sd_hu, 1), "[hnsf'U]"
+                )
+            )
         if heights is None:
             warnings.append(f"Body heights of {target.label} not measured: its end plates are not both in view.")
             return tuple(measurements), category, conclusion

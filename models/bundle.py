@@ -9,7 +9,7 @@ never hands a bundle to ConfigParser. It reads the JSON itself and accepts a sma
   project's own small CNN ensemble) with literal keyword arguments; nested ``_target_`` only from the same list;
 * ``inputs``: modalities, body parts and views the analyzer accepts (the input guard);
 * ``preprocessing``: centre-square crop or none, ``spatial_size``, intensity ``min-max`` / ``standardise`` /
-  ``none``;
+  ``percentile-map`` (with literal ``percentile_map``: percentiles, targets, clip) / ``none``;
 * ``inference``: ``test_time_translation_pixels`` (translation averaging of the logits);
 * ``postprocessing``: ``activation`` (sigmoid or softmax), ``class_names``, ``positive_class``, ``threshold``;
 * ``explanation`` (optional): Grad-CAM on a named layer.
@@ -224,9 +224,16 @@ class BundleInputs:
 
 @dataclass(frozen=True)
 class BundlePreprocessing:
+    """Literal preprocessing. ``percentile-map`` first scales to [0, 1] (min-max), then maps the image's
+    ``percentiles`` linearly onto ``targets`` and clips to ``clip`` (puts any DICOM window on the training
+    images' intensity scale)."""
+
     crop: Literal["centre-square", "none"]
     spatial_size: tuple[int, int]
-    intensity: Literal["min-max", "standardise", "none"]
+    intensity: Literal["min-max", "standardise", "percentile-map", "none"]
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    targets: tuple[float, float] = (0.0, 1.0)
+    clip: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -305,18 +312,31 @@ def parse_inference(config: Any, card: ModelCard, root: Path, pins: Mapping[str,
     if not modalities:
         raise _refuse(bundle, "inputs.modalities is empty.", "List the DICOM modalities, e.g. ['CR', 'DX'].")
 
-    prep = _section(config, "preprocessing", ("crop", "spatial_size", "intensity"), bundle)
+    prep = _section(config, "preprocessing", ("crop", "spatial_size", "intensity", "percentile_map"), bundle)
     size = _field(prep, "spatial_size", list, "preprocessing", bundle)
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 4096 for s in size):
         raise _refuse(bundle, "preprocessing.spatial_size must be two positive integers.", "E.g. [224, 224].")
     crop = prep.get("crop", "none")
     intensity = prep.get("intensity", "none")
-    if crop not in ("centre-square", "none") or intensity not in ("min-max", "standardise", "none"):
+    if crop not in ("centre-square", "none") or intensity not in ("min-max", "standardise", "percentile-map", "none"):
         raise _refuse(
             bundle,
-            "preprocessing.crop must be 'centre-square' or 'none'; intensity 'min-max', 'standardise' or 'none'.",
+            "preprocessing.crop must be 'centre-square' or 'none'; intensity 'min-max', 'standardise', "
+            "'percentile-map' or 'none'.",
             "Use one of the supported values.",
         )
+    mapping = _section(prep, "percentile_map", ("percentiles", "targets", "clip"), bundle)
+    pairs: dict[str, tuple[float, float]] = {}
+    for key in ("percentiles", "targets", "clip"):
+        pair = mapping.get(key, [1.0, 99.0] if key == "percentiles" else [0.0, 1.0])
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
+            and pair[0] < pair[1]
+        ):
+            raise _refuse(bundle, f"preprocessing.percentile_map.{key} must be two increasing numbers.", "Fix it.")
+        pairs[key] = (float(pair[0]), float(pair[1]))
 
     inference = _section(config, "inference", ("test_time_translation_pixels",), bundle)
     shifts = inference.get("test_time_translation_pixels", 0)
@@ -357,7 +377,7 @@ def parse_inference(config: Any, card: ModelCard, root: Path, pins: Mapping[str,
             body_parts=tuple(str(b).upper() for b in inputs.get("body_parts", [])),
             view_positions=tuple(str(v).upper() for v in inputs.get("view_positions", [])),
         ),
-        preprocessing=BundlePreprocessing(crop=crop, spatial_size=(size[0], size[1]), intensity=intensity),
+        preprocessing=BundlePreprocessing(crop=crop, spatial_size=(size[0], size[1]), intensity=intensity, **pairs),
         tta_shifts=shifts,
         activation=activation,
         class_names=class_names,
@@ -427,9 +447,14 @@ def prepare_image(array: np.ndarray, preprocessing: BundlePreprocessing) -> np.n
         image = image[top : top + side, left : left + side]
     shrink = any(s > t for s, t in zip(image.shape, preprocessing.spatial_size, strict=True))
     small = resize(image, preprocessing.spatial_size, order=1, anti_aliasing=shrink, preserve_range=True)
-    if preprocessing.intensity == "min-max":
+    if preprocessing.intensity in ("min-max", "percentile-map"):
         low, high = float(small.min()), float(small.max())
-        small = (small - low) / (high - low if high > low else 1.0)
+        small = ((small - low) / (high - low if high > low else 1.0)).astype(np.float32)
+    if preprocessing.intensity == "percentile-map":
+        low, high = np.percentile(small, preprocessing.percentiles)
+        target_low, target_high = preprocessing.targets
+        scale = (target_high - target_low) / (high - low) if high > low else 1.0
+        small = np.clip(target_low + (small - low) * scale, *preprocessing.clip)
     elif preprocessing.intensity == "standardise":
         small = (small - small.mean()) / max(float(small.std()), 1e-6)
     return np.asarray(small, dtype=np.float32)

@@ -223,7 +223,9 @@ class PneumoniaAnalyzer:
             "square at 28x28."
         )
         explanation = Explanation(
-            title="Grad-CAM heatmap of the pneumonia score", kind="heatmap", png=gradcam_overlay_png(image.array, cam, caption)
+            title="Grad-CAM heatmap of the pneumonia score",
+            kind="heatmap",
+            png=gradcam_overlay_png(image.array, cam, caption),
         )
         warnings = [PAEDIATRIC_WARNING]
         if not image.attributes.get("ViewPosition"):

@@ -50,8 +50,9 @@ class NetworkConfig:
 class MedMnistCNN(nn.Module):
     """VGG-like CNN of MONAI ``Convolution`` blocks (conv -> batch norm -> ReLU), one logit out.
 
-    The input is standardised per image inside ``forward`` (see :func:`standardise_per_image`), so training,
-    evaluation and the analyzers cannot disagree about intensity normalisation. Stages halve the resolution with max pooling (28 -> 14 -> 7); the last stage keeps 7x7 so Grad-CAM on
+    Intensity normalisation happens inside ``forward`` (per-image standardisation, or a fixed [0, 1] -> [-1, 1]
+    map when ``standardise`` is off), so training, evaluation and the analyzers cannot disagree about it.
+    Stages halve the resolution with max pooling (28 -> 14 -> 7); the last stage keeps 7x7 so Grad-CAM on
     ``features.stage{n-1}`` still has a useful spatial map. Global average pooling makes the head independent
     of the exact input size, which keeps test-time augmentation simple.
     """
@@ -80,10 +81,7 @@ class MedMnistCNN(nn.Module):
         return f"features.stage{len(self.config.channels) - 1}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.standardise:
-            x = standardise_per_image(x)
-        else:  # fixed mapping of the [0, 1] MedMNIST scale to [-1, 1]
-            x = 2.0 * x - 1.0
+        x = standardise_per_image(x) if self.config.standardise else 2.0 * x - 1.0
         return self.head(self.features(x))
 
 

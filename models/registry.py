@@ -185,7 +185,7 @@ def _kind(name: str, bundles: Mapping[str, BundleSpec]) -> str:
     return "MONAI bundle" if name in bundles and name not in _BUILTIN else "built-in"
 
 
-def _check_card_weights(card: ModelCard) -> None:
+def check_card_weights(card: ModelCard) -> None:
     """Refuse to build an analyzer whose weights file differs from the SHA-256 its card publishes."""
     if card.weights is None:
         return
@@ -216,7 +216,7 @@ def get_analyzer(name: str) -> Analyzer:
     analyzer: Analyzer
     if name in _BUILTIN:
         card = load_card(name)
-        _check_card_weights(card)
+        check_card_weights(card)
         module_name, _, factory_name = _BUILTIN[name].partition(":")
         factory = getattr(importlib.import_module(module_name), factory_name)
         analyzer = factory()

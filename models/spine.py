@@ -363,17 +363,7 @@ def identify_levels(
     pelvic = _pelvis_joined(grid, track, vertebrae, px)
     vertebrae = [replace(v, rib_bearing=r, pelvis_joined=p) for v, r, p in zip(vertebrae, ribbed, pelvic, strict=True)]
 
-    rib_labels: dict[int, str] | None = None
-    rib_note = (
-        "ribs did not give a clean transition (every vertebra above the last rib-bearing one must carry ribs, and a"
-        " complete rib-free vertebra must lie below it)"
-    )
-    if any(ribbed):
-        t12 = min(i for i, r in enumerate(ribbed) if r)
-        below_complete = any(v.complete for v in vertebrae[:t12])
-        if t12 > 0 and below_complete and all(ribbed[t12:]):
-            rib_labels = _labels_from(t12, "T12", len(vertebrae))
-            rib_note = "T12 = lowest vertebra with a rib articulating; L1 is the next one down"
+    rib_labels, rib_note = _rib_transition(vertebrae, ribbed)
 
     sacrum_labels: dict[int, str] | None = None
     sacrum_note = "sacrum not in view or not recognised"
@@ -406,6 +396,41 @@ def identify_levels(
     return LevelIdentification(labelled, method, note[0].upper() + note[1:], conflict)
 
 
+def _rib_transition(vertebrae: list[Vertebra], ribbed: list[bool]) -> tuple[dict[int, str] | None, str]:
+    """T12 from the thoracolumbar transition, walking down from the top of the scan.
+
+    Ribs are never below L1, so the walk stops at the first complete vertebra without a rib: that is L1 only if the
+    vertebra above it carries a rib (T12) and the one below it, when in view, is also rib-free (L2). A single rib
+    missed in the thorax therefore cannot create a false transition, and bone further down (an iliac wing beside
+    the sacrum, which looks like a rib to the detector) is never reached. When ribs continue to the lowest vertebra
+    in view, L1 is below the scan and nothing is labelled.
+    """
+    n = len(vertebrae)
+    if not any(ribbed):
+        return None, "no rib-bearing vertebra found"
+    top = max(i for i, r in enumerate(ribbed) if r)
+    for i in range(top - 1, -1, -1):
+        if ribbed[i]:
+            continue
+        if not vertebrae[i].complete:  # only a partial vertebra at the scan's edge is rib-free
+            return None, (
+                "ribs articulate down to the lowest complete vertebra in view, so the thoracolumbar junction (T12/L1) "
+                "is at or below the lower edge of the scan; L1 is not in view and thoracic levels are not counted"
+            )
+        if not ribbed[i + 1]:
+            return None, "ribs did not give a clean transition (a rib-free vertebra lies between rib-bearing ones)"
+        if i > 0 and ribbed[i - 1]:
+            return None, (
+                "ribs did not give a clean transition (a rib-free vertebra between rib-bearing ones: a rib missed or "
+                "a vertebra mis-split)"
+            )
+        return _labels_from(i + 1, "T12", n), "T12 = lowest vertebra with a rib articulating; L1 is the next one down"
+    return None, (
+        "ribs articulate down to the lowest vertebra in view, so the thoracolumbar junction (T12/L1) is below the "
+        "scan; L1 is not in view and thoracic levels are not counted"
+    )
+
+
 def _labels_from(anchor: int, anchor_label: str, count: int) -> dict[int, str]:
     """Labels for vertebra indices (0 = most inferior) given one anchored label."""
     order = ("S1", "L5", "L4", "L3", "L2", "L1", *[f"T{n}" for n in range(12, 0, -1)], "C7", "C6")
@@ -430,35 +455,43 @@ def _lateral_bone(grid: np.ndarray, track: SpineTrack, px: float) -> tuple[np.nd
 def _rib_bearing(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra], px: float) -> list[bool]:
     """Which vertebrae have a rib articulating with them.
 
-    A rib is a connected bone structure (beyond 20 mm from the midline, from the body's middle backwards) whose
-    medial end lies within 40 mm of the midline and which reaches at least 65 mm laterally; lumbar transverse
-    processes stop short of that. It is assigned to the vertebra at the z of its medial end (the rib head).
-    Large plates (an iliac wing: > 40 cm3 here or > 60 mm tall) are not ribs.
+    Judged one vertebra at a time, on a slab from half a slice below it to one slice above it, so that ribs never
+    merge into one structure with their neighbours or the scapula (which, labelled over the whole chest, made one
+    giant component that had to be thrown away). In the slab, a rib is a connected bone structure (> 200 HU, more
+    than 20 mm from the midline, from 40 mm in front of the canal backwards) whose medial end, its head at the
+    costovertebral joint, lies within 40 mm of the midline *inside* the vertebra's own z-range, and which reaches
+    at least 65 mm laterally; lumbar transverse processes stop short of that. A rib of the vertebra above only
+    enters the slab laterally as it descends, so its medial end is at the slab's top and does not count. Bone
+    plates (an iliac wing, the scapula) are excluded by their size per slice (> 8 cm2 in a slice).
     """
     bone, lateral_mm = _lateral_bone(grid, track, px)
-    _nz, ny, _ = grid.shape
+    ny = grid.shape[1]
     rows = np.arange(ny)[None, :]
     keep_rows = rows >= (track.canal_row[:, None] - round(40.0 / px))  # from mid-body backwards
     bone &= keep_rows[:, :, None]
-    labels, _count = ndimage.label(bone, structure=np.ones((3, 3, 3), dtype=bool))
-    result = [False] * len(vertebrae)
-    voxel_ml = px * px * track.slice_mm / 1000.0
-    for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        if region is None:
-            continue
-        zz, _, xx = np.nonzero(labels[region] == index)
-        zz = zz + region[0].start
-        xx = xx + region[2].start
-        dist = lateral_mm[zz, xx]
-        if dist.min() > 40.0 or dist.max() < _RIB_REACH_MM:
-            continue
-        if zz.size * voxel_ml > 40.0 or (zz.max() - zz.min() + 1) * track.slice_mm > 60.0:
-            continue
-        head_z = float(zz[dist <= dist.min() + 5.0].mean())
-        for i, v in enumerate(vertebrae):
+    pixel_cm2 = px * px / 100.0
+    result: list[bool] = []
+    for v in vertebrae:
+        z0 = max(0, int(np.floor(v.inferior_slice - 0.5)))
+        z1 = min(grid.shape[0], int(np.ceil(v.superior_slice + 1.0)) + 1)
+        labels, _count = ndimage.label(bone[z0:z1], structure=np.ones((3, 3, 3), dtype=bool))
+        found = False
+        for index, region in enumerate(ndimage.find_objects(labels), start=1):
+            if region is None:
+                continue
+            zz, _, xx = np.nonzero(labels[region] == index)
+            zz = zz + region[0].start + z0
+            xx = xx + region[2].start
+            dist = lateral_mm[zz, xx]
+            if dist.min() > 40.0 or dist.max() < _RIB_REACH_MM:
+                continue
+            if zz.size * pixel_cm2 / max(1, np.unique(zz).size) > 8.0:
+                continue
+            head_z = float(zz[dist <= dist.min() + 5.0].mean())
             if v.inferior_slice - 0.5 <= head_z <= v.superior_slice + 0.5:
-                result[i] = True
+                found = True
                 break
+        result.append(found)
     return result
 
 

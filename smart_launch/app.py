@@ -43,6 +43,7 @@ from flask import (
     url_for,
 )
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
@@ -60,6 +61,7 @@ from smart_launch.reviews import ReviewLog
 from smart_launch.session import AuthorizationState, SessionStore, SessionTokenProvider
 from smart_launch.views import (
     AnalyzerChoice,
+    PatientBanner,
     Permissions,
     card_summary,
     is_ai_report,
@@ -276,7 +278,7 @@ def check_csrf(state: AuthorizationState) -> None:
         )
 
 
-def set_session_cookie(response: Response, session_id: str) -> None:
+def set_session_cookie(response: WerkzeugResponse, session_id: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
         session_id,
@@ -306,10 +308,11 @@ def security_headers(response: Response) -> Response:
     return response
 
 
-def render(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
+def render(template: str, http_status: int = 200, **context: Any) -> tuple[str, int]:
     found = current()
     state = found.state if found.state and found.state.authorized else None
-    return render_template(template, active=state, csrf_token=state.csrf_token if state else "", **context), status
+    page = render_template(template, active=state, csrf_token=state.csrf_token if state else "", **context)
+    return page, http_status
 
 
 def error_page(exc: ImagingCdsError) -> tuple[str, int]:
@@ -468,6 +471,11 @@ def _can(state: AuthorizationState) -> Permissions:
     return permissions(state.granted, state.fhir_user)
 
 
+def _banner(client: FhirClient, state: AuthorizationState) -> PatientBanner | None:
+    """The patient banner, on every screen of a launch that asked for one (``need_patient_banner``)."""
+    return patient_banner(client.read("Patient", str(state.patient))) if state.need_patient_banner else None
+
+
 def _patient_reports(client: FhirClient, patient: str) -> list[dict[str, Any]]:
     return list(client.search("DiagnosticReport", {"patient": patient, "identifier": f"{ANALYSIS_IDENTIFIER_SYSTEM}|"}))
 
@@ -481,7 +489,7 @@ def index() -> Any:
     session_id, state = found.session_id, found.state
     assert state.patient is not None
     client = smart_app().fhir_client(session_id, state)
-    banner = patient_banner(client.read("Patient", state.patient)) if state.need_patient_banner else None
+    banner = _banner(client, state)
     studies = list(client.search("ImagingStudy", {"patient": state.patient, "_count": "100"}))
     reports = _patient_reports(client, state.patient) if state.granted.allows("DiagnosticReport", "s") else []
     return render("studies.html", banner=banner, rows=study_rows(studies, reports), can=_can(state))
@@ -494,7 +502,7 @@ def study(study_id: str) -> Any:
     client = smart_app().fhir_client(session_id, state)
     resource = client.read("ImagingStudy", study_id)
     _check_same_patient(resource, state)
-    banner = patient_banner(client.read("Patient", str(state.patient))) if state.need_patient_banner else None
+    banner = _banner(client, state)
     reports = _patient_reports(client, str(state.patient)) if state.granted.allows("DiagnosticReport", "s") else []
     row = study_row(resource, reports)
     analyzers = suitable_analyzers(row.modalities, smart_app().analyzer_choices())
@@ -581,12 +589,13 @@ def _job_json(record: JobRecord) -> dict[str, Any]:
 @bp.get("/jobs/<job_id>")
 def job(job_id: str) -> Any:
     """The progress page; it refreshes itself without JS and moves on to the results once they are filed."""
-    _, state = require_session()
+    session_id, state = require_session()
     record = _own_job(state, job_id)
     status = _job_json(record)
     if status["reportUrl"]:
         return redirect(status["reportUrl"], code=303)
-    return render("job.html", job=record, status=status)
+    banner = _banner(smart_app().fhir_client(session_id, state), state)
+    return render("job.html", job=record, status=status, banner=banner)
 
 
 @bp.get("/jobs/<job_id>/status")
@@ -628,6 +637,7 @@ def report(report_id: str) -> Any:
     outcome = request.args.get("reviewed")
     return render(
         "report.html",
+        banner=_banner(client, state),
         view=view,
         card=card,
         can=_can(state),

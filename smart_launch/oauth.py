@@ -180,12 +180,22 @@ def _strings(value: Any) -> tuple[str, ...]:
 
 
 def parse_smart_configuration(fhir_base: str, document: Mapping[str, Any]) -> SmartConfiguration:
-    """Read a ``.well-known/smart-configuration`` document; refuse one that rules out PKCE S256."""
+    """Read a ``.well-known/smart-configuration`` document; refuse one that rules out PKCE S256 or user launches.
+
+    A backend-services-only server (``grant_types_supported: [client_credentials]``, as sekmet-fhir publishes)
+    is refused here with a message saying so, rather than at its authorize endpoint.
+    """
     methods = _strings(document.get("code_challenge_methods_supported"))
     if methods and "S256" not in methods:
         raise SmartLaunchError(
             f"The EHR at {fhir_base} does not support PKCE with S256 (it offers {', '.join(methods)}).",
             remedy="This app only launches with PKCE S256, as SMART App Launch 2 requires; ask the EHR vendor.",
+        )
+    grants = _strings(document.get("grant_types_supported"))
+    if grants and "authorization_code" not in grants:
+        raise SmartLaunchError(
+            f"The FHIR server {fhir_base} offers SMART only for {', '.join(grants)}, not for a clinician's launch.",
+            remedy="A user-facing app needs the authorization_code grant; launch it from an EHR that offers it.",
         )
     return SmartConfiguration(
         fhir_base=fhir_base,
@@ -434,7 +444,9 @@ def client_assertion(client: ClientRegistration, token_endpoint: str, *, now: fl
         "iat": issued,
         "exp": issued + ASSERTION_LIFETIME_S,
     }
-    return jwt.encode({"alg": client.algorithm, "kid": client.kid, "typ": "JWT"}, claims, key)
+    return jwt.encode(
+        {"alg": client.algorithm, "kid": client.kid, "typ": "JWT"}, claims, key, algorithms=[client.algorithm]
+    )
 
 
 def _client_authentication(

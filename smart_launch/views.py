@@ -399,14 +399,31 @@ def _as_lines(value: Any) -> tuple[str, ...]:
 
 
 def card_summary(name: str, cards_dir: Path = MODEL_CARDS_DIR) -> CardSummary | None:
-    """The limits a clinician must know, from the model card's JSON, or ``None`` when the card is absent.
+    """The limits a clinician must know, from the analyzer's model card, or ``None`` when there is no card.
 
-    Reads the fields of :data:`models.cards.CARD_SCHEMA` (``intended_use``, ``validation.summary``, ``not_for``,
-    ``limits``, ``status``) leniently: a card being edited must not take the result screen down with it.
+    The card is read with :func:`models.cards.load_card` (validated against its schema; no torch). A card that
+    does not validate (being edited, say) is still read for the same fields, leniently, so the result screen
+    keeps showing what limits it can rather than none.
     """
-    if not name.replace("-", "").isalnum():
+    if not name.replace("-", "").replace(".", "").isalnum():
         return None
-    path = cards_dir / f"{name}.json"
+    from imaging_cds.errors import ImagingCdsError
+    from models.cards import load_card
+
+    try:
+        card = load_card(name, cards_dir)
+    except ImagingCdsError:
+        return _lenient_card_summary(cards_dir / f"{name}.json")
+    return CardSummary(
+        intended_use=card.intended_use,
+        validated_on=_as_lines(card.validation.get("summary")),
+        not_for=card.not_for,
+        limits=card.limits,
+        status=card.status,
+    )
+
+
+def _lenient_card_summary(path: Path) -> CardSummary | None:
     if not path.is_file():
         return None
     try:

@@ -75,12 +75,24 @@ def serve_app_with_sandbox(
     access_token_lifetime: int = 3600,
     v1_only: bool = False,
     registration_overrides: dict[str, object] | None = None,
-    sandbox_client: SandboxClient | None = None,
+    confidential_secret: str | None = None,
+    confidential_jwks: dict[str, object] | None = None,
 ) -> Iterator[RunningApp]:
-    """Start a sandbox EHR (registering the app's exact redirect URI) and the app registered with it."""
+    """Start a sandbox EHR (registering the app's exact redirect URI) and the app registered with it.
+
+    The app is a public client unless ``confidential_secret`` or ``confidential_jwks`` (its public keys, for
+    ``private_key_jwt``) registers it as a confidential one; ``registration_overrides`` configure the app's side.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    client = sandbox_client or SandboxClient(client_id=CLIENT_ID, redirect_uris=[f"{url}/callback"], public=True)
+    confidential = confidential_secret is not None or confidential_jwks is not None
+    client = SandboxClient(
+        client_id=CLIENT_ID,
+        redirect_uris=[f"{url}/callback"],
+        public=not confidential,
+        client_secret=confidential_secret,
+        jwks=confidential_jwks,
+    )
     config = SandboxConfig(
         fhir_upstream=fhir_upstream,
         clients=[client],

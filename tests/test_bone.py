@@ -13,7 +13,8 @@ import pytest
 
 from imaging_cds.errors import UnsuitableInputError
 from models.base import ImageInput
-from models.bone import BoneAnalyzer, attenuation_category, genant_grade
+from models.bone import BoneAnalyzer, attenuation_category, genant_grade, measure_trabecular_roi
+from models.spine import Vertebra, _rib_transition, find_spine, identify_levels, split_vertebrae
 
 CT = Path(__file__).parent / "data" / "ct"
 
@@ -81,24 +82,71 @@ def test_abdomen_overlays_are_png_sagittal_and_axial(abdomen_result):
         assert explanation.png.startswith(b"\x89PNG")
 
 
-def test_chest_ct_without_landmarks_reports_unidentified_level_and_no_fracture_grade(lung2_result):
+def test_abdomen_l1_roi_sits_in_cancellous_bone_in_front_of_the_canal():
+    image = load_nifti(CT / "abdomen_totalseg" / "example_ct.nii.gz")
+    spacing = (3.0, 3.0, 3.0)
+    track = find_spine(image.array, spacing)
+    levels = identify_levels(image.array, spacing, track, split_vertebrae(track))
+    l1 = next(v for v in levels.vertebrae if v.level == "L1")
+    roi = measure_trabecular_roi(image.array, spacing, track, l1)
+    assert roi.untrusted_reason() is None
+    assert roi.inside_fraction >= 0.8
+    assert 0.0 < roi.mean_hu < 400.0
+    assert roi.sd_hu < 60.0  # the bone island in L1 is left out, as a reader placing the ROI would
+    assert l1.anterior_row * track.stride < roi.center_row < l1.posterior_row * track.stride
+    assert roi.area_mm2 >= 100.0
+
+
+def test_lung2_chest_ct_does_not_claim_a_level_and_applies_no_threshold(lung2_result):
     assert lung2_result.category.code == "level-not-identified"
     assert not lung2_result.category.abnormal
     with pytest.raises(KeyError, match="l1_trabecular_hu"):
         lung2_result.measurement("l1_trabecular_hu")
     hu = lung2_result.measurement("vertebral_trabecular_hu")
-    assert 50.0 <= hu.value <= 300.0
+    assert 0.0 <= hu.value <= 350.0  # cancellous bone of a thoracic body, not cortex or soft tissue
     assert "could not be identified" in hu.note
     with pytest.raises(KeyError, match="genant_grade"):
         lung2_result.measurement("genant_grade")
     assert any("too coarse for Genant grading" in w for w in lung2_result.warnings)
 
 
-def test_lung1_chest_ct_does_not_guess_a_level():
+def test_lung1_says_l1_is_not_in_view_and_withholds_an_untrustworthy_attenuation():
     image = load_nrrd(CT / "chest_pyradiomics" / "lung1_image.nrrd")
     result = BoneAnalyzer().analyze(image)
     assert result.category.code == "level-not-identified"
-    assert "L1 could not be identified" in result.conclusion
+    assert not result.category.abnormal
+    assert "L1 is not in view" in result.conclusion
+    keys = {m.key for m in result.measurements}
+    assert not any(k.endswith("_trabecular_hu") and k != "vertebral_trabecular_hu" for k in keys)
+    if "vertebral_trabecular_hu" in keys:
+        assert 0.0 <= result.measurement("vertebral_trabecular_hu").value <= 350.0
+    else:
+        assert any("Trabecular attenuation withheld" in w for w in result.warnings)
+
+
+def _column(flags: list[bool], complete_bottom: bool = True) -> list[Vertebra]:
+    return [Vertebra(10.0 * i, 10.0 * (i + 1), complete_bottom or i > 0, 0.0, 30.0) for i in range(len(flags))]
+
+
+def test_rib_transition_labels_t12_and_l1_only_at_a_clean_junction():
+    flags = [False, False, False, True, True]  # bottom to top: L3 L2 L1 T12 T11
+    labels, note = _rib_transition(_column(flags), flags)
+    assert labels is not None and labels[3] == "T12" and labels[2] == "L1" and labels[0] == "L3"
+    assert "T12 = lowest vertebra with a rib" in note
+    flags = [True, False, False, False, True]  # an iliac wing flagged far below does not move the junction
+    labels, _ = _rib_transition(_column(flags), flags)
+    assert labels is not None and labels[3] == "L1"
+
+
+def test_rib_transition_refuses_a_missed_rib_and_says_when_l1_is_below_the_scan():
+    flags = [True, False, True, True]  # a rib-free vertebra between rib-bearing ones
+    labels, note = _rib_transition(_column(flags), flags)
+    assert labels is None and "clean transition" in note
+    flags = [False, True, True, True]  # only the partial bottom vertebra is rib-free
+    labels, note = _rib_transition(_column(flags, complete_bottom=False), flags)
+    assert labels is None and "L1 is not in view" in note
+    labels, note = _rib_transition(_column([True, True]), [True, True])
+    assert labels is None and "L1 is not in view" in note
 
 
 def test_head_ct_is_refused_because_no_spine_is_in_view():

@@ -97,7 +97,10 @@ def test_tampered_weights_are_refused_with_both_hashes(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     copy.write_bytes(bytes(data))
     pinned = (tmp_path / "pneumonia_cnn.pt.sha256").read_text().split()[0]
-    with pytest.raises(ConfigurationError, match=rf"pneumonia_cnn.pt failed its integrity check: expected SHA-256 {pinned}, got [0-9a-f]{{64}}"):
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"pneumonia_cnn.pt failed its integrity check: expected SHA-256 {pinned}, got [0-9a-f]{{64}}",
+    ):
         PneumoniaAnalyzer(weights=copy)
 
 
@@ -120,8 +123,12 @@ def test_test_split_figures_recomputed_from_the_weights_match_the_card(card: dic
     assert threshold == pytest.approx(classifier.threshold, abs=1e-12)
     assert metrics.roc_auc(labels, probability) == pytest.approx(figures["auc"]["value"], abs=1e-6)
     assert metrics.accuracy(labels, probability, threshold) == pytest.approx(figures["accuracy"]["value"], abs=1e-6)
-    assert metrics.sensitivity(labels, probability, threshold) == pytest.approx(figures["sensitivity"]["value"], abs=1e-6)
-    assert metrics.specificity(labels, probability, threshold) == pytest.approx(figures["specificity"]["value"], abs=1e-6)
+    assert metrics.sensitivity(labels, probability, threshold) == pytest.approx(
+        figures["sensitivity"]["value"], abs=1e-6
+    )
+    assert metrics.specificity(labels, probability, threshold) == pytest.approx(
+        figures["specificity"]["value"], abs=1e-6
+    )
     ece = metrics.expected_calibration_error(labels, probability)
     assert ece == pytest.approx(figures["expected_calibration_error"]["value"], abs=1e-6)
     # the card's claims a clinician will read first
@@ -184,7 +191,7 @@ def test_monochrome1_copy_gives_the_same_probability(analyzer: PneumoniaAnalyzer
 
 def test_mammogram_is_refused(analyzer: PneumoniaAnalyzer, data_dir: Path) -> None:
     image = read_projection(data_dir / "mg" / "P_00173_LEFT_CC_benign_mass_case.dcm")
-    with pytest.raises(UnsuitableInputError, match="reads chest radiographs .*modality MG"):
+    with pytest.raises(UnsuitableInputError, match=r"reads chest radiographs .*modality MG"):
         analyzer.check_input(image)
 
 
@@ -204,7 +211,7 @@ def test_radiograph_of_another_body_part_is_refused(analyzer: PneumoniaAnalyzer)
 def test_lateral_view_is_refused(analyzer: PneumoniaAnalyzer, data_dir: Path) -> None:
     dataset = pydicom.dcmread(data_dir / "cr" / "rsna_pneumonia" / "rsna_cxr_unlabelled.dcm")
     dataset.ViewPosition = "LL"
-    with pytest.raises(UnsuitableInputError, match="frontal .*ViewPosition is LL"):
+    with pytest.raises(UnsuitableInputError, match=r"frontal .*ViewPosition is LL"):
         analyzer.check_input(projection_input(dataset))
 
 
@@ -214,7 +221,7 @@ def test_blank_and_strongly_cropped_images_are_refused(analyzer: PneumoniaAnalyz
     with pytest.raises(UnsuitableInputError, match="nearly constant or saturated"):
         analyzer.check_input(blank)
     strip = ImageInput(radiograph.array[:, 300:700], (0.168, 0.168), "CR", radiograph.attributes)
-    with pytest.raises(UnsuitableInputError, match="aspect ratio 2.56 is far from square"):
+    with pytest.raises(UnsuitableInputError, match=r"aspect ratio 2\.56 is far from square"):
         analyzer.check_input(strip)
     thumbnail = ImageInput(radiograph.array[::32, ::32], (5.4, 5.4), "CR", radiograph.attributes)
     with pytest.raises(UnsuitableInputError, match="only 32x32 pixels"):

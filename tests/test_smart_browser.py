@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import Browser, Page, Route, ViewportSize, sync_playwright
 
 from fhir_adapters.client import FhirClient
 from imaging_cds.demo import LoadedStudy, load_sample_study
@@ -26,8 +26,9 @@ from tests.smart_support import CHROMIUM_ARGS, SCREENSHOTS, RunningApp, practiti
 
 pytestmark = pytest.mark.slow
 
-TABLET = {"width": 768, "height": 1024}
-DESKTOP = {"width": 1280, "height": 800}
+TABLET: ViewportSize = {"width": 768, "height": 1024}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+DECISION = re.compile(r".*/authorize/decision$")
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +195,19 @@ def test_without_write_scopes_the_app_says_it_cannot_file_results_and_disables_a
 
 
 def _capture_callback(page: Page) -> list[str]:
-    """Stop the browser at the app's callback and keep its URL (the code and state), as an attacker would."""
+    """Stop the browser before the app's callback and keep its URL (code and state), as an attacker would.
+
+    The consent decision is sent on the browser's behalf without following its redirect, so the code is issued
+    but not yet redeemed; the browser shows a placeholder page.
+    """
     captured: list[str] = []
 
     def hold(route: Route) -> None:
-        captured.append(route.request.url)
-        route.fulfill(status=204, body="")
+        answer = route.fetch(max_redirects=0)
+        captured.append(answer.headers["location"])
+        route.fulfill(status=200, body="held by the test", content_type="text/plain")
 
-    page.route("**/callback?*", hold)
+    page.route(DECISION, hold)
     return captured
 
 
@@ -209,8 +215,8 @@ def test_tampered_state_is_rejected(page: Page, app: RunningApp, chest_ct: Loade
     ehr_launch(page, app, chest_ct, practitioner)
     captured = _capture_callback(page)
     page.click("#approve")
-    page.wait_for_timeout(500)
-    page.unroute("**/callback?*")
+    page.wait_for_selector("text=held by the test")
+    page.unroute(DECISION)
     query = parse_qs(urlsplit(captured[0]).query)
     page.goto(f"{app.redirect_uri}?{urlencode({'code': query['code'][0], 'state': query['state'][0] + 'x'})}")
     assert "does not belong to the launch this browser started" in page.inner_text("[role=alert]")
@@ -222,8 +228,8 @@ def test_pkce_verifier_mismatch_is_rejected(
     ehr_launch(page, app, chest_ct, practitioner)
     captured = _capture_callback(page)
     page.click("#approve")
-    page.wait_for_timeout(500)
-    page.unroute("**/callback?*")
+    page.wait_for_selector("text=held by the test")
+    page.unroute(DECISION)
     session_id = next(c["value"] for c in page.context.cookies() if c["name"] == "imaging_cds_sid")
     state = app.ext.sessions.get(session_id)
     assert state is not None and state.code_verifier
@@ -238,8 +244,8 @@ def test_replayed_code_is_rejected(page: Page, app: RunningApp, chest_ct: Loaded
     ehr_launch(page, app, chest_ct, practitioner)
     captured = _capture_callback(page)
     page.click("#approve")
-    page.wait_for_timeout(500)
-    page.unroute("**/callback?*")
+    page.wait_for_selector("text=held by the test")
+    page.unroute(DECISION)
     page.goto(captured[0])  # the genuine callback: the code is spent here
     page.wait_for_selector("table.studies")
     first_code = parse_qs(urlsplit(captured[0]).query)["code"][0]
@@ -247,8 +253,8 @@ def test_replayed_code_is_rejected(page: Page, app: RunningApp, chest_ct: Loaded
     ehr_launch(page, app, chest_ct, practitioner)  # a second launch; its state is valid, the code is the old one
     second = _capture_callback(page)
     page.click("#approve")
-    page.wait_for_timeout(500)
-    page.unroute("**/callback?*")
+    page.wait_for_selector("text=held by the test")
+    page.unroute(DECISION)
     state = parse_qs(urlsplit(second[0]).query)["state"][0]
     page.goto(f"{app.redirect_uri}?{urlencode({'code': first_code, 'state': state})}")
     message = page.inner_text("[role=alert]")

@@ -8,11 +8,13 @@
   var bar = document.getElementById("job-progress");
   var step = document.getElementById("job-step");
   var errorBox = document.getElementById("job-error");
+  var percent = document.getElementById("job-percent");
   var delay = 400;
 
   function show(status) {
     bar.value = status.progress;
     bar.textContent = Math.round(status.progress * 100) + "%";
+    percent.textContent = Math.round(status.progress * 100) + "% done";
     var state = status.state.charAt(0).toUpperCase() + status.state.slice(1);
     step.textContent = state + (status.step ? ": " + status.step : "");
     if (status.state === "done" && status.reportUrl) {

@@ -1,0 +1,281 @@
+"""The clinician app over plain HTTP (no browser): client types, v1 fallback, security headers, CSRF, sessions.
+
+The launches run against the real sandbox EHR in front of real sekmet-fhir; the consent page is submitted the
+way a browser would submit it. The session, review and view rules are checked on their own further down.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from joserfc.jwk import RSAKey
+
+from fhir_adapters.client import FhirClient
+from imaging_cds.demo import LoadedStudy, load_sample_study
+from imaging_cds.samples import SAMPLES
+from imaging_cds.servers import FhirServer, OrthancServer
+from smart_launch.app import SESSION_COOKIE
+from smart_launch.oauth import GrantedScopes
+from smart_launch.reviews import ReviewLog, review_figures
+from smart_launch.session import AuthorizationState, SessionStore
+from smart_launch.views import AnalyzerChoice, permissions, study_row, suitable_analyzers
+from tests.smart_support import RunningApp, practitioner_resource, serve_app_with_sandbox
+
+
+@pytest.fixture(scope="module")
+def fhir(fhir_base: FhirServer) -> FhirClient:
+    return FhirClient(fhir_base.base_url, session=requests.Session())
+
+
+@pytest.fixture(scope="module")
+def chest_ct(fhir: FhirClient, orthanc: OrthancServer) -> LoadedStudy:
+    return load_sample_study(fhir, orthanc, SAMPLES["lung2"])
+
+
+@pytest.fixture(scope="module")
+def practitioner(fhir: FhirClient) -> str:
+    return f"Practitioner/{fhir.create(practitioner_resource('Reviewer'))['id']}"
+
+
+def launch_over_http(app: RunningApp, chest_ct: LoadedStudy, practitioner: str, *, drop: str = "") -> requests.Response:
+    """Click the app in the EHR, approve the consent page (unticking scopes matching ``drop``), land in the app."""
+    browser = requests.Session()
+    url = app.sandbox.launch_url(chest_ct.patient.split("/")[1], practitioner, app.launch_url)
+    consent = browser.get(url, timeout=30)
+    assert consent.status_code == 200, consent.text[:300]
+    transaction = re.search(r'name="transaction" value="([^"]+)"', consent.text)
+    assert transaction is not None
+    scopes = re.findall(r'name="granted" value="([^"]+)"', consent.text)
+    granted = [s for s in scopes if not (drop and re.search(drop, s))]
+    answer = browser.post(
+        f"{app.sandbox.base_url}/authorize/decision",
+        data={"transaction": transaction.group(1), "decision": "approve", "granted": granted},
+        timeout=60,
+    )
+    answer.session = browser  # type: ignore[attr-defined]
+    return answer
+
+
+@pytest.fixture(scope="module")
+def public_app(
+    fhir_base: FhirServer, orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    with serve_app_with_sandbox(fhir_base.base_url, tmp_path_factory.mktemp("app"), orthanc.dicomweb_url) as app:
+        yield app
+
+
+def test_public_client_launch_shows_the_patients_chest_ct(
+    public_app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    page = launch_over_http(public_app, chest_ct, practitioner)
+    assert page.status_code == 200 and page.url.rstrip("/") == public_app.url
+    assert "Demo patient lung2" in page.text and "DEMO CHEST CT" in page.text
+    assert "61" in page.text  # the 61 images of the series, as the EHR's ImagingStudy counts them
+
+
+def test_every_response_has_a_strict_csp_and_the_cookie_is_httponly_and_samesite(
+    public_app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    page = launch_over_http(public_app, chest_ct, practitioner)
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    assert page.headers["Cache-Control"] == "no-store"
+    set_cookie = next(r.headers["Set-Cookie"] for r in page.history if "Set-Cookie" in r.headers)
+    assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie
+    assert "<script>" not in page.text  # no inline script anywhere
+
+
+def test_a_state_changing_form_without_the_csrf_token_is_refused(
+    public_app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    page = launch_over_http(public_app, chest_ct, practitioner)
+    browser: requests.Session = page.session  # type: ignore[attr-defined]
+    study_id = chest_ct.imaging_study.split("/")[1]
+    refused = browser.post(f"{public_app.url}/studies/{study_id}/analyze", data={"analyzer": "ct-emphysema"})
+    assert refused.status_code == 400
+    assert "security token is missing" in refused.text
+    assert public_app.ext.job_store.list(limit=None) == ()  # nothing was started
+
+
+def test_another_sessions_job_is_not_shown(public_app: RunningApp, chest_ct: LoadedStudy, practitioner: str) -> None:
+    page = launch_over_http(public_app, chest_ct, practitioner)
+    browser: requests.Session = page.session  # type: ignore[attr-defined]
+    answer = browser.get(f"{public_app.url}/jobs/00000000-0000-0000-0000-000000000000/status")
+    assert answer.status_code == 404 and "No analysis" in answer.text
+
+
+def test_without_a_launch_the_app_says_how_to_open_it(public_app: RunningApp) -> None:
+    page = requests.get(f"{public_app.url}/", timeout=10)
+    assert "Open the app from the EHR" in page.text or "opens from a patient's chart" in page.text
+    refused = requests.get(f"{public_app.url}/studies/abc", timeout=10)
+    assert refused.status_code == 400 and "no active launch" in refused.text
+
+
+def test_a_launch_from_an_unregistered_ehr_is_refused_before_any_request(public_app: RunningApp) -> None:
+    answer = requests.get(f"{public_app.url}/launch", params={"iss": "http://169.254.169.254/fhir", "launch": "x"})
+    assert answer.status_code == 400
+    assert "not registered with the EHR" in answer.text
+
+
+def test_confidential_client_with_a_secret_launches(
+    fhir_base: FhirServer, orthanc: OrthancServer, chest_ct: LoadedStudy, practitioner: str, tmp_path: Path
+) -> None:
+    with serve_app_with_sandbox(
+        fhir_base.base_url,
+        tmp_path,
+        orthanc.dicomweb_url,
+        registration_overrides={"auth_method": "client_secret_basic", "client_secret": "s3cret-for-tests"},
+        confidential_secret="s3cret-for-tests",
+    ) as app:
+        page = launch_over_http(app, chest_ct, practitioner)
+        assert page.status_code == 200 and "DEMO CHEST CT" in page.text
+
+
+def test_private_key_jwt_client_launches(
+    fhir_base: FhirServer, orthanc: OrthancServer, chest_ct: LoadedStudy, practitioner: str, tmp_path: Path
+) -> None:
+    key = RSAKey.generate_key(2048, parameters={"kid": "clinician-app"}, private=True)
+    with serve_app_with_sandbox(
+        fhir_base.base_url,
+        tmp_path,
+        orthanc.dicomweb_url,
+        registration_overrides={
+            "auth_method": "private_key_jwt",
+            "private_key": key.as_dict(private=True),
+            "kid": "clinician-app",
+            "algorithm": "RS384",
+        },
+        confidential_jwks={"keys": [key.as_dict(private=False)]},
+    ) as app:
+        page = launch_over_http(app, chest_ct, practitioner)
+        assert page.status_code == 200 and "DEMO CHEST CT" in page.text
+
+
+def test_a_v1_only_ehr_gets_read_and_write_scopes_and_the_app_works(
+    fhir_base: FhirServer, orthanc: OrthancServer, chest_ct: LoadedStudy, practitioner: str, tmp_path: Path
+) -> None:
+    with serve_app_with_sandbox(fhir_base.base_url, tmp_path, orthanc.dicomweb_url, v1_only=True) as app:
+        page = launch_over_http(app, chest_ct, practitioner)
+        assert page.status_code == 200 and "DEMO CHEST CT" in page.text
+        session_id = page.session.cookies.get(SESSION_COOKIE)  # type: ignore[attr-defined]
+        state = app.ext.sessions.get(session_id)
+        assert state is not None
+        assert "patient/DiagnosticReport.write" in state.granted_scope.split()
+        assert permissions(state.granted, state.fhir_user).can_analyze
+
+
+def _csrf(page: requests.Response) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+def test_without_javascript_analysis_then_rejection_as_not_needed_is_filed_and_counted(
+    public_app: RunningApp, fhir: FhirClient, orthanc: OrthancServer, practitioner: str
+) -> None:
+    other_ct = load_sample_study(fhir, orthanc, SAMPLES["lung1"])
+    page = launch_over_http(public_app, other_ct, practitioner)
+    browser: requests.Session = page.session  # type: ignore[attr-defined]
+    study_id = other_ct.imaging_study.split("/")[1]
+    study_page = browser.get(f"{public_app.url}/studies/{study_id}", timeout=120)
+    token = _csrf(study_page)
+    progress = browser.post(
+        f"{public_app.url}/studies/{study_id}/analyze", data={"analyzer": "ct-emphysema", "csrf_token": token}
+    )
+    for _ in range(600):  # the progress page refreshes itself (no JS) until it forwards to the result
+        if "/reports/" in progress.url:
+            break
+        assert '<p id="job-error-message"></p>' in progress.text, progress.text  # a failure shows its message
+        time.sleep(0.5)
+        progress = browser.get(progress.url)
+    assert "/reports/" in progress.url and "LAA-950" in progress.text
+    report_id = progress.url.rsplit("/", 1)[1].split("?")[0]
+
+    no_reason = browser.post(
+        f"{public_app.url}/reports/{report_id}/review", data={"decision": "reject", "csrf_token": token}
+    )
+    assert no_reason.status_code == 422 and "needs a reason" in no_reason.text
+    rejected = browser.post(
+        f"{public_app.url}/reports/{report_id}/review",
+        data={
+            "decision": "reject",
+            "rejection_kind": "cancelled",
+            "reason": "Duplicate request; the scan was reported elsewhere.",
+            "csrf_token": token,
+        },
+    )
+    assert "Rejected" in rejected.text
+    stored = fhir.read("DiagnosticReport", report_id)
+    assert stored["status"] == "cancelled"
+    assert "Duplicate request" in stored["conclusion"]
+    assert public_app.ext.reviews.figures()["ct-emphysema"].rejected >= 1
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_authorization_state_round_trips_and_never_prints_its_tokens(tmp_path: Path) -> None:
+    state = AuthorizationState(smart={"fhir_base": "https://ehr/fhir"}, client_id="app", access_token="SECRET-TOKEN")
+    state.patient = "123"
+    again = AuthorizationState.from_json(state.to_json())
+    assert again == state
+    assert "SECRET-TOKEN" not in repr(state) and "123" not in repr(state)
+
+
+def test_sessions_expire_after_their_lifetime(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = SessionStore(tmp_path / "s.sqlite", max_age_s=60, clock=lambda: now[0])
+    session_id = store.create(AuthorizationState(smart={"fhir_base": "https://ehr/fhir"}, client_id="app"))
+    assert store.get(session_id) is not None
+    now[0] += 61
+    assert store.get(session_id) is None
+    assert store.get("guessed-id") is None
+
+
+def test_review_figures_give_the_acceptance_rate_per_analyzer(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.sqlite"
+    log = ReviewLog(path)
+    log.record("DiagnosticReport/1", "ct-emphysema", "1.0.0", "accepted")
+    log.record("DiagnosticReport/2", "ct-emphysema", "1.0.0", "accepted")
+    log.record("DiagnosticReport/3", "ct-emphysema", "1.0.0", "rejected", rejection_kind="entered-in-error")
+    log.record("DiagnosticReport/4", "cxr-pneumonia", "0.3.0", "rejected", rejection_kind="cancelled")
+    log.close()
+    figures = review_figures(path)
+    assert figures["ct-emphysema"].acceptance_rate == pytest.approx(2 / 3)
+    assert figures["cxr-pneumonia"].acceptance_rate == 0.0
+
+
+def test_without_write_scopes_analysis_and_sign_off_are_refused_with_reasons() -> None:
+    read_only = GrantedScopes.parse("launch openid fhirUser patient/ImagingStudy.rs patient/DiagnosticReport.rs")
+    can = permissions(read_only, "Practitioner/1")
+    assert not can.can_analyze and not can.can_review
+    assert "cannot file AI results" in can.reasons[0] and "DiagnosticReport.c" in can.reasons[0]
+    full = GrantedScopes.parse("patient/*.cruds")
+    assert permissions(full, "Practitioner/1").can_review
+    assert not permissions(full, "Patient/1").can_review  # a patient cannot sign off an AI result
+
+
+def test_only_analyzers_suited_to_the_modality_are_offered() -> None:
+    study = {
+        "resourceType": "ImagingStudy",
+        "id": "s1",
+        "started": "2024-03-01T10:00:00Z",
+        "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+        "numberOfSeries": 1,
+        "numberOfInstances": 61,
+        "series": [
+            {"uid": "1.2", "modality": {"code": "CT"}, "bodySite": {"display": "Chest"}, "numberOfInstances": 61}
+        ],
+    }
+    row = study_row(study)
+    assert (row.date, row.modalities, row.body_sites, row.instance_count) == ("2024-03-01", ("CT",), ("Chest",), 61)
+    choices = [
+        AnalyzerChoice("ct-emphysema", "CT emphysema", ("CT",)),
+        AnalyzerChoice("us-breast", "Breast ultrasound", ("US",)),
+    ]
+    assert [a.name for a in suitable_analyzers(row.modalities, choices)] == ["ct-emphysema"]
