@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--review-db", type=Path, help="SMART app review SQLite file: clinician review acceptance")
     evaluate.add_argument("--limit", type=int, help="assess only the first N cases (a quick look, not for the card)")
+    evaluate.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: one study at a time)",
+    )
     return parser
 
 
@@ -223,6 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         review_db=args.review_db,
         json_out=args.json,
         limit=args.limit,
+        torch_threads=args.torch_threads,
     )
     print(format_table(assessment))
     if args.json:

@@ -17,13 +17,12 @@ Datasets:
   folder holding one DICOM series (a volume), read exactly as the pipeline reads them.
 
 Live figures, when their stores exist: CDS Hooks feedback (accepted / overridden per analyzer, from
-:mod:`cds.feedback`) and clinician review acceptance (from the SMART app's ``review_figures``).
+:mod:`cds.feedback`) and clinician review acceptance (from :func:`smart_launch.reviews.review_figures`).
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import time
@@ -55,9 +54,6 @@ FIGURES = (
     ("expected_calibration_error", "Expected calibration error", False),
 )
 """(key in models.metrics.assess_binary, label, shown as a percentage)."""
-
-REVIEW_FIGURES_MODULES = ("smart_launch.review", "smart_launch.app", "smart_launch.reviews")
-"""Where the SMART app's ``review_figures(db_path)`` may live; the first that has it is used."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +93,7 @@ class Assessment:
     live: dict[str, Any] = field(default_factory=dict)
     bootstrap_samples: int = metrics.DEFAULT_BOOTSTRAP_SAMPLES
     seed: int = metrics.DEFAULT_SEED
+    torch_threads: int | None = None
 
     @property
     def confusion(self) -> dict[str, int]:
@@ -122,6 +119,7 @@ class Assessment:
             "analysis_seconds_per_study": {
                 "mean": float(times.mean()) if times.size else None,
                 "p95": float(np.percentile(times, 95)) if times.size else None,
+                "torch_threads": self.torch_threads,
                 "note": "check_input + analyze on this machine, explanation images included",
             },
             "bootstrap": {"samples": self.bootstrap_samples, "seed": self.seed, "interval": "percentile 95%"},
@@ -291,7 +289,7 @@ def assess(
         try:
             analyzer.check_input(case.image)
         except UnsuitableInputError as exc:
-            refused[exc.message.split(";")[0][:120]] += 1
+            refused[exc.message[:160]] += 1
             continue
         result = analyzer.analyze(case.image)
         seconds.append(time.perf_counter() - started)
@@ -353,25 +351,23 @@ def feedback_figures(db_path: Path, analyzer: str) -> dict[str, Any]:
     }
 
 
-def review_figures(db_path: Path, analyzer: str) -> dict[str, Any] | None:
-    """Clinician review acceptance for this analyzer from the SMART app; None when the app offers none yet."""
+def review_figures(db_path: Path, analyzer: str) -> dict[str, Any]:
+    """Clinician review decisions on this analyzer's reports (SMART app review log); empty before any."""
     if not db_path.is_file():
         raise ConfigurationError(
             f"Review database {db_path} does not exist.", remedy="Give the SMART app's review SQLite file."
         )
-    for module_name in REVIEW_FIGURES_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        function = getattr(module, "review_figures", None)
-        if callable(function):
-            figures = function(db_path)
-            entry = figures.get(analyzer) if isinstance(figures, Mapping) else None
-            if entry is None:
-                return {}
-            return dict(entry) if isinstance(entry, Mapping) else dict(vars(entry))
-    return None
+    from smart_launch.reviews import review_figures as read_review_figures
+
+    figures = read_review_figures(db_path).get(analyzer)
+    if figures is None or figures.reviewed == 0:
+        return {}
+    return {
+        "reviewed": figures.reviewed,
+        "accepted": figures.accepted,
+        "rejected": figures.rejected,
+        "acceptance_rate": figures.acceptance_rate,
+    }
 
 
 def live_figures(analyzer: str, feedback_db: Path | None, review_db: Path | None) -> dict[str, Any]:
@@ -379,9 +375,7 @@ def live_figures(analyzer: str, feedback_db: Path | None, review_db: Path | None
     if feedback_db is not None:
         live["cds_feedback"] = feedback_figures(feedback_db, analyzer)
     if review_db is not None:
-        review = review_figures(review_db, analyzer)
-        if review is not None:
-            live["clinician_review"] = review
+        live["clinician_review"] = review_figures(review_db, analyzer)
     return live
 
 
@@ -425,7 +419,9 @@ def format_table(assessment: Assessment) -> str:
     if timing["mean"] is not None:
         lines.append(
             f"Analysis time per study on this machine: mean {1000 * timing['mean']:.0f} ms, "
-            f"p95 {1000 * timing['p95']:.0f} ms (input check + analysis, explanation images included)."
+            f"p95 {1000 * timing['p95']:.0f} ms (input check + analysis, explanation images included"
+            + (f"; torch threads {assessment.torch_threads}" if assessment.torch_threads else "")
+            + ")."
         )
     lines.append(
         f"Intervals: percentile bootstrap, {assessment.bootstrap_samples} case resamples, seed {assessment.seed}."
@@ -451,7 +447,10 @@ def format_live(live: Mapping[str, Any]) -> list[str]:
             lines.append(f"    override reason {reason}: {count}")
     review = live.get("clinician_review")
     if review:
-        lines.append("  Clinician review: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in review.items()))
+        lines.append(
+            f"  Clinician review (SMART app): {review['reviewed']} reports reviewed, {review['accepted']} accepted, "
+            f"{review['rejected']} rejected; acceptance {100 * review['acceptance_rate']:.1f} %."
+        )
     return lines
 
 
@@ -465,15 +464,31 @@ def evaluate(
     review_db: Path | None = None,
     json_out: Path | None = None,
     limit: int | None = None,
+    torch_threads: int | None = 1,
 ) -> Assessment:
-    """Build the analyzer through the registry (card and weights checked), assess it, attach live figures."""
+    """Build the analyzer through the registry (card and weights checked), assess it, attach live figures.
+
+    ``torch_threads`` (default 1) is set before the run when the analyzer uses torch: one study at a time
+    with batch size 1 runs many times faster single-threaded on a small shared machine than with torch's
+    default intra-op threads, and the timing is reported with the thread count used.
+    """
+    import sys
+
     from models.registry import get_analyzer
 
     analyzer = get_analyzer(analyzer_name)
+    threads = None
+    if "torch" in sys.modules:
+        import torch
+
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        threads = torch.get_num_threads()
     dataset = load_dataset(dataset_path, split, analyzer, positive_label)
     live = live_figures(analyzer.name, feedback_db, review_db)  # a wrong path fails before the long run
     assessment = assess(analyzer, dataset, limit=limit)
     assessment.live = live
+    assessment.torch_threads = threads
     if json_out is not None:
         json_out.write_text(json.dumps(assessment.as_dict(), indent=2) + "\n", encoding="utf-8")
     return assessment

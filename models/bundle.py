@@ -522,7 +522,7 @@ class BundleAnalyzer:
 
         shifts = self.spec.tta_shifts
         if shifts == 0:
-            return self._network(batch)  # type: ignore[no-any-return]
+            return self._network(batch)
         padded = torch.nn.functional.pad(batch, (shifts, shifts, shifts, shifts), mode="replicate")
         rows, columns = batch.shape[-2:]
         outputs = [

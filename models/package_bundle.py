@@ -70,9 +70,10 @@ def pneumonia_bundle_parts(checkpoint: Mapping[str, Any], source_card: Mapping[s
     import monai
     import numpy as np
 
-    from models.networks import NetworkConfig
+    from models.networks import MedMnistCNN, NetworkConfig
 
-    config = NetworkConfig.from_dict(dict(checkpoint["network"])).as_dict()
+    network_config = NetworkConfig.from_dict(dict(checkpoint["network"]))
+    config = network_config.as_dict()
     members = len(checkpoint["members"])
     size = int(checkpoint.get("input_size", 28))
     threshold = float(checkpoint["threshold"])
@@ -109,7 +110,10 @@ def pneumonia_bundle_parts(checkpoint: Mapping[str, Any], source_card: Mapping[s
             "threshold": threshold,
             "threshold_rule": "Youden's J maximised on the PneumoniaMNIST validation split after calibration",
         },
-        "explanation": {"method": "gradcam", "target_layer": f"members.0.features.stage{len(config['channels']) - 1}"},
+        "explanation": {
+            "method": "gradcam",
+            "target_layer": f"members.0.{MedMnistCNN(network_config).gradcam_layer}",
+        },
     }
     version = str(source_card.get("version", "1.0.0"))
     metadata = {

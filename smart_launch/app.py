@@ -24,6 +24,7 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "imaging_cds.smart"
 SESSION_COOKIE = "imaging_cds_sid"
 ANALYSIS_JOB = "smart-analysis"
+ANALYZER_RETRY_S = 60.0
 REJECTION_KINDS = ("entered-in-error", "cancelled")
 
 bp = Blueprint(
@@ -103,7 +105,7 @@ class SmartApp:
     reviews: ReviewLog
     http: requests.Session = field(default_factory=requests.Session)
     _analyzers: dict[str, Analyzer] = field(default_factory=dict)
-    _analyzer_errors: dict[str, str] = field(default_factory=dict)
+    _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
     _analyzer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ tokens and FHIR
@@ -153,19 +155,26 @@ class SmartApp:
             return self._analyzers[name]
 
     def analyzer_choices(self) -> list[AnalyzerChoice]:
-        """The configured analyzers that could be built here (one whose weights are missing is left out)."""
+        """The configured analyzers that could be built here; one that cannot (weights missing, card invalid) is
+        left out and its reason kept for :meth:`unavailable_analyzers`, and retried a minute later."""
         choices: list[AnalyzerChoice] = []
         for name in self.config.analyzers:
-            if name in self._analyzer_errors:
+            failed = self._analyzer_errors.get(name)
+            if failed is not None and time.monotonic() - failed[1] < ANALYZER_RETRY_S:
                 continue
             try:
                 analyzer = self.analyzer(name)
             except ImagingCdsError as exc:
-                self._analyzer_errors[name] = exc.message
+                self._analyzer_errors[name] = (exc.message, time.monotonic())
                 log.warning("Analyzer %s is unavailable: %s", name, type(exc).__name__)
                 continue
+            self._analyzer_errors.pop(name, None)
             choices.append(AnalyzerChoice(name, analyzer.title, tuple(analyzer.requirements.modalities)))
         return choices
+
+    def unavailable_analyzers(self) -> dict[str, str]:
+        """Why each configured analyzer that cannot run here cannot (for the administrator; no patient data)."""
+        return {name: message for name, (message, _) in self._analyzer_errors.items()}
 
     # ------------------------------------------------------------------ jobs
 
@@ -491,7 +500,7 @@ def index() -> Any:
     client = smart_app().fhir_client(session_id, state)
     banner = _banner(client, state)
     studies = list(client.search("ImagingStudy", {"patient": state.patient, "_count": "100"}))
-    reports = _patient_reports(client, state.patient) if state.granted.allows("DiagnosticReport", "s") else []
+    reports = _patient_reports(client, state.patient) if _can(state).can_read_results else []
     return render("studies.html", banner=banner, rows=study_rows(studies, reports), can=_can(state))
 
 
@@ -503,11 +512,19 @@ def study(study_id: str) -> Any:
     resource = client.read("ImagingStudy", study_id)
     _check_same_patient(resource, state)
     banner = _banner(client, state)
-    reports = _patient_reports(client, str(state.patient)) if state.granted.allows("DiagnosticReport", "s") else []
+    reports = _patient_reports(client, str(state.patient)) if _can(state).can_read_results else []
     row = study_row(resource, reports)
     analyzers = suitable_analyzers(row.modalities, smart_app().analyzer_choices())
     running = _running_job_for(state, f"ImagingStudy/{study_id}")
-    return render("study.html", banner=banner, row=row, analyzers=analyzers, can=_can(state), running=running)
+    return render(
+        "study.html",
+        banner=banner,
+        row=row,
+        analyzers=analyzers,
+        unavailable=smart_app().unavailable_analyzers(),
+        can=_can(state),
+        running=running,
+    )
 
 
 def _check_same_patient(resource: dict[str, Any], state: AuthorizationState) -> None:
@@ -539,7 +556,8 @@ def analyze(study_id: str) -> Any:
     check_csrf(state)
     can = _can(state)
     if not can.can_analyze:
-        raise FhirForbidden(can.reasons[0], remedy="Analysis needs permission to file results in the record.")
+        reason = next((r for r in can.reasons if "cannot file" in r), "AI results cannot be filed.")
+        raise FhirForbidden(reason, remedy="Analysis needs permission to file results in the record.")
     ext = smart_app()
     name = request.form.get("analyzer", "")
     client = ext.fhir_client(session_id, state)
@@ -598,11 +616,25 @@ def job(job_id: str) -> Any:
     return render("job.html", job=record, status=status, banner=banner)
 
 
+MAX_STATUS_WAIT_S = 5.0
+
+
 @bp.get("/jobs/<job_id>/status")
 def job_status(job_id: str) -> Any:
-    """The JSON the progress page polls: state, progress, step, and where the results are once done."""
+    """The JSON the progress page polls: state, progress, step, and where the results are once done.
+
+    ``?wait=<seconds>`` (at most 5) holds the answer until the job finishes or the time is up (long polling),
+    so the results open the moment they are filed instead of at the next poll.
+    """
     _, state = require_session()
-    return jsonify(_job_json(_own_job(state, job_id)))
+    record = _own_job(state, job_id)
+    try:
+        wait = min(MAX_STATUS_WAIT_S, max(0.0, float(request.args.get("wait", "0"))))
+    except ValueError:
+        wait = 0.0
+    if wait and not record.state.finished:
+        record = smart_app().jobs.wait(job_id, timeout=wait)
+    return jsonify(_job_json(record))
 
 
 @bp.get("/reports/<report_id>")
@@ -669,7 +701,8 @@ def review(report_id: str) -> Any:
     check_csrf(state)
     can = _can(state)
     if not can.can_review:
-        raise FhirForbidden(can.reasons[-1], remedy="Sign-off needs write permission and a Practitioner user.")
+        reason = next((r for r in can.reasons if "signed off" in r), "Results cannot be signed off here.")
+        raise FhirForbidden(reason, remedy="Sign-off needs write permission and a Practitioner user.")
     decision = request.form.get("decision")
     if decision not in ("accept", "reject"):
         raise SmartLaunchError("The review form sent no decision.", remedy="Press Accept or Reject.")

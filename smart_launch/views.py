@@ -41,6 +41,7 @@ ANALYZE_NEEDS: tuple[tuple[str, str], ...] = (
     ("Provenance", "c"),
 )
 REVIEW_NEEDS: tuple[tuple[str, str], ...] = (("DiagnosticReport", "ru"), ("Provenance", "c"))
+READ_RESULTS_NEEDS: tuple[tuple[str, str], ...] = (("DiagnosticReport", "rs"), ("Observation", "r"))
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
@@ -66,6 +67,7 @@ class Permissions:
 
     can_analyze: bool
     can_review: bool
+    can_read_results: bool
     reasons: tuple[str, ...]
 
 
@@ -76,6 +78,12 @@ def _scope_words(needs: Iterable[str]) -> str:
 def permissions(granted: GrantedScopes, fhir_user: str | None) -> Permissions:
     """Decide which actions to offer; each refusal says which permission is missing, in words a user can pass on."""
     reasons: list[str] = []
+    missing_read = granted.missing(READ_RESULTS_NEEDS)
+    if missing_read:
+        reasons.append(
+            "AI results already in the record cannot be shown: the EHR did not grant permission to read "
+            f"{_scope_words(missing_read)}."
+        )
     missing_analyze = granted.missing(ANALYZE_NEEDS)
     if missing_analyze:
         reasons.append(
@@ -97,6 +105,7 @@ def permissions(granted: GrantedScopes, fhir_user: str | None) -> Permissions:
     return Permissions(
         can_analyze=not missing_analyze,
         can_review=not missing_review and practitioner is not None,
+        can_read_results=not missing_read,
         reasons=tuple(reasons),
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from bundle_support import make_tiny_bundle, tiny_inference
 
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
@@ -36,6 +37,15 @@ def bundle_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     root = tmp_path / SHIPPED.name
     shutil.copytree(SHIPPED, root)
     return root, shipped_pins()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One study at a time runs far faster single-threaded on a small shared CPU (see imaging_cds.evaluate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

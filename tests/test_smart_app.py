@@ -251,10 +251,12 @@ def test_review_figures_give_the_acceptance_rate_per_analyzer(tmp_path: Path) ->
 
 
 def test_without_write_scopes_analysis_and_sign_off_are_refused_with_reasons() -> None:
-    read_only = GrantedScopes.parse("launch openid fhirUser patient/ImagingStudy.rs patient/DiagnosticReport.rs")
+    read_only = GrantedScopes.parse("launch openid fhirUser patient/ImagingStudy.rs patient/*.rs")
     can = permissions(read_only, "Practitioner/1")
     assert not can.can_analyze and not can.can_review
+    assert can.can_read_results
     assert "cannot file AI results" in can.reasons[0] and "DiagnosticReport.c" in can.reasons[0]
+    assert not permissions(GrantedScopes.parse("patient/ImagingStudy.rs"), "Practitioner/1").can_read_results
     full = GrantedScopes.parse("patient/*.cruds")
     assert permissions(full, "Practitioner/1").can_review
     assert not permissions(full, "Patient/1").can_review  # a patient cannot sign off an AI result

@@ -188,6 +188,7 @@ def test_without_write_scopes_the_app_says_it_cannot_file_results_and_disables_a
     page.wait_for_selector("table.studies")
     notice = page.inner_text(".notice.warning")
     assert "cannot file AI results" in notice and "DiagnosticReport.c" in notice
+    assert "Not shown (no permission)" in page.inner_text("table.studies")  # never "none yet" when unknown
     page.click(f"a[href='/studies/{chest_ct.imaging_study.split('/')[1]}']")
     page.wait_for_selector("#analyze-button")
     assert page.is_disabled("#analyze-button")

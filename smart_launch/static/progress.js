@@ -9,7 +9,9 @@
   var step = document.getElementById("job-step");
   var errorBox = document.getElementById("job-error");
   var percent = document.getElementById("job-percent");
-  var delay = 400;
+  // The status URL long-polls (?wait=1): it answers as soon as the job finishes, or after a second with
+  // the latest progress, so the next request can follow at once.
+  var delay = 50;
 
   function show(status) {
     bar.value = status.progress;
