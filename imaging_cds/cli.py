@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the servers up until Ctrl-C so you can browse them (default: when run from a terminal)",
     )
 
+    serve = sub.add_parser("serve", help="serve the CDS Hooks service, the clinician app and the model cards")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="deployment settings file (YAML or JSON; see imaging_cds/settings.py)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    serve.add_argument("--threads", type=int, default=8, help="request threads (one process; default 8)")
+
     sub.add_parser("analyzers", help="list the available analyzers")
 
     evaluate = sub.add_parser(
@@ -237,7 +248,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"analyze": cmd_analyze, "analyzers": cmd_analyzers, "demo": cmd_demo, "evaluate": cmd_evaluate}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imaging_cds.settings import load_settings
+    from imaging_cds.web import serve
+
+    serve(load_settings(args.config), host=args.host, port=args.port, threads=args.threads)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "analyze": cmd_analyze,
+    "analyzers": cmd_analyzers,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "evaluate": cmd_evaluate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

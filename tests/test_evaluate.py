@@ -19,9 +19,10 @@ from pydicom.data import get_testdata_file
 from cds.feedback import FeedbackStore, parse_feedback
 from imaging_cds.cli import main
 from imaging_cds.errors import ConfigurationError
-from imaging_cds.evaluate import assess, evaluate, format_table, load_npz
+from imaging_cds.evaluate import assess, benchmark_input, evaluate, format_table, load_npz
 from models import metrics
 from models.bundle import BundleAnalyzer
+from models.networks import downsample_like_medmnist
 from models.registry import get_analyzer, register_bundle, unregister_bundle
 from smart_launch.reviews import ReviewLog
 
@@ -142,6 +143,28 @@ def test_live_review_and_feedback_figures_are_reported_per_analyzer(full_run: di
     )
 
 
+def test_the_analyzer_sees_exactly_the_benchmark_pixels_after_the_enlargement(pneumonia_bundle: BundleAnalyzer) -> None:
+    """The guard needs >= 64 px; the enlargement is undone exactly by the analyzer's own reduction."""
+    with np.load(NPZ) as data:
+        images = data["test_images"][:20]
+    for image in images:
+        case = benchmark_input(image, pneumonia_bundle)
+        assert case.array.shape == (84, 84) and case.modality == "CR"
+        assert case.attributes == {"Modality": "CR", "BodyPartExamined": "CHEST"}
+        pneumonia_bundle.check_input(case)
+        seen = downsample_like_medmnist(case.array)
+        np.testing.assert_allclose(seen, downsample_like_medmnist(image.astype(np.float32)), atol=1e-5)
+
+
+def test_evaluate_reproduces_the_breast_ultrasound_card_figures(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    assessment = evaluate("us-breast", NPZ.with_name("breastmnist_28.npz"), json_out=tmp_path / "breast.json")
+    assert (assessment.labels.size, int(assessment.labels.sum())) == (156, 42)  # label 0 = malignant
+    published = json.loads((REPO / "models" / "cards" / "us-breast.json").read_text())["validation"]["figures"]
+    for name in ("auc", "accuracy", "sensitivity", "specificity"):
+        assert abs(assessment.figures[name].value - published[name]["value"]) <= 0.03, name
+
+
 def test_the_table_agrees_with_models_metrics_on_the_same_scores(pneumonia_bundle: BundleAnalyzer) -> None:
     assessment = assess(pneumonia_bundle, load_npz(NPZ, "test", pneumonia_bundle), limit=150, samples=500)
     assert assessment.labels.size == 150 and assessment.score == "probability"
@@ -188,7 +211,5 @@ def test_a_dataset_without_labels_or_split_fails_clearly(pneumonia_bundle: Bundl
         load_npz(NPZ, "validation", pneumonia_bundle)
     with pytest.raises(ConfigurationError, match=r"has no labels\.csv"):
         evaluate(pneumonia_bundle.name, tmp_path)
-    status, _, stderr = run_cli(
-        "evaluate", pneumonia_bundle.name, "--dataset", str(NPZ), "--feedback-db", "/absent"
-    )
+    status, _, stderr = run_cli("evaluate", pneumonia_bundle.name, "--dataset", str(NPZ), "--feedback-db", "/absent")
     assert status == 1 and "Feedback database /absent does not exist" in stderr
