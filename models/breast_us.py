@@ -84,9 +84,9 @@ class BreastUltrasoundAnalyzer:
             note="Temperature-scaled on the BreastMNIST validation split (78 images); not a calibrated clinical risk.",
         )
         caption = (
-            f"Grad-CAM: regions that raised the malignancy score ({100.0 * probability:.1f} %, "
-            f"threshold {threshold_percent:.1f} %).\nBrighter = more influence; the model saw the centre square "
-            "at 28x28."
+            f"Malignancy score {100.0 * probability:.1f} % (threshold {threshold_percent:.1f} %).\n"
+            "Grad-CAM, upper half of the map: yellow = most influence.\n"
+            "The model saw only the centre square, at 28x28 pixels."
         )
         png = gradcam_overlay_png(image.array, self._classifier.gradcam(small), caption)
         warnings = [BREAST_US_WARNING]

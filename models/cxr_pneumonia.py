@@ -128,16 +128,20 @@ def display_gray(array: np.ndarray) -> tuple[np.ndarray, float]:
 def gradcam_overlay_png(array: np.ndarray, cam28: np.ndarray, caption: str) -> bytes:
     """Grad-CAM (28x28) upsampled onto the centre square the model saw, over the original image, as PNG.
 
-    Outside the centre square the model saw nothing, so no colour is drawn there.
+    Grad-CAM maps of a globally pooled CNN are positive almost everywhere, so only the upper half of the map
+    (values above its median, rescaled to 0..1) is coloured; the caption says so. Outside the centre square
+    the model saw nothing, so nothing is drawn there.
     """
     gray, _ = display_gray(array)
     rows, columns = gray.shape
     side = min(rows, columns)
     top, left = (rows - side) // 2, (columns - side) // 2
+    median, peak = float(np.median(cam28)), float(cam28.max())
+    emphasised = np.clip((cam28 - median) / (peak - median), 0.0, 1.0) if peak > median else np.zeros_like(cam28)
     values = np.zeros((rows, columns), dtype=np.float32)
-    values[top : top + side, left : left + side] = resize(cam28, (side, side), order=1, preserve_range=True)
-    values[values < 0.2] = 0.0  # keep the bottom of the scale uncoloured so the anatomy stays readable
-    return render.to_png(render.label(render.heatmap(gray, values, alpha=0.45), caption))
+    values[top : top + side, left : left + side] = resize(emphasised, (side, side), order=1, preserve_range=True)
+    values[values < 0.05] = 0.0  # leave the lower half of the map uncoloured so the anatomy stays readable
+    return render.to_png(render.label(render.heatmap(gray, values, alpha=0.5), caption, font_size=13))
 
 
 class PneumoniaAnalyzer:
@@ -218,9 +222,9 @@ class PneumoniaAnalyzer:
         )
         cam = self._classifier.gradcam(small)
         caption = (
-            f"Grad-CAM: regions that raised the pneumonia score ({100.0 * probability:.1f} %, "
-            f"threshold {threshold_percent:.1f} %).\nBrighter = more influence; the model saw only the centre "
-            "square at 28x28."
+            f"Pneumonia score {100.0 * probability:.1f} % (threshold {threshold_percent:.1f} %).\n"
+            "Grad-CAM, upper half of the map: yellow = most influence.\n"
+            "The model saw only the centre square, at 28x28 pixels."
         )
         explanation = Explanation(
             title="Grad-CAM heatmap of the pneumonia score",

@@ -85,7 +85,7 @@ def test_test_split_figures_recomputed_from_the_weights_match_the_card(
     images, malignant = test_split
     assert images.shape == (156, 28, 28) and malignant.sum() == 42
     card = json.loads(CARD.read_text())
-    figures, threshold = card["test_performance"], card["operating_threshold"]["probability"]
+    figures, threshold = card["validation"]["figures"], card["validation"]["operating_threshold"]
     probability = load_shipped_classifier(WEIGHTS).probabilities(images)
     assert metrics.roc_auc(malignant, probability) == pytest.approx(figures["auc"]["value"], abs=1e-6)
     assert metrics.accuracy(malignant, probability, threshold) == pytest.approx(figures["accuracy"]["value"], abs=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -118,8 +119,8 @@ def test_test_split_figures_recomputed_from_the_weights_match_the_card(card: dic
     assert images.shape == (624, 28, 28)
     classifier = load_shipped_classifier(WEIGHTS)
     probability = classifier.probabilities(images)
-    figures = card["test_performance"]
-    threshold = card["operating_threshold"]["probability"]
+    figures = card["validation"]["figures"]
+    threshold = card["validation"]["operating_threshold"]
     assert threshold == pytest.approx(classifier.threshold, abs=1e-12)
     assert metrics.roc_auc(labels, probability) == pytest.approx(figures["auc"]["value"], abs=1e-6)
     assert metrics.accuracy(labels, probability, threshold) == pytest.approx(figures["accuracy"]["value"], abs=1e-6)
@@ -177,7 +178,7 @@ def test_nih_pngs_wrapped_as_secondary_capture_are_analysed(
 
 def test_monochrome1_copy_gives_the_same_probability(analyzer: PneumoniaAnalyzer, data_dir: Path) -> None:
     original = pydicom.dcmread(data_dir / "cr" / "rsna_pneumonia" / "rsna_cxr_unlabelled.dcm")
-    inverted = original.copy()
+    inverted = copy.deepcopy(original)
     inverted.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     inverted.PixelData = (255 - original.pixel_array).astype(np.uint8).tobytes()
     inverted.PhotometricInterpretation = "MONOCHROME1"

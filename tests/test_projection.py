@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_lossy_jpeg2000_stays_close_to_the_original() -> None:
 def test_monochrome1_copy_of_a_monochrome2_radiograph_gives_the_same_presentation(data_dir: Path) -> None:
     original = pydicom.dcmread(data_dir / "cr" / "rsna_pneumonia" / "rsna_cxr_unlabelled.dcm")
     pixels = original.pixel_array
-    inverted = original.copy()
+    inverted = copy.deepcopy(original)
     inverted.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     inverted.PixelData = (255 - pixels).astype(np.uint8).tobytes()
     inverted.PhotometricInterpretation = "MONOCHROME1"
