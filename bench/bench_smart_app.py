@@ -34,7 +34,8 @@ from imaging_cds.demo import SAMPLE_CHEST_CT, load_sample_study
 from imaging_cds.pipeline import analyze_study
 from imaging_cds.servers import fhir_server, orthanc_server
 from models.registry import get_analyzer
-from tests.smart_support import CHROMIUM_ARGS, practitioner_resource, serve_app_with_sandbox
+from smart_launch.sandbox.dev import serve_app_with_sandbox
+from tests.smart_support import CHROMIUM_ARGS, practitioner_resource
 
 ANALYZER = "ct-emphysema"
 ALL_IMAGES_SHOWN = (

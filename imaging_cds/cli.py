@@ -166,13 +166,15 @@ def _dicomweb_allow_list(args: argparse.Namespace) -> Any:
 
 
 def _print_outcome(summary: dict[str, Any]) -> None:
+    from fhir_adapters.terminology import unit_label
+
     print(f"{summary['imagingStudy']}: {summary['analyzer']['name']} {summary['analyzer']['version']}")
     series = summary["series"]
     print(f"  series   {series['uid']} ({series['modality']}, {series['instances']} images)")
     print(f"           {series['reason']}")
     for m in summary["measurements"]:
         flag = f" [{m['interpretation']}]" if m.get("interpretation") else ""
-        print(f"  {m['display']:<40} {m['value']:.4g} {m['unit']}{flag}")
+        print(f"  {m['display']:<48} {m['value']:.4g} {unit_label(m['unit'])}{flag}")
     print(f"  category {summary['category']['display']}")
     print(f"  {summary['conclusion']}")
     for warning in summary["warnings"]:

@@ -20,6 +20,7 @@ import requests
 
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import CANONICAL_BASE
+from fhir_adapters.terminology import unit_label
 from imaging_cds.allowlist import AllowList
 from imaging_cds.errors import ImagingCdsError
 from imaging_cds.pipeline import AnalysisOutcome, analyze_study
@@ -39,7 +40,13 @@ DEMO_PATIENT_SYSTEM = f"{CANONICAL_BASE}/sid/demo-patient"
 SAMPLE_CHEST_CT = SAMPLES["lung2"]
 
 # (sample, analyzer) pairs the demo runs, in order.
-DEMO_RUNS: tuple[tuple[str, str], ...] = (("lung2", "ct-emphysema"),)
+DEMO_RUNS: tuple[tuple[str, str], ...] = (
+    ("lung2", "ct-emphysema"),
+    ("lung2", "ct-bone"),
+    ("abdomen", "ct-bone"),
+    ("rsna-cxr", "cxr-pneumonia"),
+)
+DEMO_PRACTITIONER_SYSTEM = f"{CANONICAL_BASE}/sid/demo-practitioner"
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,23 @@ def _conditional_create(full_url: str, resource: dict[str, Any], system: str, va
     }
 
 
+def _demo_practitioner(client: FhirClient) -> str:
+    """The clinician who launches the app in the demo (created once, conditionally on its identifier)."""
+    practitioner = {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": DEMO_PRACTITIONER_SYSTEM, "value": "demo-radiologist"}],
+        "name": [{"family": "Radiologist", "given": ["Demo"], "prefix": ["Dr"]}],
+    }
+    created = client.create(practitioner, if_none_exist=f"identifier={DEMO_PRACTITIONER_SYSTEM}|demo-radiologist")
+    return f"Practitioner/{created['id']}"
+
+
+def _clinician_app(fhir_base: str, dicomweb_base: str, output: Path) -> Any:
+    from smart_launch.sandbox.dev import serve_app_with_sandbox
+
+    return serve_app_with_sandbox(fhir_base, output / "app-state", dicomweb_base)
+
+
 def write_outputs(client: FhirClient, outcome: AnalysisOutcome, folder: Path) -> list[Path]:
     """Read the DiagnosticReport and its key images back from the EHR and save them for a person to open."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,7 +192,7 @@ def run_demo(output: Path, *, keep_running: bool) -> int:
             result = outcome.result
             print(f"  {result.conclusion}")
             for m in result.measurements:
-                print(f"    {m.display:<42} {m.value:10.4g} {m.unit}")
+                print(f"    {m.display:<48} {m.value:10.4g} {unit_label(m.unit)}")
             print(f"  category: {result.category.display}   ({seconds:.1f} s)")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
@@ -177,11 +201,19 @@ def run_demo(output: Path, *, keep_running: bool) -> int:
             print(f"  look at: {fhir.base_url}/{outcome.diagnostic_report}")
             print(f"           {files[0].parent}/ (report and explanation images read back from the EHR)")
         print(f"\nDone: {len(DEMO_RUNS) - failures} of {len(DEMO_RUNS)} analyses written as preliminary AI results.")
-        if keep_running:
-            print("The servers stay up so you can browse them; press Ctrl-C to stop.")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                print("\nstopping")
+        with _clinician_app(fhir.base_url, orthanc.dicomweb_url, output) as app:
+            practitioner = _demo_practitioner(client)
+            first = next(iter(loaded.values()))
+            launch = app.sandbox.launch_url(first.patient, practitioner, app.launch_url)
+            print("\nClinician app (SMART on FHIR), launched from the sandbox EHR (a development tool):")
+            print(f"  open in a browser: {launch}")
+            print(f"  it opens {first.patient}'s studies as {practitioner}; review and sign the AI results there.")
+            print(f"  model cards: {app.url}/models/")
+            if keep_running:
+                print("The servers stay up so you can browse them; press Ctrl-C to stop.")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    print("\nstopping")
     return 0 if failures == 0 else 1

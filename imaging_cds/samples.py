@@ -100,6 +100,15 @@ SAMPLES: dict[str, SampleStudy] = {
             licence="Apache-2.0 code, data CC BY 4.0; GitHub wasserth/TotalSegmentator tests/reference_files",
         ),
         SampleStudy(
+            name="rsna-cxr",
+            source="cr/rsna_pneumonia",
+            body_part="CHEST",
+            patient_id="DEMO-RSNA-CXR",
+            patient_name="Demo^ChestXray",
+            description="Chest radiograph, CR PA, 1024x1024 (RSNA Pneumonia Detection Challenge, label unknown)",
+            licence="RSNA challenge data terms; via GitHub mlmed/torchxrayvision tests/",
+        ),
+        SampleStudy(
             name="head-ge",
             source="ct/head_ge",
             body_part="HEAD",

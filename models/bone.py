@@ -507,6 +507,14 @@ class BoneAnalyzer:
         if heights is None:
             warnings.append(f"Body heights of {target.label} not measured: its end plates are not both in view.")
             return tuple(measurements), category, conclusion
+        if track.slice_mm > MAX_SLICE_MM_FOR_GRADING + 0.01:
+            # End plates are located to about one slice: on thick slices the error is as large as the height loss
+            # that separates Genant grades, so the heights themselves would mislead rather than inform.
+            warnings.append(
+                f"Vertebral body heights and fracture grade not reported: {track.slice_mm:.1f} mm slices locate the "
+                f"end plates only to about +/- {track.slice_mm:.0f} mm (needs <= {MAX_SLICE_MM_FOR_GRADING:.0f} mm)."
+            )
+            return tuple(measurements), category, conclusion
         for key, display, value in (
             ("anterior_height_mm", "Anterior vertebral body height", heights.anterior_mm),
             ("middle_height_mm", "Middle vertebral body height", heights.middle_mm),
@@ -515,30 +523,23 @@ class BoneAnalyzer:
             measurements.append(Measurement(key, f"{display} ({target.label})", round(value, 1), "mm"))
         loss = heights.loss_percent
         measurements.append(Measurement("height_loss_percent", f"Height loss ({target.label})", round(loss, 1), "%"))
-        if track.slice_mm <= MAX_SLICE_MM_FOR_GRADING + 0.01:
-            grade = genant_grade(loss)
-            measurements.append(
-                Measurement(
-                    "genant_grade",
-                    f"Genant semi-quantitative grade ({target.label})",
-                    float(grade),
-                    "1",
-                    "A" if grade > 0 else "N",
-                    note=GENANT_RULE,
-                )
+        grade = genant_grade(loss)
+        measurements.append(
+            Measurement(
+                "genant_grade",
+                f"Genant semi-quantitative grade ({target.label})",
+                float(grade),
+                "1",
+                "A" if grade > 0 else "N",
+                note=GENANT_RULE,
             )
-            conclusion += f" {target.label} height loss {loss:.0f}% (Genant grade {grade})."
-            if grade > 0:
-                warnings.append(
-                    f"Possible vertebral fracture at {target.label} (Genant grade {grade}) from automated heights; "
-                    "confirm on sagittal images (physiological wedging and end-plate detection can mimic it)."
-                )
-        else:
+        )
+        conclusion += f" {target.label} height loss {loss:.0f}% (Genant grade {grade})."
+        if grade > 0:
             warnings.append(
-                f"No fracture grade: {track.slice_mm:.1f} mm slices are too coarse for Genant grading "
-                f"(needs <= {MAX_SLICE_MM_FOR_GRADING:.0f} mm)."
+                f"Possible vertebral fracture at {target.label} (Genant grade {grade}) from automated heights; "
+                "confirm on sagittal images (physiological wedging and end-plate detection can mimic it)."
             )
-            conclusion += f" {target.label} height loss {loss:.0f}% (not graded: slices too thick)."
         return tuple(measurements), category, conclusion
 
 

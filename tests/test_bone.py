@@ -107,7 +107,10 @@ def test_lung2_chest_ct_does_not_claim_a_level_and_applies_no_threshold(lung2_re
     assert "could not be identified" in hu.note
     with pytest.raises(KeyError, match="genant_grade"):
         lung2_result.measurement("genant_grade")
-    assert any("too coarse for Genant grading" in w for w in lung2_result.warnings)
+    for key in ("anterior_height_mm", "middle_height_mm", "posterior_height_mm", "height_loss_percent"):
+        with pytest.raises(KeyError, match=key):
+            lung2_result.measurement(key)
+    assert any("heights and fracture grade not reported: 5.0 mm slices" in w for w in lung2_result.warnings)
 
 
 def test_lung1_says_l1_is_not_in_view_and_withholds_an_untrustworthy_attenuation():

@@ -22,9 +22,10 @@ from imaging_cds.servers import FhirServer, OrthancServer
 from smart_launch.app import SESSION_COOKIE
 from smart_launch.oauth import GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
+from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
 from smart_launch.session import AuthorizationState, SessionStore
 from smart_launch.views import AnalyzerChoice, permissions, study_row, suitable_analyzers
-from tests.smart_support import RunningApp, practitioner_resource, serve_app_with_sandbox
+from tests.smart_support import practitioner_resource
 
 
 @pytest.fixture(scope="module")

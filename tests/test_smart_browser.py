@@ -22,7 +22,8 @@ from fhir_adapters.client import FhirClient
 from imaging_cds.demo import LoadedStudy, load_sample_study
 from imaging_cds.samples import SAMPLES
 from imaging_cds.servers import FhirServer, OrthancServer
-from tests.smart_support import CHROMIUM_ARGS, SCREENSHOTS, RunningApp, practitioner_resource, serve_app_with_sandbox
+from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
+from tests.smart_support import CHROMIUM_ARGS, SCREENSHOTS, practitioner_resource
 
 pytestmark = pytest.mark.slow
 
