@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from pydicom.uid import generate_uid
 
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import (
@@ -142,13 +143,26 @@ def test_second_run_adds_nothing(
     assert _count(client, "Provenance", {"target": first_run.diagnostic_report}) == 1
 
 
-def _register(client: FhirClient, sample: SampleStudy, datasets: list[Any], dicomweb_base: str) -> tuple[str, str]:
-    """Register a study in the EHR without necessarily storing its images in the PACS."""
+def _register(
+    client: FhirClient, sample: SampleStudy, datasets: list[Any], dicomweb_base: str, *, fresh_uids: bool = True
+) -> tuple[str, str]:
+    """Register a study in the EHR without necessarily storing its images in the PACS.
+
+    With ``fresh_uids`` the ImagingStudy gets new Study/Series UIDs, so no other test's images or resources on
+    the shared servers can match it (the PACS certainly holds no images for it).
+    """
     patient = client.create({"resourceType": "Patient", "name": [{"family": "Test", "given": [sample.name]}]})
-    endpoint = client.create(endpoint_resource(dicomweb_base))
+    endpoint_json = endpoint_resource(dicomweb_base)
+    identifier = endpoint_json["identifier"][0]
+    # Conditional, as an EHR keeps one Endpoint per PACS: the shared server must not collect duplicates.
+    endpoint = client.create(endpoint_json, if_none_exist=f"identifier={identifier['system']}|{identifier['value']}")
     study = imaging_study_resource(
         datasets, patient_reference=f"Patient/{patient['id']}", endpoint_reference=f"Endpoint/{endpoint['id']}"
     )
+    if fresh_uids:
+        study["identifier"][0]["value"] = f"urn:oid:{generate_uid()}"
+        for series in study["series"]:
+            series["uid"] = generate_uid()
     created = client.create(study)
     return f"ImagingStudy/{created['id']}", f"Patient/{patient['id']}"
 
@@ -215,7 +229,7 @@ def test_non_ct_series_is_refused_naming_the_modality(
 
     mammogram = pydicom.dcmread(data_dir / "mg" / "P_00173_LEFT_CC_benign_mass_case.dcm")
     upload_series(orthanc.url, [mammogram])
-    study, patient = _register(client, SAMPLES["lung1"], [mammogram], orthanc.dicomweb_url)
+    study, patient = _register(client, SAMPLES["lung1"], [mammogram], orthanc.dicomweb_url, fresh_uids=False)
     nothing_written.append(patient)
     with pytest.raises(StudyError, match="MG"):
         analyze_study(client, study, get_analyzer("ct-emphysema"), dicomweb_allow_list=allow)

@@ -1,0 +1,1 @@
+"""Training scripts for the shipped models (run as modules; never imported by the service)."""

@@ -244,7 +244,7 @@ def update_card(
     auc, accuracy = figures["auc"], figures["accuracy"]
     card["validation"] = {
         "summary": (
-            f"Official {spec.npz.split('_')[0]} test split ({test_size} images), read once after training: "
+            f"Official {spec.npz.split('_')[0]} test split ({test_size} images), measured on the shipped weights: "
             f"AUC {auc['value']:.3f} (95% CI {auc['ci95_low']:.3f}-{auc['ci95_high']:.3f}), accuracy "
             f"{accuracy['value']:.3f} at the validation-chosen threshold."
         ),
