@@ -180,3 +180,12 @@ def test_published_thresholds():
     assert attenuation_category(161.0).code == "normal"
     assert attenuation_category(110.0).code == "osteoporosis-likely"
     assert [genant_grade(x) for x in (10.0, 19.9, 20.0, 25.0, 30.0, 40.0, 41.0)] == [0, 0, 1, 1, 2, 2, 3]
+
+
+def test_every_reported_measurement_has_a_code_in_the_project_codesystem(abdomen_result, lung2_result):
+    """The FHIR Observations of bone results must be codable: every key is defined in the shipped CodeSystem."""
+    from fhir_adapters.terminology import load_codesystem
+
+    defined = {concept["code"] for concept in load_codesystem("measurement")["concept"]}
+    reported = {m.key for result in (abdomen_result, lung2_result) for m in result.measurements}
+    assert reported <= defined, f"undefined measurement codes: {sorted(reported - defined)}"
