@@ -12,15 +12,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from imaging_cds.errors import UnsuitableInputError
-from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
-from models.cxr_pneumonia import CARD_DIR, WEIGHTS_DIR, check_projection_image, gradcam_overlay_png, matches
+from models.base import AnalysisResult, ImageInput, SeriesRequirements
 from models.networks import ShippedClassifier, load_shipped_classifier
+from models.projection_classifier import (
+    CARD_DIR,
+    WEIGHTS_DIR,
+    FindingSpec,
+    check_projection_image,
+    classify,
+    matches,
+)
 
 BREAST_US_WARNING = (
     "Trained only on 546 breast ultrasound images (28x28) from one hospital (Baheya Hospital, Cairo; women "
     "aged 25-75): on other scanners, presets or populations the output is out of distribution and its "
     "probability is not calibrated. At 28x28 pixels lesion margins and echo texture - the BI-RADS features - "
     "are largely lost. The model does not assign a BI-RADS category and never replaces reading the image."
+)
+
+
+MALIGNANCY = FindingSpec(
+    finding="malignancy",
+    measurement_key="malignancy_probability",
+    positive=("malignancy-suspected", "Malignancy suspected"),
+    negative=("malignancy-not-suspected", "Malignancy not suspected"),
+    validation_split="BreastMNIST validation",
+    card="us-breast",
+    calibration_note=(
+        "Temperature-scaled on the BreastMNIST validation split (78 images); not a calibrated clinical risk."
+    ),
+    caveat="Research-grade aid from a 28x28 model; confirm with BI-RADS reading.",
 )
 
 
@@ -61,47 +82,9 @@ class BreastUltrasoundAnalyzer:
         check_projection_image(image, self.name)
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
-        small = self._classifier.prepare(image.array)
-        probability = self._classifier.probability(small)
-        suspected = probability >= self.threshold
-        threshold_percent = 100.0 * self.threshold
-        category = Category(
-            code="malignancy-suspected" if suspected else "malignancy-not-suspected",
-            display="Malignancy suspected" if suspected else "Malignancy not suspected",
-            rule=(
-                f"Calibrated ensemble probability >= {threshold_percent:.1f} %, the operating threshold that "
-                "maximised Youden's J on the BreastMNIST validation split (model card us-breast)"
-            ),
-            abnormal=suspected,
-        )
-        measurement = Measurement(
-            key="malignancy_probability",
-            display="Model probability of malignancy",
-            value=round(100.0 * probability, 1),
-            unit="%",
-            interpretation="A" if suspected else "N",
-            reference_high=round(threshold_percent, 1),
-            note="Temperature-scaled on the BreastMNIST validation split (78 images); not a calibrated clinical risk.",
-        )
-        caption = (
-            f"Malignancy score {100.0 * probability:.1f} % (threshold {threshold_percent:.1f} %).\n"
-            "Grad-CAM, upper half of the map: yellow = most influence.\n"
-            "The model saw only the centre square, at 28x28 pixels."
-        )
-        png = gradcam_overlay_png(image.array, self._classifier.gradcam(small), caption)
         warnings = [BREAST_US_WARNING]
         if not image.attributes.get("BodyPartExamined"):
             warnings.append("BodyPartExamined is not recorded; the model assumes a breast ultrasound image.")
-        return AnalysisResult(
-            analyzer=self.name,
-            version=self.version,
-            measurements=(measurement,),
-            category=category,
-            conclusion=(
-                f"{category.display}: model probability {100.0 * probability:.1f} % (operating threshold "
-                f"{threshold_percent:.1f} %). Research-grade aid from a 28x28 model; confirm with BI-RADS reading."
-            ),
-            explanations=(Explanation(title="Grad-CAM heatmap of the malignancy score", kind="heatmap", png=png),),
-            probability=probability,
-            warnings=tuple(warnings),
+        return classify(
+            self._classifier, image, MALIGNANCY, analyzer=self.name, version=self.version, warnings=tuple(warnings)
         )

@@ -25,7 +25,6 @@ Parsing and pin checks use only ``json`` and ``hashlib``: listing bundles never 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
 import json
 import re
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
 from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
 from models.cards import ModelCard, card_from_dict
+from models.weights_io import sha256_of_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,19 +74,10 @@ ever imported on a bundle's behalf."""
 _INFERENCE_KEYS = ("network_def", "inputs", "preprocessing", "inference", "postprocessing", "explanation")
 _FORBIDDEN_CHARACTERS = re.compile(r"[$@%]")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 20
 
 
 def _refuse(bundle: str, what: str, remedy: str) -> ConfigurationError:
     return ConfigurationError(f"MONAI bundle {bundle}: {what}", remedy=remedy)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _safe_relative(name: str, bundle: str) -> PurePosixPath:
@@ -133,7 +124,7 @@ def verify_pins(root: Path, sha256_pins: Mapping[str, str]) -> None:
             raise _refuse(bundle, f"{name} is a link or lies outside the bundle.", "Copy the real file in.")
         if not path.is_file():
             raise _refuse(bundle, f"pinned file {name} is missing.", "Reinstall the bundle.")
-        actual = file_sha256(path)
+        actual = sha256_of_file(path)
         if actual != expected:
             raise _refuse(
                 bundle,
@@ -497,7 +488,7 @@ class BundleAnalyzer:
         self._network = network
 
     def check_input(self, image: ImageInput) -> None:
-        from models.cxr_pneumonia import check_projection_image, matches
+        from models.projection_classifier import check_projection_image, matches
 
         inputs = self.spec.inputs
         modality = image.modality.upper()
@@ -553,7 +544,7 @@ class BundleAnalyzer:
         import torch
         from monai.visualize import GradCAM
 
-        from models.cxr_pneumonia import gradcam_overlay_png
+        from models.projection_classifier import gradcam_overlay_png
 
         index = 0 if self.spec.activation == "sigmoid" else self.spec.class_names.index(self.spec.positive_class)
         cam = GradCAM(nn_module=self._network, target_layers=self.spec.gradcam_layer)

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from models.bundle import CARD, INFERENCE, METADATA, PINNED_DIRECTORIES, WEIGHTS, file_sha256
+from models.bundle import CARD, INFERENCE, METADATA, PINNED_DIRECTORIES, WEIGHTS
 from models.cards import REPO_ROOT
+from models.weights_io import sha256_of_file
 
 BUNDLES_DIR = REPO_ROOT / "models" / "bundles"
 BUNDLE_NAME = "cxr-pneumonia-bundle"
@@ -46,12 +47,12 @@ def write_bundle(
     weights = root / WEIGHTS
     weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().clone().contiguous() for k, v in state_dict.items()}, weights)
-    digest = file_sha256(weights)
+    digest = sha256_of_file(weights)
     _write_json(root / INFERENCE, inference)
     _write_json(root / METADATA, metadata)
     _write_json(root / CARD, {**card, "weights": {"file": WEIGHTS, "sha256": digest}})
     return {
-        path.relative_to(root).as_posix(): file_sha256(path)
+        path.relative_to(root).as_posix(): sha256_of_file(path)
         for directory in PINNED_DIRECTORIES
         for path in sorted((root / directory).rglob("*"))
         if path.is_file()

@@ -18,8 +18,8 @@ from imaging_cds.projection import read_projection
 from models import metrics
 from models.base import Analyzer
 from models.breast_us import BreastUltrasoundAnalyzer
-from models.cxr_pneumonia import WEIGHTS_DIR
 from models.networks import load_shipped_classifier
+from models.projection_classifier import WEIGHTS_DIR
 from models.registry import get_analyzer
 from models.weights_io import sha256_of_file
 

@@ -17,9 +17,10 @@ from bundle_support import make_tiny_bundle, tiny_inference
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
 from imaging_cds.evaluate import benchmark_input
 from models.base import ImageInput
-from models.bundle import BundleAnalyzer, file_sha256, read_bundle
+from models.bundle import BundleAnalyzer, read_bundle
 from models.cxr_pneumonia import PneumoniaAnalyzer
 from models.registry import get_analyzer, register_bundle, unregister_bundle
+from models.weights_io import sha256_of_file
 
 BUNDLES = Path(__file__).resolve().parents[1] / "models" / "bundles"
 SHIPPED = BUNDLES / "cxr-pneumonia-bundle"
@@ -69,7 +70,7 @@ def rewrite_json(root: Path, name: str, pins: dict[str, str], change: Any) -> di
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-    return {**pins, name: file_sha256(path)}
+    return {**pins, name: sha256_of_file(path)}
 
 
 def test_the_bundle_gives_the_built_in_analyzers_probabilities_on_real_test_images(
@@ -120,7 +121,7 @@ def test_a_tampered_weights_file_is_refused_naming_file_and_both_hashes(bundle_c
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))
-    expected, actual = pins["models/model.pt"], file_sha256(weights)
+    expected, actual = pins["models/model.pt"], sha256_of_file(weights)
     with pytest.raises(
         ConfigurationError,
         match=f"models/model.pt failed its integrity check: expected SHA-256 {expected}, got {actual}",

@@ -20,8 +20,9 @@ from imaging_cds.errors import ConfigurationError, UnsuitableInputError
 from imaging_cds.projection import projection_input, read_projection
 from models import metrics
 from models.base import Analyzer, ImageInput
-from models.cxr_pneumonia import WEIGHTS_DIR, PneumoniaAnalyzer
+from models.cxr_pneumonia import PneumoniaAnalyzer
 from models.networks import load_shipped_classifier
+from models.projection_classifier import WEIGHTS_DIR
 from models.registry import get_analyzer
 from models.weights_io import sha256_of_file
 
