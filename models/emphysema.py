@@ -354,7 +354,7 @@ def _explanations(
     margin = 24
     rows = slice(max(lungs.box[1].start - margin, 0), min(lungs.box[1].stop + margin, hu.shape[1]))
     cols = slice(max(lungs.box[2].start - margin, 0), min(lungs.box[2].stop + margin, hu.shape[2]))
-    out = []
+    zones: list[tuple[str, int, np.ndarray]] = []
     for name, (lo, hi) in zip(("Lower", "Middle", "Upper"), itertools.pairwise(bounds), strict=True):
         if hi <= lo:
             continue
@@ -369,12 +369,10 @@ def _explanations(
             "Hatched yellow = lung below -950 HU\n"
             "Cyan line = lung boundary; lung window W1500/L-600"
         )
-        out.append(
-            Explanation(
-                title=f"Low-attenuation lung, {name.lower()} zone",
-                kind="overlay",
-                png=render.to_png(render.label(rgb, text, font_size=12)),
-                slice_index=z,
-            )
-        )
+        zones.append((name, z, render.label(rgb, text, font_size=12)))
+    pngs = render.to_pngs([image for _, _, image in zones])
+    out = [
+        Explanation(title=f"Low-attenuation lung, {name.lower()} zone", kind="overlay", png=png, slice_index=z)
+        for (name, z, _), png in zip(zones, pngs, strict=True)
+    ]
     return list(reversed(out))  # upper, middle, lower: the order a reader scrolls a chest CT

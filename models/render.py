@@ -8,7 +8,10 @@ on small uint8 RGB arrays and returns new arrays; nothing touches the input volu
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -105,6 +108,14 @@ def label(image: np.ndarray, text: str, font_size: int = 14) -> np.ndarray:
     return np.concatenate([np.asarray(canvas), rgb], axis=0)
 
 
+def to_pngs(images: Sequence[np.ndarray], compress_level: int = 1) -> list[bytes]:
+    """Encode several images at once: Pillow releases the GIL while compressing, so threads overlap the work."""
+    if len(images) < 2:
+        return [to_png(image, compress_level) for image in images]
+    with ThreadPoolExecutor(max_workers=len(images)) as pool:
+        return list(pool.map(lambda image: to_png(image, compress_level), images))
+
+
 def to_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
     """Encode an RGB or grey uint8 array as PNG; level 1 is three times faster than 6 and about 20% larger."""
     if rgb.dtype != np.uint8:
@@ -114,6 +125,7 @@ def to_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
     return buffer.getvalue()
 
 
+@functools.cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
