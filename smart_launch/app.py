@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from flask import (
@@ -59,7 +59,7 @@ from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
 from smart_launch.oauth import SmartLaunchError, TokenSet
 from smart_launch.reviews import ReviewLog
-from smart_launch.session import AuthorizationState, SessionStore, SessionTokenProvider
+from smart_launch.session import AuthorizationState, RecentReads, SessionStore, SessionTokenProvider
 from smart_launch.views import (
     AnalyzerChoice,
     PatientBanner,
@@ -74,6 +74,9 @@ from smart_launch.views import (
     suitable_analyzers,
 )
 
+if TYPE_CHECKING:
+    from imaging_cds.pipeline import AnalysisOutcome
+
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "imaging_cds.smart"
@@ -81,6 +84,7 @@ SESSION_COOKIE = "imaging_cds_sid"
 ANALYSIS_JOB = "smart-analysis"
 ANALYZER_RETRY_S = 60.0
 REJECTION_KINDS = ("entered-in-error", "cancelled")
+STATIC_MAX_AGE_S = 600
 
 bp = Blueprint(
     "smart",
@@ -104,6 +108,7 @@ class SmartApp:
     job_store: SqliteJobStore
     reviews: ReviewLog
     http: requests.Session = field(default_factory=requests.Session)
+    recent: RecentReads = field(default_factory=RecentReads)
     _analyzers: dict[str, Analyzer] = field(default_factory=dict)
     _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
     _analyzer_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -125,6 +130,16 @@ class SmartApp:
 
     def token_provider(self, session_id: str) -> SessionTokenProvider:
         return SessionTokenProvider(self.sessions, session_id, self.refresher)
+
+    def read_recent(self, session_id: str, client: FhirClient, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """``resource_type/resource_id`` as this session read it within the last minute, else read from the EHR."""
+        key = f"{resource_type}/{resource_id}"
+        found = self.recent.get(session_id, key)
+        if found is None:
+            found = client.read(resource_type, resource_id)
+            self.recent.put(session_id, key, found)
+        resource: dict[str, Any] = found
+        return resource
 
     def fhir_client(self, session_id: str, state: AuthorizationState) -> FhirClient:
         """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session."""
@@ -197,13 +212,31 @@ class SmartApp:
             card_base_url=self.config.card_base_url,
             progress=report,
         )
+        media_ids = self._keep_explanations(session_id, outcome)
         return {
             "diagnosticReport": outcome.diagnostic_report,
+            "media": media_ids,
             "alreadyPresent": outcome.already_present,
             "analyzer": outcome.result.analyzer,
             "version": outcome.result.version,
             "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
         }
+
+    def _keep_explanations(self, session_id: str, outcome: AnalysisOutcome) -> list[str]:
+        """Keep the PNGs the analysis just filed, by Media id, so the result page that opens next shows them
+        without reading each Media back from the EHR.
+
+        The bundle has one Media per explanation, in order, each created conditionally on the analysis'
+        deterministic identifier; when the EHR already held them (a re-run), they are the same analysis of the
+        same series by the same analyzer version. If the counts do not pair up, nothing is kept and the images
+        come from the EHR as on any later visit.
+        """
+        media = [ref.split("/")[1] for ref in outcome.written if ref.startswith("Media/")]
+        explanations = outcome.result.explanations
+        if len(media) == len(explanations):
+            for media_id, explanation in zip(media, explanations, strict=True):
+                self.recent.put(session_id, f"png:Media/{media_id}", explanation.png)
+        return media
 
     def close(self) -> None:
         self.jobs.shutdown(wait=True)
@@ -227,6 +260,9 @@ def create_app(config: SmartAppConfig) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=config.secure_cookies,
+        # The app's own CSS and JS (no patient data) may be reused for ten minutes without asking again: the
+        # progress and result pages then render without a revalidation round trip for each file.
+        SEND_FILE_MAX_AGE_DEFAULT=STATIC_MAX_AGE_S,
     )
     job_store = SqliteJobStore(config.data_dir / "smart-jobs.sqlite")
     holder: dict[str, SmartApp] = {}
@@ -388,6 +424,7 @@ def launch() -> Any:
     old = request.cookies.get(SESSION_COOKIE)
     if old:
         ext.sessions.delete(old)  # a new launch replaces the browser's previous one (and its tokens)
+        ext.recent.forget_session(old)
     session_id = ext.sessions.create(state)
     assert state.oauth_state is not None
     target = oauth.authorization_url(smart, client, scope=scope, state=state.oauth_state, pkce=pkce, launch=launch_id)
@@ -445,6 +482,7 @@ def callback() -> Any:
     state.phase = "authorized"
     # A fresh session id after login: an id planted in the browser before the launch is worth nothing now.
     ext.sessions.delete(session_id)
+    ext.recent.forget_session(session_id)
     new_id = ext.sessions.create(state)
     log.info("Launch authorised for client %s (%d scopes granted)", client.client_id, len(state.granted.scopes))
     study = next(
@@ -468,6 +506,7 @@ def logout() -> Any:
     if found.session_id and found.state:
         check_csrf(found.state)
         smart_app().sessions.delete(found.session_id)
+        smart_app().recent.forget_session(found.session_id)
     response = redirect(url_for("smart.launch"), code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -480,9 +519,12 @@ def _can(state: AuthorizationState) -> Permissions:
     return permissions(state.granted, state.fhir_user)
 
 
-def _banner(client: FhirClient, state: AuthorizationState) -> PatientBanner | None:
-    """The patient banner, on every screen of a launch that asked for one (``need_patient_banner``)."""
-    return patient_banner(client.read("Patient", str(state.patient))) if state.need_patient_banner else None
+def _banner(client: FhirClient, session_id: str, state: AuthorizationState) -> PatientBanner | None:
+    """The patient banner, on every screen of a launch that asked for one (``need_patient_banner``); the
+    Patient is read once a minute at most, not on every page of one click's way to the results."""
+    if not state.need_patient_banner:
+        return None
+    return patient_banner(smart_app().read_recent(session_id, client, "Patient", str(state.patient)))
 
 
 def _patient_reports(client: FhirClient, patient: str) -> list[dict[str, Any]]:
@@ -498,7 +540,7 @@ def index() -> Any:
     session_id, state = found.session_id, found.state
     assert state.patient is not None
     client = smart_app().fhir_client(session_id, state)
-    banner = _banner(client, state)
+    banner = _banner(client, session_id, state)
     studies = list(client.search("ImagingStudy", {"patient": state.patient, "_count": "100"}))
     reports = _patient_reports(client, state.patient) if _can(state).can_read_results else []
     return render("studies.html", banner=banner, rows=study_rows(studies, reports), can=_can(state))
@@ -511,7 +553,8 @@ def study(study_id: str) -> Any:
     client = smart_app().fhir_client(session_id, state)
     resource = client.read("ImagingStudy", study_id)
     _check_same_patient(resource, state)
-    banner = _banner(client, state)
+    smart_app().recent.put(session_id, f"ImagingStudy/{study_id}", resource)  # the Analyze click that follows
+    banner = _banner(client, session_id, state)
     reports = _patient_reports(client, str(state.patient)) if _can(state).can_read_results else []
     row = study_row(resource, reports)
     analyzers = suitable_analyzers(row.modalities, smart_app().analyzer_choices())
@@ -561,7 +604,7 @@ def analyze(study_id: str) -> Any:
     ext = smart_app()
     name = request.form.get("analyzer", "")
     client = ext.fhir_client(session_id, state)
-    resource = client.read("ImagingStudy", study_id)
+    resource = ext.read_recent(session_id, client, "ImagingStudy", study_id)
     _check_same_patient(resource, state)
     row = study_row(resource)
     if name not in {a.name for a in suitable_analyzers(row.modalities, ext.analyzer_choices())}:
@@ -612,7 +655,7 @@ def job(job_id: str) -> Any:
     status = _job_json(record)
     if status["reportUrl"]:
         return redirect(status["reportUrl"], code=303)
-    banner = _banner(smart_app().fhir_client(session_id, state), state)
+    banner = _banner(smart_app().fhir_client(session_id, state), session_id, state)
     return render("job.html", job=record, status=status, banner=banner)
 
 
@@ -661,15 +704,17 @@ def report(report_id: str) -> Any:
     }
     for ref in sorted(devices)[:1]:
         try:
-            resources.append(client.read_reference(ref))
+            kind, _, device_id = ref.partition("/")
+            resources.append(smart_app().read_recent(session_id, client, kind, device_id))
         except FhirError as exc:
             log.info("Could not read the analyzer Device of a report: %s", type(exc).__name__)
     view = report_view(resource, resources)
     card = card_summary(view.analyzer, smart_app().config.model_cards_dir)
+
     outcome = request.args.get("reviewed")
     return render(
         "report.html",
-        banner=_banner(client, state),
+        banner=_banner(client, session_id, state),
         view=view,
         card=card,
         can=_can(state),
@@ -680,8 +725,16 @@ def report(report_id: str) -> Any:
 
 @bp.get("/media/<media_id>")
 def media(media_id: str) -> Any:
-    """An explanation image, read from the EHR's Media with the session's token and served as PNG bytes."""
+    """An explanation image, read from the EHR's Media with the session's token and served as PNG bytes.
+
+    Right after this session's analysis filed it, the PNG comes from what the analysis kept (see
+    :meth:`SmartApp._keep_explanations`) instead of a second trip to the EHR.
+    """
     session_id, state = require_session()
+    # Only a launch allowed to read Media sees the kept copy; any other gets the EHR's answer (a refusal).
+    kept = smart_app().recent.get(session_id, f"png:Media/{media_id}") if state.granted.allows("Media", "r") else None
+    if isinstance(kept, bytes):
+        return Response(kept, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
     resource = smart_app().fhir_client(session_id, state).read("Media", media_id)
     _check_same_patient(resource, state)
     content = resource.get("content") or {}

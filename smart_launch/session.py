@@ -149,6 +149,9 @@ class SessionStore:
         with self._lock:
             if str(path) != ":memory:":
                 self._connection.execute("PRAGMA journal_mode=WAL")
+                # WAL with NORMAL sync survives an app crash; a power cut may lose the last writes, which only
+                # means signing in again. It spares an fsync on each page that updates the session.
+                self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -261,3 +264,56 @@ class SessionTokenProvider:
             if state is not None:
                 state.expires_at = 0.0
                 self._store.put(self._session_id, state)
+
+
+RECENT_READ_TTL_S = 60.0
+"""How long a resource the app just read or wrote may stand in for re-reading it: long enough to cover one
+click (study page -> Analyze, analysis -> result page and its images), short enough that a later visit asks
+the EHR, which stays the source of truth."""
+
+
+class RecentReads:
+    """What one session's pages and jobs just read from (or wrote to) the EHR, for a minute, in this process.
+
+    Each page used to re-read the Patient (banner), the ImagingStudy (from the study page to the Analyze POST)
+    and, right after an analysis had filed them, the Media images it had just written. Entries are keyed by the
+    session id, so one launch never sees another's data, and expire after ``ttl_s``; the store is bounded
+    (oldest first out) and never written to disk. Values are treated as read-only by callers.
+    """
+
+    def __init__(
+        self, ttl_s: float = RECENT_READ_TTL_S, max_entries: int = 512, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str, key: str) -> Any | None:
+        """The value kept for ``key`` in this session, or ``None`` when there is none or it has expired."""
+        with self._lock:
+            found = self._entries.get((session_id, key))
+            if found is None:
+                return None
+            if found[0] <= self._clock():
+                del self._entries[(session_id, key)]
+                return None
+            return found[1]
+
+    def put(self, session_id: str, key: str, value: Any) -> None:
+        with self._lock:
+            now = self._clock()
+            self._entries.pop((session_id, key), None)
+            self._entries[(session_id, key)] = (now + self._ttl_s, value)
+            if len(self._entries) > self._max_entries:
+                for stale in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+                    del self._entries[stale]
+                while len(self._entries) > self._max_entries:  # dicts keep insertion order: oldest first
+                    del self._entries[next(iter(self._entries))]
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop everything a session kept (logout, or the session id replaced after login)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == session_id]:
+                del self._entries[key]

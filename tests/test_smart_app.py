@@ -6,6 +6,8 @@ way a browser would submit it. The session, review and view rules are checked on
 
 from __future__ import annotations
 
+import base64
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from smart_launch.app import SESSION_COOKIE
 from smart_launch.oauth import GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
 from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
-from smart_launch.session import AuthorizationState, SessionStore
+from smart_launch.session import AuthorizationState, RecentReads, SessionStore
 from smart_launch.views import AnalyzerChoice, permissions, study_row, suitable_analyzers
 from tests.smart_support import practitioner_resource
 
@@ -197,6 +199,18 @@ def test_without_javascript_analysis_then_rejection_as_not_needed_is_filed_and_c
     assert "/reports/" in progress.url and "LAA-950" in progress.text
     report_id = progress.url.rsplit("/", 1)[1].split("?")[0]
 
+    # The explanation images shown right after the analysis (kept from the run that filed them) are exactly the
+    # PNGs the EHR holds, and a later launch, which reads them from the EHR, sees the same images.
+    media_ids = re.findall(r'src="/media/([^"]+)"', progress.text)
+    filed = fhir.read("DiagnosticReport", report_id)
+    assert media_ids and media_ids == [m["link"]["reference"].split("/")[-1] for m in filed["media"]]
+    later = launch_over_http(public_app, other_ct, practitioner).session  # type: ignore[attr-defined]
+    for media_id in media_ids:
+        in_ehr = base64.b64decode(fhir.read("Media", media_id)["content"]["data"])
+        shown = browser.get(f"{public_app.url}/media/{media_id}")
+        assert shown.headers["Content-Type"] == "image/png" and shown.content == in_ehr
+        assert later.get(f"{public_app.url}/media/{media_id}").content == in_ehr
+
     no_reason = browser.post(
         f"{public_app.url}/reports/{report_id}/review", data={"decision": "reject", "csrf_token": token}
     )
@@ -217,7 +231,37 @@ def test_without_javascript_analysis_then_rejection_as_not_needed_is_filed_and_c
     assert public_app.ext.reviews.figures()["ct-emphysema"].rejected >= 1
 
 
+def test_the_servers_do_not_log_request_lines_that_carry_the_authorization_code(
+    public_app: RunningApp,
+    chest_ct: LoadedStudy,
+    practitioner: str,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    page = launch_over_http(public_app, chest_ct, practitioner)
+    assert page.status_code == 200 and any("code=" in r.headers.get("Location", "") for r in page.history)
+    out, err = capfd.readouterr()
+    logged = out + err + caplog.text
+    assert "code=" not in logged and "/callback" not in logged and chest_ct.patient.split("/")[1] not in logged
+
+
 # ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_recent_reads_are_per_session_and_expire_so_the_ehr_stays_the_source_of_truth() -> None:
+    now = [0.0]
+    recent = RecentReads(ttl_s=60, max_entries=3, clock=lambda: now[0])
+    recent.put("session-a", "Patient/1", {"id": "1"})
+    assert recent.get("session-a", "Patient/1") == {"id": "1"}
+    assert recent.get("session-b", "Patient/1") is None  # another launch never sees it
+    now[0] = 61.0
+    assert recent.get("session-a", "Patient/1") is None  # a minute later the page asks the EHR again
+    for n in range(5):
+        recent.put("session-a", f"Media/{n}", b"png")
+    assert recent.get("session-a", "Media/0") is None and recent.get("session-a", "Media/4") == b"png"  # bounded
+    recent.forget_session("session-a")
+    assert recent.get("session-a", "Media/4") is None  # logout drops what the session kept
 
 
 def test_authorization_state_round_trips_and_never_prints_its_tokens(tmp_path: Path) -> None:

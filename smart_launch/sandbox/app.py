@@ -26,7 +26,7 @@ import requests
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749 import InvalidRequestError, InvalidScopeError, OAuth2Error
 from flask import Flask, Response, jsonify, render_template, request
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from imaging_cds.errors import ConfigurationError
 from smart_launch.sandbox.authserver import (
@@ -380,6 +380,17 @@ class SandboxHandle:
         return f"{self.base_url}/launch-ehr?{urlencode(params)}"
 
 
+class QuietRequestHandler(WSGIRequestHandler):
+    """werkzeug's request handler without its per-request access log line.
+
+    That line carries the full query string - an authorization ``code``, a ``launch`` id, a patient id in a
+    FHIR search - and costs a write to stdout per request. Errors are still logged (without the URL).
+    """
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return None
+
+
 @contextmanager
 def run_sandbox(config: SandboxConfig, host: str = "127.0.0.1") -> Iterator[SandboxHandle]:
     """Serve a sandbox EHR on a free port of ``host`` (loopback by default) in a background thread."""
@@ -388,7 +399,7 @@ def run_sandbox(config: SandboxConfig, host: str = "127.0.0.1") -> Iterator[Sand
             f"The sandbox EHR was asked to serve on {host}.", remedy="It is a development tool: use a loopback address."
         )
     app = create_sandbox_app(config)
-    server = make_server(host, 0, app, threaded=True)
+    server = make_server(host, 0, app, threaded=True, request_handler=QuietRequestHandler)
     base = config.public_base_url or f"http://{host}:{server.port}"
     thread = threading.Thread(target=server.serve_forever, name="sandbox-ehr", daemon=True)
     thread.start()

@@ -22,7 +22,7 @@ from imaging_cds.web_models import models_blueprint
 from smart_launch.app import EXTENSION_KEY, SmartApp, create_app
 from smart_launch.config import SmartAppConfig
 from smart_launch.oauth import ClientRegistration
-from smart_launch.sandbox.app import SandboxHandle, run_sandbox
+from smart_launch.sandbox.app import QuietRequestHandler, SandboxHandle, run_sandbox
 from smart_launch.sandbox.config import SandboxClient, SandboxConfig
 
 CLIENT_ID = "imaging-cds-clinician"
@@ -100,7 +100,7 @@ def serve_app_with_sandbox(
             )
         )
         flask_app.register_blueprint(models_blueprint)  # the cards the screens link to (/models/<name>)
-        server = make_server("127.0.0.1", port, flask_app, threaded=True)
+        server = make_server("127.0.0.1", port, flask_app, threaded=True, request_handler=QuietRequestHandler)
         thread = threading.Thread(target=server.serve_forever, name="smart-app", daemon=True)
         thread.start()
         try:
