@@ -13,7 +13,8 @@ What it does, in one run:
    floor's p99 stays <= 25 ms; then drives patient-view (full prefetch) and order-select (a draft chest CT
    order) at that count. Every hook request carries its own freshly signed CDS client JWT (unique ``jti``),
    pre-generated because wrk's Lua cannot sign; tokens are valid for five minutes, so they are made per run.
-4. Prints p50/p95/p99, throughput and errors for each, and the ratios to the floor.
+4. Prints p50/p95/p99, throughput, errors and the workers' CPU milliseconds per request for each, and the
+   ratios to the floor. (The floor is measured after the hooks, at the same load.)
 
 On a shared 2-core machine the load generator competes with the server: compare the ratios, not the
 absolute numbers.
@@ -198,9 +199,36 @@ def _wrk(url: str, body: Path, tokens: Path | None, connections: int, duration: 
     return result
 
 
+def _server_cpu_s(master_pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by gunicorn's workers (children of ``master_pid``).
+
+    Read from ``/proc`` (Linux); on a shared machine latency moves with other people's load, while the
+    server's CPU per request moves only with the code, so it is printed next to the latencies.
+    """
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master_pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(master_pid: int, *args: Any) -> dict[str, Any]:
+    """:func:`_wrk`, plus the server's CPU milliseconds per request during the run."""
+    before = _server_cpu_s(master_pid)
+    result = _wrk(*args)
+    result["cpu_ms"] = (_server_cpu_s(master_pid) - before) * 1000.0 / max(result["requests"], 1)
+    return result
+
+
 def _row(name: str, r: dict[str, Any]) -> str:
     latency = f"{r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['p99_ms']:>8.2f}"
-    return f"{name:<22} {latency} {r['rps']:>9.0f} {r['error_count']:>7d}"
+    return f"{name:<22} {latency} {r['rps']:>9.0f} {r['error_count']:>7d} {r.get('cpu_ms', float('nan')):>11.2f}"
 
 
 def main() -> None:
@@ -260,6 +288,8 @@ def main() -> None:
         chosen = 1
         for connections in (int(c) for c in args.connections.split(",")):
             r = _wrk(f"{base}/floor", bodies["patient-view"], None, connections, args.duration, script)
+            if r["p99_ms"] > FLOOR_P99_LIMIT_MS:  # one retry: on a shared machine a neighbour's burst can spoil a point
+                r = _wrk(f"{base}/floor", bodies["patient-view"], None, connections, args.duration, script)
             print(f"  c={connections:<3d} p99 {r['p99_ms']:.2f} ms, {r['rps']:.0f} req/s, errors {r['error_count']}")
             if r["p99_ms"] > FLOOR_P99_LIMIT_MS:
                 if connections == 1:
@@ -276,18 +306,20 @@ def main() -> None:
             probe_tokens = workdir / f"{name}-probe.tokens"
             _tokens(probe_tokens, 3000, key, args.alg, CDS_BASE + path)
             probe = _wrk(f"{base}{path}", bodies[name], probe_tokens, chosen, 1.0, script)
-            needed = int(probe["rps"] * args.duration * 1.5) + 500
+            # Unused tokens cost only signing time; too few turn the run's tail into replays (401s, counted as
+            # errors), and a 1 s probe on a busy machine can underestimate the rate, so the margin is generous.
+            needed = int(max(probe["rps"], 500.0) * args.duration * 2.0) + 1000
             tokens = workdir / f"{name}.tokens"
             _tokens(tokens, needed, key, args.alg, CDS_BASE + path)
-            results[name] = _wrk(f"{base}{path}", bodies[name], tokens, chosen, args.duration, script)
-        floor = _wrk(f"{base}/floor", bodies["patient-view"], None, chosen, args.duration, script)  # same moment
+            results[name] = _measured(server.pid, f"{base}{path}", bodies[name], tokens, chosen, args.duration, script)
+        floor = _measured(server.pid, f"{base}/floor", bodies["patient-view"], None, chosen, args.duration, script)
 
         print(
             f"\nat {chosen} connections (floor p99 <= {FLOOR_P99_LIMIT_MS:g} ms), "
             f"{args.workers} gunicorn sync workers, "
             f"JWT {args.alg}, {args.duration:g} s each"
         )
-        print(f"{'':<22} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>7}")
+        print(f"{'':<22} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>7} {'srv CPU ms':>11}")
         print(_row("floor (trivial Flask)", floor))
         for name, r in results.items():
             print(_row(name, r))

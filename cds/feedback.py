@@ -11,7 +11,11 @@ not stored (it may contain patient details); only whether one was given.
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
+import os
+import queue
 import sqlite3
 import threading
 import time
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from imaging_cds.errors import ImagingCdsError
+
+log = logging.getLogger(__name__)
 
 OUTCOMES = frozenset({"accepted", "overridden"})
 
@@ -142,39 +148,140 @@ def parse_feedback(body: Any) -> list[FeedbackEntry]:
     return entries
 
 
+IssuedRow = tuple[str, str, str | None, str, float]
+"""One ``issued_card`` row: (card uuid, service id, analyzer or ``None``, indicator, issued at)."""
+
+ISSUED_QUEUE_MAX = 10_000
+"""Hook answers (each a batch of issued-card rows) the background writer may hold; when it is full, the request
+writes its own rows (back-pressure), so memory stays bounded and no record is dropped."""
+
+
+ISSUED_BATCH_WINDOW_S = 0.02
+"""How long the background writer gathers issued cards before one commit (also the most a flush waits extra)."""
+
+
+def issued_rows(service_id: str, cards: Iterable[Mapping[str, Any]], now: float) -> list[IssuedRow]:
+    """The ``issued_card`` rows for the cards just returned (uuid -> analyzer, read from ``source.label``)."""
+    rows: list[IssuedRow] = []
+    for card in cards:
+        label = str((card.get("source") or {}).get("label", ""))
+        analyzer = label.split(" ", 1)[1] if label.startswith("imaging-cds ") else None
+        rows.append((str(card["uuid"]), service_id, analyzer, str(card.get("indicator", "")), now))
+    return rows
+
+
 class FeedbackStore:
-    """SQLite-backed store of issued cards and feedback; one connection per thread."""
+    """SQLite-backed store of issued cards and feedback; one connection per thread (and per process).
+
+    Issued cards can be recorded two ways. :meth:`record_issued` writes before it returns. The hook path uses
+    :meth:`record_issued_later`, which hands the rows to one background writer thread per process, so a
+    clinician's hook answer never waits for a SQLite write (or for another worker's write lock). The writer
+    commits each batch within tens of milliseconds; every read on this store (:meth:`feedback_for_card`,
+    :meth:`analyzer_figures`) and :meth:`record_feedback` first waits for rows queued before it (:meth:`flush`),
+    and the queue is drained when the interpreter exits normally (a gracefully stopped gunicorn worker does).
+    Another process (another worker, ``imaging-cds evaluate``) sees a card once its batch is committed,
+    tens of milliseconds after the answer - long before a clinician can act on the card. Durability trade-off: if the
+    process is killed hard, cards issued in the last tens of milliseconds may be unrecorded; feedback on them is
+    still stored and then counts as "(unattributed)". Feedback is never queued: it is committed before the
+    response.
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._queue: queue.Queue[list[IssuedRow]] = queue.Queue(maxsize=ISSUED_QUEUE_MAX)
+        self._writer: threading.Thread | None = None
+        self._writer_pid = 0
+        self._writer_lock = threading.Lock()
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
+        # A connection must not cross a fork (gunicorn --preload builds the app in the master): reopen per pid.
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
+            self._local.pid = os.getpid()
         return conn
 
-    def record_issued(self, service_id: str, cards: Iterable[Mapping[str, Any]]) -> None:
-        """Remember the cards just returned (uuid -> analyzer) so feedback can be attributed later."""
-        now = time.time()
-        rows = []
-        for card in cards:
-            label = str((card.get("source") or {}).get("label", ""))
-            analyzer = label.split(" ", 1)[1] if label.startswith("imaging-cds ") else None
-            rows.append((str(card["uuid"]), service_id, analyzer, str(card.get("indicator", "")), now))
+    def _write_issued(self, rows: list[IssuedRow]) -> None:
         if rows:
-            conn = self._connect()
-            conn.executemany("INSERT OR IGNORE INTO issued_card VALUES (?, ?, ?, ?, ?)", rows)
+            self._connect().executemany("INSERT OR IGNORE INTO issued_card VALUES (?, ?, ?, ?, ?)", rows)
+
+    def record_issued(self, service_id: str, cards: Iterable[Mapping[str, Any]]) -> None:
+        """Remember the cards just returned (uuid -> analyzer) so feedback can be attributed later; written
+        before this returns."""
+        self._write_issued(issued_rows(service_id, cards, time.time()))
+
+    def record_issued_later(self, service_id: str, cards: Iterable[Mapping[str, Any]]) -> None:
+        """Like :meth:`record_issued`, but written by the background writer (see the class docstring).
+
+        If the queue is full (the disk cannot keep up), the rows are written here instead: back-pressure,
+        never a silently dropped record.
+        """
+        rows = issued_rows(service_id, cards, time.time())
+        if not rows:
+            return
+        self._ensure_writer()
+        try:
+            self._queue.put_nowait(rows)
+        except queue.Full:
+            self._write_issued(rows)
+
+    def flush(self) -> None:
+        """Wait until every issued card queued before this call is written."""
+        if self._writer is not None and self._writer_pid == os.getpid() and self._writer.is_alive():
+            self._queue.join()
+
+    def _ensure_writer(self) -> None:
+        # Threads do not survive fork: a worker forked from a preloading master starts its own writer.
+        if self._writer is not None and self._writer_pid == os.getpid() and self._writer.is_alive():
+            return
+        with self._writer_lock:
+            if self._writer is not None and self._writer_pid == os.getpid() and self._writer.is_alive():
+                return
+            if self._writer_pid != os.getpid():
+                self._queue = queue.Queue(maxsize=ISSUED_QUEUE_MAX)  # the parent's queue state is not ours
+            self._writer = threading.Thread(target=self._drain, name="cds-issued-card-writer", daemon=True)
+            self._writer_pid = os.getpid()
+            self._writer.start()
+            atexit.register(self.flush)
+
+    def _drain(self) -> None:
+        """The writer thread: take whatever is queued, write it in one transaction, repeat."""
+        while True:
+            batch = [self._queue.get()]
+            # Gather what arrives in the next few milliseconds into the same transaction: under load one wake-up
+            # and one commit then serve many hook answers, instead of a thread switch and a commit for each.
+            time.sleep(ISSUED_BATCH_WINDOW_S)
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [row for rows in batch for row in rows]
+            try:
+                conn = self._connect()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany("INSERT OR IGNORE INTO issued_card VALUES (?, ?, ?, ?, ?)", rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except Exception:  # the writer must outlive one failed batch; the loss is logged, not raised
+                log.exception("recording %d issued card(s) failed", len(rows))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
 
     def record_feedback(self, service_id: str, entries: Iterable[FeedbackEntry], *, client_iss: str | None) -> int:
-        """Store feedback entries durably; returns how many were stored."""
+        """Store feedback entries durably (committed before this returns); returns how many were stored."""
+        self.flush()
         now = time.time()
         rows = [
             (
@@ -208,6 +315,8 @@ class FeedbackStore:
         return len(rows)
 
     def feedback_for_card(self, card_uuid: str) -> list[dict[str, Any]]:
+        """The feedback stored for one card, with the analyzer of the issued card (``None`` if unknown)."""
+        self.flush()
         conn = self._connect()
         conn.row_factory = sqlite3.Row
         try:
@@ -223,6 +332,7 @@ class FeedbackStore:
     def analyzer_figures(self) -> dict[str, AnalyzerFigures]:
         """Per-analyzer acceptance and override figures. Feedback on unknown cards counts as ``"(unattributed)"``;
         cards not tied to an analyzer (queue notices) as ``"(service)"``."""
+        self.flush()
         conn = self._connect()
         figures: dict[str, AnalyzerFigures] = {}
 

@@ -536,6 +536,22 @@ def test_unknown_service_is_404_and_malformed_bodies_are_400(call: Call, patient
     assert no_bundle.status_code == 400 and "draftOrders" in no_bundle.get_json()["message"]
 
 
+def test_any_valid_json_body_is_read_and_broken_json_is_400(
+    client: FlaskClient, keys: EhrKeys, patient: Patient
+) -> None:
+    path = f"/cds-services/{PATIENT_VIEW}"
+    body = hook_body(
+        "patient-view", {"patientId": patient.id}, prefetch={AI_REPORTS_KEY: None, IMAGING_STUDIES_KEY: None}
+    )
+    # Valid JSON the fast parser refuses (an integer beyond 64 bits, NaN) is still read, as the standard library does.
+    raw = json.dumps(body)[:-1] + ', "extension": {"big": 123456789012345678901234567890, "nan": NaN}}'
+    for data, status in ((raw, 200), (raw[:-2], 400)):
+        headers = {"Authorization": f"Bearer {keys.sign(path)}", "Content-Type": "application/json"}
+        response = client.post(path, data=data, headers=headers)
+        assert response.status_code == status
+    assert response.get_json()["message"].startswith("The request body must be a JSON object")
+
+
 def test_fhir_server_outside_the_allow_list_is_refused_without_a_request(call: Call, patient: Patient) -> None:
     with recording_listener() as (url, connections):
         body = hook_body(

@@ -180,3 +180,20 @@ def test_feedback_needs_a_valid_token_too(client: FlaskClient, keys: EhrKeys) ->
     assert_refused(refused)
     accepted = client.post(path, json=feedback, headers={"Authorization": f"Bearer {keys.sign(path)}"})
     assert accepted.status_code == 200
+
+
+def test_a_kid_the_client_does_not_publish_is_refused_every_time(client: FlaskClient, keys: EhrKeys) -> None:
+    assert send(client, keys.sign(PATH, alg="RS384")).status_code == 200  # the right kid is accepted ...
+    for _ in range(2):  # ... and a wrong one never is, not even after a good token warmed the key lookup
+        assert_refused(send(client, keys.sign(PATH, alg="RS384", header={"kid": "not-published"})))
+
+
+def test_a_key_published_for_encryption_or_another_alg_does_not_verify_signatures(
+    tmp_path: Path, keys: EhrKeys
+) -> None:
+    for restriction in ({"use": "enc"}, {"alg": "RS512"}):
+        restricted = {**keys.rsa.as_dict(private=False), **restriction}
+        client = TrustedClient(iss=EHR_ISS, jwks={"keys": [restricted]})
+        app = create_app(make_config(tmp_path, keys, "http://127.0.0.1:9/fhir", client=client)).test_client()
+        for _ in range(2):  # refused on first use and on every later one
+            assert_refused(send(app, keys.sign(PATH, alg="RS384")))

@@ -1,0 +1,68 @@
+"""The feedback store's background writer: cards issued on the hook path are written off that path, yet
+feedback always finds them.
+
+No server is involved: the store is a local SQLite file, as in production.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from cds.feedback import FeedbackStore, parse_feedback
+
+
+def _card(uuid: str, analyzer: str | None, indicator: str = "warning") -> dict[str, object]:
+    label = f"imaging-cds {analyzer}" if analyzer else "imaging-cds"
+    return {"uuid": uuid, "indicator": indicator, "source": {"label": label}}
+
+
+def test_feedback_on_a_card_recorded_in_the_background_is_attributed_to_its_analyzer(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path / "fb.sqlite")
+    store.record_issued_later("imaging-ai-order-select", [_card("card-bone", "ct-bone"), _card("card-q", None)])
+    entries = parse_feedback(
+        {"feedback": [{"card": "card-bone", "outcome": "overridden", "overrideReason": {"reason": {"code": "x"}}}]}
+    )
+    assert store.record_feedback("imaging-ai-order-select", entries, client_iss="https://ehr.example.org") == 1
+
+    (row,) = store.feedback_for_card("card-bone")
+    assert row["analyzer"] == "ct-bone" and row["outcome"] == "overridden"
+    figures = store.analyzer_figures()
+    assert figures["ct-bone"].cards_issued == 1 and figures["ct-bone"].overridden == 1
+    assert figures["(service)"].cards_issued == 1  # the queue notice is not attributed to a model
+
+
+def test_after_flush_another_process_sees_every_card_issued_in_the_background(tmp_path: Path) -> None:
+    db = tmp_path / "fb.sqlite"
+    store = FeedbackStore(db)
+    for batch in range(300):  # many small batches, as under load: none is lost or reordered away
+        store.record_issued_later(
+            "imaging-ai-patient-view", [_card(f"pv-{batch}-{i}", "ct-emphysema") for i in range(3)]
+        )
+    store.flush()
+
+    other = FeedbackStore(db)  # what another worker, or `imaging-cds evaluate`, opens
+    assert other.analyzer_figures()["ct-emphysema"].cards_issued == 900
+
+
+def test_cards_queued_just_before_the_interpreter_exits_are_still_written(tmp_path: Path) -> None:
+    db = tmp_path / "fb.sqlite"
+    script = textwrap.dedent(
+        f"""
+        from cds.feedback import FeedbackStore
+        store = FeedbackStore({str(db)!r})
+        store.record_issued_later("imaging-ai-order-sign", [{{"uuid": "last-card", "indicator": "info",
+                                   "source": {{"label": "imaging-cds ct-bone"}}}}])
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+    assert FeedbackStore(db).analyzer_figures()["ct-bone"].cards_issued == 1
+
+
+def test_the_synchronous_record_is_visible_at_once_to_another_store(tmp_path: Path) -> None:
+    db = tmp_path / "fb.sqlite"
+    FeedbackStore(db).record_issued("imaging-ai-patient-view", [_card("now", "us-breast", "info")])
+    assert FeedbackStore(db).analyzer_figures()["us-breast"].cards_issued == 1
