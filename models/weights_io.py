@@ -12,8 +12,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from imaging_cds.errors import ConfigurationError
 
 _CHUNK = 1 << 20
@@ -68,6 +66,8 @@ def verify_sha256(path: Path, expected_sha256: str | None = None) -> str:
 def load_checked(path: Path, expected_sha256: str | None = None) -> dict[str, Any]:
     """Verify the hash, then load the checkpoint dictionary without executing pickled code."""
     verify_sha256(path, expected_sha256)
+    import torch  # only loading needs torch; hashing and pin checks serve torch-free callers (the registry)
+
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
         raise ConfigurationError(
@@ -80,6 +80,8 @@ def load_checked(path: Path, expected_sha256: str | None = None) -> dict[str, An
 def save_pinned(checkpoint: dict[str, Any], path: Path) -> str:
     """Write the checkpoint and its ``.sha256`` sidecar; returns the hash."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     torch.save(checkpoint, path)
     digest = sha256_of_file(path)
     sidecar_path(path).write_text(f"{digest}  {path.name}\n", encoding="ascii")
