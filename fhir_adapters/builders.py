@@ -139,16 +139,17 @@ def _identifier(value: str) -> list[dict[str, str]]:
     return [{"system": constants.ANALYSIS_IDENTIFIER_SYSTEM, "value": value}]
 
 
-def _conditional(system: str, value: str) -> str:
+def identifier_query(system: str, value: str) -> str:
     """``ifNoneExist`` query for one identifier, with characters outside ordinary ones percent-encoded."""
     return "identifier=" + quote(f"{system}|{value}", safe=":/|@")
 
 
-def _post_entry(full_url: str, resource: dict[str, Any], system: str, value: str) -> dict[str, Any]:
+def conditional_create_entry(full_url: str, resource: dict[str, Any], system: str, value: str) -> dict[str, Any]:
+    """A transaction entry that creates ``resource`` unless one with this identifier already exists."""
     return {
         "fullUrl": full_url,
         "resource": resource,
-        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": _conditional(system, value)},
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": identifier_query(system, value)},
     }
 
 
@@ -385,7 +386,9 @@ def build_results_bundle(
     analysis_id = analysis_identifier(target.study_uid, target.series_uid, result.analyzer, result.version)
     device_url = f"urn:uuid:{_uuid_for('device|' + device.identifier_value)}"
     entries: list[dict[str, Any]] = [
-        _post_entry(device_url, _device(device), constants.DEVICE_IDENTIFIER_SYSTEM, device.identifier_value)
+        conditional_create_entry(
+            device_url, _device(device), constants.DEVICE_IDENTIFIER_SYSTEM, device.identifier_value
+        )
     ]
 
     probability = _probability_measurement(result)
@@ -403,7 +406,7 @@ def build_results_bundle(
         identifier = f"{analysis_id}/obs/{m.key}"
         url = f"urn:uuid:{_uuid_for(identifier)}"
         observation = _observation(target, result, m, identifier=identifier, device_url=device_url, issued=issued_at)
-        entries.append(_post_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         observation_urls.append(url)
 
     media_links: list[dict[str, Any]] = []
@@ -411,7 +414,7 @@ def build_results_bundle(
         identifier = f"{analysis_id}/media/{n}"
         url = f"urn:uuid:{_uuid_for(identifier)}"
         media = _media(target, result, explanation, identifier=identifier, device_url=device_url, issued=issued_at)
-        entries.append(_post_entry(url, media, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        entries.append(conditional_create_entry(url, media, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         media_links.append({"comment": explanation.title, "link": {"reference": url}})
 
     report_html = render_report_html(target, result, device, measurements)
@@ -443,7 +446,7 @@ def build_results_bundle(
             "creation": issued_at,
         }
     ]
-    entries.append(_post_entry(report_url, report, constants.ANALYSIS_IDENTIFIER_SYSTEM, analysis_id))
+    entries.append(conditional_create_entry(report_url, report, constants.ANALYSIS_IDENTIFIER_SYSTEM, analysis_id))
 
     provenance_id = _uuid_for(f"{analysis_id}/provenance")
     provenance = _provenance(

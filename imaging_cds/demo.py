@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 
+from fhir_adapters.builders import conditional_create_entry, identifier_query
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import CANONICAL_BASE
 from fhir_adapters.terminology import unit_label
@@ -89,11 +90,11 @@ def load_sample_study(client: FhirClient, orthanc: OrthancServer, sample: Sample
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            _conditional_create(patient_urn, demo_patient(sample), DEMO_PATIENT_SYSTEM, sample.patient_id),
-            _conditional_create(
+            conditional_create_entry(patient_urn, demo_patient(sample), DEMO_PATIENT_SYSTEM, sample.patient_id),
+            conditional_create_entry(
                 endpoint_urn, endpoint, endpoint["identifier"][0]["system"], endpoint["identifier"][0]["value"]
             ),
-            _conditional_create(study_urn, study, study_identifier["system"], study_identifier["value"]),
+            conditional_create_entry(study_urn, study, study_identifier["system"], study_identifier["value"]),
         ],
     }
     response = client.transaction(bundle)
@@ -113,14 +114,6 @@ def _urn(name: str, kind: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{CANONICAL_BASE}/demo/{name}/{kind}')}"
 
 
-def _conditional_create(full_url: str, resource: dict[str, Any], system: str, value: str) -> dict[str, Any]:
-    return {
-        "fullUrl": full_url,
-        "resource": resource,
-        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": f"identifier={system}|{value}"},
-    }
-
-
 def _demo_practitioner(client: FhirClient) -> str:
     """The clinician who launches the app in the demo (created once, conditionally on its identifier)."""
     practitioner = {
@@ -128,7 +121,7 @@ def _demo_practitioner(client: FhirClient) -> str:
         "identifier": [{"system": DEMO_PRACTITIONER_SYSTEM, "value": "demo-radiologist"}],
         "name": [{"family": "Radiologist", "given": ["Demo"], "prefix": ["Dr"]}],
     }
-    created = client.create(practitioner, if_none_exist=f"identifier={DEMO_PRACTITIONER_SYSTEM}|demo-radiologist")
+    created = client.create(practitioner, if_none_exist=identifier_query(DEMO_PRACTITIONER_SYSTEM, "demo-radiologist"))
     return f"Practitioner/{created['id']}"
 
 
