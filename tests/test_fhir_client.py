@@ -249,8 +249,9 @@ def test_a_conditional_create_and_a_transaction_are_retried(fhir_base: FhirServe
 
 
 def test_a_timeout_is_retried_and_then_succeeds(fhir_base: FhirServer) -> None:
-    with fault_proxy(fhir_base.base_url, lambda i, m, p: Action(delay=2.0) if i == 0 else None) as proxy:
-        client = FhirClient(proxy.base_url, timeout=0.5, retries=2, backoff=0.01)
+    # Timeout well above a normal answer even on a loaded 2-core machine; the delay well above the timeout.
+    with fault_proxy(fhir_base.base_url, lambda i, m, p: Action(delay=6.0) if i == 0 else None) as proxy:
+        client = FhirClient(proxy.base_url, timeout=3.0, retries=2, backoff=0.01)
         assert client.capability_statement()["resourceType"] == "CapabilityStatement"
         assert proxy.count == 2
 
