@@ -20,7 +20,6 @@ Design points an integrator should know:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import requests
 
 from fhir_adapters.auth import TokenProvider
@@ -166,7 +166,7 @@ class FhirClient:
         """
         attempts = self.retries if retry else 1
         send_token = self.auth is not None and self.is_own_url(url)
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
+        data = orjson.dumps(body) if body is not None else None  # UTF-8 JSON; fast for bundles carrying images
         attempt = 0
         refreshed = False
         while True:
@@ -216,8 +216,8 @@ class FhirClient:
 
     def _json(self, response: requests.Response, *, what: str) -> dict[str, Any]:
         try:
-            body = response.json()
-        except ValueError:
+            body = orjson.loads(response.content)
+        except ValueError:  # orjson.JSONDecodeError is a ValueError
             raise FhirError(
                 f"FHIR {what} answered HTTP {response.status_code} without a JSON body.",
                 remedy="Check that the URL is a FHIR R4 server's base.",
@@ -337,12 +337,18 @@ class FhirClient:
             raise FhirError(f"FHIR {what} answered without the resource or its location.", status=response.status_code)
         return self.read_reference(location)
 
-    def transaction(self, bundle: Mapping[str, Any], *, retry: bool = True) -> dict[str, Any]:
+    def transaction(
+        self, bundle: Mapping[str, Any], *, retry: bool = True, representation: bool = False
+    ) -> dict[str, Any]:
         """Post a transaction Bundle; return the transaction-response after checking every entry.
 
         Retried on 5xx/timeouts because the project's transactions are idempotent by construction
         (conditional creates and deterministic PUTs; see the module docstring). A response entry whose
         status is not 2xx raises the typed error for that status, naming the entry.
+
+        ``representation=True`` asks the server (``Prefer: return=representation``) to put each resource, as it
+        now stands, in its response entry: the one just created, or the one a conditional create found. A
+        server may still leave them out; callers must not rely on them being there.
         """
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
             raise FhirInvalid(
@@ -351,7 +357,8 @@ class FhirClient:
             )
         entries = list(bundle.get("entry", []))
         what = f"transaction of {len(entries)} entries"
-        response = self.request("POST", self.base_url, what=what, body=bundle, retry=retry)
+        headers = {"Prefer": "return=representation"} if representation else None
+        response = self.request("POST", self.base_url, what=what, body=bundle, headers=headers, retry=retry)
         result = self._json(response, what=what)
         if result.get("resourceType") != "Bundle" or result.get("type") != "transaction-response":
             raise FhirError(f"FHIR {what} did not answer with a transaction-response.", status=response.status_code)

@@ -64,6 +64,9 @@ class AnalysisOutcome:
     already_present: bool
     corrections: tuple[str, ...]
     timings: dict[str, float]
+    filed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """With ``keep_filed``: the resources as the EHR answered the transaction with them, by ``Type/id`` (empty
+    when the server left them out of its answer)."""
 
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary (no PHI: resource ids and DICOM UIDs only)."""
@@ -137,11 +140,14 @@ def analyze_study(
     card_base_url: str | None = None,
     progress: ProgressCallback = _no_progress,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    keep_filed: bool = False,
 ) -> AnalysisOutcome:
     """Analyse one ImagingStudy with ``analyzer`` and file the findings in the EHR in one transaction.
 
     Re-running with the same study, series and analyzer version writes nothing new: every resource is
     created conditionally on a deterministic identifier. Any failure before the transaction writes nothing.
+    ``keep_filed`` asks the EHR to answer with the filed resources as they now stand (``AnalysisOutcome.filed``),
+    for a caller that shows them next.
     """
     timings = StepTimings()
     progress(0.0, "reading the ImagingStudy")
@@ -176,8 +182,9 @@ def analyze_study(
     with timings.step("build_bundle"):
         bundle = build_results_bundle(target, result, device_info(analyzer, card_base_url=card_base_url), issued=now())
     with timings.step("write_back"):
-        response = client.transaction(bundle)
+        response = client.transaction(bundle, representation=keep_filed)
     written, report, already_present = _written_resources(bundle, response)
+    filed = _filed_resources(response) if keep_filed else {}
     progress(1.0, "done")
     return AnalysisOutcome(
         imaging_study=f"ImagingStudy/{study['id']}",
@@ -188,7 +195,18 @@ def analyze_study(
         already_present=already_present,
         corrections=tuple(corrections),
         timings=dict(timings.seconds),
+        filed=filed,
     )
+
+
+def _filed_resources(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The resources a transaction-response carries, by ``Type/id``."""
+    filed: dict[str, dict[str, Any]] = {}
+    for entry in response.get("entry", []):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") and resource.get("id"):
+            filed[f"{resource['resourceType']}/{resource['id']}"] = resource
+    return filed
 
 
 def _written_resources(bundle: dict[str, Any], response: dict[str, Any]) -> tuple[tuple[str, ...], str, bool]:

@@ -211,8 +211,10 @@ class SmartApp:
             dicomweb_allow_list=self.config.dicomweb_allow_list,
             card_base_url=self.config.card_base_url,
             progress=report,
+            keep_filed=True,
         )
         media_ids = self._keep_explanations(session_id, outcome)
+        self._keep_report(session_id, outcome)
         return {
             "diagnosticReport": outcome.diagnostic_report,
             "media": media_ids,
@@ -237,6 +239,23 @@ class SmartApp:
             for media_id, explanation in zip(media, explanations, strict=True):
                 self.recent.put(session_id, f"png:Media/{media_id}", explanation.png)
         return media
+
+    def _keep_report(self, session_id: str, outcome: AnalysisOutcome) -> None:
+        """Keep the report the analysis just filed, with its Observations and Device, as the EHR answered the
+        transaction with them, for the result page that opens next (see :func:`report`), once.
+
+        Kept only when the answer carried the report and every resource the page shows; otherwise that page
+        reads the EHR, as on any later visit.
+        """
+        report = outcome.filed.get(outcome.diagnostic_report)
+        if report is None:
+            return
+        wanted = [oauth.relative_reference(str((r or {}).get("reference", ""))) for r in report.get("result") or []]
+        results = [outcome.filed.get(ref) for ref in wanted if ref]
+        if len(results) != len(wanted) or any(r is None for r in results):
+            return
+        devices = [r for ref, r in outcome.filed.items() if ref.startswith("Device/")]
+        self.recent.put(session_id, f"report:{outcome.diagnostic_report}", [report, *results, *devices])
 
     def close(self) -> None:
         self.jobs.shutdown(wait=True)
@@ -360,8 +379,16 @@ def render(template: str, http_status: int = 200, **context: Any) -> tuple[str, 
     return page, http_status
 
 
-def error_page(exc: ImagingCdsError) -> tuple[str, int]:
+def wants_json() -> bool:
+    """The request is the app's own script asking for JSON (``Accept: application/json``), not a page."""
+    return request.accept_mimetypes.best == "application/json"
+
+
+def error_page(exc: ImagingCdsError) -> Any:
     status = exc.http_status if 400 <= exc.http_status < 600 else 500
+    if wants_json():
+        body = {"error": type(exc).__name__, "title": _error_title(exc), "message": exc.message, "remedy": exc.remedy}
+        return jsonify(body), status
     return render("error.html", status, title=_error_title(exc), message=exc.message, remedy=exc.remedy)
 
 
@@ -378,7 +405,7 @@ def _error_title(exc: ImagingCdsError) -> str:
 
 
 @bp.app_errorhandler(ImagingCdsError)
-def handle_project_error(exc: ImagingCdsError) -> tuple[str, int]:
+def handle_project_error(exc: ImagingCdsError) -> Any:
     log.info("Request %s %s ended with %s", request.method, request.url_rule, type(exc).__name__)
     return error_page(exc)
 
@@ -625,6 +652,11 @@ def analyze(study_id: str) -> Any:
             fresh.jobs = [*fresh.jobs[-49:], record.id]
             ext.sessions.put(session_id, fresh)
     log.info("Analysis job %s submitted (%s on %s)", record.id, name, imaging_study)
+    if wants_json():  # the study page's script follows the job in place (see static/progress.js)
+        status = _job_json(record)
+        status["jobUrl"] = url_for("smart.job", job_id=record.id)
+        status["statusUrl"] = url_for("smart.job_status", job_id=record.id, wait=1)
+        return jsonify(status), 202
     return redirect(url_for("smart.job", job_id=record.id), code=303)
 
 
@@ -685,10 +717,21 @@ def report(report_id: str) -> Any:
     """One AI result: findings, category, probability, explanation images, analyzer version, limits, review."""
     session_id, state = require_session()
     client = smart_app().fhir_client(session_id, state)
-    bundle = client.search_bundle(
-        "DiagnosticReport", {"_id": report_id, "_include": "DiagnosticReport:result", "patient": str(state.patient)}
+    # Right after this session's analysis filed the report, it is shown as the EHR answered that transaction
+    # (see SmartApp._keep_report), once, and only to a launch allowed to read what the page shows.
+    kept = (
+        smart_app().recent.take(session_id, f"report:DiagnosticReport/{report_id}")
+        if all(state.granted.allows(kind, "r") for kind in ("DiagnosticReport", "Observation", "Device"))
+        else None
     )
-    resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e.get("resource"), dict)]
+    if isinstance(kept, list):
+        resources = list(kept)
+    else:
+        bundle = client.search_bundle(
+            "DiagnosticReport",
+            {"_id": report_id, "_include": "DiagnosticReport:result", "patient": str(state.patient)},
+        )
+        resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e.get("resource"), dict)]
     resource = next((r for r in resources if r.get("resourceType") == "DiagnosticReport"), None)
     if resource is None or not is_ai_report(resource):
         raise FhirNotFound(
@@ -702,7 +745,8 @@ def report(report_id: str) -> Any:
         for ref in [oauth.relative_reference(str((r.get("device") or {}).get("reference", "")))]
         if ref
     }
-    for ref in sorted(devices)[:1]:
+    present = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    for ref in sorted(devices - present)[:1]:
         try:
             kind, _, device_id = ref.partition("/")
             resources.append(smart_app().read_recent(session_id, client, kind, device_id))

@@ -301,6 +301,12 @@ class RecentReads:
                 return None
             return found[1]
 
+    def take(self, session_id: str, key: str) -> Any | None:
+        """Like :meth:`get`, but the value is removed: for something that may be used once only."""
+        with self._lock:
+            found = self._entries.pop((session_id, key), None)
+        return found[1] if found is not None and found[0] > self._clock() else None
+
     def put(self, session_id: str, key: str, value: Any) -> None:
         with self._lock:
             now = self._clock()

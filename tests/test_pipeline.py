@@ -135,9 +135,16 @@ def test_second_run_adds_nothing(
 ) -> None:
     before = _ai_resource_counts(client, lung2.patient)
     devices_before = _count(client, "Device", {})
-    again = analyze_study(client, lung2.imaging_study, get_analyzer("ct-emphysema"), dicomweb_allow_list=allow)
+    again = analyze_study(
+        client, lung2.imaging_study, get_analyzer("ct-emphysema"), dicomweb_allow_list=allow, keep_filed=True
+    )
     assert again.diagnostic_report.split("/")[-1] == first_run.diagnostic_report.split("/")[-1]
     assert again.already_present
+    # Asked for them, the EHR answers with what it already held: the report as stored, and its results.
+    report = again.filed[again.diagnostic_report]
+    assert report == client.read("DiagnosticReport", again.diagnostic_report.split("/")[1])
+    assert all(r["reference"] in again.filed for r in report["result"])
+    assert not first_run.filed  # not asked for, not kept
     assert _ai_resource_counts(client, lung2.patient) == before
     assert _count(client, "Device", {}) == devices_before
     assert _count(client, "Provenance", {"target": first_run.diagnostic_report}) == 1

@@ -26,7 +26,7 @@ from smart_launch.oauth import GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
 from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
 from smart_launch.session import AuthorizationState, RecentReads, SessionStore
-from smart_launch.views import AnalyzerChoice, permissions, study_row, suitable_analyzers
+from smart_launch.views import STATUS_WORDS, AnalyzerChoice, permissions, study_row, suitable_analyzers
 from tests.smart_support import practitioner_resource
 
 
@@ -225,10 +225,58 @@ def test_without_javascript_analysis_then_rejection_as_not_needed_is_filed_and_c
         },
     )
     assert "Rejected" in rejected.text
+    # The page after the review reads the EHR again: the copy kept from the analysis was for one showing only.
+    assert re.search(r'<dd id="report-status">\s*Cancelled', rejected.text), rejected.text
     stored = fhir.read("DiagnosticReport", report_id)
     assert stored["status"] == "cancelled"
     assert "Duplicate request" in stored["conclusion"]
     assert public_app.ext.reviews.figures()["ct-emphysema"].rejected >= 1
+
+
+def test_the_study_pages_script_starts_the_analysis_and_follows_it_without_the_progress_page(
+    public_app: RunningApp, chest_ct: LoadedStudy, practitioner: str, fhir: FhirClient
+) -> None:
+    page = launch_over_http(public_app, chest_ct, practitioner)
+    browser: requests.Session = page.session  # type: ignore[attr-defined]
+    study_id = chest_ct.imaging_study.split("/")[1]
+    token = _csrf(browser.get(f"{public_app.url}/studies/{study_id}"))
+    as_script = {"Accept": "application/json"}  # what static/progress.js sends
+
+    unsuitable = browser.post(
+        f"{public_app.url}/studies/{study_id}/analyze",
+        data={"analyzer": "cxr-pneumonia", "csrf_token": token},
+        headers=as_script,
+    )
+    assert unsuitable.status_code == 400 and unsuitable.headers["Content-Type"] == "application/json"
+    assert "does not suit" in unsuitable.json()["message"] and unsuitable.json()["remedy"]
+
+    started = browser.post(
+        f"{public_app.url}/studies/{study_id}/analyze",
+        data={"analyzer": "ct-emphysema", "csrf_token": token},
+        headers=as_script,
+    )
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert job["state"] in ("queued", "running", "done") and job["jobUrl"].startswith("/jobs/")
+    assert job["statusUrl"].startswith(job["jobUrl"] + "/status")
+    status = job
+    for _ in range(600):
+        if status["state"] in ("done", "failed"):
+            break
+        status = browser.get(public_app.url + job["statusUrl"], headers=as_script).json()
+    assert status["state"] == "done" and status["reportUrl"].startswith("/reports/"), status
+
+    shown = browser.get(public_app.url + status["reportUrl"])
+    report_id = status["reportUrl"].rsplit("/", 1)[1]
+    stored = fhir.read("DiagnosticReport", report_id)
+    assert "LAA-950" in shown.text and str(stored["conclusion"]) in shown.text.replace("&#39;", "'")
+    # Shown as the EHR holds it now (a re-run finds the report filed - and perhaps signed - before).
+    assert re.search(rf'<dd id="report-status">\s*{re.escape(STATUS_WORDS[stored["status"]])}', shown.text)
+    # The images are announced early (preload) and marked for paint timing; no script or token in the page.
+    for media in stored["media"]:
+        media_id = media["link"]["reference"].split("/")[-1]
+        assert f'<link rel="preload" as="image" href="/media/{media_id}">' in shown.text
+    assert 'elementtiming="explanation"' in shown.text
 
 
 def test_the_servers_do_not_log_request_lines_that_carry_the_authorization_code(

@@ -109,9 +109,13 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     page.wait_for_selector("#analyze-button")
     assert page.is_enabled("#analyze-button")
     screenshot(page, "02-study")
+    visited: list[str] = []
+    page.on("framenavigated", lambda frame: visited.append(frame.url))
     page.focus("#analyze-button")
     page.keyboard.press("Enter")  # keyboard only: a real button, reachable and operable without a mouse
     page.wait_for_url(re.compile(r".*/reports/[^/]+$"), timeout=300_000)
+    # With JavaScript the progress is followed on the study page itself: straight from there to the result.
+    assert not [url for url in visited if "/jobs/" in url], visited
     page.wait_for_function(
         "Array.from(document.querySelectorAll('img.explanation')).every(i => i.complete && i.naturalWidth > 0)"
     )
@@ -131,6 +135,7 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     page.click("#accept-button")
     page.wait_for_selector("#review-outcome")
     assert "Accepted" in page.inner_text("#review-outcome")
+    assert page.inner_text("#report-status").startswith("Final")  # read back from the EHR, not a kept copy
     screenshot(page, "04-accepted")
 
     stored = fhir.read("DiagnosticReport", report_id)  # read sekmet directly, not through the app

@@ -1,10 +1,11 @@
-// Follow an analysis job: poll its JSON status, show progress, open the results once they are filed.
-// No token ever reaches this script: the status endpoint answers for the browser's own session only.
+// Follow an analysis job: long-poll its JSON status, show progress, open the results once they are filed.
+// On the study page it also starts the job: the Analyze form is sent in the background and the progress is
+// shown in place, so the results open without a detour through the progress page (which stays the path
+// without JavaScript). No token ever reaches this script: every URL answers for the browser's own session only.
 (function () {
   "use strict";
   var root = document.getElementById("job");
   if (!root) { return; }
-  var url = root.getAttribute("data-status-url");
   var bar = document.getElementById("job-progress");
   var step = document.getElementById("job-step");
   var errorBox = document.getElementById("job-error");
@@ -12,6 +13,12 @@
   // The status URL long-polls (?wait=1): it answers as soon as the job finishes, or after a second with
   // the latest progress, so the next request can follow at once.
   var delay = 50;
+
+  function fail(message, remedy) {
+    document.getElementById("job-error-message").textContent = message;
+    document.getElementById("job-error-remedy").textContent = remedy;
+    errorBox.hidden = false;
+  }
 
   function show(status) {
     bar.value = status.progress;
@@ -24,27 +31,59 @@
       return false;
     }
     if (status.state === "failed") {
-      document.getElementById("job-error-message").textContent = status.error ? status.error.message : "";
-      document.getElementById("job-error-remedy").textContent = status.error ? status.error.remedy : "";
-      errorBox.hidden = false;
+      fail(status.error ? status.error.message : "", status.error ? status.error.remedy : "");
       return false;
     }
     return true;
   }
 
-  function poll() {
+  function poll(url) {
     fetch(url, { headers: { "Accept": "application/json" }, credentials: "same-origin", cache: "no-store" })
       .then(function (response) {
         if (!response.ok) { throw new Error("HTTP " + response.status); }
         return response.json();
       })
       .then(function (status) {
-        if (show(status)) { window.setTimeout(poll, delay); }
+        if (show(status)) { window.setTimeout(function () { poll(url); }, delay); }
       })
       .catch(function () {
         step.textContent = "Lost contact with the app; retrying…";
-        window.setTimeout(poll, 2000);
+        window.setTimeout(function () { poll(url); }, 2000);
       });
   }
-  poll();
+
+  var form = document.querySelector("form.analyze-form");
+  if (form) {
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var button = document.getElementById("analyze-button");
+      button.disabled = true;
+      errorBox.hidden = true;
+      root.hidden = false;
+      step.textContent = "Starting the analysis…";
+      fetch(form.action, {
+        method: "POST",
+        body: new URLSearchParams(new FormData(form)),
+        headers: { "Accept": "application/json" },
+        credentials: "same-origin",
+        cache: "no-store"
+      })
+        .then(function (response) {
+          return response.json().then(function (body) { return { ok: response.ok, body: body }; });
+        })
+        .then(function (answer) {
+          if (!answer.ok) {
+            button.disabled = false;
+            fail(answer.body.message || "The analysis could not be started.", answer.body.remedy || "");
+            return;
+          }
+          if (show(answer.body)) { poll(answer.body.statusUrl); }
+        })
+        .catch(function () {
+          form.submit();  // no usable answer: fall back to the plain form post and its progress page
+        });
+    });
+  } else if (root.getAttribute("data-status-url")) {
+    poll(root.getAttribute("data-status-url"));
+  }
 })();
