@@ -7,8 +7,9 @@ main bronchi (pure air, which would count as "emphysema"), no bowel gas. A class
 and needs no downloaded model, which keeps the analyzer reproducible and fast on a CPU.
 
 Pipeline (all connected-component work is done on an in-plane downsampled grid, about 1.25 mm pixels, which
-makes it about four times faster; the mask is then brought back to full resolution and its one-pixel rim
-is refined with the full-resolution threshold, so the lung boundary keeps native detail):
+makes it about four times faster, and on runs of voxels rather than voxel by voxel; the mask is then brought
+back to full resolution and its one-pixel rim is refined with the full-resolution threshold, so the lung
+boundary keeps native detail):
 
 1. ``air = HU < -400``. -400 HU lies about halfway between aerated lung (-950 to -700 HU, denser in the
    dependent lung) and soft tissue (0 to +60 HU), so partial-volume boundary voxels split evenly and normal
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 AIR_THRESHOLD_HU = -400.0
 """Voxels below this are air-containing (lung, airway, outside air, bowel gas)."""
@@ -56,10 +59,7 @@ LABEL_RIGHT = 1
 LABEL_LEFT = 2
 LABEL_LUNG_UNSPLIT = 3
 
-_IN_PLANE_4 = ndimage.generate_binary_structure(2, 1)
 _IN_PLANE_8 = ndimage.generate_binary_structure(2, 2)
-_IN_PLANE_ONLY_3D = np.zeros((3, 3, 3), dtype=bool)
-_IN_PLANE_ONLY_3D[1] = _IN_PLANE_4
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, ...]) -> LungMask:
 
     air = low_hu < AIR_THRESHOLD_HU
     airway = _track_airway(air, low_pixel_mm2)
-    lungs_low = _select_lung_components(air & ~airway, low_voxel_ml)
-    if not lungs_low.any():
+    found = _select_lung_components(air & ~airway, low_voxel_ml)
+    if found is None:
         empty = np.zeros(hu.shape, dtype=bool)
         return LungMask(
             mask=empty,
@@ -130,43 +130,29 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, ...]) -> LungMask:
             downsample=factor,
             box=(slice(0, 0), slice(0, 0), slice(0, 0)),
         )
-    filled_low = _fill_vessel_holes(lungs_low > 0, low_pixel_mm2)
-    labels_low = _label_sides(lungs_low, filled_low)
+    # Everything from here on works inside the lungs' bounding box: the rest of the volume stays zero.
+    components, low_box = found
+    filled = _fill_vessel_holes(components > 0, low_pixel_mm2)
+    labels_low = _label_sides(components, filled)
 
-    # Back to full resolution inside the lungs' bounding box: nearest-neighbour upsampling, then keep only
-    # voxels that are air at full resolution or lie in a filled hole (vessel). This restores the native
-    # boundary of the lung, so the downsampling costs no boundary accuracy.
-    low_box = _bounding_box(filled_low)
+    # Back to full resolution inside the lungs' bounding box: nearest-neighbour upsampling, then the rim (air
+    # pixels on the low-resolution boundary, 5-10% of the lung) keeps only the sub-pixels that are air at full
+    # resolution. Interior pixels and filled holes (vessels) stay lung whatever their HU. This restores the
+    # native boundary of the lung, so the downsampling costs no boundary accuracy.
     full_box = tuple(
         slice(b.start * f, min(b.stop * f, n)) for b, f, n in zip(low_box, (1, factor, factor), hu.shape, strict=True)
     )
-    filled_box = filled_low[low_box]
-    sure = (filled_box & ~air[low_box]) | _interior(filled_box)
-    code = _upsample(
-        labels_low[low_box] | (sure.view(np.uint8) << 2), factor, tuple(b.stop - b.start for b in full_box)
-    )
-    keep = code >= 4
-    keep |= hu[full_box] < AIR_THRESHOLD_HU
     labels = np.zeros(hu.shape, dtype=np.uint8)
-    labels_box = code
-    labels_box &= 3
-    labels_box *= keep
-    labels[full_box] = labels_box
+    labels_box = labels[full_box]
+    _upsample_into(labels_box, labels_low, factor)
+    rim = filled & air[low_box]
+    rim &= ~_interior(filled)
+    _drop_dense_rim(labels, hu, rim, full_box, factor)
     mask = np.zeros(hu.shape, dtype=bool)
-    mask[full_box] = labels_box > 0
+    np.not_equal(labels_box, 0, out=mask[full_box])
     split = bool((labels_low == LABEL_RIGHT).any() and (labels_low == LABEL_LEFT).any())
     airway_voxels = int(np.count_nonzero(airway)) * factor * factor
     return LungMask(mask=mask, labels=labels, split=split, airway_voxels=airway_voxels, downsample=factor, box=full_box)
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """Smallest box (one slice per axis) holding every True voxel of a non-empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def _body_columns(air_slice: np.ndarray) -> tuple[float, float]:
@@ -258,54 +244,43 @@ def _box_2d(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _select_lung_components(candidates: np.ndarray, voxel_ml: float) -> np.ndarray:
-    """uint8 image of the one or two lung components, numbered 1 (largest) and 2 (see step 3)."""
-    lab, n = ndimage.label(candidates)
-    if n == 0:
-        return np.zeros(candidates.shape, dtype=np.uint8)
-    faces = (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1])
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    for face in faces:
-        sizes[face] = 0  # touches the in-plane border: air outside the body
+def _select_lung_components(candidates: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, tuple[slice, ...]] | None:
+    """The one or two lung components (see step 3), or None when there is no lung.
+
+    Returns a uint8 image of the components' bounding box, numbered 1 (largest) and 2, and that box (one slice
+    per axis of ``candidates``).
+    """
+    runs = _Runs.of(candidates, across_slices=True)
+    sizes = runs.sizes()
+    sizes[runs.touching_in_plane_edge()] = 0  # air outside the body
     sizes[sizes * voxel_ml < _MIN_COMPONENT_ML] = 0
-    order = np.argsort(sizes)[::-1]
-    if sizes[order[0]] == 0:
-        return np.zeros(candidates.shape, dtype=np.uint8)
-    largest = lab == order[0]
-    out = largest.view(np.uint8).copy()
-    if n > 1 and sizes[order[1]] >= _SECOND_LUNG_MIN_FRACTION * sizes[order[0]]:
-        second = lab == order[1]
-        first_z = np.flatnonzero(largest.any(axis=(1, 2)))
-        second_top = np.flatnonzero(second.any(axis=(1, 2)))[-1]
-        if second_top >= (first_z[0] + first_z[-1]) / 2.0:  # reaches the upper half of the lung: not bowel gas
-            out[second] = 2
-    return out
+    if not sizes.any():
+        return None
+    order = np.argsort(-sizes, kind="stable")  # largest first; of equal sizes, the one met first
+    chosen = [int(order[0])]
+    if sizes.size > 1 and sizes[order[1]] >= _SECOND_LUNG_MIN_FRACTION * sizes[order[0]]:
+        first_z, last_z = runs.slice_range(chosen[0])
+        if runs.slice_range(int(order[1]))[1] >= (first_z + last_z) / 2.0:  # reaches the upper half: not bowel gas
+            chosen.append(int(order[1]))
+    number = np.zeros(runs.count, dtype=np.uint8)
+    number[chosen] = np.arange(1, len(chosen) + 1, dtype=np.uint8)
+    which = number[runs.component]
+    out = np.zeros(candidates.shape, dtype=np.uint8)
+    out.reshape(-1)[runs.voxels(which > 0)] = np.repeat(which[which > 0], runs.lengths(which > 0))
+    box = runs.bounding_box(which > 0)
+    return out[box], box
 
 
 def _fill_vessel_holes(lungs: np.ndarray, pixel_mm2: float) -> np.ndarray:
-    """Fill in-plane holes smaller than 20 cm2 (vessels, nodules, airway walls), slice by slice."""
-    zs, ys, xs = (np.flatnonzero(lungs.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
-    box = (slice(zs[0], zs[-1] + 1), slice(max(ys[0] - 1, 0), ys[-1] + 2), slice(max(xs[0] - 1, 0), xs[-1] + 2))
-    sub = lungs[box]
-    background, n = ndimage.label(~sub, structure=_IN_PLANE_ONLY_3D)
-    sizes = np.bincount(background.ravel(), minlength=n + 1)
-    # A hole touches no edge of its slice's crop; the crop has a one-pixel margin around the lungs.
-    edge = np.unique(
-        np.concatenate(
-            [
-                background[:, 0, :].ravel(),
-                background[:, -1, :].ravel(),
-                background[:, :, 0].ravel(),
-                background[:, :, -1].ravel(),
-            ]
-        )
-    )
-    fill = sizes <= _MAX_HOLE_AREA_MM2 / pixel_mm2
-    fill[0] = False
-    fill[edge] = False
-    filled = lungs.copy()
-    filled[box] |= fill[background]
+    """Fill in-plane holes smaller than 20 cm2 (vessels, nodules, airway walls), slice by slice.
+
+    ``lungs`` is cropped to the lungs' bounding box, so a background region touching an in-plane edge of the
+    crop lies outside the lungs on its slice (around them, or the mediastinum between them): never a hole.
+    """
+    runs = _Runs.of(~lungs, across_slices=False)
+    hole = (runs.sizes() <= _MAX_HOLE_AREA_MM2 / pixel_mm2) & ~runs.touching_in_plane_edge()
+    filled = np.array(lungs, dtype=bool, order="C")
+    filled.reshape(-1)[runs.voxels(hole[runs.component])] = True
     return filled
 
 
@@ -316,34 +291,162 @@ def _label_sides(components: np.ndarray, filled: np.ndarray) -> np.ndarray:
     halfway between the right lung's last column and the left lung's first column, which holds because
     the two lungs do not overlap left-right on an axial slice once they are separate components.
     """
-    labels = np.zeros(components.shape, dtype=np.uint8)
     if components.max() < 2:
-        labels[filled] = LABEL_LUNG_UNSPLIT
-        return labels
+        return filled.view(np.uint8) * np.uint8(LABEL_LUNG_UNSPLIT)
     cols_of = [(components == i).any(axis=1) for i in (1, 2)]  # (slices, columns) occupancy
     column = np.arange(components.shape[2])
     mean_col = [float((c.sum(axis=0) * column).sum()) / max(int(c.sum()), 1) for c in cols_of]
     right, left = (cols_of[0], cols_of[1]) if mean_col[0] < mean_col[1] else (cols_of[1], cols_of[0])
-    divide = np.empty(components.shape[0], dtype=np.float64)
-    for z in range(components.shape[0]):
-        r, lft = np.flatnonzero(right[z]), np.flatnonzero(left[z])
-        if r.size and lft.size:
-            divide[z] = (r[-1] + lft[0]) / 2.0
-        elif r.size:
-            divide[z] = np.inf
-        else:
-            divide[z] = -np.inf
-    is_right = column[None, None, :] < divide[:, None, None]
-    labels[filled & is_right] = LABEL_RIGHT
-    labels[filled & ~is_right] = LABEL_LEFT
-    return labels
+    has_right, has_left = right.any(axis=1), left.any(axis=1)
+    right_last = components.shape[2] - 1 - np.argmax(right[:, ::-1], axis=1)
+    left_first = np.argmax(left, axis=1)
+    divide = np.where(has_right, np.inf, -np.inf)
+    both = has_right & has_left
+    divide[both] = (right_last[both] + left_first[both]) / 2.0
+    side = np.where(column[None, None, :] < divide[:, None, None], np.uint8(LABEL_RIGHT), np.uint8(LABEL_LEFT))
+    return filled.view(np.uint8) * side
 
 
-def _upsample(low: np.ndarray, factor: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour upsampling in-plane by ``factor`` to ``shape`` (strided writes: no big temporaries)."""
-    out = np.empty(shape, dtype=low.dtype)
+def _upsample_into(out: np.ndarray, low: np.ndarray, factor: int) -> None:
+    """Nearest-neighbour upsampling of ``low`` in-plane by ``factor`` into ``out`` (strided writes, no temporaries)."""
     for i in range(factor):
         for j in range(factor):
             target = out[:, i::factor, j::factor]
             target[...] = low[:, : target.shape[1], : target.shape[2]]
-    return out
+
+
+def _drop_dense_rim(labels: np.ndarray, hu: np.ndarray, rim: np.ndarray, box: tuple[slice, ...], factor: int) -> None:
+    """Zero the voxels of ``labels`` that are not air in ``hu`` under the low-resolution ``rim`` pixels.
+
+    ``labels`` (C-contiguous) and ``hu`` are whole volumes, ``rim`` covers ``box`` on the grid downsampled by
+    ``factor``.
+    """
+    z, rest = np.divmod(np.flatnonzero(rim), rim.shape[1] * rim.shape[2])  # flatnonzero: 3x faster than nonzero
+    y, x = np.divmod(rest, rim.shape[2])
+    z += box[0].start
+    y = y * factor + box[1].start
+    x = x * factor + box[2].start
+    flat_labels = labels.reshape(-1)
+    for i in range(factor):
+        for j in range(factor):
+            if i == j == 0:
+                continue  # the sampled voxel itself, which is air: that is what put the pixel in the rim
+            rows, columns, slices = y + i, x + j, z
+            inside = (rows < box[1].stop) & (columns < box[2].stop)  # the last low pixel may overhang the box
+            if not inside.all():
+                rows, columns, slices = rows[inside], columns[inside], slices[inside]
+            dense = hu[slices, rows, columns] >= AIR_THRESHOLD_HU
+            flat_labels[((slices[dense] * labels.shape[1]) + rows[dense]) * labels.shape[2] + columns[dense]] = 0
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Connected components of a 3-D mask, found on its runs (row segments of True voxels), not voxel by voxel.
+
+    ``scipy.ndimage.label`` spends about 10 ns on every voxel, background included (40 ms for the 4 M voxels
+    of a downsampled chest CT, plus as much again to count and select its labels); a run-based labelling (He L
+    et al., "The connected-component labeling problem: a review of state-of-the-art algorithms", Pattern
+    Recognition 2017;70:25-43) touches each voxel in one vectorised pass to find the runs, then joins the runs,
+    a few tens of thousands, as a graph. Runs in neighbouring rows of a slice, and with ``across_slices`` in
+    the same row of neighbouring slices, are joined where they share a column: the 4-neighbourhood in-plane,
+    the 6-neighbourhood in 3-D, as ``ndimage.label``'s default. Same components, numbered the same way; on the
+    lung2 chest CT step 3 took 25 instead of 95 ms, step 4 9 instead of 42 ms.
+
+    Positions are flat indices into the mask with every row padded by a False voxel on each side (row length
+    ``columns + 2``), so that no run crosses the end of a row and moving a run by one row length (or one slice)
+    puts it in the same columns of the next row (or slice). Components are numbered 0..count-1 in the
+    order their first voxel is met in the array (``ndimage.label`` numbers them the same, from 1).
+    """
+
+    start: np.ndarray
+    stop: np.ndarray
+    component: np.ndarray
+    count: int
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, mask: np.ndarray, *, across_slices: bool) -> _Runs:
+        slices, rows, columns = mask.shape
+        width = columns + 2
+        padded = np.zeros((slices * rows, width), dtype=bool)
+        padded[:, 1:-1] = mask.reshape(slices * rows, columns)
+        flat = padded.reshape(-1)
+        start, stop = _run_bounds(flat)
+        # Runs of neighbouring rows touch where they share a column: run a, moved on by one row, overlaps run b.
+        a, b = _overlapping_runs(start, stop, width)
+        same_slice = (start[b] // width) % rows != 0  # a slice's last row does not touch the next one's first
+        edges = (a[same_slice], b[same_slice])
+        if across_slices:
+            a, b = _overlapping_runs(start, stop, rows * width)
+            edges = (np.concatenate([edges[0], a]), np.concatenate([edges[1], b]))
+        graph = coo_matrix((np.ones(edges[0].size, dtype=np.int32), edges), shape=(start.size, start.size))
+        count, component = connected_components(graph, directed=False)
+        return cls(start=start, stop=stop, component=component, count=int(count), shape=(slices, rows, columns))
+
+    def _row(self) -> np.ndarray:
+        return self.start // (self.shape[2] + 2)
+
+    def lengths(self, chosen: np.ndarray | None = None) -> np.ndarray:
+        start, stop = (self.start, self.stop) if chosen is None else (self.start[chosen], self.stop[chosen])
+        return stop - start
+
+    def sizes(self) -> np.ndarray:
+        """Voxels per component."""
+        return np.bincount(self.component, weights=self.lengths(), minlength=self.count).astype(np.int64)
+
+    def touching_in_plane_edge(self) -> np.ndarray:
+        """Per component: does it reach the first or last row or column of any slice?"""
+        rows, columns = self.shape[1:]
+        row = self._row()
+        first_column = self.start - row * (columns + 2) - 1
+        last_column = first_column + self.lengths() - 1
+        in_slice = row % rows
+        at_edge = (in_slice == 0) | (in_slice == rows - 1) | (first_column == 0) | (last_column == columns - 1)
+        touching = np.zeros(self.count, dtype=bool)
+        touching[self.component[at_edge]] = True
+        return touching
+
+    def slice_range(self, component: int) -> tuple[int, int]:
+        """First and last slice holding the component."""
+        z = self._row()[self.component == component] // self.shape[1]
+        return int(z.min()), int(z.max())
+
+    def voxels(self, chosen: np.ndarray) -> np.ndarray:
+        """Flat indices, into an array of the mask's shape, of the voxels of the chosen runs (a bool per run)."""
+        start = self.start[chosen]
+        length = self.lengths(chosen)
+        first = start - 2 * (start // (self.shape[2] + 2)) - 1  # drop the two pad voxels of every row above
+        before = np.cumsum(length) - length
+        return np.repeat(first - before, length) + np.arange(int(length.sum()))
+
+    def bounding_box(self, chosen: np.ndarray) -> tuple[slice, ...]:
+        """Smallest box (one slice per axis) holding the chosen runs (a bool per run; at least one chosen)."""
+        rows, columns = self.shape[1:]
+        row = self._row()[chosen]
+        first_column = self.start[chosen] - row * (columns + 2) - 1
+        last_column = first_column + self.lengths(chosen) - 1
+        z, y = row // rows, row % rows
+        return (
+            slice(int(z.min()), int(z.max()) + 1),
+            slice(int(y.min()), int(y.max()) + 1),
+            slice(int(first_column.min()), int(last_column.max()) + 1),
+        )
+
+
+def _run_bounds(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop (exclusive) of the runs of True in a flat bool array that begins and ends with False."""
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    return edges[0::2], edges[1::2]
+
+
+def _overlapping_runs(start: np.ndarray, stop: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (a, b) of runs such that run a, moved on by ``step`` positions, shares a position with run b.
+
+    Runs are disjoint and sorted, so the runs a overlapping one run b once moved are a contiguous range:
+    those whose moved stop lies after b's start and whose moved start lies before b's stop.
+    """
+    first = np.searchsorted(stop + step, start, side="right")
+    count = np.maximum(np.searchsorted(start + step, stop, side="left") - first, 0)
+    b = np.repeat(np.arange(start.size), count)
+    a = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(b.size)
+    return a, b

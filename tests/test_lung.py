@@ -95,3 +95,27 @@ def test_lung1_covers_the_apex_but_not_the_bases(data_dir: Path) -> None:
 def test_a_2d_image_is_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="3-D volume"):
         segment_lungs(np.zeros((64, 64), dtype=np.float32), (1.0, 1.0))
+
+
+@pytest.mark.parametrize("across_slices", [True, False])
+def test_run_based_components_are_those_of_ndimage_label(across_slices: bool) -> None:
+    """The run-based labelling finds the same components, numbered alike, as scipy on random masks."""
+    from scipy import ndimage
+
+    from models.lung import _Runs
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    if not across_slices:
+        structure[[0, 2]] = False
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        shape = tuple(int(n) for n in rng.integers(1, 12, 3))
+        mask = rng.random(shape) < rng.random()
+        expected, count = ndimage.label(mask, structure=structure)
+        runs = _Runs.of(mask, across_slices=across_slices)
+        assert runs.count == count
+        found = np.zeros(shape, dtype=np.int32)
+        for component in range(count):
+            found.reshape(-1)[runs.voxels(runs.component == component)] = component + 1
+        assert np.array_equal(found, expected)
+        assert np.array_equal(runs.sizes(), np.bincount(expected.ravel(), minlength=count + 1)[1:])

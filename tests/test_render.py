@@ -52,6 +52,12 @@ def test_label_adds_a_caption_band_and_png_round_trips() -> None:
     assert np.array_equal(decoded, captioned)
 
 
+@pytest.mark.parametrize("shape", [(7, 9), (7, 9, 3), (7, 9, 4), (1, 1, 3)])
+def test_png_is_lossless_for_grey_rgb_and_rgba(shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(render.to_png(pixels)))), pixels)
+
+
 def test_png_needs_windowed_pixels() -> None:
     with pytest.raises(ValueError, match="window the image first"):
         render.to_png(np.zeros((4, 4), dtype=np.float32))
