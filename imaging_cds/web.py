@@ -84,9 +84,20 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
     )
     client = FhirClient(backend.fhir_base, auth=auth, session=session)
 
+    analyzers: dict[str, Any] = {}
+
+    def analyzer(name: str) -> Any:
+        """Built once (weights are slow to load) and kept; the objects loading made are frozen for the GC."""
+        if name not in analyzers:
+            from imaging_cds.memory import freeze_long_lived
+            from models.registry import get_analyzer
+
+            analyzers[name] = get_analyzer(name)
+            freeze_long_lived()
+        return analyzers[name]
+
     def analyse(params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
         from imaging_cds.pipeline import analyze_study
-        from models.registry import get_analyzer
 
         written: dict[str, str] = {}
         for name in BACKGROUND_ANALYZERS:
@@ -94,7 +105,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
                 outcome = analyze_study(
                     client,
                     str(params["imaging_study"]),
-                    get_analyzer(name),
+                    analyzer(name),
                     dicomweb_allow_list=settings.dicomweb_allow,
                     card_base_url=settings.base_url,
                     progress=report,
@@ -155,12 +166,12 @@ def create_server_app(settings: Settings) -> Any:
 
 def serve(settings: Settings, *, host: str, port: int, threads: int = 8) -> None:
     """Run the application under gunicorn: one process, ``threads`` threads (see the module docstring)."""
-    import gc
-
     from gunicorn.app.base import BaseApplication
 
+    from imaging_cds.memory import freeze_long_lived
+
     application = create_server_app(settings)
-    gc.freeze()  # start-up objects are long-lived: keep them out of the collector's way (p99 latency)
+    freeze_long_lived()  # start-up objects are long-lived: keep them out of the collector's way (p99 latency)
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

@@ -164,9 +164,13 @@ class SmartApp:
             )
         with self._analyzer_lock:
             if name not in self._analyzers:
+                from imaging_cds.memory import freeze_long_lived
                 from models.registry import get_analyzer
 
                 self._analyzers[name] = get_analyzer(name)
+                # What loading made (torch, weights) lives as long as the process: keep full collections,
+                # which run inside whatever request allocates next, from walking it again and again.
+                freeze_long_lived()
             return self._analyzers[name]
 
     def analyzer_choices(self) -> list[AnalyzerChoice]:
