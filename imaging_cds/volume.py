@@ -232,6 +232,9 @@ def _decode_into(ds: Dataset, out: np.ndarray, label: str) -> None:
         )
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1.0:  # the usual CT case: one pass, same float32 values as multiplying by 1 first
+        np.add(raw, np.float32(intercept), out=out, dtype=np.float32, casting="unsafe")
+        return
     np.multiply(raw, np.float32(slope), out=out, casting="unsafe")
     out += np.float32(intercept)
 

