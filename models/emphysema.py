@@ -139,8 +139,8 @@ class EmphysemaAnalyzer:
         low &= mask
         lung_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
         low_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
-        lung_per_slice[box[0]] = np.count_nonzero(mask, axis=(1, 2))
-        low_per_slice[box[0]] = np.count_nonzero(low, axis=(1, 2))
+        lung_per_slice[box[0]] = _count_per_slice(mask)
+        low_per_slice[box[0]] = _count_per_slice(low)
         del low
 
         voxel_ml = image.voxel_volume_ml
@@ -235,6 +235,11 @@ def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
             f"soft tissue {100 * tissue / sample.size:.2f}% of voxels; expected air near -1000 and tissue near 0).",
             remedy="Apply RescaleSlope/RescaleIntercept before analysis, and use a CT reconstruction in HU.",
         )
+
+
+def _count_per_slice(mask: np.ndarray) -> np.ndarray:
+    """True voxels of each slice. count_nonzero is a fast popcount without ``axis``, a 5x slower sum with it."""
+    return np.fromiter((np.count_nonzero(plane) for plane in mask), dtype=np.int64, count=mask.shape[0])
 
 
 def zone_percentages(lung_per_slice: np.ndarray, low_per_slice: np.ndarray) -> tuple[float, float]:

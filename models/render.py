@@ -9,6 +9,7 @@ on small uint8 RGB arrays and returns new arrays; nothing touches the input volu
 from __future__ import annotations
 
 import functools
+import os
 import struct
 import zlib
 from collections.abc import Sequence
@@ -176,6 +177,10 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _encoder_pool() -> ThreadPoolExecutor:
     """Threads kept for the process: starting three per analysis cost more than encoding one image."""
     return ThreadPoolExecutor(max_workers=4, thread_name_prefix="png-encoder")
+
+
+# Threads do not survive fork(): a forked worker (gunicorn, a process pool) starts a pool of its own.
+os.register_at_fork(after_in_child=_encoder_pool.cache_clear)
 
 
 @functools.cache
