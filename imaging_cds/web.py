@@ -173,7 +173,7 @@ def serve(settings: Settings, *, host: str, port: int, threads: int = 8) -> None
     application = create_server_app(settings)
     freeze_long_lived()  # start-up objects are long-lived: keep them out of the collector's way (p99 latency)
 
-    class _Server(BaseApplication):  # type: ignore[misc]
+    class _Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", 1)

@@ -66,7 +66,7 @@ def _figures(card: Mapping[str, Any]) -> dict[str, Any]:
     return dict(card.get("test_performance") or {})
 
 
-def _preprocessing(checkpoint: dict[str, Any], size: int) -> dict[str, Any]:
+def _preprocessing(checkpoint: Mapping[str, Any], size: int) -> dict[str, Any]:
     """The bundle's literal preprocessing, matching ``ShippedClassifier.prepare`` for this checkpoint.
 
     Networks that standardise each image are blind to any linear intensity scale, so min-max is exact for them;
