@@ -110,6 +110,11 @@ def test_another_sessions_job_is_not_shown(public_app: RunningApp, chest_ct: Loa
     browser: requests.Session = page.session  # type: ignore[attr-defined]
     answer = browser.get(f"{public_app.url}/jobs/00000000-0000-0000-0000-000000000000/status")
     assert answer.status_code == 404 and "No analysis" in answer.text
+    # The progress script asks for JSON and gets the same refusal with its remedy, which it shows and stops on.
+    as_script = browser.get(
+        f"{public_app.url}/jobs/00000000-0000-0000-0000-000000000000/status", headers={"Accept": "application/json"}
+    )
+    assert as_script.status_code == 404 and as_script.json()["remedy"].startswith("Start it from the study page")
 
 
 def test_without_a_launch_the_app_says_how_to_open_it(public_app: RunningApp) -> None:

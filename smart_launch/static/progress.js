@@ -40,11 +40,18 @@
   function poll(url) {
     fetch(url, { headers: { "Accept": "application/json" }, credentials: "same-origin", cache: "no-store" })
       .then(function (response) {
+        if (response.status >= 400 && response.status < 500) {
+          // The app refused (the launch ended, the job is not this session's): retrying cannot help; say why.
+          return response.json().then(function (body) {
+            fail(body.message || "The app refused to report on this analysis.", body.remedy || "");
+            return null;
+          });
+        }
         if (!response.ok) { throw new Error("HTTP " + response.status); }
         return response.json();
       })
       .then(function (status) {
-        if (show(status)) { window.setTimeout(function () { poll(url); }, delay); }
+        if (status && show(status)) { window.setTimeout(function () { poll(url); }, delay); }
       })
       .catch(function () {
         step.textContent = "Lost contact with the app; retrying…";
