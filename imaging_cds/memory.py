@@ -6,12 +6,18 @@ thousand objects that live as long as the process: on a small machine a full col
 it runs inside whichever request happens to allocate at that moment - a clinician's hook call or result page.
 :func:`freeze_long_lived` moves what is alive now into the permanent generation (``gc.freeze``), so later full
 collections walk only what was created after it. Call it when the process has just built something that lives as
-long as the process (after start-up, after an analyzer is loaded), not in the middle of ordinary work.
+long as the process (after start-up, after an analyzer is loaded: :class:`LoadedAnalyzers`), not in the middle of
+ordinary work.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.base import Analyzer
 
 
 def freeze_long_lived() -> None:
@@ -22,3 +28,26 @@ def freeze_long_lived() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+class LoadedAnalyzers:
+    """The analyzers a server process has built, each built once (loading weights is slow) and kept for later jobs.
+
+    What building one made (torch, MONAI, the weights) lives as long as the process, so it is frozen for the
+    collector right after (:func:`freeze_long_lived`): full collections, which run inside whatever request
+    allocates next, then do not walk it again and again. Safe to share between threads.
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[str, Analyzer] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Analyzer:
+        """The analyzer called ``name``, built on first use (errors as :func:`models.registry.get_analyzer`)."""
+        with self._lock:
+            if name not in self._built:
+                from models.registry import get_analyzer
+
+                self._built[name] = get_analyzer(name)
+                freeze_long_lived()
+            return self._built[name]

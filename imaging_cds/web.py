@@ -28,6 +28,7 @@ from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
 from imaging_cds.errors import ConfigurationError, StudyError
 from imaging_cds.jobs import EmbeddedJobRunner, ProgressReporter, SqliteJobStore
+from imaging_cds.memory import LoadedAnalyzers
 from imaging_cds.settings import Settings, secret_from_env
 from imaging_cds.web_models import models_blueprint
 
@@ -84,17 +85,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
     )
     client = FhirClient(backend.fhir_base, auth=auth, session=session)
 
-    analyzers: dict[str, Any] = {}
-
-    def analyzer(name: str) -> Any:
-        """Built once (weights are slow to load) and kept; the objects loading made are frozen for the GC."""
-        if name not in analyzers:
-            from imaging_cds.memory import freeze_long_lived
-            from models.registry import get_analyzer
-
-            analyzers[name] = get_analyzer(name)
-            freeze_long_lived()
-        return analyzers[name]
+    analyzers = LoadedAnalyzers()
 
     def analyse(params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
         from imaging_cds.pipeline import analyze_study
@@ -105,7 +96,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
                 outcome = analyze_study(
                     client,
                     str(params["imaging_study"]),
-                    analyzer(name),
+                    analyzers.get(name),
                     dicomweb_allow_list=settings.dicomweb_allow,
                     card_base_url=settings.base_url,
                     progress=report,

@@ -23,7 +23,6 @@ import binascii
 import hmac
 import logging
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +53,7 @@ from fhir_adapters.validation import validate_bundle
 from imaging_cds.allowlist import AllowList
 from imaging_cds.errors import ImagingCdsError
 from imaging_cds.jobs import EmbeddedJobRunner, JobRecord, JobState, ProgressReporter, SqliteJobStore, UnknownJobError
+from imaging_cds.memory import LoadedAnalyzers
 from models.base import Analyzer
 from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
@@ -109,9 +109,8 @@ class SmartApp:
     reviews: ReviewLog
     http: requests.Session = field(default_factory=requests.Session)
     recent: RecentReads = field(default_factory=RecentReads)
-    _analyzers: dict[str, Analyzer] = field(default_factory=dict)
+    loaded: LoadedAnalyzers = field(default_factory=LoadedAnalyzers)
     _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
-    _analyzer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ tokens and FHIR
 
@@ -162,16 +161,7 @@ class SmartApp:
                 f"Analyzer {name!r} is not offered by this app.",
                 remedy=f"Choose one of: {', '.join(self.config.analyzers)}.",
             )
-        with self._analyzer_lock:
-            if name not in self._analyzers:
-                from imaging_cds.memory import freeze_long_lived
-                from models.registry import get_analyzer
-
-                self._analyzers[name] = get_analyzer(name)
-                # What loading made (torch, weights) lives as long as the process: keep full collections,
-                # which run inside whatever request allocates next, from walking it again and again.
-                freeze_long_lived()
-            return self._analyzers[name]
+        return self.loaded.get(name)
 
     def analyzer_choices(self) -> list[AnalyzerChoice]:
         """The configured analyzers that could be built here; one that cannot (weights missing, card invalid) is
@@ -254,9 +244,11 @@ class SmartApp:
         report = outcome.filed.get(outcome.diagnostic_report)
         if report is None:
             return
-        wanted = [oauth.relative_reference(str((r or {}).get("reference", ""))) for r in report.get("result") or []]
-        results = [outcome.filed.get(ref) for ref in wanted if ref]
-        if len(results) != len(wanted) or any(r is None for r in results):
+        results = [
+            outcome.filed.get(oauth.relative_reference(str((r or {}).get("reference", ""))) or "")
+            for r in report.get("result") or []
+        ]
+        if not all(results):
             return
         devices = [r for ref, r in outcome.filed.items() if ref.startswith("Device/")]
         self.recent.put(session_id, f"report:{outcome.diagnostic_report}", [report, *results, *devices])

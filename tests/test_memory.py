@@ -5,7 +5,10 @@ from __future__ import annotations
 import gc
 import weakref
 
-from imaging_cds.memory import freeze_long_lived
+import pytest
+
+from imaging_cds.errors import ImagingCdsError
+from imaging_cds.memory import LoadedAnalyzers, freeze_long_lived
 
 
 class _Node:
@@ -26,3 +29,11 @@ def test_freezing_collects_the_garbage_first_and_later_garbage_is_still_collecte
     del later
     gc.collect()
     assert after() is None  # objects made after the freeze are collected as usual
+
+
+def test_an_analyzer_is_built_once_per_process_and_an_unknown_name_is_refused() -> None:
+    loaded = LoadedAnalyzers()
+    first = loaded.get("ct-emphysema")
+    assert loaded.get("ct-emphysema") is first  # kept, not rebuilt for the next job
+    with pytest.raises(ImagingCdsError, match="ct-emphysem"):  # the registry's "did you mean" hint
+        loaded.get("ct-emphysemaa")
