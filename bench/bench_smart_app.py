@@ -7,9 +7,9 @@ app launched in headless Chromium from the sandbox EHR:
     against the same EHR FHIR endpoint the app uses (the sandbox EHR's SMART-protected base) with the same
     launch's access token, so both read and write FHIR the same way;
 (b) the app: from the clinician's click on Analyze (the click event's own timestamp in the page) until the
-    result page has painted every explanation image (Element Timing ``renderTime``), both on the browser's clock.
-    This adds what the app adds: the job queue, the progress page and its long poll, rendering the results page,
-    and serving the images.
+    result has painted every explanation image (Element Timing ``renderTime``), both on the browser's clock.
+    This adds what the app adds: the job queue, the progress shown on the study page and its long poll, the result
+    placed in that page (or, without it, the result page), serving the images, and the browser's painting.
 
 Also printed, for context only: the pipeline straight against the FHIR server (without the sandbox EHR's
 proxy in front) and the click-to-results time as the Playwright driver sees it (it adds the driver's own

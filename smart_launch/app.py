@@ -375,6 +375,11 @@ def render(template: str, http_status: int = 200, **context: Any) -> tuple[str, 
     return page, http_status
 
 
+def render_fragment(template: str, **context: Any) -> str:
+    """Part of a page (for the app's own script to place), with what :func:`render` gives every page."""
+    return render(template, **context)[0]
+
+
 def wants_json() -> bool:
     """The request is the app's own script asking for JSON (``Accept: application/json``), not a page."""
     return request.accept_mimetypes.best == "application/json"
@@ -651,7 +656,7 @@ def analyze(study_id: str) -> Any:
     if wants_json():  # the study page's script follows the job in place (see static/progress.js)
         status = _job_json(record)
         status["jobUrl"] = url_for("smart.job", job_id=record.id)
-        status["statusUrl"] = url_for("smart.job_status", job_id=record.id, wait=1)
+        status["statusUrl"] = url_for("smart.job_status", job_id=record.id, wait=1, inline=1)
         return jsonify(status), 202
     return redirect(url_for("smart.job", job_id=record.id), code=303)
 
@@ -688,6 +693,7 @@ def job(job_id: str) -> Any:
 
 
 MAX_STATUS_WAIT_S = 5.0
+RESULT_PAGE_TITLE = "AI result"
 
 
 @bp.get("/jobs/<job_id>/status")
@@ -696,8 +702,14 @@ def job_status(job_id: str) -> Any:
 
     ``?wait=<seconds>`` (at most 5) holds the answer until the job finishes or the time is up (long polling),
     so the results open the moment they are filed instead of at the next poll.
+
+    ``?inline=1`` (the study page's script): the answer that reports the job done also carries the result itself
+    (``resultHtml``, the main content of the result page, and ``resultTitle``), rendered from the report the
+    analysis just filed, so the study page shows it in place instead of loading the result page. Only once, and
+    only where the result page would show that copy (see :func:`_kept_report`); otherwise the answer has no
+    ``resultHtml`` and the script opens ``reportUrl``, which reads the EHR.
     """
-    _, state = require_session()
+    session_id, state = require_session()
     record = _own_job(state, job_id)
     try:
         wait = min(MAX_STATUS_WAIT_S, max(0.0, float(request.args.get("wait", "0"))))
@@ -705,29 +717,31 @@ def job_status(job_id: str) -> Any:
         wait = 0.0
     if wait and not record.state.finished:
         record = smart_app().jobs.wait(job_id, timeout=wait)
-    return jsonify(_job_json(record))
+    status = _job_json(record)
+    if status["reportUrl"] and request.args.get("inline") == "1":
+        report_id = str(status["reportUrl"]).rsplit("/", 1)[-1]
+        resources = _kept_report(session_id, state, report_id)
+        if resources is not None:
+            client = smart_app().fhir_client(session_id, state)
+            context = _report_context(session_id, state, client, report_id, resources)
+            status["resultHtml"] = render_fragment("_report_main.html", reviewed=None, **context)
+            status["resultTitle"] = f"{RESULT_PAGE_TITLE} · imaging-cds"
+    return jsonify(status)
 
 
-@bp.get("/reports/<report_id>")
-def report(report_id: str) -> Any:
-    """One AI result: findings, category, probability, explanation images, analyzer version, limits, review."""
-    session_id, state = require_session()
-    client = smart_app().fhir_client(session_id, state)
-    # Right after this session's analysis filed the report, it is shown as the EHR answered that transaction
-    # (see SmartApp._keep_report), once, and only to a launch allowed to read what the page shows.
-    kept = (
-        smart_app().recent.take(session_id, f"report:DiagnosticReport/{report_id}")
-        if all(state.granted.allows(kind, "r") for kind in ("DiagnosticReport", "Observation", "Device"))
-        else None
-    )
-    if isinstance(kept, list):
-        resources = list(kept)
-    else:
-        bundle = client.search_bundle(
-            "DiagnosticReport",
-            {"_id": report_id, "_include": "DiagnosticReport:result", "patient": str(state.patient)},
-        )
-        resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e.get("resource"), dict)]
+def _kept_report(session_id: str, state: AuthorizationState, report_id: str) -> list[dict[str, Any]] | None:
+    """The report this session's analysis just filed, as the EHR answered the transaction with it (see
+    :meth:`SmartApp._keep_report`): taken once, and only by a launch allowed to read all that a result shows."""
+    if not all(state.granted.allows(kind, "r") for kind in ("DiagnosticReport", "Observation", "Device")):
+        return None
+    kept = smart_app().recent.take(session_id, f"report:DiagnosticReport/{report_id}")
+    return list(kept) if isinstance(kept, list) else None
+
+
+def _report_context(
+    session_id: str, state: AuthorizationState, client: FhirClient, report_id: str, resources: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What a result shows (``_report_main.html``), from the report and its Observations (and Device)."""
     resource = next((r for r in resources if r.get("resourceType") == "DiagnosticReport"), None)
     if resource is None or not is_ai_report(resource):
         raise FhirNotFound(
@@ -745,21 +759,38 @@ def report(report_id: str) -> Any:
     for ref in sorted(devices - present)[:1]:
         try:
             kind, _, device_id = ref.partition("/")
-            resources.append(smart_app().read_recent(session_id, client, kind, device_id))
+            resources = [*resources, smart_app().read_recent(session_id, client, kind, device_id)]
         except FhirError as exc:
             log.info("Could not read the analyzer Device of a report: %s", type(exc).__name__)
     view = report_view(resource, resources)
-    card = card_summary(view.analyzer, smart_app().config.model_cards_dir)
+    return {
+        "view": view,
+        "card": card_summary(view.analyzer, smart_app().config.model_cards_dir),
+        "can": _can(state),
+        "rejection_kinds": REJECTION_KINDS,
+    }
 
+
+@bp.get("/reports/<report_id>")
+def report(report_id: str) -> Any:
+    """One AI result: findings, category, probability, explanation images, analyzer version, limits, review."""
+    session_id, state = require_session()
+    client = smart_app().fhir_client(session_id, state)
+    # Right after this session's analysis filed it, the report is shown as the EHR answered that transaction.
+    resources = _kept_report(session_id, state, report_id)
+    if resources is None:
+        bundle = client.search_bundle(
+            "DiagnosticReport",
+            {"_id": report_id, "_include": "DiagnosticReport:result", "patient": str(state.patient)},
+        )
+        resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e.get("resource"), dict)]
     outcome = request.args.get("reviewed")
     return render(
         "report.html",
+        result_page_title=RESULT_PAGE_TITLE,
         banner=_banner(client, session_id, state),
-        view=view,
-        card=card,
-        can=_can(state),
         reviewed=outcome if outcome in ("accepted", "rejected") else None,
-        rejection_kinds=REJECTION_KINDS,
+        **_report_context(session_id, state, client, report_id, resources),
     )
 
 

@@ -270,10 +270,27 @@ def test_the_study_pages_script_starts_the_analysis_and_follows_it_without_the_p
             break
         status = browser.get(public_app.url + job["statusUrl"], headers=as_script).json()
     assert status["state"] == "done" and status["reportUrl"].startswith("/reports/"), status
-
-    shown = browser.get(public_app.url + status["reportUrl"])
     report_id = status["reportUrl"].rsplit("/", 1)[1]
     stored = fhir.read("DiagnosticReport", report_id)
+
+    # The answer that says "done" carries the result itself, for the script to show in place: the result page's
+    # main content, from the report the EHR returned when it was filed - findings, explanation images, review.
+    placed = status["resultHtml"]
+    assert "LAA-950" in placed and str(stored["conclusion"]) in placed.replace("&#39;", "'")
+    assert re.search(rf'<dd id="report-status">\s*{re.escape(STATUS_WORDS[stored["status"]])}', placed)
+    assert placed.count('class="explanation" elementtiming="explanation"') == len(stored["media"]) > 0
+    assert "<html" not in placed and "patient-banner" not in placed  # a part of a page, not a page
+    if stored["status"] == "preliminary":
+        assert f'name="csrf_token" value="{token}"' in placed and 'id="accept-button"' in placed
+    assert status["resultTitle"].startswith("AI result")
+    # Once: asked again, the status only says where the result is, and the result page reads the EHR.
+    again = browser.get(public_app.url + job["statusUrl"], headers=as_script).json()
+    assert again["state"] == "done" and "resultHtml" not in again
+    # Without ?inline=1 (the progress page's script) the answer never carries the result.
+    plain = browser.get(public_app.url + job["statusUrl"].replace("&inline=1", ""), headers=as_script).json()
+    assert plain["reportUrl"] == status["reportUrl"] and "resultHtml" not in plain
+
+    shown = browser.get(public_app.url + status["reportUrl"])
     assert "LAA-950" in shown.text and str(stored["conclusion"]) in shown.text.replace("&#39;", "'")
     # Shown as the EHR holds it now (a re-run finds the report filed - and perhaps signed - before).
     assert re.search(rf'<dd id="report-status">\s*{re.escape(STATUS_WORDS[stored["status"]])}', shown.text)

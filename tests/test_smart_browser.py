@@ -114,10 +114,12 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     page.focus("#analyze-button")
     page.keyboard.press("Enter")  # keyboard only: a real button, reachable and operable without a mouse
     page.wait_for_url(re.compile(r".*/reports/[^/]+$"), timeout=300_000)
-    # With JavaScript the progress is followed on the study page itself: straight from there to the result.
+    # With JavaScript the progress is followed on the study page itself, and the result is shown there too: the
+    # address becomes the result's, and focus moves to its heading, as opening the result page would put it.
     assert not [url for url in visited if "/jobs/" in url], visited
-    page.wait_for_function(
-        "Array.from(document.querySelectorAll('img.explanation')).every(i => i.complete && i.naturalWidth > 0)"
+    assert page.title().startswith("AI result") and page.evaluate("document.activeElement.tagName") == "H1"
+    page.wait_for_function(  # a function, not an expression: Playwright would eval() one, which the CSP forbids
+        "() => Array.from(document.querySelectorAll('img.explanation')).every(i => i.complete && i.naturalWidth > 0)"
     )
     assert page.eval_on_selector("img.explanation", "i => i.naturalWidth") > 0
     findings = page.inner_text("table.findings")
@@ -132,6 +134,20 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     screenshot(page, "03-result")
 
     report_id = page.url.rsplit("/", 1)[1]
+    # The skip link still jumps within the result (no reload), and Back from the jump stays on the result.
+    page.evaluate("window.sameDocumentMarker = 'same document'")
+    page.focus(".skip-link")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**#main")
+    page.go_back()
+    assert page.url.endswith(f"/reports/{report_id}") and page.evaluate("window.sameDocumentMarker") == "same document"
+    # Back returns to the study; Forward opens the result page itself, read from the EHR.
+    page.go_back()
+    page.wait_for_selector("#analyze-button")
+    assert page.url.endswith(f"/studies/{chest_ct.imaging_study.split('/')[1]}")
+    page.go_forward()
+    page.wait_for_selector("#accept-button")
+    assert page.url.endswith(f"/reports/{report_id}") and "LAA" in page.inner_text("table.findings")
     page.click("#accept-button")
     page.wait_for_selector("#review-outcome")
     assert "Accepted" in page.inner_text("#review-outcome")

@@ -1,9 +1,16 @@
 // Follow an analysis job: long-poll its JSON status, show progress, open the results once they are filed.
-// On the study page it also starts the job: the Analyze form is sent in the background and the progress is
-// shown in place, so the results open without a detour through the progress page (which stays the path
+// On the study page it also starts the job: the Analyze form is sent in the background, the progress is
+// shown in place, and so are the results once filed (the progress page and the result page stay the path
 // without JavaScript). No token ever reaches this script: every URL answers for the browser's own session only.
 (function () {
   "use strict";
+  // Back from a result shown in place (or Forward to it again, from the study page reloaded meanwhile) changes
+  // only the address: load the page that address names. (A jump within the page, such as the skip link's, keeps
+  // the path and stays a jump.)
+  var shownPath = window.location.pathname;
+  window.addEventListener("popstate", function () {
+    if (window.location.pathname !== shownPath) { window.location.reload(); }
+  });
   var root = document.getElementById("job");
   if (!root) { return; }
   var bar = document.getElementById("job-progress");
@@ -27,7 +34,11 @@
     var state = status.state.charAt(0).toUpperCase() + status.state.slice(1);
     step.textContent = state + (status.step ? ": " + status.step : "");
     if (status.state === "done" && status.reportUrl) {
-      window.location.assign(status.reportUrl);
+      if (status.resultHtml) {
+        showResult(status);
+      } else {
+        window.location.assign(status.reportUrl);
+      }
       return false;
     }
     if (status.state === "failed") {
@@ -35,6 +46,22 @@
       return false;
     }
     return true;
+  }
+
+  // The result, rendered by the app (autoescaped, from the report it just filed), replaces the study page's
+  // content, and the address becomes the result page's, as if it had been opened: Back returns to the study,
+  // a reload shows the result page itself. Focus moves to the result's heading, as a new page would put it.
+  function showResult(status) {
+    var main = document.getElementById("main");
+    main.innerHTML = status.resultHtml;
+    document.title = status.resultTitle;
+    window.history.pushState({ imagingCdsResult: status.reportUrl }, "", status.reportUrl);
+    shownPath = window.location.pathname;
+    var heading = main.querySelector("h1");
+    if (heading) {
+      heading.setAttribute("tabindex", "-1");
+      heading.focus();
+    }
   }
 
   function poll(url) {
