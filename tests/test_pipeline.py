@@ -28,13 +28,21 @@ from imaging_cds.demo import LoadedStudy, load_sample_study
 from imaging_cds.errors import ImageDataError, NotAllowedError, PacsError, StudyError
 from imaging_cds.pipeline import AnalysisOutcome, analyze_study
 from imaging_cds.samples import SAMPLES, SampleStudy, endpoint_resource, imaging_study_resource, load_sample
-from imaging_cds.servers import FhirServer, OrthancServer, free_port
+from imaging_cds.servers import FhirServer, OrthancServer, fhir_server, free_port
 from models.registry import get_analyzer
 
 
 @pytest.fixture(scope="module")
-def client(fhir_base: FhirServer) -> FhirClient:
-    return FhirClient(fhir_base.base_url, session=requests.Session())
+def own_fhir() -> Iterator[FhirServer]:
+    """This module's own FHIR server. Its first analysis must meet an EHR that has never seen lung2's result:
+    other modules analyse (and sign) the same sample on the session's shared server, in any order."""
+    with fhir_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(own_fhir: FhirServer) -> FhirClient:
+    return FhirClient(own_fhir.base_url, session=requests.Session())
 
 
 @pytest.fixture(scope="module")
