@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from imaging_cds.allowlist import AllowList
 from imaging_cds.servers import FhirServer, OrthancServer, fhir_server, orthanc_server
 
 DATA = Path(__file__).parent / "data"
@@ -33,3 +34,9 @@ def orthanc() -> Iterator[OrthancServer]:
     """A real Orthanc with the DICOMweb plugin."""
     with orthanc_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def allow(orthanc: OrthancServer) -> AllowList:
+    """The DICOMweb allow-list that admits only this session's Orthanc."""
+    return AllowList.of([orthanc.dicomweb_url])

@@ -46,11 +46,6 @@ def client(own_fhir: FhirServer) -> FhirClient:
 
 
 @pytest.fixture(scope="module")
-def allow(orthanc: OrthancServer) -> AllowList:
-    return AllowList.of([orthanc.dicomweb_url])
-
-
-@pytest.fixture(scope="module")
 def lung2(client: FhirClient, orthanc: OrthancServer) -> LoadedStudy:
     return load_sample_study(client, orthanc, SAMPLES["lung2"])
 

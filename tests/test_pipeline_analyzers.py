@@ -30,11 +30,6 @@ def client(fhir_base: FhirServer) -> FhirClient:
     return FhirClient(fhir_base.base_url, session=requests.Session())
 
 
-@pytest.fixture(scope="module")
-def allow(orthanc: OrthancServer) -> AllowList:
-    return AllowList.of([orthanc.dicomweb_url])
-
-
 def _read(client: FhirClient, reference: str) -> dict[str, Any]:
     resource_type, resource_id = reference.split("/")[-2:]
     return client.read(resource_type, resource_id)
