@@ -622,7 +622,12 @@ def _running_job_for(state: AuthorizationState, imaging_study: str) -> JobRecord
 
 @bp.post("/studies/<study_id>/analyze")
 def analyze(study_id: str) -> Any:
-    """Start an analysis job (or join the one already running for this study and analyzer)."""
+    """Start an analysis job (or join the one already running for this study and analyzer).
+
+    For the study page's script (JSON) the answer is also the job's first status, held and completed as a status
+    poll's is (``?wait=``, ``?inline=1``; see :func:`job_status`): a quick analysis is answered, with its result,
+    by the request that started it, and no second request competes with it while it starts.
+    """
     session_id, state = require_session()
     check_csrf(state)
     can = _can(state)
@@ -654,10 +659,10 @@ def analyze(study_id: str) -> Any:
             ext.sessions.put(session_id, fresh)
     log.info("Analysis job %s submitted (%s on %s)", record.id, name, imaging_study)
     if wants_json():  # the study page's script follows the job in place (see static/progress.js)
-        status = _job_json(record)
+        status = _status_answer(session_id, state, record)
         status["jobUrl"] = url_for("smart.job", job_id=record.id)
         status["statusUrl"] = url_for("smart.job_status", job_id=record.id, wait=1, inline=1)
-        return jsonify(status), 202
+        return jsonify(status), 200 if status["reportUrl"] else 202
     return redirect(url_for("smart.job", job_id=record.id), code=303)
 
 
@@ -710,13 +715,17 @@ def job_status(job_id: str) -> Any:
     ``resultHtml`` and the script opens ``reportUrl``, which reads the EHR.
     """
     session_id, state = require_session()
-    record = _own_job(state, job_id)
+    return jsonify(_status_answer(session_id, state, _own_job(state, job_id)))
+
+
+def _status_answer(session_id: str, state: AuthorizationState, record: JobRecord) -> dict[str, Any]:
+    """The job's status JSON, after the wait and with the inline result that the request's query asks for."""
     try:
         wait = min(MAX_STATUS_WAIT_S, max(0.0, float(request.args.get("wait", "0"))))
     except ValueError:
         wait = 0.0
     if wait and not record.state.finished:
-        record = smart_app().jobs.wait(job_id, timeout=wait)
+        record = smart_app().jobs.wait(record.id, timeout=wait)
     status = _job_json(record)
     if status["reportUrl"] and request.args.get("inline") == "1":
         report_id = str(status["reportUrl"]).rsplit("/", 1)[-1]
@@ -726,7 +735,7 @@ def job_status(job_id: str) -> Any:
             context = _report_context(session_id, state, client, report_id, resources)
             status["resultHtml"] = render_fragment("_report_main.html", reviewed=None, **context)
             status["resultTitle"] = f"{RESULT_PAGE_TITLE} · imaging-cds"
-    return jsonify(status)
+    return status
 
 
 def _kept_report(session_id: str, state: AuthorizationState, report_id: str) -> list[dict[str, Any]] | None:

@@ -300,6 +300,18 @@ def test_the_study_pages_script_starts_the_analysis_and_follows_it_without_the_p
         assert f'<link rel="preload" as="image" href="/media/{media_id}">' in shown.text
     assert 'elementtiming="explanation"' in shown.text
 
+    # The script's start of an analysis waits for it as a status poll does (?wait=): a quick one is answered - done,
+    # with its result - by the very request that started it (a re-run finds the same report, filed before).
+    rerun = browser.post(
+        f"{public_app.url}/studies/{study_id}/analyze?wait=5&inline=1",
+        data={"analyzer": "ct-emphysema", "csrf_token": token},
+        headers=as_script,
+    )
+    assert rerun.status_code == 200, rerun.text
+    answer = rerun.json()
+    assert answer["state"] == "done" and answer["reportUrl"] == status["reportUrl"]
+    assert "LAA-950" in answer["resultHtml"] and answer["resultTitle"].startswith("AI result")
+
 
 def test_the_servers_do_not_log_request_lines_that_carry_the_authorization_code(
     public_app: RunningApp,

@@ -86,6 +86,18 @@ def screenshot(page: Page, name: str) -> None:
     page.set_viewport_size(DESKTOP)
 
 
+WATCH_RESULT_PLACED = """() => new MutationObserver((changes, observer) => {
+  const images = document.querySelectorAll('#main img.explanation');
+  if (images.length === 0) { return; }
+  window.resultPlaced = {
+    images: images.length,
+    loaded: Array.from(images).filter((i) => i.complete && i.naturalWidth > 0).length,
+  };
+  observer.disconnect();
+}).observe(document.getElementById('main'), { childList: true, subtree: true })"""
+"""Notes, the moment the result enters the study page, how many of its explanation images are loaded."""
+
+
 def ehr_launch(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, **kwargs: object) -> None:
     """Click the app in the EHR and land on the sandbox's consent page."""
     patient = chest_ct.patient.split("/")[1]
@@ -111,6 +123,7 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     screenshot(page, "02-study")
     visited: list[str] = []
     page.on("framenavigated", lambda frame: visited.append(frame.url))
+    page.evaluate(WATCH_RESULT_PLACED)
     page.focus("#analyze-button")
     page.keyboard.press("Enter")  # keyboard only: a real button, reachable and operable without a mouse
     page.wait_for_url(re.compile(r".*/reports/[^/]+$"), timeout=300_000)
@@ -122,6 +135,9 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
         "() => Array.from(document.querySelectorAll('img.explanation')).every(i => i.complete && i.naturalWidth > 0)"
     )
     assert page.eval_on_selector("img.explanation", "i => i.naturalWidth") > 0
+    # The result appeared whole: its explanation images were loaded when it was placed, not filled in afterwards.
+    placed = page.evaluate("() => window.resultPlaced")
+    assert placed["images"] >= 1 and placed["loaded"] == placed["images"], placed
     findings = page.inner_text("table.findings")
     assert "LAA" in findings and "%" in findings
     assert "version" in page.inner_text(".facts")
@@ -161,6 +177,22 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     assert any(a["who"]["reference"] == practitioner for p in provenance for a in p["agent"])
     figures = app.ext.reviews.figures()
     assert figures["ct-emphysema"].accepted >= 1
+
+
+def test_a_result_whose_images_cannot_be_loaded_is_still_shown(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    """The study page waits for a result's images before showing it; an image that fails must not hold it back."""
+    ehr_launch(page, app, chest_ct, practitioner)
+    page.click("#approve")
+    page.wait_for_selector("table.studies")
+    page.goto(f"{app.url}/studies/{chest_ct.imaging_study.split('/')[1]}")
+    page.route("**/media/**", lambda route: route.abort("connectionfailed"))
+    page.click("#analyze-button")
+    page.wait_for_url(re.compile(r".*/reports/[^/]+$"), timeout=300_000)
+    assert "LAA" in page.inner_text("table.findings")
+    assert page.evaluate("() => document.querySelectorAll('img.explanation').length") >= 1
+    assert page.evaluate("() => Array.from(document.querySelectorAll('img.explanation')).every(i => !i.naturalWidth)")
 
 
 def test_launch_with_fhir_context_opens_that_study(

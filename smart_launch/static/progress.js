@@ -48,12 +48,29 @@
     return true;
   }
 
+  // How long the result waits for its explanation images before it is shown without them (they then appear as
+  // they arrive, as on the result page).
+  var IMAGE_WAIT_MS = 3000;
+
   // The result, rendered by the app (autoescaped, from the report it just filed), replaces the study page's
   // content, and the address becomes the result page's, as if it had been opened: Back returns to the study,
   // a reload shows the result page itself. Focus moves to the result's heading, as a new page would put it.
+  // It is first built off screen, where its images load and decode, and then placed whole: the clinician sees
+  // the findings and their explanation images together, without the page reflowing under the reader as each
+  // image arrives, and the browser paints once instead of once per image.
   function showResult(status) {
+    var staged = document.createElement("div");
+    staged.innerHTML = status.resultHtml;
+    var decoded = Array.prototype.map.call(staged.querySelectorAll("img"), function (img) {
+      return img.decode().catch(function () { return null; });  // a broken image is shown as the page shows it
+    });
+    var waited = new Promise(function (resolve) { window.setTimeout(resolve, IMAGE_WAIT_MS); });
+    Promise.race([Promise.all(decoded), waited]).then(function () { placeResult(staged, status); });
+  }
+
+  function placeResult(staged, status) {
     var main = document.getElementById("main");
-    main.innerHTML = status.resultHtml;
+    main.replaceChildren.apply(main, Array.prototype.slice.call(staged.childNodes));
     document.title = status.resultTitle;
     window.history.pushState({ imagingCdsResult: status.reportUrl }, "", status.reportUrl);
     shownPath = window.location.pathname;
@@ -95,7 +112,11 @@
       errorBox.hidden = true;
       root.hidden = false;
       step.textContent = "Starting the analysis…";
-      fetch(form.action, {
+      // The answer waits for the job (as a status poll does), so a quick analysis needs no other request.
+      var start = new URL(form.action, window.location.href);
+      start.searchParams.set("wait", "1");
+      start.searchParams.set("inline", "1");
+      fetch(start.href, {
         method: "POST",
         body: new URLSearchParams(new FormData(form)),
         headers: { "Accept": "application/json" },
