@@ -662,7 +662,7 @@ def analyze(study_id: str) -> Any:
         status = _status_answer(session_id, state, record)
         status["jobUrl"] = url_for("smart.job", job_id=record.id)
         status["statusUrl"] = url_for("smart.job_status", job_id=record.id, wait=1, inline=1)
-        return jsonify(status), 200 if status["reportUrl"] else 202
+        return jsonify(status), 200 if JobState(status["state"]).finished else 202
     return redirect(url_for("smart.job", job_id=record.id), code=303)
 
 
