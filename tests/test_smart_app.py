@@ -247,19 +247,19 @@ def test_the_study_pages_script_starts_the_analysis_and_follows_it_without_the_p
     token = _csrf(browser.get(f"{public_app.url}/studies/{study_id}"))
     as_script = {"Accept": "application/json"}  # what static/progress.js sends
 
-    unsuitable = browser.post(
-        f"{public_app.url}/studies/{study_id}/analyze",
-        data={"analyzer": "cxr-pneumonia", "csrf_token": token},
-        headers=as_script,
-    )
+    def start(analyzer: str, query: str = "") -> requests.Response:
+        """Send the study page's Analyze form as its script does."""
+        return browser.post(
+            f"{public_app.url}/studies/{study_id}/analyze{query}",
+            data={"analyzer": analyzer, "csrf_token": token},
+            headers=as_script,
+        )
+
+    unsuitable = start("cxr-pneumonia")
     assert unsuitable.status_code == 400 and unsuitable.headers["Content-Type"] == "application/json"
     assert "does not suit" in unsuitable.json()["message"] and unsuitable.json()["remedy"]
 
-    started = browser.post(
-        f"{public_app.url}/studies/{study_id}/analyze",
-        data={"analyzer": "ct-emphysema", "csrf_token": token},
-        headers=as_script,
-    )
+    started = start("ct-emphysema")
     assert started.status_code == 202, started.text
     job = started.json()
     assert job["state"] in ("queued", "running", "done") and job["jobUrl"].startswith("/jobs/")
@@ -302,11 +302,7 @@ def test_the_study_pages_script_starts_the_analysis_and_follows_it_without_the_p
 
     # The script's start of an analysis waits for it as a status poll does (?wait=): a quick one is answered - done,
     # with its result - by the very request that started it (a re-run finds the same report, filed before).
-    rerun = browser.post(
-        f"{public_app.url}/studies/{study_id}/analyze?wait=5&inline=1",
-        data={"analyzer": "ct-emphysema", "csrf_token": token},
-        headers=as_script,
-    )
+    rerun = start("ct-emphysema", "?wait=5&inline=1")
     assert rerun.status_code == 200, rerun.text
     answer = rerun.json()
     assert answer["state"] == "done" and answer["reportUrl"] == status["reportUrl"]
