@@ -137,7 +137,8 @@ def _status_phrase(finding: AiFinding) -> str:
 def _key_values(finding: AiFinding, limit: int = 2) -> str:
     parts = []
     for m in finding.measurements[:limit]:
-        value = f"{m.value:.1f}".rstrip("0").rstrip(".") if abs(m.value) < 1000 else f"{m.value:.0f}"
+        # As filed: a card never re-rounds the value its report states (0.25 % stays 0.25 %, not 0.2 %).
+        value = f"{m.value:g}" if abs(m.value) < 1e6 else f"{m.value:.0f}"
         unit = "HU" if m.unit == "[hnsf'U]" else m.unit
         parts.append(f"{m.display} {value} {unit}".strip())
     return "; ".join(parts)

@@ -336,7 +336,7 @@ class BoneAnalyzer:
     """Opportunistic bone density (Pickhardt L1 HU) and vertebral body height analysis of chest/abdomen CT."""
 
     name = "ct-bone"
-    version = "0.2.0"
+    version = "0.2.1"
     title = "CT opportunistic osteoporosis screening and vertebral body heights"
     requirements = SeriesRequirements(
         modalities=("CT",),
@@ -462,28 +462,29 @@ class BoneAnalyzer:
             assert target.level is not None
             key = f"{target.level.lower()}_trabecular_hu"
             note = "" if target.level == "L1" else f"L1 not measurable; measured at {target.level} instead."
-            category = attenuation_category(roi.mean_hu)
+            # Whole HU, the precision of the published thresholds: the filed value, the sentence and the category
+            # agree (never 110.4 HU filed as "low (111-160 HU)", nor "160 HU" in words next to "Normal (> 160 HU)").
+            hu = float(round(roi.mean_hu))
+            category = attenuation_category(hu)
             interpretation: Interpretation = "L" if category.abnormal else "N"
             measurements.append(
                 Measurement(
                     key,
                     f"{target.level} trabecular attenuation",
-                    round(roi.mean_hu, 1),
+                    hu,
                     "[hnsf'U]",
                     interpretation,
                     reference_low=PICKHARDT_SENSITIVE_HU,
                     note=note,
                 )
             )
-            conclusion = (
-                f"{target.level} trabecular attenuation {roi.mean_hu:.0f} HU (SD {roi.sd_hu:.0f}): {category.display}."
-            )
+            conclusion = f"{target.level} trabecular attenuation {hu:.0f} HU (SD {roi.sd_hu:.0f}): {category.display}."
         else:
             measurements.append(
                 Measurement(
                     "vertebral_trabecular_hu",
                     "Trabecular attenuation, unidentified level",
-                    round(roi.mean_hu, 1),
+                    float(round(roi.mean_hu)),
                     "[hnsf'U]",
                     note="Vertebral level could not be identified; Pickhardt L1 thresholds not applied.",
                 )

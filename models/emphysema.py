@@ -71,7 +71,7 @@ class EmphysemaAnalyzer:
     """LAA-950 densitometry of inspiratory chest CT; see the module docstring for the published basis."""
 
     name = "ct-emphysema"
-    version = "1.0.0"
+    version = "1.0.1"
     title = "CT emphysema quantification (LAA-950 densitometry)"
     requirements = SeriesRequirements(
         modalities=("CT",),
@@ -148,13 +148,16 @@ class EmphysemaAnalyzer:
         low_ml = float(low_per_slice.sum()) * voxel_ml
         laa = 100.0 * float(low_per_slice.sum()) / lung_voxels
         upper, lower = zone_percentages(lung_per_slice, low_per_slice)
+        # The values as filed (two decimals) decide the category, the interpretations and the sentence, so the
+        # report never files 5.0 % marked normal under "LAA-950 < 5%", nor says 0.2 % next to 0.25 %.
+        laa, upper, lower = round(laa, 2), round(upper, 2), round(lower, 2)
         category = categorize(laa)
 
         measurements = [
             Measurement(
                 "laa950_percent",
                 "Lung volume below -950 HU (LAA-950)",
-                round(laa, 2),
+                laa,
                 "%",
                 interpretation="H" if laa >= EMPHYSEMA_PRESENT_PERCENT else "N",
                 reference_high=EMPHYSEMA_PRESENT_PERCENT,
@@ -165,7 +168,7 @@ class EmphysemaAnalyzer:
             Measurement(
                 "laa950_upper_zone_percent",
                 "LAA-950 in the upper half of the lungs",
-                round(upper, 2),
+                upper,
                 "%",
                 interpretation="H" if upper >= EMPHYSEMA_PRESENT_PERCENT else "N",
                 reference_high=EMPHYSEMA_PRESENT_PERCENT,
@@ -173,7 +176,7 @@ class EmphysemaAnalyzer:
             Measurement(
                 "laa950_lower_zone_percent",
                 "LAA-950 in the lower half of the lungs",
-                round(lower, 2),
+                lower,
                 "%",
                 interpretation="H" if lower >= EMPHYSEMA_PRESENT_PERCENT else "N",
                 reference_high=EMPHYSEMA_PRESENT_PERCENT,
@@ -291,13 +294,13 @@ def distribution(upper: float, lower: float) -> str:
 
 
 def conclusion(laa: float, lung_ml: float, upper: float, lower: float, category: Category) -> str:
-    """One plain-language sentence with the numbers."""
-    head = f"Lung below -950 HU makes up {laa:.1f}% of the {lung_ml / 1000:.2f} L of lung measured"
+    """One plain-language sentence with the numbers as filed in the Observations (two decimals at most)."""
+    head = f"Lung below -950 HU makes up {laa:g}% of the {lung_ml / 1000:.2f} L of lung measured"
     if not category.abnormal:
         return f"{head}, under the 5% cut-off for emphysema: no emphysema by CT densitometry."
     return (
         f"{head}: {category.code} emphysema by CT densitometry, {distribution(upper, lower)} "
-        f"(upper half {upper:.1f}%, lower half {lower:.1f}%)."
+        f"(upper half {upper:g}%, lower half {lower:g}%)."
     )
 
 

@@ -60,6 +60,10 @@ def test_abdomen_l1_identified_from_the_last_rib_and_in_physiological_range(abdo
     assert l1.unit == "[hnsf'U]"
     assert 50.0 <= l1.value <= 300.0
     assert abdomen_result.category.code in {"normal", "low", "osteoporosis-likely"}
+    # Filed in whole HU, as the thresholds are stated: the value, the sentence and the category agree.
+    assert l1.value == round(l1.value)
+    assert f"L1 trabecular attenuation {l1.value:.0f} HU" in abdomen_result.conclusion
+    assert abdomen_result.category == attenuation_category(l1.value)
     assert "Pickhardt" in abdomen_result.category.rule
     assert any("T12 = lowest vertebra with a rib" in w for w in abdomen_result.warnings)
 

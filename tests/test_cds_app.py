@@ -78,7 +78,7 @@ def patient(fhir_base: FhirServer) -> Patient:
     patient_id = create_patient(base)
     started = "2025-06-01T09:30:00Z"
     study = create_study(base, patient_id, started=started)
-    emphysema = post_result(base, patient_id, study, emphysema_result(12.4), started=started)
+    emphysema = post_result(base, patient_id, study, emphysema_result(12.35), started=started)
     bone = post_result(base, patient_id, study, bone_result(86.0), started=started)
     sign_off(base, bone)
     return Patient(patient_id, study, emphysema, bone)
@@ -206,7 +206,8 @@ def _check_patient_view_cards(cards: list[dict[str, Any]], patient: Patient) -> 
             "display": "CT emphysema quantification",
         },
     }
-    assert " 12.4 %" in emphysema["detail"] and patient.emphysema_report in emphysema["detail"]
+    # The value as filed (two decimals), not re-rounded for the card.
+    assert " 12.35 %" in emphysema["detail"] and patient.emphysema_report in emphysema["detail"]
     assert "2025-06-01" in emphysema["detail"]
     app_context = json.loads(emphysema["links"][0]["appContext"])
     assert app_context == {
@@ -363,7 +364,7 @@ def test_order_select_chest_ct_brings_prior_findings_with_valid_suggestions(
     action = update["actions"][0]
     assert action["type"] == "update" and action["resource"]["id"] == "draft-chest-ct"
     assert patient.emphysema_report in action["resource"]["note"][-1]["text"]
-    assert "12.4 %" in action["resource"]["note"][-1]["text"]
+    assert "12.35 %" in action["resource"]["note"][-1]["text"]
     assert json.loads(emphysema["links"][0]["appContext"])["serviceRequest"] == "ServiceRequest/draft-chest-ct"
 
     bone = cards["ct-bone"]

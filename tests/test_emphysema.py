@@ -76,6 +76,26 @@ def test_upper_zone_predominant_emphysema_is_described_as_such() -> None:
     assert result.measurement("upper_lower_zone_ratio").value == pytest.approx(upper / lower, rel=0.01)
     assert result.category.code == "moderate"
     assert "upper-zone predominant" in result.conclusion and "centrilobular" in result.conclusion
+    laa = result.measurement("laa950_percent").value
+    # The sentence a clinician reads quotes the values the Observations file, to the same digits.
+    assert f"makes up {laa:g}% of" in result.conclusion
+    assert f"(upper half {upper:g}%, lower half {lower:g}%)" in result.conclusion
+
+
+def test_a_share_that_is_filed_as_5_percent_is_classified_as_reaching_the_cut_off() -> None:
+    """4.9975 % is filed as 5.0 %: the category, the interpretation and the sentence follow the filed value."""
+    phantom = chest_phantom(-850.0)
+    voxel_ml = float(np.prod(phantom.spacing)) / 1000.0
+    lung_voxels = _analyze(ImageInput(phantom.hu, phantom.spacing, "CT", {})).measurement("lung_volume_ml").value
+    holes = round(0.049975 * lung_voxels / voxel_ml)  # lung_volume_ml is filed to 0.1 mL: +/- 0.5 of a hole
+    hu = phantom.hu.copy()
+    deep = np.flatnonzero(phantom.lungs & np.roll(phantom.lungs, 3, axis=2) & np.roll(phantom.lungs, -3, axis=2))
+    hu.flat[deep[:: len(deep) // holes][:holes]] = -1000.0  # scattered single voxels well inside the lungs
+    result = _analyze(ImageInput(hu, phantom.spacing, "CT", {}))
+    laa = result.measurement("laa950_percent")
+    assert laa.value == 5.0
+    assert laa.interpretation == "H" and result.category.code == "mild" and result.category.abnormal
+    assert "makes up 5% of" in result.conclusion and "under the 5% cut-off" not in result.conclusion
 
 
 def test_soft_tissue_without_lungs_is_refused() -> None:
@@ -158,6 +178,7 @@ def test_lung2_real_chest_ct_is_not_emphysematous(data_dir: Path) -> None:
     assert not any("beyond the scanned range" in w for w in result.warnings)
     assert any("5 mm thick" in w for w in result.warnings)
     assert f"{lung_ml / 1000:.2f} L" in result.conclusion
+    assert f"makes up {laa:g}% of" in result.conclusion  # the filed value, not a second rounding of it
 
 
 def test_lung2_explanations_show_upper_middle_and_lower_zones(data_dir: Path) -> None:
