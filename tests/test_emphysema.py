@@ -86,8 +86,8 @@ def test_a_share_that_is_filed_as_5_percent_is_classified_as_reaching_the_cut_of
     """4.9975 % is filed as 5.0 %: the category, the interpretation and the sentence follow the filed value."""
     phantom = chest_phantom(-850.0)
     voxel_ml = float(np.prod(phantom.spacing)) / 1000.0
-    lung_voxels = _analyze(ImageInput(phantom.hu, phantom.spacing, "CT", {})).measurement("lung_volume_ml").value
-    holes = round(0.049975 * lung_voxels / voxel_ml)  # lung_volume_ml is filed to 0.1 mL: +/- 0.5 of a hole
+    lung_ml = _analyze(ImageInput(phantom.hu, phantom.spacing, "CT", {})).measurement("lung_volume_ml").value
+    holes = round(0.049975 * lung_ml / voxel_ml)  # lung_volume_ml is filed to 0.1 mL: +/- 0.5 of a hole
     hu = phantom.hu.copy()
     deep = np.flatnonzero(phantom.lungs & np.roll(phantom.lungs, 3, axis=2) & np.roll(phantom.lungs, -3, axis=2))
     hu.flat[deep[:: len(deep) // holes][:holes]] = -1000.0  # scattered single voxels well inside the lungs
