@@ -138,7 +138,7 @@ def _key_values(finding: AiFinding, limit: int = 2) -> str:
     parts = []
     for m in finding.measurements[:limit]:
         # As filed: a card never re-rounds the value its report states (0.25 % stays 0.25 %, not 0.2 %).
-        value = f"{m.value:g}" if abs(m.value) < 1e6 else f"{m.value:.0f}"
+        value = f"{m.value:.15g}"  # a float's own digits, without a trailing ".0"
         unit = "HU" if m.unit == "[hnsf'U]" else m.unit
         parts.append(f"{m.display} {value} {unit}".strip())
     return "; ".join(parts)
