@@ -96,6 +96,12 @@ WATCH_RESULT_PLACED = """() => new MutationObserver((changes, observer) => {
   observer.disconnect();
 }).observe(document.getElementById('main'), { childList: true, subtree: true })"""
 """Notes, the moment the result enters the study page, how many of its explanation images are loaded."""
+ON_FIRST_SCREEN = """(selector) => {
+  const box = document.querySelector(selector).getBoundingClientRect();
+  return window.scrollY === 0 && box.top >= 0 && box.left >= 0 && box.bottom <= window.innerHeight
+    && box.right <= window.innerWidth;
+}"""
+"""Whether the element is wholly on the first screen: the page unscrolled, the element inside the viewport."""
 
 
 def ehr_launch(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, **kwargs: object) -> None:
@@ -140,6 +146,9 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     assert placed["images"] >= 1 and placed["loaded"] == placed["images"], placed
     findings = page.inner_text("table.findings")
     assert "LAA" in findings and "%" in findings
+    # At 1280x800 the first screen holds the verdict, the first measured value and an explanation image beside it.
+    for part in ("h1", "table.findings tbody tr", "img.explanation"):
+        assert page.evaluate(ON_FIRST_SCREEN, part), f"{part} is not on the first screen at 1280x800"
     assert "version" in page.inner_text(".facts")
     assert page.get_attribute("a[href^='/models/']", "href") == "/models/ct-emphysema"
     html = page.content()
