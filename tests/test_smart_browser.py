@@ -111,12 +111,17 @@ def ehr_launch(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner:
     page.wait_for_selector("#approve")
 
 
-def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_practitioner(
-    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, fhir: FhirClient
-) -> None:
+def ehr_launch_approved(page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str) -> None:
+    """Launch from the EHR, approve the consent and land on the patient's study list."""
     ehr_launch(page, app, chest_ct, practitioner)
     page.click("#approve")
     page.wait_for_selector("table.studies")
+
+
+def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_practitioner(
+    page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, fhir: FhirClient
+) -> None:
+    ehr_launch_approved(page, app, chest_ct, practitioner)
     assert page.url.rstrip("/") == app.url
     assert "Demo patient lung2" in page.inner_text(".patient-banner")
     row = page.inner_text("table.studies tbody")
@@ -192,9 +197,7 @@ def test_a_result_whose_images_cannot_be_loaded_is_still_shown(
     page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str
 ) -> None:
     """The study page waits for a result's images before showing it; an image that fails must not hold it back."""
-    ehr_launch(page, app, chest_ct, practitioner)
-    page.click("#approve")
-    page.wait_for_selector("table.studies")
+    ehr_launch_approved(page, app, chest_ct, practitioner)
     page.goto(f"{app.url}/studies/{chest_ct.imaging_study.split('/')[1]}")
     page.route("**/media/**", lambda route: route.abort("connectionfailed"))
     page.click("#analyze-button")
@@ -337,9 +340,7 @@ def test_expired_access_token_is_refreshed_without_the_clinician_noticing(
     with serve_app_with_sandbox(fhir_base.base_url, tmp_path, orthanc.dicomweb_url, access_token_lifetime=3) as app:
         context = browser.new_context(viewport=DESKTOP)
         page = context.new_page()
-        ehr_launch(page, app, chest_ct, practitioner)
-        page.click("#approve")
-        page.wait_for_selector("table.studies")
+        ehr_launch_approved(page, app, chest_ct, practitioner)
         session_id = next(c["value"] for c in context.cookies() if c["name"] == "imaging_cds_sid")
         first = app.ext.sessions.get(session_id)
         assert first is not None and first.token_lifetime_s == 3
