@@ -41,7 +41,7 @@ from urllib.parse import quote
 from fhir_adapters import constants, terminology
 from fhir_adapters.validation import validate_bundle
 from imaging_cds.errors import ConfigurationError, ImagingCdsError
-from models.base import AnalysisResult, Explanation, Measurement
+from models.base import AnalysisResult, Explanation, Measurement, probability_percent
 
 # Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).
 MODEL_SHA256_IDENTIFIER_SYSTEM = f"{constants.CANONICAL_BASE}/sid/model-sha256"
@@ -323,7 +323,9 @@ def render_report_html(
         )
     warnings = "".join(f"<li>{e(w)}</li>" for w in result.warnings) or "<li>None.</li>"
     probability = (
-        f"<p>Model probability: {e(_format_value(result.probability))}</p>" if result.probability is not None else ""
+        f"<p>Model probability: {probability_percent(result.probability):.1f} %</p>"
+        if result.probability is not None
+        else ""
     )
     card = f' <a href="{e(device.card_url)}">Model card</a>.' if device.card_url else ""
     digest = f"<br>Model weights SHA-256: <code>{e(device.model_sha256)}</code>" if device.model_sha256 else ""

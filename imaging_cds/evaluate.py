@@ -38,7 +38,7 @@ import numpy as np
 
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
 from models import metrics
-from models.base import Analyzer, ImageInput
+from models.base import Analyzer, ImageInput, filed_probability
 
 BENCHMARK_MIN_SIDE = 64
 """Smallest side the projection input guard accepts (``models.cxr_pneumonia.MIN_SIDE_PIXELS``)."""
@@ -295,7 +295,8 @@ def assess(
 ) -> Assessment:
     """Run every case through ``check_input`` + ``analyze`` and compute the assessment table.
 
-    The score is the analyzer's probability at its operating threshold; an analyzer without probabilities
+    The score is the analyzer's probability as filed (0.1 %), at its operating threshold at that precision:
+    the call the analyzer makes (:func:`models.base.at_or_above_threshold`). An analyzer without probabilities
     (a rule-based one) is scored by its category (abnormal = 1) at threshold 0.5, and its AUC is then that
     of a single operating point.
     """
@@ -317,7 +318,7 @@ def assess(
         result = analyzer.analyze(case.image)
         seconds.append(time.perf_counter() - started)
         if result.probability is not None and threshold is not None:
-            scores.append(float(result.probability))
+            scores.append(filed_probability(result.probability))
         else:
             score_kind = "category (abnormal = 1)"
             scores.append(1.0 if result.category.abnormal else 0.0)
@@ -331,7 +332,7 @@ def assess(
         )
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(scores, dtype=np.float64)
-    cut = threshold if score_kind == "probability" and threshold is not None else 0.5
+    cut = filed_probability(threshold) if score_kind == "probability" and threshold is not None else 0.5
     return Assessment(
         analyzer=analyzer.name,
         version=analyzer.version,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 Interpretation = Literal["N", "H", "L", "A", "HH", "LL"]
 """HL7 v3 ObservationInterpretation codes used for measured values (normal, high, low, abnormal...)."""
@@ -59,6 +60,44 @@ class SeriesRequirements:
     body_parts: tuple[str, ...] = ()
     description_keywords: tuple[str, ...] = ()
     excluded_description_keywords: tuple[str, ...] = ()
+
+
+def probability_percent(probability: float) -> float:
+    """A model probability as it is filed and read: a percentage with one decimal (0.60530 -> 60.5).
+
+    Trained analyzers make their call on this value, against their threshold at the same precision
+    (:func:`at_or_above_threshold`), so a report can never read "60.5 % (threshold 60.5 %)" and be below it.
+    """
+    return round(100.0 * float(probability), 1)
+
+
+def filed_probability(probability: float) -> float:
+    """A probability (or a probability threshold) as filed, back on the 0-1 scale (0.60530 -> 0.605).
+
+    A trained analyzer's figures are measured on these, probabilities and threshold alike, so they describe
+    exactly the calls the analyzer makes and the values the EHR holds.
+    """
+    return probability_percent(probability) / 100.0
+
+
+def filed_probabilities(probabilities: ArrayLike) -> np.ndarray:
+    """:func:`filed_probability` of each value: what an assessment scores."""
+    return np.array([filed_probability(p) for p in np.asarray(probabilities, dtype=np.float64).reshape(-1)])
+
+
+def at_or_above_threshold(probability: float, threshold: float) -> bool:
+    """The call of a trained analyzer: its probability as filed is at or above its threshold as filed."""
+    return probability_percent(probability) >= probability_percent(threshold)
+
+
+def highest_normal(threshold: float, decimals: int) -> float:
+    """The inclusive upper limit of normal for values filed with ``decimals`` places, abnormal from ``threshold``.
+
+    FHIR ``referenceRange.high`` includes its value, so a limit of 5 % would put a filed 5.00 % (abnormal) inside
+    the normal range; the limit is the last filed value below the threshold (4.99 %). ``threshold`` must be a
+    value at that precision itself.
+    """
+    return round(threshold - 10.0**-decimals, decimals)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,17 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
-from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
+from models.base import (
+    AnalysisResult,
+    Category,
+    Explanation,
+    ImageInput,
+    Measurement,
+    SeriesRequirements,
+    at_or_above_threshold,
+    highest_normal,
+    probability_percent,
+)
 from models.cards import ModelCard, card_from_dict
 from models.weights_io import sha256_of_file
 
@@ -558,8 +568,8 @@ class BundleAnalyzer:
         probability = float(self.probabilities(prepared[None])[0])
         positive = self.spec.positive_class
         slug = _slug(positive)
-        suspected = probability >= self.threshold
-        threshold_percent = 100.0 * self.threshold
+        percent, threshold_percent = probability_percent(probability), probability_percent(self.threshold)
+        suspected = at_or_above_threshold(probability, self.threshold)  # on the values as filed and read
         category = Category(
             code=f"{slug.replace('_', '-')}-suspected" if suspected else f"{slug.replace('_', '-')}-not-suspected",
             display=f"{positive.capitalize()} suspected" if suspected else f"{positive.capitalize()} not suspected",
@@ -570,14 +580,15 @@ class BundleAnalyzer:
         measurement = Measurement(
             key=f"{slug}_probability",
             display=f"Model probability of {positive}",
-            value=round(100.0 * probability, 1),
+            value=percent,
             unit="%",
             interpretation="A" if suspected else "N",
-            reference_high=round(threshold_percent, 1),
-            note="Reference high = the bundle's operating threshold; see its model card for calibration and limits.",
+            reference_high=highest_normal(threshold_percent, 1),
+            note="Reference high = the highest probability called negative, one 0.1 % step below the bundle's "
+            "operating threshold; see its model card for calibration and limits.",
         )
         caption = (
-            f"Grad-CAM: regions that raised the {positive} score ({100.0 * probability:.1f} %, threshold "
+            f"Grad-CAM: regions that raised the {positive} score ({percent:.1f} %, threshold "
             f"{threshold_percent:.1f} %).\nBrighter = more influence."
         )
         png = self._gradcam_png(image, prepared, caption)
@@ -601,7 +612,7 @@ class BundleAnalyzer:
             version=self.version,
             measurements=(measurement,),
             category=category,
-            conclusion=f"{category.display}: model probability {100.0 * probability:.1f} % (operating threshold "
+            conclusion=f"{category.display}: model probability {percent:.1f} % (operating threshold "
             f"{threshold_percent:.1f} %). Decision support only; confirm on the image.",
             explanations=explanations,
             probability=probability,

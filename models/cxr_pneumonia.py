@@ -48,7 +48,8 @@ PNEUMONIA = FindingSpec(
     card="cxr-pneumonia",
     calibration_note=(
         "Temperature-scaled on paediatric validation images; not a calibrated risk for adults or other "
-        "hospitals. Reference high = the model's operating threshold."
+        "hospitals. Reference high = the highest probability called negative, one 0.1 % step below the model's "
+        "operating threshold."
     ),
     caveat="Screening aid from a paediatric-trained 28x28 model; confirm on the image.",
 )
@@ -58,7 +59,7 @@ class PneumoniaAnalyzer:
     """Frontal chest radiograph (CR/DX) -> probability of pneumonia, category and Grad-CAM key image."""
 
     name = "cxr-pneumonia"
-    version = "1.0.0"
+    version = "1.0.1"
     title = "Chest radiograph pneumonia classifier (PneumoniaMNIST-trained CNN ensemble)"
     requirements = SeriesRequirements(
         modalities=("CR", "DX"),

@@ -38,11 +38,21 @@ import numpy as np
 
 from imaging_cds.errors import UnsuitableInputError
 from models import render
-from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement, SeriesRequirements
+from models.base import (
+    AnalysisResult,
+    Category,
+    Explanation,
+    ImageInput,
+    Measurement,
+    SeriesRequirements,
+    highest_normal,
+)
 from models.lung import LungMask, segment_lungs
 
 LAA_THRESHOLD_HU = -950.0
 EMPHYSEMA_PRESENT_PERCENT = 5.0
+NORMAL_HIGH_PERCENT = highest_normal(EMPHYSEMA_PRESENT_PERCENT, 2)
+"""Upper limit of normal as filed (two decimals, inclusive): 4.99 %; from 5.00 % the value is high."""
 MODERATE_PERCENT = 10.0
 SEVERE_PERCENT = 20.0
 PREDOMINANCE_RATIO = 1.5
@@ -71,7 +81,7 @@ class EmphysemaAnalyzer:
     """LAA-950 densitometry of inspiratory chest CT; see the module docstring for the published basis."""
 
     name = "ct-emphysema"
-    version = "1.0.1"
+    version = "1.0.2"
     title = "CT emphysema quantification (LAA-950 densitometry)"
     requirements = SeriesRequirements(
         modalities=("CT",),
@@ -160,8 +170,9 @@ class EmphysemaAnalyzer:
                 laa,
                 "%",
                 interpretation="H" if laa >= EMPHYSEMA_PRESENT_PERCENT else "N",
-                reference_high=EMPHYSEMA_PRESENT_PERCENT,
-                note="Share of segmented lung voxels below -950 HU; reference limit is the COPDGene 5% convention.",
+                reference_high=NORMAL_HIGH_PERCENT,
+                note="Share of segmented lung voxels below -950 HU; high from 5 % (the COPDGene convention), so the "
+                "normal range ends at 4.99 %.",
             ),
             Measurement("lung_volume_ml", "Segmented lung volume", round(lung_ml, 1), "mL"),
             Measurement("low_attenuation_volume_ml", "Lung volume below -950 HU", round(low_ml, 1), "mL"),
@@ -171,7 +182,7 @@ class EmphysemaAnalyzer:
                 upper,
                 "%",
                 interpretation="H" if upper >= EMPHYSEMA_PRESENT_PERCENT else "N",
-                reference_high=EMPHYSEMA_PRESENT_PERCENT,
+                reference_high=NORMAL_HIGH_PERCENT,
             ),
             Measurement(
                 "laa950_lower_zone_percent",
@@ -179,7 +190,7 @@ class EmphysemaAnalyzer:
                 lower,
                 "%",
                 interpretation="H" if lower >= EMPHYSEMA_PRESENT_PERCENT else "N",
-                reference_high=EMPHYSEMA_PRESENT_PERCENT,
+                reference_high=NORMAL_HIGH_PERCENT,
             ),
         ]
         ratio = upper / lower if lower > 0.0 else None

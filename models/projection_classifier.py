@@ -17,7 +17,16 @@ from skimage.transform import resize
 
 from imaging_cds.errors import UnsuitableInputError
 from models import render
-from models.base import AnalysisResult, Category, Explanation, ImageInput, Measurement
+from models.base import (
+    AnalysisResult,
+    Category,
+    Explanation,
+    ImageInput,
+    Measurement,
+    at_or_above_threshold,
+    highest_normal,
+    probability_percent,
+)
 from models.networks import ShippedClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -154,8 +163,8 @@ def classify(
     """Probability -> category at the operating threshold, the probability as a Measurement, Grad-CAM key image."""
     small = classifier.prepare(image.array)
     probability = classifier.probability(small)
-    suspected = probability >= classifier.threshold
-    threshold_percent = 100.0 * classifier.threshold
+    percent, threshold_percent = probability_percent(probability), probability_percent(classifier.threshold)
+    suspected = at_or_above_threshold(probability, classifier.threshold)  # on the values as filed and read
     code, display = spec.positive if suspected else spec.negative
     category = Category(
         code=code,
@@ -169,14 +178,14 @@ def classify(
     measurement = Measurement(
         key=spec.measurement_key,
         display=f"Model probability of {spec.finding}",
-        value=round(100.0 * probability, 1),
+        value=percent,
         unit="%",
         interpretation="A" if suspected else "N",
-        reference_high=round(threshold_percent, 1),
+        reference_high=highest_normal(threshold_percent, 1),  # the last value called negative
         note=spec.calibration_note,
     )
     caption = (
-        f"{spec.finding.capitalize()} score {100.0 * probability:.1f} % (threshold {threshold_percent:.1f} %).\n"
+        f"{spec.finding.capitalize()} score {percent:.1f} % (threshold {threshold_percent:.1f} %).\n"
         "Grad-CAM, upper half of the map: yellow = most influence.\n"
         "The model saw only the centre square, at 28x28 pixels."
     )
@@ -191,7 +200,7 @@ def classify(
         measurements=(measurement,),
         category=category,
         conclusion=(
-            f"{display}: model probability {100.0 * probability:.1f} % (operating threshold "
+            f"{display}: model probability {percent:.1f} % (operating threshold "
             f"{threshold_percent:.1f} %). {spec.caveat}"
         ),
         explanations=(explanation,),

@@ -352,8 +352,9 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         if not isinstance(quantity.get("value"), int | float):
             continue
         value = float(quantity["value"])
+        unit = str(quantity.get("unit") or terminology.unit_label(str(quantity.get("code") or "")))
         if code == terminology.PROBABILITY_KEY or code.endswith("_probability"):
-            probability = _format_number(value)
+            probability = f"{_format_number(value)} {unit}".rstrip()  # "60.5 %"; a 0-1 score has no unit
             continue
         interpretations = [c for i in observation.get("interpretation", []) or [] for c in _codings(i)]
         interpretation = next((str(c.get("display") or c.get("code")) for c in interpretations), "")
@@ -361,7 +362,7 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
             FindingView(
                 display=_concept_text(observation.get("code")),
                 value=_format_number(value),
-                unit=str(quantity.get("unit") or terminology.unit_label(str(quantity.get("code") or ""))),
+                unit=unit,
                 interpretation=interpretation,
             )
         )

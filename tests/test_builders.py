@@ -286,6 +286,8 @@ def test_pneumonia_probability_becomes_an_observation_and_report_uses_generic_im
     assert observation["code"]["coding"][0]["code"] == "finding_probability"
     assert observation["valueQuantity"] == {"value": 0.87, "system": "http://unitsofmeasure.org", "code": "1"}
     report = _entries(bundle, "DiagnosticReport")[0]["resource"]
+    # The readable report states it in percent, one decimal, as the analyzers' own probabilities are filed.
+    assert "<p>Model probability: 87.0 %</p>" in base64.b64decode(report["presentedForm"][0]["data"]).decode()
     assert report["code"]["coding"][0]["code"] == "18748-4"
     assert report["conclusionCode"][0]["coding"][0]["code"] == "233604007"
     assert "media" not in report and not _entries(bundle, "Media")

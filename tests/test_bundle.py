@@ -16,7 +16,7 @@ from bundle_support import make_tiny_bundle, tiny_inference
 
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
 from imaging_cds.evaluate import benchmark_input
-from models.base import ImageInput
+from models.base import ImageInput, at_or_above_threshold
 from models.bundle import BundleAnalyzer, read_bundle
 from models.cxr_pneumonia import PneumoniaAnalyzer
 from models.registry import get_analyzer, register_bundle, unregister_bundle
@@ -89,8 +89,8 @@ def test_the_bundle_gives_the_built_in_analyzers_probabilities_on_real_test_imag
     np.testing.assert_allclose(bundle_probabilities, built_in_probabilities, rtol=0, atol=1e-6)
     assert pneumonia_bundle.threshold == pytest.approx(built_in.threshold)
     # Same calls as well as same numbers: a clinician sees the same category from either.
-    calls = np.asarray(bundle_probabilities) >= pneumonia_bundle.threshold
-    assert (calls == (np.asarray(built_in_probabilities) >= built_in.threshold)).all()
+    calls = [at_or_above_threshold(p, pneumonia_bundle.threshold) for p in bundle_probabilities]
+    assert calls == [at_or_above_threshold(p, built_in.threshold) for p in built_in_probabilities]
 
 
 def test_the_bundle_result_reads_like_the_built_in_one(pneumonia_bundle: BundleAnalyzer) -> None:
@@ -102,6 +102,20 @@ def test_the_bundle_result_reads_like_the_built_in_one(pneumonia_bundle: BundleA
     assert "MONAI bundle cxr-pneumonia-bundle" in result.category.rule
     assert result.explanations and result.explanations[0].png.startswith(b"\x89PNG")
     assert any("admin-installed MONAI bundle" in w for w in result.warnings)
+
+
+def test_the_bundle_calls_on_the_probability_as_filed(
+    pneumonia_bundle: BundleAnalyzer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below the bundle's threshold 0.60531 but filed and read as 60.5 %, the threshold as filed: suspected."""
+    monkeypatch.setattr(pneumonia_bundle, "threshold", 0.60531)
+    monkeypatch.setattr(pneumonia_bundle, "probabilities", lambda batch: np.array([0.6046]))
+    images, _ = pneumonia_test_cases(every=50)
+    result = pneumonia_bundle.analyze(benchmark_input(images[0], pneumonia_bundle))
+    value = result.measurement("pneumonia_probability")
+    assert (value.value, value.reference_high, value.interpretation) == (60.5, 60.4, "A")
+    assert result.category.code == "pneumonia-suspected" and result.category.abnormal
+    assert "model probability 60.5 % (operating threshold 60.5 %)" in result.conclusion
 
 
 def test_the_bundle_refuses_images_its_card_excludes(pneumonia_bundle: BundleAnalyzer) -> None:

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from imaging_cds.errors import ConfigurationError, UnsuitableInputError
 from imaging_cds.projection import projection_input, read_projection
 from models import metrics
-from models.base import Analyzer, ImageInput
+from models.base import Analyzer, ImageInput, at_or_above_threshold, filed_probabilities, filed_probability
 from models.cxr_pneumonia import PneumoniaAnalyzer
 from models.networks import load_shipped_classifier
 from models.projection_classifier import WEIGHTS_DIR
@@ -119,10 +119,11 @@ def test_test_split_figures_recomputed_from_the_weights_match_the_card(card: dic
         labels = data["test_labels"].reshape(-1)  # 1 = pneumonia
     assert images.shape == (624, 28, 28)
     classifier = load_shipped_classifier(WEIGHTS)
-    probability = classifier.probabilities(images)
     figures = card["validation"]["figures"]
-    threshold = card["validation"]["operating_threshold"]
-    assert threshold == pytest.approx(classifier.threshold, abs=1e-12)
+    assert card["validation"]["operating_threshold"] == pytest.approx(classifier.threshold, abs=1e-12)
+    # The figures describe the analyzer's calls: probabilities as filed, against the threshold as filed.
+    probability = filed_probabilities(classifier.probabilities(images))
+    threshold = filed_probability(classifier.threshold)
     assert metrics.roc_auc(labels, probability) == pytest.approx(figures["auc"]["value"], abs=1e-6)
     assert metrics.accuracy(labels, probability, threshold) == pytest.approx(figures["accuracy"]["value"], abs=1e-6)
     assert metrics.sensitivity(labels, probability, threshold) == pytest.approx(
@@ -136,6 +137,26 @@ def test_test_split_figures_recomputed_from_the_weights_match_the_card(card: dic
     # the card's claims a clinician will read first
     assert figures["auc"]["ci95_low"] <= figures["auc"]["value"] <= figures["auc"]["ci95_high"]
     assert figures["auc"]["value"] >= 0.97
+
+
+@pytest.mark.parametrize(("probability", "filed", "suspected"), [(0.6046, 60.5, True), (0.6044, 60.4, False)])
+def test_the_call_is_made_on_the_probability_as_filed_and_read(
+    analyzer: PneumoniaAnalyzer, monkeypatch: pytest.MonkeyPatch, probability: float, filed: float, suspected: bool
+) -> None:
+    """0.6046 is below the fitted threshold 0.60531 but is filed and read as 60.5 %, the threshold as filed.
+
+    A report saying "60.5 % (operating threshold 60.5 %)" must then say suspected, with A, and the normal range
+    must end below it (FHIR's referenceRange.high is inclusive).
+    """
+    monkeypatch.setattr(analyzer._classifier, "threshold", 0.60531)
+    monkeypatch.setattr(analyzer._classifier, "probability", lambda prepared: probability)
+    result = analyzer.analyze(rg1("UNCR"))
+    value = result.measurement("pneumonia_probability")
+    assert (value.value, value.reference_high) == (filed, 60.4)
+    assert value.interpretation == ("A" if suspected else "N") and result.category.abnormal is suspected
+    assert result.category.code == ("pneumonia-suspected" if suspected else "no-pneumonia-suspected")
+    assert f"model probability {filed:.1f} % (operating threshold 60.5 %)" in result.conclusion
+    assert "Calibrated ensemble probability >= 60.5 %" in result.category.rule
 
 
 # --- real DICOM in --------------------------------------------------------------------------------------------------
@@ -156,7 +177,7 @@ def test_rsna_radiograph_gives_a_full_result(analyzer: PneumoniaAnalyzer, data_d
     assert result.probability is not None and 0.0 <= result.probability <= 1.0
     value = result.measurement("pneumonia_probability")
     assert value.unit == "%" and value.value == pytest.approx(100 * result.probability, abs=0.05)
-    assert result.category.abnormal == (result.probability >= analyzer.threshold)
+    assert result.category.abnormal == at_or_above_threshold(result.probability, analyzer.threshold)
     assert result.category.code in {"pneumonia-suspected", "no-pneumonia-suspected"}
     assert "Youden" in result.category.rule
     assert any("paediatric" in w and "Guangzhou" in w for w in result.warnings)

@@ -95,6 +95,8 @@ def test_a_share_that_is_filed_as_5_percent_is_classified_as_reaching_the_cut_of
     laa = result.measurement("laa950_percent")
     assert laa.value == 5.0
     assert laa.interpretation == "H" and result.category.code == "mild" and result.category.abnormal
+    # FHIR's referenceRange.high is inclusive: the normal range ends at the last filed value below 5 %.
+    assert laa.reference_high == 4.99 and laa.value > laa.reference_high
     assert "makes up 5% of" in result.conclusion and "under the 5% cut-off" not in result.conclusion
 
 

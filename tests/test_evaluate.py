@@ -21,6 +21,7 @@ from imaging_cds.cli import main
 from imaging_cds.errors import ConfigurationError
 from imaging_cds.evaluate import assess, benchmark_input, evaluate, format_table, load_npz
 from models import metrics
+from models.base import filed_probability
 from models.bundle import BundleAnalyzer
 from models.networks import downsample_like_medmnist
 from models.registry import get_analyzer, register_bundle, unregister_bundle
@@ -100,7 +101,7 @@ def test_evaluate_reproduces_the_card_figures_on_the_official_test_split(full_ru
     assert (result["cases"]["with_finding"], result["cases"]["without_finding"]) == (390, 234)
     card = json.loads(CARD.read_text())
     published = card["validation"]["figures"]
-    assert result["operating_threshold"] == pytest.approx(card["validation"]["operating_threshold"])
+    assert result["operating_threshold"] == filed_probability(card["validation"]["operating_threshold"])  # 0.605
     # The harness goes through the deployed path (input guard, enlargement, the analyzer's own resize and
     # intensity mapping), the card's figures through the training script's tensor path: they agree closely,
     # and every recomputed figure lies inside the card's 95% interval.

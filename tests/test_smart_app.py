@@ -17,6 +17,7 @@ import pytest
 import requests
 from joserfc.jwk import RSAKey
 
+from fhir_adapters import constants, terminology
 from fhir_adapters.client import FhirClient
 from imaging_cds.demo import LoadedStudy, load_sample_study
 from imaging_cds.samples import SAMPLES
@@ -26,7 +27,14 @@ from smart_launch.oauth import GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
 from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
 from smart_launch.session import AuthorizationState, RecentReads, SessionStore
-from smart_launch.views import STATUS_WORDS, AnalyzerChoice, permissions, study_row, suitable_analyzers
+from smart_launch.views import (
+    STATUS_WORDS,
+    AnalyzerChoice,
+    permissions,
+    report_view,
+    study_row,
+    suitable_analyzers,
+)
 from tests.smart_support import practitioner_resource
 
 
@@ -404,3 +412,22 @@ def test_only_analyzers_suited_to_the_modality_are_offered() -> None:
         AnalyzerChoice("us-breast", "Breast ultrasound", ("US",)),
     ]
     assert [a.name for a in suitable_analyzers(row.modalities, choices)] == ["ct-emphysema"]
+
+
+@pytest.mark.parametrize(
+    ("key", "quantity", "shown"),
+    [
+        ("pneumonia_probability", terminology.quantity(60.5, "%"), "60.5 %"),
+        (terminology.PROBABILITY_KEY, terminology.quantity(0.87, "1"), "0.87"),  # a 0-1 score has no unit
+    ],
+)
+def test_the_result_screen_gives_the_model_probability_with_its_unit(key: str, quantity: dict, shown: str) -> None:
+    report = {"resourceType": "DiagnosticReport", "id": "r1", "result": [{"reference": "Observation/o1"}]}
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "code": {"coding": [{"system": constants.MEASUREMENT_CODESYSTEM, "code": key}]},
+        "valueQuantity": quantity,
+    }
+    view = report_view(report, [observation])
+    assert view.probability == shown and view.findings == ()

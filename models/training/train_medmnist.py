@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional torch alias
 
 from models import metrics
+from models.base import filed_probabilities, filed_probability
 from models.networks import (
     CalibratedEnsemble,
     MedMnistCNN,
@@ -229,7 +230,9 @@ def evaluate_checkpoint(path: Path, images: torch.Tensor, labels: np.ndarray) ->
     ensemble = ensemble_from_checkpoint(checkpoint)
     with torch.no_grad():
         probability = torch.sigmoid(tta_logits(ensemble, images, int(checkpoint["tta_shifts"]))).numpy().reshape(-1)
-    figures = metrics.assess_binary(labels, probability, float(checkpoint["threshold"]))
+    # Scored as the analyzer calls: the probability as filed (0.1 %) against the threshold at that precision.
+    threshold = filed_probability(float(checkpoint["threshold"]))
+    figures = metrics.assess_binary(labels, filed_probabilities(probability), threshold)
     return {name: estimate.as_dict() for name, estimate in figures.items()}
 
 
@@ -252,7 +255,8 @@ def update_card(
         "figures": figures,
         "operating_threshold": checkpoint["threshold"],
         "threshold_rule": "Youden's J (sensitivity + specificity - 1) maximised on the validation split, on the "
-        "calibrated probability",
+        "calibrated probability; the analyzer calls positive when its probability as filed (0.1 %) is at or above "
+        "this threshold at that precision, and the figures are measured on that call",
         "confidence_intervals": "percentile bootstrap over test cases, 2000 resamples, seed 20231",
         "calibration": {"method": "temperature scaling on validation logits", "temperature": checkpoint["temperature"]},
         "validation_split": {"auc": checkpoint["val_auc"], "accuracy": checkpoint["val_accuracy"]},
