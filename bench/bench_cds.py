@@ -13,6 +13,8 @@ What it does, in one run:
    floor's p99 stays <= 25 ms; then drives patient-view (full prefetch) and order-select (a draft chest CT
    order) at that count. Every hook request carries its own freshly signed CDS client JWT (unique ``jti``),
    pre-generated because wrk's Lua cannot sign; tokens are valid for five minutes, so they are made per run.
+   If the floor misses 25 ms even at one connection (or in the measured rounds), the machine is too busy for
+   the target's load to exist in this run: the figures are printed, the verdict is "NOT JUDGED".
 4. Repeats, ``--rounds`` times, patient-view, order-select and the floor in turn at that count, and prints the
    median p50/p95/p99, throughput and the workers' CPU milliseconds per request of each, the errors, and the
    ratios to the floor.
@@ -297,6 +299,7 @@ def main() -> None:
 
         print(f"floor sweep ({args.duration:g} s per point):", flush=True)
         chosen = 1
+        floor_held = False  # the floor kept p99 <= 25 ms at some connection count: there is a load to measure at
         floor_rps = 0.0
         for connections in (int(c) for c in args.connections.split(",")):
             r = _wrk(f"{base}/floor", bodies["patient-view"], None, connections, args.duration, script)
@@ -308,7 +311,7 @@ def main() -> None:
                 if connections == 1:
                     print("  WARNING: the floor's p99 exceeds 25 ms even at one connection (machine busy?)")
                 break
-            chosen = connections
+            chosen, floor_held = connections, True
 
         # Floor and hooks alternate, round after round, and each figure is the median over the rounds: on a shared
         # machine a neighbour's burst then spoils one run of one kind, not the comparison.
@@ -348,12 +351,16 @@ def main() -> None:
         print(_row("floor (trivial Flask)", floor))
         for name, r in medians.items():
             print(_row(name, r))
+        # The target holds at a load the floor sustains at p99 <= 25 ms. When the floor did not (even at one
+        # connection, or in the measured rounds), a busy machine set the tail, and the run can judge nothing.
+        judged = floor_held and floor["p99_ms"] <= FLOOR_P99_LIMIT_MS
         for name, r in medians.items():
             met = r["p99_ms"] <= min(2 * floor["p99_ms"], 50.0) and r["error_count"] == 0
+            verdict = ("met" if met else "NOT met") if judged else "NOT JUDGED, the floor missed 25 ms; rerun"
             print(
                 f"{name}: p99 {r['p99_ms'] / floor['p99_ms']:.2f}x floor, "
                 f"throughput {r['rps'] / floor['rps']:.2f}x, CPU per request {r['cpu_ms'] / floor['cpu_ms']:.2f}x; "
-                f"target p99 <= 2x floor and <= 50 ms, zero errors: {'met' if met else 'NOT met'}"
+                f"target p99 <= 2x floor and <= 50 ms, zero errors: {verdict}"
             )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
