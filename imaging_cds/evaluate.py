@@ -425,9 +425,8 @@ def format_table(assessment: Assessment) -> str:
     ]
     for reason, count in assessment.refused.most_common(3):
         lines.append(f"  refused {count}x: {reason}")
-    lines.append(
-        f"Operating threshold: {assessment.threshold:.4f} on the {assessment.score} (>= threshold = positive)."
-    )
+    scored = "probability as filed (0.1 %)" if assessment.score == "probability" else assessment.score
+    lines.append(f"Operating threshold: {assessment.threshold:.4f} on the {scored} (>= threshold = positive).")
     lines.append("")
     lines.append(f"{'Figure':<46}{'Value':>9}   95% confidence interval")
     for key, label, percent in FIGURES:

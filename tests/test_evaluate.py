@@ -177,7 +177,9 @@ def test_the_table_agrees_with_models_metrics_on_the_same_scores(pneumonia_bundl
     assert assessment.figures["sensitivity"].value == pytest.approx(tp / (tp + fn))
     assert assessment.figures["false_positive_rate"].value == pytest.approx(fp / (fp + tn))
     assert assessment.figures["false_negative_rate"].value == pytest.approx(1 - tp / (tp + fn))
-    assert "Live figures: no live figures yet." in format_table(assessment)
+    table = format_table(assessment)
+    assert "Operating threshold: 0.6050 on the probability as filed (0.1 %)" in table  # the fitted 0.6053, as called
+    assert "Live figures: no live figures yet." in table
 
 
 def test_real_dicom_cases_are_read_and_an_unsuitable_one_is_counted_as_refused(
