@@ -362,6 +362,13 @@ def parse_inference(config: Any, card: ModelCard, root: Path, pins: Mapping[str,
         )
     if not 0.0 < threshold < 1.0:
         raise _refuse(bundle, f"postprocessing.threshold {threshold} is not a probability in (0, 1).", "Fix it.")
+    if probability_percent(threshold) <= 0.0:  # calls are made on probabilities as filed, to 0.1 %
+        raise _refuse(
+            bundle,
+            f"postprocessing.threshold {threshold} is 0.0 % at the 0.1 % precision probabilities are filed and "
+            "called at, so every case would be called positive.",
+            "Give a threshold of at least 0.001.",
+        )
 
     explanation = _section(config, "explanation", ("method", "target_layer"), bundle)
     layer = explanation.get("target_layer")

@@ -184,6 +184,7 @@ def test_a_pin_that_escapes_the_bundle_directory_is_refused(bundle_copy: tuple[P
         (lambda c: c["network_def"].update(_target_="torch.hub.load"), "'torch.hub.load' is not an allowed network"),
         (lambda c: c["network_def"].update(_requires_="x"), "_requires_ is a ConfigParser directive"),
         (lambda c: c["preprocessing"].update(spatial_sise=[28, 28]), "Did you mean 'spatial_size'"),
+        (lambda c: c["postprocessing"].update(threshold=0.0004), r"threshold 0.0004 is 0.0 % at the 0.1 % precision"),
     ],
 )
 def test_expressions_references_and_unknown_code_in_the_config_are_refused(
