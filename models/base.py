@@ -100,6 +100,15 @@ def highest_normal(threshold: float, decimals: int) -> float:
     return round(threshold - 10.0**-decimals, decimals)
 
 
+def lowest_normal(threshold: float, decimals: int) -> float:
+    """The inclusive lower limit of normal for values filed with ``decimals`` places, abnormal up to ``threshold``.
+
+    The mirror of :func:`highest_normal`: FHIR ``referenceRange.low`` includes its value, so with values of
+    160 HU and below low, the normal range starts at 161 HU, not at 160.
+    """
+    return round(threshold + 10.0**-decimals, decimals)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One measured value. ``key`` is stable (``laa950_percent``) and mapped to codes by the FHIR layer."""

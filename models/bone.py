@@ -40,6 +40,7 @@ from models.base import (
     Interpretation,
     Measurement,
     SeriesRequirements,
+    lowest_normal,
 )
 from models.spine import (
     BONE_HU,
@@ -336,7 +337,7 @@ class BoneAnalyzer:
     """Opportunistic bone density (Pickhardt L1 HU) and vertebral body height analysis of chest/abdomen CT."""
 
     name = "ct-bone"
-    version = "0.2.1"
+    version = "0.2.2"
     title = "CT opportunistic osteoporosis screening and vertebral body heights"
     requirements = SeriesRequirements(
         modalities=("CT",),
@@ -474,7 +475,7 @@ class BoneAnalyzer:
                     hu,
                     "[hnsf'U]",
                     interpretation,
-                    reference_low=PICKHARDT_SENSITIVE_HU,
+                    reference_low=lowest_normal(PICKHARDT_SENSITIVE_HU, 0),  # 161 HU: 160 and below are low
                     note=note,
                 )
             )

@@ -64,6 +64,10 @@ def test_abdomen_l1_identified_from_the_last_rib_and_in_physiological_range(abdo
     assert l1.value == round(l1.value)
     assert f"L1 trabecular attenuation {l1.value:.0f} HU" in abdomen_result.conclusion
     assert abdomen_result.category == attenuation_category(l1.value)
+    # FHIR's referenceRange.low is inclusive and 160 HU is already low: the normal range starts at 161 HU, and the
+    # interpretation agrees with it.
+    assert l1.reference_low == 161.0 and attenuation_category(161.0).code == "normal"
+    assert l1.interpretation == ("N" if l1.value >= l1.reference_low else "L")
     assert "Pickhardt" in abdomen_result.category.rule
     assert any("T12 = lowest vertebra with a rib" in w for w in abdomen_result.warnings)
 
