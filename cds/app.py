@@ -33,6 +33,7 @@ from cds.cards import (
 )
 from cds.config import CdsConfig
 from cds.feedback import FeedbackStore, parse_feedback
+from cds.fhirjson import bundle_problem
 from cds.findings import AiFinding, bundle_resources, extract_findings
 from cds.orders import imaging_orders, studies_for_order
 from cds.prefetch import Fetch, HookRequestError, PrefetchUnavailableError, resolve_prefetch
@@ -144,8 +145,20 @@ def _check_hook_request(definition: ServiceDefinition, body: Any) -> dict[str, A
     for key in definition.required_context:
         kind: type = list if key == "selections" else dict if key == "draftOrders" else str
         _require(context, key, kind, "context")
-    if "draftOrders" in definition.required_context and context["draftOrders"].get("resourceType") != "Bundle":
-        raise HookRequestError("context.draftOrders must be a FHIR Bundle.", remedy="Send the orders as a Bundle.")
+    if "selections" in definition.required_context and not all(isinstance(s, str) and s for s in context["selections"]):
+        raise HookRequestError(
+            "context.selections must list references to the selected orders (strings).",
+            remedy='Send the selected orders as references, for example ["ServiceRequest/123"].',
+        )
+    if "draftOrders" in definition.required_context:
+        orders = context["draftOrders"]
+        if orders.get("resourceType") != "Bundle":
+            raise HookRequestError("context.draftOrders must be a FHIR Bundle.", remedy="Send the orders as a Bundle.")
+        problem = bundle_problem(orders)
+        if problem is not None:
+            raise HookRequestError(
+                f"context.draftOrders.{problem}.", remedy="Send each draft order as the resource of one Bundle entry."
+            )
     if "fhirServer" in body:
         _require(body, "fhirServer", str, "request")
     if "fhirAuthorization" in body:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from cds import fhirjson
 from cds.findings import AiFinding
 from cds.orders import ImagingOrder
 from fhir_adapters.constants import CANONICAL_BASE
@@ -243,7 +244,7 @@ def order_note_update(order: ImagingOrder, finding: AiFinding) -> dict[str, Any]
         + (f"; {values}" if values else "")
         + ". Please compare."
     )
-    resource["note"] = [*(resource.get("note") or []), {"text": text}]
+    resource["note"] = [*fhirjson.items(resource.get("note")), {"text": text}]
     return resource
 
 
@@ -273,8 +274,8 @@ def dxa_proposal(order: ImagingOrder, finding: AiFinding, *, patient_id: str, us
             }
         ],
     }
-    encounter = (order.resource.get("encounter") or {}).get("reference")
-    if isinstance(encounter, str) and encounter:
+    encounter = fhirjson.reference(order.resource.get("encounter"))
+    if encounter:
         resource["encounter"] = {"reference": encounter}
     if user_id and user_id.split("/")[0] in ("Practitioner", "PractitionerRole"):
         resource["requester"] = {"reference": user_id}

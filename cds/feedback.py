@@ -110,7 +110,7 @@ def parse_feedback(body: Any) -> list[FeedbackEntry]:
         card, outcome = item.get("card"), item.get("outcome")
         if not isinstance(card, str) or not card:
             raise FeedbackFormatError(f"{where}.card must be the uuid of the card the user acted on.")
-        if outcome not in OUTCOMES:
+        if not isinstance(outcome, str) or outcome not in OUTCOMES:
             raise FeedbackFormatError(f"{where}.outcome must be 'accepted' or 'overridden'.")
         accepted = item.get("acceptedSuggestions") or []
         if not isinstance(accepted, list) or not all(
@@ -127,9 +127,13 @@ def parse_feedback(body: Any) -> list[FeedbackEntry]:
                 )
             raw_reason = override.get("reason")
             if raw_reason is not None and not (
-                isinstance(raw_reason, Mapping) and isinstance(raw_reason.get("code"), str)
+                isinstance(raw_reason, Mapping)
+                and isinstance(raw_reason.get("code"), str)
+                and all(isinstance(raw_reason.get(k), str | None) for k in ("system", "display"))
             ):
-                raise FeedbackFormatError(f"{where}.overrideReason.reason must be a Coding with a code.")
+                raise FeedbackFormatError(
+                    f"{where}.overrideReason.reason must be a Coding with a code (code, system and display as strings)."
+                )
             reason = raw_reason
             has_comment = bool(override.get("userComment"))
         if outcome == "accepted" and not accepted:

@@ -4,7 +4,8 @@ The pipeline writes each analysis as a DiagnosticReport identified by
 :data:`fhir_adapters.constants.ANALYSIS_IDENTIFIER_SYSTEM`, with ``conclusionCode`` in the project's
 finding-category CodeSystem (``"<analyzer>/<category>"``) and result Observations coded in its measurement
 CodeSystem. Recognising them by those systems - never by free text - means a human radiology report or
-another vendor's AI result is never mistaken for ours. These are pure functions over JSON.
+another vendor's AI result is never mistaken for ours. These are pure functions over JSON; an element of the
+wrong JSON type reads as absent (see :mod:`cds.fhirjson`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cds import fhirjson
 from fhir_adapters.constants import (
     ABNORMAL_INTERPRETATION_SYSTEM,
     ANALYSIS_IDENTIFIER_SYSTEM,
@@ -77,13 +79,15 @@ def bundle_resources(bundle: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The resources in a Bundle's entries (an absent or empty Bundle gives none)."""
     if not isinstance(bundle, dict):
         return []
-    return [e["resource"] for e in bundle.get("entry", []) or [] if isinstance(e, dict) and e.get("resource")]
+    return [
+        e["resource"]
+        for e in fhirjson.items(bundle.get("entry"))
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
-    if not isinstance(concept, dict):
-        return []
-    return [c for c in concept.get("coding", []) or [] if isinstance(c, dict)]
+    return [c for c in fhirjson.items(fhirjson.element(concept).get("coding")) if isinstance(c, dict)]
 
 
 def parse_datetime(value: Any) -> datetime | None:
@@ -103,23 +107,27 @@ def parse_datetime(value: Any) -> datetime | None:
 def is_ai_report(resource: Mapping[str, Any]) -> bool:
     return resource.get("resourceType") == "DiagnosticReport" and any(
         isinstance(i, dict) and i.get("system") == ANALYSIS_IDENTIFIER_SYSTEM
-        for i in resource.get("identifier", []) or []
+        for i in fhirjson.items(resource.get("identifier"))
     )
 
 
 def _analyzer_and_category(report: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    for concept in report.get("conclusionCode", []) or []:
+    for concept in fhirjson.items(report.get("conclusionCode")):
         for coding in _codings(concept):
             code = coding.get("code")
             if coding.get("system") == CATEGORY_CODESYSTEM and isinstance(code, str) and "/" in code:
                 analyzer, _, category = code.partition("/")
-                return analyzer, category, str(coding.get("display") or concept.get("text") or category)
+                return (
+                    analyzer,
+                    category,
+                    str(coding.get("display") or fhirjson.element(concept).get("text") or category),
+                )
     return None
 
 
 def _stated_abnormal(report: Mapping[str, Any]) -> bool | None:
     """The analyzer's own verdict, written by the builders as a v3 ObservationInterpretation A/N code."""
-    for concept in report.get("conclusionCode", []) or []:
+    for concept in fhirjson.items(report.get("conclusionCode")):
         for coding in _codings(concept):
             if coding.get("system") == ABNORMAL_INTERPRETATION_SYSTEM and coding.get("code") in ("A", "N"):
                 return coding.get("code") == "A"
@@ -132,12 +140,18 @@ def _measured_value(observation: Mapping[str, Any]) -> MeasuredValue | None:
     if coding is None or not isinstance(quantity, dict) or not isinstance(quantity.get("value"), int | float):
         return None
     interpretation = next(
-        (str(c.get("code")) for concept in observation.get("interpretation", []) or [] for c in _codings(concept)),
+        (
+            str(c.get("code"))
+            for concept in fhirjson.items(observation.get("interpretation"))
+            for c in _codings(concept)
+        ),
         None,
     )
     return MeasuredValue(
         key=str(coding.get("code")),
-        display=str(coding.get("display") or (observation.get("code") or {}).get("text") or coding.get("code")),
+        display=str(
+            coding.get("display") or fhirjson.element(observation.get("code")).get("text") or coding.get("code")
+        ),
         value=float(quantity["value"]),
         unit=str(quantity.get("unit") or quantity.get("code") or ""),
         interpretation=interpretation,
@@ -150,7 +164,7 @@ def _device_versions(resources: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     for resource in resources:
         if resource.get("resourceType") != "Device":
             continue
-        for identifier in resource.get("identifier", []) or []:
+        for identifier in fhirjson.items(resource.get("identifier")):
             if isinstance(identifier, dict) and identifier.get("system") == DEVICE_IDENTIFIER_SYSTEM:
                 versions[f"Device/{resource.get('id')}"] = str(identifier.get("value", ""))
     return versions
@@ -172,7 +186,7 @@ def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str 
         if not is_ai_report(report) or report.get("status") in ("cancelled", "entered-in-error"):
             continue
         if subject is not None:
-            about = str((report.get("subject") or {}).get("reference", ""))
+            about = fhirjson.reference(report.get("subject"))
             if about != subject and not about.endswith("/" + subject):
                 continue
         parsed = _analyzer_and_category(report)
@@ -181,14 +195,14 @@ def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str 
         analyzer, category, category_display = parsed
         measurements: list[MeasuredValue] = []
         version: str | None = None
-        for ref in report.get("result", []) or []:
-            observation = by_reference.get(str((ref or {}).get("reference", "")))
+        for ref in fhirjson.items(report.get("result")):
+            observation = by_reference.get(fhirjson.reference(ref))
             if observation is None:
                 continue
             value = _measured_value(observation)
             if value is not None:
                 measurements.append(value)
-            device = devices.get(str((observation.get("device") or {}).get("reference", "")))
+            device = devices.get(fhirjson.reference(observation.get("device")))
             if device and "@" in device:
                 version = device.partition("@")[2]
         findings.append(
@@ -201,7 +215,7 @@ def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str 
                 status=str(report.get("status", "")),
                 conclusion=str(report.get("conclusion", "")),
                 imaging_studies=tuple(
-                    str(s.get("reference")) for s in report.get("imagingStudy", []) or [] if isinstance(s, dict)
+                    r for r in map(fhirjson.reference, fhirjson.items(report.get("imagingStudy"))) if r
                 ),
                 effective=parse_datetime(report.get("effectiveDateTime") or report.get("issued")),
                 measurements=tuple(measurements),

@@ -2,7 +2,8 @@
 
 EHR order catalogues differ, so an order's modality and body region are read from every place they may be:
 the ``code`` (LOINC/CPT/local codings' displays and text), ``bodySite`` and ``category``. Matching is by
-words, deliberately simple and inspectable; an order we cannot place gets no cards rather than wrong ones.
+words, deliberately simple and inspectable; an order we cannot place gets no cards rather than wrong ones. An
+element of the wrong JSON type reads as absent (see :mod:`cds.fhirjson`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cds import fhirjson
 from cds.findings import bundle_resources
 
 IMAGING_CATEGORY_SNOMED = "363679005"  # SNOMED CT "Imaging (procedure)", the usual ServiceRequest.category
@@ -51,21 +53,23 @@ class ImagingOrder:
 
 def _texts(resource: Mapping[str, Any]) -> list[str]:
     texts: list[str] = []
-    concepts = [resource.get("code"), *(resource.get("bodySite") or []), *(resource.get("category") or [])]
-    for concept in concepts:
-        if not isinstance(concept, dict):
-            continue
+    concepts = [
+        resource.get("code"),
+        *fhirjson.items(resource.get("bodySite")),
+        *fhirjson.items(resource.get("category")),
+    ]
+    for concept in map(fhirjson.element, concepts):
         if isinstance(concept.get("text"), str):
             texts.append(concept["text"])
-        for coding in concept.get("coding", []) or []:
+        for coding in fhirjson.items(concept.get("coding")):
             if isinstance(coding, dict) and isinstance(coding.get("display"), str):
                 texts.append(coding["display"])
     return texts
 
 
 def _is_imaging(resource: Mapping[str, Any], modalities: frozenset[str]) -> bool:
-    for concept in resource.get("category", []) or []:
-        for coding in (concept or {}).get("coding", []) or []:
+    for concept in fhirjson.items(resource.get("category")):
+        for coding in fhirjson.items(fhirjson.element(concept).get("coding")):
             if isinstance(coding, dict) and coding.get("code") == IMAGING_CATEGORY_SNOMED:
                 return True
     return bool(modalities)
@@ -81,9 +85,9 @@ def read_order(resource: Mapping[str, Any]) -> ImagingOrder | None:
         return None
     regions = frozenset(name for name, pattern in _REGION_WORDS if pattern.search(text))
     supporting = tuple(
-        str(ref.get("reference"))
-        for ref in resource.get("supportingInfo", []) or []
-        if isinstance(ref, dict) and str(ref.get("reference", "")).startswith("ImagingStudy/")
+        ref
+        for ref in map(fhirjson.reference, fhirjson.items(resource.get("supportingInfo")))
+        if ref.startswith("ImagingStudy/")
     )
     return ImagingOrder(
         reference=f"ServiceRequest/{resource['id']}",
@@ -113,7 +117,7 @@ def studies_for_order(order: ImagingOrder, imaging_studies: Iterable[Mapping[str
     for study in imaging_studies:
         if study.get("resourceType") != "ImagingStudy" or not study.get("id"):
             continue
-        based_on = {str((b or {}).get("reference", "")) for b in study.get("basedOn", []) or []}
+        based_on = set(map(fhirjson.reference, fhirjson.items(study.get("basedOn"))))
         reference = f"ImagingStudy/{study['id']}"
         if order.reference in based_on and reference not in found:
             found.append(reference)

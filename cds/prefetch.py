@@ -7,7 +7,8 @@ For each prefetch key a service needs, the request's ``prefetch`` object may:
 * hold an OperationOutcome - the client tried and failed. We then fetch it ourselves when ``fhirServer`` is
   given, and otherwise answer 412: showing "no AI findings" when the findings could not be read would tell
   the clinician something false, so a failed prefetch is never treated as an empty one;
-* hold a Bundle or resource - use it.
+* hold a Bundle or resource - use it; a Bundle whose entries cannot be read (:func:`cds.fhirjson.bundle_problem`)
+  is refused with a 400 that names the offending entry.
 
 If a needed key can be neither used nor fetched, :class:`PrefetchUnavailableError` (412) is raised.
 """
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
+from cds.fhirjson import bundle_problem
 from imaging_cds.errors import ImagingCdsError
 
 Fetch = Callable[[str, list[tuple[str, str]]], dict[str, Any]]
@@ -87,6 +89,11 @@ def resolve_prefetch(
                 raise HookRequestError(
                     f"prefetch.{key} is not a FHIR resource.", remedy="Send a Bundle, an OperationOutcome or null."
                 )
+            problem = bundle_problem(value)
+            if problem is not None:
+                raise HookRequestError(
+                    f"prefetch.{key}.{problem}.", remedy="Send each Bundle entry as an object holding one resource."
+                )
             resolved[key] = dict(value)
             continue
         if key in sent and not _is_outcome(value):
@@ -98,5 +105,12 @@ def resolve_prefetch(
                 remedy="Send the prefetch, or fhirServer and fhirAuthorization.",
             )
         resource_type, params = split_query(render_template(template, context))
-        resolved[key] = fetch(resource_type, params)
+        fetched = fetch(resource_type, params)
+        problem = bundle_problem(fetched)
+        if problem is not None:
+            raise PrefetchUnavailableError(
+                f"The {resource_type} search on fhirServer answered a Bundle that cannot be read ({problem}).",
+                remedy="Check the FHIR server's search answers, or send the prefetch.",
+            )
+        resolved[key] = fetched
     return resolved

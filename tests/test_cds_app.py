@@ -7,11 +7,12 @@ fhirAuthorization" here proves the token is sent and the data read, not that the
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,7 +24,8 @@ from flask.testing import FlaskClient
 
 from cds.app import create_app
 from cds.cards import OVERRIDE_REASON_SYSTEM, SUMMARY_MAX_CHARS
-from cds.services import AI_REPORTS_KEY, IMAGING_STUDIES_KEY, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW
+from cds.prefetch import PrefetchUnavailableError, resolve_prefetch
+from cds.services import AI_REPORTS_KEY, IMAGING_STUDIES_KEY, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, SERVICES
 from fhir_adapters.constants import CATEGORY_CODESYSTEM
 from imaging_cds.servers import FhirServer
 from tests.cds_support import (
@@ -535,6 +537,102 @@ def test_unknown_service_is_404_and_malformed_bodies_are_400(call: Call, patient
         ORDER_SIGN, hook_body("order-sign", {"patientId": patient.id, "draftOrders": {"resourceType": "Patient"}})
     )
     assert no_bundle.status_code == 400 and "draftOrders" in no_bundle.get_json()["message"]
+
+
+def _order_select_body(patient_id: str, prefetch: dict[str, Any]) -> dict[str, Any]:
+    order = chest_ct_order(
+        patient_id,
+        bodySite=[{"text": "chest"}],
+        note=[{"text": "Follow-up"}],
+        encounter={"reference": "Encounter/enc-1"},
+        supportingInfo=[{"reference": "ImagingStudy/prior-1"}],
+    )
+    context = {
+        "patientId": patient_id,
+        "userId": "Practitioner/doc-1",
+        "selections": ["ServiceRequest/draft-chest-ct"],
+        "draftOrders": draft_orders(order),
+    }
+    return hook_body("order-select", context, prefetch=prefetch)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "named"),
+    [
+        (("context", "selections"), [{"reference": "ServiceRequest/draft-chest-ct"}], "context.selections"),
+        (("context", "draftOrders", "entry"), {"resource": {}}, "context.draftOrders.entry is not an array"),
+        (("context", "draftOrders", "entry", 0), "ServiceRequest/draft-chest-ct", "context.draftOrders.entry[0]"),
+        (("context", "draftOrders", "entry", 0, "resource"), [], "context.draftOrders.entry[0].resource"),
+        (("prefetch", AI_REPORTS_KEY, "entry"), 3, f"prefetch.{AI_REPORTS_KEY}.entry is not an array"),
+        (("prefetch", IMAGING_STUDIES_KEY, "entry", 0, "resource"), "x", f"prefetch.{IMAGING_STUDIES_KEY}.entry[0]"),
+    ],
+)
+def test_a_hook_request_whose_structure_cannot_be_read_is_400_naming_the_element(
+    call: Call, patient: Patient, fhir_base: FhirServer, where: tuple[str | int, ...], value: Any, named: str
+) -> None:
+    body = _order_select_body(patient.id, prefetch_for(fhir_base.base_url, ORDER_SELECT, patient.id))
+    parent = body
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = value
+    response = call(ORDER_SELECT, body)
+    assert response.status_code == 400
+    assert named in response.get_json()["message"]
+
+
+def test_wrong_json_types_inside_resources_read_as_absent_and_never_fail_a_hook(
+    call: Call, patient: Patient, fhir_base: FhirServer
+) -> None:
+    """Every element of real hook requests (their draft order and every resource of the real prefetch), in turn
+    given a value of the wrong JSON type: the service answers 200, or 400 naming the element, never a 5xx; and
+    the reports stay readable where the broken element is not one they are recognised by."""
+    prefetch = prefetch_for(fhir_base.base_url, ORDER_SELECT, patient.id)
+    order_select = _order_select_body(patient.id, prefetch)
+    patient_view = hook_body("patient-view", {"patientId": patient.id}, prefetch=prefetch)
+
+    def elements(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+        yield path
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            yield from elements(child, (*path, key))
+
+    statuses: dict[int, int] = {}
+    for service, body in ((ORDER_SELECT, order_select), (PATIENT_VIEW, patient_view)):
+        for path in elements(body, ()):
+            if path[:1] not in (("context",), ("prefetch",)) or len(path) < 3:
+                continue  # the request's own top-level fields are covered by the tests above
+            for wrong in (7, "text", [7], {}):
+                broken = copy.deepcopy(body)
+                parent = broken
+                for step in path[:-1]:
+                    parent = parent[step]
+                parent[path[-1]] = wrong
+                response = call(service, broken)
+                assert response.status_code in (200, 400), (path, wrong, response.status_code)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+    assert statuses[200] > statuses.get(400, 0) > 0
+
+    # A report whose Observations list cannot be read is still summarised, by its conclusion code.
+    broken = copy.deepcopy(patient_view)
+    for entry in broken["prefetch"][AI_REPORTS_KEY]["entry"]:
+        if entry["resource"]["resourceType"] == "DiagnosticReport":
+            entry["resource"]["result"] = "not a list"
+    response = call(PATIENT_VIEW, broken)
+    assert response.status_code == 200
+    assert set(by_analyzer(response.get_json()["cards"])) == {"ct-emphysema", "ct-bone"}
+
+
+def test_a_fetched_bundle_that_cannot_be_read_is_412_not_no_findings() -> None:
+    """A FHIR server whose search answer has unreadable entries: the hook says the data could not be read (412)
+    instead of showing "no AI findings". (A pure function with the search as an argument: no FHIR server answers
+    like this, so none is stood up.)"""
+
+    def fetch(resource_type: str, params: list[tuple[str, str]]) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": "DiagnosticReport/1"}]}
+
+    templates = SERVICES[PATIENT_VIEW].prefetch
+    with pytest.raises(PrefetchUnavailableError, match=r"entry\[0\]\.resource"):
+        resolve_prefetch(templates, None, {"patientId": "p1"}, fetch)
 
 
 def test_any_valid_json_body_is_read_and_broken_json_is_400(

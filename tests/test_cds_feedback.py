@@ -6,12 +6,16 @@ No server is involved: the store is a local SQLite file, as in production.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
-from cds.feedback import FeedbackStore, parse_feedback
+import pytest
+
+from cds.feedback import FeedbackFormatError, FeedbackStore, parse_feedback
 
 
 def _card(uuid: str, analyzer: str | None, indicator: str = "warning") -> dict[str, object]:
@@ -66,3 +70,25 @@ def test_the_synchronous_record_is_visible_at_once_to_another_store(tmp_path: Pa
     db = tmp_path / "fb.sqlite"
     FeedbackStore(db).record_issued("imaging-ai-patient-view", [_card("now", "us-breast", "info")])
     assert FeedbackStore(db).analyzer_figures()["us-breast"].cards_issued == 1
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"card": "c1", "outcome": ["overridden"]}, "feedback[0].outcome"),
+        ({"card": "c1", "outcome": {"accepted": True}}, "feedback[0].outcome"),
+        (
+            {"card": "c1", "outcome": "overridden", "overrideReason": {"reason": {"code": "x", "system": ["s"]}}},
+            "feedback[0].overrideReason.reason",
+        ),
+        (
+            {"card": "c1", "outcome": "overridden", "overrideReason": {"reason": {"code": "x", "display": {}}}},
+            "feedback[0].overrideReason.reason",
+        ),
+    ],
+)
+def test_feedback_with_values_of_the_wrong_type_is_refused_naming_them(entry: dict[str, Any], named: str) -> None:
+    """Values the store could not hold (an outcome that is a list, a Coding's display that is an object) are a
+    malformed request (400) that names them, found while the body is read: not a failure inside the store (500)."""
+    with pytest.raises(FeedbackFormatError, match=re.escape(named)):
+        parse_feedback({"feedback": [entry]})
