@@ -17,6 +17,8 @@ Design choices a clinician or integrator should know:
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +82,21 @@ ANALYZERS: dict[str, AnalyzerInfo] = {
 }
 
 
+def time_ordered_uuid() -> str:
+    """A random UUID that sorts by the time it was made: RFC 9562 version 7 (48 bits of Unix milliseconds, then
+    74 random bits).
+
+    Card uuids key the feedback store's issued-card table (:mod:`cds.feedback`). Ordered by time, each batch of
+    issued cards is added at the end of that index rather than scattered over it: half the SQLite work per
+    card, measured, and pages that stay in cache however large the table grows. The random bits keep the uuids
+    unique and unguessable; the time they reveal is when the card was shown, which its EHR already knows.
+    """
+    random_bits = int.from_bytes(os.urandom(10), "big")  # 80 bits, of which 12 + 62 are used
+    unix_ms = time.time_ns() // 1_000_000 & (1 << 48) - 1
+    value = unix_ms << 80 | 0x7 << 76 | (random_bits >> 68) << 64 | 0b10 << 62 | random_bits & (1 << 62) - 1
+    return str(uuid.UUID(int=value))
+
+
 @dataclass(frozen=True)
 class CardSettings:
     """The parts of the configuration cards need, plus the clock (so tests and replays are deterministic)."""
@@ -88,7 +105,7 @@ class CardSettings:
     model_card_base_url: str
     now: datetime
     recent_days: int = 365
-    new_uuid: Callable[[], str] = lambda: str(uuid.uuid4())
+    new_uuid: Callable[[], str] = time_ordered_uuid
 
 
 def fit_summary(text: str, limit: int = SUMMARY_MAX_CHARS) -> str:

@@ -145,7 +145,7 @@ def draft_orders(*orders: dict[str, Any]) -> dict[str, Any]:
 
 def check_card_basics(card: dict[str, Any]) -> None:
     """What every card must carry, per CDS Hooks 2.0 and this project."""
-    uuid.UUID(card["uuid"])
+    assert uuid.UUID(card["uuid"]).version == 7  # time-ordered: the issued-card table's key (cds.cards)
     assert 0 < len(card["summary"]) <= SUMMARY_MAX_CHARS
     assert card["indicator"] in ("info", "warning", "critical")
     assert card["source"]["label"].startswith("imaging-cds")

@@ -6,21 +6,38 @@ No server is involved: the store is a local SQLite file, as in production.
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cds.cards import time_ordered_uuid
 from cds.feedback import FeedbackFormatError, FeedbackStore, parse_feedback
 
 
 def _card(uuid: str, analyzer: str | None, indicator: str = "warning") -> dict[str, object]:
     label = f"imaging-cds {analyzer}" if analyzer else "imaging-cds"
     return {"uuid": uuid, "indicator": indicator, "source": {"label": label}}
+
+
+def test_card_uuids_are_unique_and_sort_in_the_order_the_cards_were_issued() -> None:
+    """The issued-card table is keyed by card uuid: time-ordered uuids append to its index instead of scattering."""
+    batches = []
+    for _ in range(3):
+        batches.append([time_ordered_uuid() for _ in range(200)])
+        time.sleep(0.002)  # the next batch is issued in a later millisecond
+    every = [u for batch in batches for u in batch]
+    assert len(set(every)) == len(every)
+    assert all(max(earlier) < min(later) for earlier, later in itertools.pairwise(batches))
+    assert {uuid.UUID(u).version for u in every} == {7}
+    assert {uuid.UUID(u).variant for u in every} == {uuid.RFC_4122}
 
 
 def test_feedback_on_a_card_recorded_in_the_background_is_attributed_to_its_analyzer(tmp_path: Path) -> None:
