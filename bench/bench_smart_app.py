@@ -12,8 +12,12 @@ app launched in headless Chromium from the sandbox EHR:
     placed in that page (or, without it, the result page), serving the images, and the browser's painting.
 
 Also printed, for context only: the pipeline straight against the FHIR server (without the sandbox EHR's
-proxy in front) and the click-to-results time as the Playwright driver sees it (it adds the driver's own
-round trips to the browser).
+proxy in front), the click-to-results time as the Playwright driver sees it (it adds the driver's own
+round trips to the browser), and the display floor: on the same study page, the Analyze click answered at once
+with the result already filed, which the page stages, fetches and decodes the images of, and places as the
+app's script does - no analysis, no request for the result - until every explanation image has painted. That
+is the least time this browser, on this machine, takes to show this result; the target leaves 0.2 x the
+pipeline for everything the app adds, the display included.
 
 Both write to the EHR idempotently, so every run after the first does the same work. One warm-up of each, then
 ``--repeats`` alternating runs; prints the medians and the ratio (b)/(a) (target <= 1.2).
@@ -70,6 +74,16 @@ NOTE_SHOWN = """(() => {
   }).observe({ type: 'element', buffered: true });
 })()"""
 SHOWN_AT = f"() => ({ALL_IMAGES_SHOWN}) && window.benchShownMs"
+# The display floor's click: the Analyze form's submission is taken before the app's script sees it, and the
+# result already filed is shown the way that script shows one (staged, images decoded, then placed whole).
+SHOW_FILED_ON_SUBMIT = """(html) => document.addEventListener('submit', (event) => {
+  event.preventDefault();
+  event.stopImmediatePropagation();
+  const staged = document.createElement('div');
+  staged.innerHTML = html;
+  const decoded = Array.from(staged.querySelectorAll('img'), (img) => img.decode().catch(() => null));
+  Promise.all(decoded).then(() => document.getElementById('main').replaceChildren(...staged.childNodes));
+}, { capture: true, once: true })"""
 
 
 def click_analyze_until_shown(page: Page, study_url: str) -> tuple[float, float]:
@@ -85,6 +99,19 @@ def click_analyze_until_shown(page: Page, study_url: str) -> tuple[float, float]
     driver = time.perf_counter() - start
     click_ms = float(page.evaluate("() => sessionStorage.getItem('bench-click-ms')"))
     return (float(shown_ms) - click_ms) / 1000.0, driver
+
+
+def click_until_filed_result_shown(page: Page, study_url: str, result_html: str) -> float:
+    """The display floor: seconds from the Analyze click to every explanation image of ``result_html`` painted,
+    when the click is answered at once with that result (see ``SHOW_FILED_ON_SUBMIT``)."""
+    page.goto(study_url)
+    page.check(f"#analyzer-{ANALYZER}")
+    page.evaluate(RECORD_CLICK)
+    page.evaluate(SHOW_FILED_ON_SUBMIT, result_html)
+    page.click("#analyze-button")
+    shown_ms = page.wait_for_function(SHOWN_AT, timeout=60_000).json_value()
+    click_ms = float(page.evaluate("() => sessionStorage.getItem('bench-click-ms')"))
+    return (float(shown_ms) - click_ms) / 1000.0
 
 
 def main() -> None:
@@ -126,6 +153,9 @@ def main() -> None:
                 f"warm-up: pipeline {pipeline(via_ehr):.2f} s, direct {pipeline(direct):.2f} s, "
                 f"app {click_analyze_until_shown(page, study_url)[0]:.2f} s"
             )
+            # The result as the app placed it; every run files the same report (idempotent), so it stays current.
+            result_html = page.evaluate("() => document.getElementById('main').innerHTML")
+            print(f"warm-up: display floor {click_until_filed_result_shown(page, study_url, result_html):.3f} s")
             # A served app runs in a long-lived process whose start-up objects are frozen for the collector
             # (imaging_cds.memory); this process, which holds both paths, is put in the same steady state.
             freeze_long_lived()
@@ -133,15 +163,18 @@ def main() -> None:
             without_proxy: list[float] = []
             in_app: list[float] = []
             in_driver: list[float] = []
+            display: list[float] = []
             for run in range(1, args.repeats + 1):
                 baseline.append(pipeline(via_ehr))
                 shown, driver = click_analyze_until_shown(page, study_url)
                 in_app.append(shown)
                 in_driver.append(driver)
+                display.append(click_until_filed_result_shown(page, study_url, result_html))
                 without_proxy.append(pipeline(direct))
                 print(
                     f"run {run}: pipeline {baseline[-1]:.3f} s, app click-to-results {in_app[-1]:.3f} s "
                     f"(ratio {in_app[-1] / baseline[-1]:.2f}); driver's view {driver:.3f} s; "
+                    f"display floor {display[-1] * 1000:.0f} ms; "
                     f"pipeline without the EHR proxy {without_proxy[-1]:.3f} s"
                 )
             browser.close()
@@ -155,6 +188,10 @@ def main() -> None:
     print(f"  click-to-results as the Playwright driver sees it {statistics.median(in_driver):.3f} s")
     added = statistics.median(a - b for a, b in zip(in_app, baseline, strict=True))
     print(f"  what the app adds, median of the runs' differences: {added * 1000:.0f} ms")
+    print(
+        f"  display floor (the click answered at once with the filed result, shown as the app shows it): "
+        f"{statistics.median(display) * 1000:.0f} ms, of the {0.2 * base * 1000:.0f} ms the target leaves the app"
+    )
     print(f"ratio app / pipeline: {ratio:.2f} (target <= 1.2) -> {'OK' if ratio <= 1.2 else 'ABOVE TARGET'}")
 
 
