@@ -91,9 +91,11 @@ def time_ordered_uuid() -> str:
     card, measured, and pages that stay in cache however large the table grows. The random bits keep the uuids
     unique and unguessable; the time they reveal is when the card was shown, which its EHR already knows.
     """
-    random_bits = int.from_bytes(os.urandom(10), "big")  # 80 bits, of which 12 + 62 are used
-    unix_ms = time.time_ns() // 1_000_000 & (1 << 48) - 1
-    value = unix_ms << 80 | 0x7 << 76 | (random_bits >> 68) << 64 | 0b10 << 62 | random_bits & (1 << 62) - 1
+    unix_ms = (time.time_ns() // 1_000_000) & ((1 << 48) - 1)
+    random_bits = int.from_bytes(os.urandom(10), "big")
+    rand_a, rand_b = random_bits >> 68, random_bits & ((1 << 62) - 1)  # 12 and 62 of the 80 random bits
+    # unix_ts_ms (48 bits) | version 7 (4) | rand_a (12) | variant 0b10 (2) | rand_b (62)
+    value = (unix_ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     return str(uuid.UUID(int=value))
 
 
