@@ -50,6 +50,7 @@ CDS_BASE = "https://cds.bench.example.org"
 EHR_ISS = "https://ehr.bench.example.org"
 FLOOR_P99_LIMIT_MS = 25.0
 FLOOR_CHECKED = "/floor-checked"
+CHECKED = "floor+JWT+parse"  # the context row's name: the floor plus the JWT check and the body parse
 
 # ---------------------------------------------------------------- WSGI side (imported by gunicorn workers)
 
@@ -281,7 +282,7 @@ def main() -> None:
     print("preparing data in a real FHIR server ...", flush=True)
     patient_view, order_select = _prepare_data(workdir)
     bodies = {"patient-view": workdir / "patient_view.json", "order-select": workdir / "order_select.json"}
-    bodies["floor+JWT+parse"] = bodies["patient-view"]
+    bodies[CHECKED] = bodies["patient-view"]
     bodies["patient-view"].write_text(json.dumps(patient_view))
     bodies["order-select"].write_text(json.dumps(order_select))
     setup = workdir / "setup.json"
@@ -334,7 +335,7 @@ def main() -> None:
         signed = (  # the endpoints called with a CDS client JWT
             ("patient-view", "/cds-services/imaging-ai-patient-view"),
             ("order-select", "/cds-services/imaging-ai-order-select"),
-            ("floor+JWT+parse", FLOOR_CHECKED),  # context, not judged
+            (CHECKED, FLOOR_CHECKED),  # context, not judged
         )
         runs: dict[str, list[dict[str, Any]]] = {"floor": [], **{name: [] for name, _ in signed}}
         for round_number in range(1, args.rounds + 1):
@@ -370,9 +371,9 @@ def main() -> None:
         print(_row("floor (trivial Flask)", floor))
         for name, r in medians.items():
             print(_row(name, r))
-        checked = medians.pop("floor+JWT+parse")
+        checked = medians.pop(CHECKED)
         print(
-            f"floor+JWT+parse (context, not judged): p99 {checked['p99_ms'] / floor['p99_ms']:.2f}x floor, "
+            f"{CHECKED} (context, not judged): p99 {checked['p99_ms'] / floor['p99_ms']:.2f}x floor, "
             f"CPU per request {checked['cpu_ms'] / floor['cpu_ms']:.2f}x: what any hook costs before its own work"
         )
         # The target holds at a load the floor sustains at p99 <= 25 ms. When the floor did not (even at one

@@ -86,32 +86,42 @@ SHOW_FILED_ON_SUBMIT = """(html) => document.addEventListener('submit', (event) 
 }, { capture: true, once: true })"""
 
 
-def click_analyze_until_shown(page: Page, study_url: str) -> tuple[float, float]:
-    """Seconds from the Analyze click to a result page with every explanation image painted: on the browser's
-    clock (click event to the last image's paint), and as the driver sees it."""
+def _open_study_with_click_timer(page: Page, study_url: str) -> None:
+    """The study page, the benchmarked analyzer chosen, the Analyze click's own timestamp to be recorded."""
     page.goto(study_url)
     page.check(f"#analyzer-{ANALYZER}")
     page.evaluate(RECORD_CLICK)
+
+
+def _wait_until_shown(page: Page) -> float:
+    """Wait for every explanation image to paint; the last paint's time on the browser's clock (ms)."""
+    return float(page.wait_for_function(SHOWN_AT, timeout=60_000).json_value())
+
+
+def _seconds_since_click(page: Page, shown_ms: float) -> float:
+    """Seconds from the recorded click to ``shown_ms``, both on the browser's clock."""
+    return (shown_ms - float(page.evaluate("() => sessionStorage.getItem('bench-click-ms')"))) / 1000.0
+
+
+def click_analyze_until_shown(page: Page, study_url: str) -> tuple[float, float]:
+    """Seconds from the Analyze click to a result page with every explanation image painted: on the browser's
+    clock (click event to the last image's paint), and as the driver sees it."""
+    _open_study_with_click_timer(page, study_url)
     start = time.perf_counter()
     page.click("#analyze-button")
     page.wait_for_url("**/reports/*", timeout=600_000)
-    shown_ms = page.wait_for_function(SHOWN_AT, timeout=60_000).json_value()
+    shown_ms = _wait_until_shown(page)
     driver = time.perf_counter() - start
-    click_ms = float(page.evaluate("() => sessionStorage.getItem('bench-click-ms')"))
-    return (float(shown_ms) - click_ms) / 1000.0, driver
+    return _seconds_since_click(page, shown_ms), driver
 
 
 def click_until_filed_result_shown(page: Page, study_url: str, result_html: str) -> float:
     """The display floor: seconds from the Analyze click to every explanation image of ``result_html`` painted,
     when the click is answered at once with that result (see ``SHOW_FILED_ON_SUBMIT``)."""
-    page.goto(study_url)
-    page.check(f"#analyzer-{ANALYZER}")
-    page.evaluate(RECORD_CLICK)
+    _open_study_with_click_timer(page, study_url)
     page.evaluate(SHOW_FILED_ON_SUBMIT, result_html)
     page.click("#analyze-button")
-    shown_ms = page.wait_for_function(SHOWN_AT, timeout=60_000).json_value()
-    click_ms = float(page.evaluate("() => sessionStorage.getItem('bench-click-ms')"))
-    return (float(shown_ms) - click_ms) / 1000.0
+    return _seconds_since_click(page, _wait_until_shown(page))
 
 
 def main() -> None:
