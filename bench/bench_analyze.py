@@ -21,12 +21,12 @@ import numpy as np
 import requests
 from dicomweb_client.api import DICOMwebClient
 
+from core.allowlist import AllowList
+from devtools.demo import SAMPLE_CHEST_CT, load_sample_study
+from devtools.servers import fhir_server, orthanc_server
 from fhir_adapters.client import FhirClient
-from imaging_cds.allowlist import AllowList
-from imaging_cds.demo import SAMPLE_CHEST_CT, load_sample_study
-from imaging_cds.pipeline import analyze_study
-from imaging_cds.servers import fhir_server, orthanc_server
 from models.registry import get_analyzer
+from pipeline.analysis import analyze_study
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 

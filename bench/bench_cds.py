@@ -62,7 +62,7 @@ def bench_app() -> Any:
 
     from cds.app import EXTENSION_KEY, create_app
     from cds.config import CdsConfig, TrustedClient
-    from imaging_cds.allowlist import AllowList
+    from core.allowlist import AllowList
 
     setup = json.loads(Path(os.environ[SETUP_ENV]).read_text())
     config = CdsConfig(
@@ -102,7 +102,7 @@ def _prepare_data(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Real AI results in a real FHIR server -> the hook bodies an EHR would send."""
     sys.path.insert(0, str(ROOT))
     from cds.services import ORDER_SELECT, PATIENT_VIEW
-    from imaging_cds.servers import fhir_server
+    from devtools.servers import fhir_server
     from tests.cds_support import (
         bone_result,
         create_patient,
@@ -271,7 +271,7 @@ def main() -> None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk).")
     from joserfc.jwk import ECKey, RSAKey
 
-    from imaging_cds.servers import free_port
+    from devtools.servers import free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-cds-"))
     key = (

@@ -3,7 +3,7 @@
 In one run, on the same real chest CT (pyradiomics lung2 in Orthanc, its ImagingStudy in sekmet-fhir), with the
 app launched in headless Chromium from the sandbox EHR:
 
-(a) baseline: ``imaging_cds.pipeline.analyze_study`` - what ``imaging-cds analyze`` does - called directly,
+(a) baseline: ``pipeline.analysis.analyze_study`` - what ``imaging-cds analyze`` does - called directly,
     against the same EHR FHIR endpoint the app uses (the sandbox EHR's SMART-protected base) with the same
     launch's access token, so both read and write FHIR the same way;
 (b) the app: from the clinician's click on Analyze (the click event's own timestamp in the page) until the
@@ -39,15 +39,15 @@ from playwright.sync_api import Page, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.allowlist import AllowList
+from devtools.demo import SAMPLE_CHEST_CT, load_sample_study
+from devtools.sandbox.dev import serve_app_with_sandbox
+from devtools.servers import fhir_server, orthanc_server
 from fhir_adapters.client import FhirClient
-from imaging_cds.allowlist import AllowList
-from imaging_cds.demo import SAMPLE_CHEST_CT, load_sample_study
-from imaging_cds.memory import freeze_long_lived
-from imaging_cds.pipeline import analyze_study
-from imaging_cds.servers import fhir_server, orthanc_server
 from models.registry import get_analyzer
+from pipeline.analysis import analyze_study
+from pipeline.memory import freeze_long_lived
 from smart_launch.app import SESSION_COOKIE
-from smart_launch.sandbox.dev import serve_app_with_sandbox
 from tests.smart_support import CHROMIUM_ARGS, practitioner_resource
 
 ANALYZER = "ct-emphysema"
@@ -167,7 +167,7 @@ def main() -> None:
             result_html = page.evaluate("() => document.getElementById('main').innerHTML")
             print(f"warm-up: display floor {click_until_filed_result_shown(page, study_url, result_html):.3f} s")
             # A served app runs in a long-lived process whose start-up objects are frozen for the collector
-            # (imaging_cds.memory); this process, which holds both paths, is put in the same steady state.
+            # (pipeline.memory); this process, which holds both paths, is put in the same steady state.
             freeze_long_lived()
             baseline: list[float] = []
             without_proxy: list[float] = []

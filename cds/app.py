@@ -47,9 +47,9 @@ from cds.services import (
     ServiceDefinition,
     discovery_document,
 )
+from core.errors import ImagingCdsError, NotAllowedError
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError, FhirUnauthorized
-from imaging_cds.errors import ImagingCdsError, NotAllowedError
 
 log = logging.getLogger(__name__)
 

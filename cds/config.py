@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import ConfigurationError
+from core.allowlist import AllowList
+from core.errors import ConfigurationError
 
 EnqueueAnalysis = Callable[[str], "str | None"]
 """Queue a background analysis of ``"ImagingStudy/<id>"``; return the job id, or ``None`` if nothing was queued.

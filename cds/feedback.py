@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imaging_cds.errors import ImagingCdsError
+from core.errors import ImagingCdsError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from cds.fhirjson import bundle_problem
-from imaging_cds.errors import ImagingCdsError
+from core.errors import ImagingCdsError
 
 Fetch = Callable[[str, list[tuple[str, str]]], dict[str, Any]]
 """Search on the hook's FHIR server: ``(resource_type, params) -> searchset Bundle``."""

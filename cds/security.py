@@ -33,8 +33,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet
 
 from cds.config import CdsConfig, TrustedClient
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import NotAllowedError
+from core.allowlist import AllowList
+from core.errors import NotAllowedError
 
 _MAX_TOKEN_CHARS = 16_384
 _MAX_JWKS_BYTES = 256 * 1024

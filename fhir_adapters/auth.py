@@ -25,8 +25,8 @@ from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
 from joserfc import jwk
 
+from core.errors import ConfigurationError
 from fhir_adapters.errors import FhirError, FhirUnauthorized, raise_for_fhir_status, unavailable
-from imaging_cds.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters import constants, terminology
 from fhir_adapters.validation import validate_bundle
-from imaging_cds.errors import ConfigurationError, ImagingCdsError
 from models.base import AnalysisResult, Explanation, Measurement, probability_percent
 
 # Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).

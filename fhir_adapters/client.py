@@ -14,7 +14,7 @@ Design points an integrator should know:
   Callers that build non-idempotent transactions must pass ``retry=False``.
 * The bearer token goes only to URLs under ``base_url``; a 401 makes the client drop its token, fetch a
   fresh one and try once more. Other origins (a ``next`` link or an absolute reference elsewhere) are
-  refused unless the :class:`~imaging_cds.allowlist.AllowList` allows them, and even then get no token.
+  refused unless the :class:`~core.allowlist.AllowList` allows them, and even then get no token.
 * Redirects are not followed (see :func:`~fhir_adapters.errors.raise_for_fhir_status`).
 """
 
@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 import orjson
 import requests
 
+from core.allowlist import AllowList
+from core.errors import NotAllowedError
 from fhir_adapters.auth import TokenProvider
 from fhir_adapters.errors import (
     FhirError,
@@ -38,8 +40,6 @@ from fhir_adapters.errors import (
     raise_for_fhir_status,
     unavailable,
 )
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import NotAllowedError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class FhirClient:
     def check_url(self, url: str, *, what: str) -> str:
         """Return ``url`` if the client may request it: under ``base_url``, or allowed by the allow-list.
 
-        Raises :class:`~imaging_cds.errors.NotAllowedError` before any request is made otherwise.
+        Raises :class:`~core.errors.NotAllowedError` before any request is made otherwise.
         """
         if self.is_own_url(url):
             return url

@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from imaging_cds.errors import ImagingCdsError
+from core.errors import ImagingCdsError
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _MAX_ISSUES = 3

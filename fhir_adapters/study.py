@@ -5,7 +5,7 @@ The decisions are pure functions on FHIR R4 dicts (:func:`study_uid`, :func:`sel
 :func:`resolve_dicomweb_base` and :func:`choose_series` talk to the FHIR server, through
 :class:`~fhir_adapters.client.FhirClient`.
 
-Every refusal is a :class:`~imaging_cds.errors.StudyError` that names the ImagingStudy by id, the series by
+Every refusal is a :class:`~core.errors.StudyError` that names the ImagingStudy by id, the series by
 UID and what is missing, so an integrator can fix the EHR data; messages never quote free text (series
 descriptions may carry more than a protocol name).
 """
@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from core.allowlist import AllowList
+from core.errors import NotAllowedError, StudyError
 from fhir_adapters.client import FhirClient
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import NotAllowedError, StudyError
 from models.base import SeriesRequirements
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"

@@ -29,7 +29,7 @@ from typing import Any
 from jsonschema import Draft6Validator
 from jsonschema.exceptions import ValidationError
 
-from imaging_cds.errors import ImagingCdsError
+from core.errors import ImagingCdsError
 
 _SCHEMA_PACKAGE = "fhir_adapters"
 _SCHEMA_PATH = ("schema", "fhir.schema.json")
@@ -59,7 +59,7 @@ def load_schema() -> dict[str, Any]:
     try:
         schema: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:  # pragma: no cover - a packaging error
-        from imaging_cds.errors import ConfigurationError
+        from core.errors import ConfigurationError
 
         raise ConfigurationError(
             "The FHIR R4 JSON schema is missing from the installed package (fhir_adapters/schema/fhir.schema.json).",

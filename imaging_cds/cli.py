@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imaging_cds.errors import ConfigurationError, ImagingCdsError
+from core.errors import ConfigurationError, ImagingCdsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         required=True,
-        help="deployment settings file (YAML or JSON; see imaging_cds/settings.py)",
+        help="deployment settings file (YAML or JSON; see service/settings.py)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -152,7 +152,7 @@ def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
 
 
 def _dicomweb_allow_list(args: argparse.Namespace) -> Any:
-    from imaging_cds.allowlist import AllowList
+    from core.allowlist import AllowList
 
     from_env = [p for p in os.environ.get("IMAGING_CDS_DICOMWEB_ALLOW", "").split(",") if p.strip()]
     prefixes = [*args.allow_dicomweb, *from_env]
@@ -189,8 +189,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import requests
 
     from fhir_adapters.client import FhirClient
-    from imaging_cds.pipeline import analyze_study
     from models.registry import get_analyzer
+    from pipeline.analysis import analyze_study
 
     if not args.imaging_study.startswith("ImagingStudy/"):
         raise ConfigurationError(
@@ -224,14 +224,14 @@ def cmd_analyzers(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from imaging_cds.demo import run_demo
+    from devtools.demo import run_demo
 
     keep_running = sys.stdin.isatty() if args.keep_running is None else args.keep_running
     return run_demo(args.output, keep_running=keep_running)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imaging_cds.evaluate import evaluate, format_table
+    from devtools.evaluate import evaluate, format_table
 
     assessment = evaluate(
         args.analyzer,
@@ -251,8 +251,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imaging_cds.settings import load_settings
-    from imaging_cds.web import serve
+    from service.settings import load_settings
+    from service.web import serve
 
     serve(load_settings(args.config), host=args.host, port=args.port, threads=args.threads)
     return EXIT_OK

@@ -167,7 +167,7 @@ class AnalysisResult:
 class Analyzer(Protocol):
     """The interface every analyzer implements.
 
-    ``check_input`` raises :class:`imaging_cds.errors.UnsuitableInputError` with a clear reason when the
+    ``check_input`` raises :class:`core.errors.UnsuitableInputError` with a clear reason when the
     image is not one the analyzer was built and validated for; ``analyze`` assumes it passed.
     """
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 from models import render
 from models.base import (
     AnalysisResult,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
-from imaging_cds.errors import ConfigurationError, UnsuitableInputError
+from core.errors import ConfigurationError, UnsuitableInputError
 from models.base import (
     AnalysisResult,
     Category,

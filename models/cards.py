@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import jsonschema
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, ImageInput, SeriesRequirements
 from models.networks import ShippedClassifier, load_shipped_classifier
 from models.projection_classifier import (

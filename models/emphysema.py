@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 from models import render
 from models.base import (
     AnalysisResult,

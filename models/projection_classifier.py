@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from skimage.transform import resize
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 from models import render
 from models.base import (
     AnalysisResult,

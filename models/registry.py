@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 from models.base import Analyzer
 from models.bundle import BundleSpec, read_bundle
 from models.cards import REPO_ROOT, ModelCard, load_card

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 
 BONE_HU = 200.0
 """Cortical / dense bone threshold; trabecular bone alone may be lower (50-250 HU), cortex is well above."""

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 _CHUNK = 1 << 20
 

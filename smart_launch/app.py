@@ -5,7 +5,7 @@ This module adapts HTTP to the pure parts and nothing more:
 * :mod:`smart_launch.oauth` - discovery, PKCE, state, scopes, token grants, id_token verification;
 * :mod:`smart_launch.session` - the server-side authorisation state behind an opaque session cookie;
 * :mod:`smart_launch.views` - what the screens show, computed from FHIR JSON;
-* :mod:`imaging_cds.pipeline` (through :mod:`imaging_cds.jobs`) - the analysis itself;
+* :mod:`pipeline.analysis` (through :mod:`pipeline.jobs`) - the analysis itself;
 * :func:`fhir_adapters.builders.build_signoff_bundle` - the clinician's review, written back;
 * :mod:`smart_launch.reviews` - the acceptance figures.
 
@@ -45,16 +45,16 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from core.allowlist import AllowList
+from core.errors import ImagingCdsError
 from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
 from fhir_adapters.validation import validate_bundle
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import ImagingCdsError
-from imaging_cds.jobs import EmbeddedJobRunner, JobRecord, JobState, ProgressReporter, SqliteJobStore, UnknownJobError
-from imaging_cds.memory import LoadedAnalyzers
 from models.base import Analyzer
+from pipeline.jobs import EmbeddedJobRunner, JobRecord, JobState, ProgressReporter, SqliteJobStore, UnknownJobError
+from pipeline.memory import LoadedAnalyzers
 from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
 from smart_launch.oauth import SmartLaunchError, TokenSet
@@ -75,7 +75,7 @@ from smart_launch.views import (
 )
 
 if TYPE_CHECKING:
-    from imaging_cds.pipeline import AnalysisOutcome
+    from pipeline.analysis import AnalysisOutcome
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class SmartApp:
     def analyzer(self, name: str) -> Analyzer:
         """The analyzer ``name``, built once (loading weights is slow) and kept for later jobs."""
         if name not in self.config.analyzers:
-            from imaging_cds.errors import ConfigurationError
+            from core.errors import ConfigurationError
 
             raise ConfigurationError(
                 f"Analyzer {name!r} is not offered by this app.",
@@ -189,7 +189,7 @@ class SmartApp:
 
     def run_analysis(self, params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
         """The job handler: the launching session's token reaches the pipeline through the session store."""
-        from imaging_cds.pipeline import analyze_study
+        from pipeline.analysis import analyze_study
 
         session_id = self.sessions.session_for_job_ref(str(params.get("launch_ref", "")))
         state = self.sessions.get(session_id) if session_id else None

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import ConfigurationError
+from core.allowlist import AllowList
+from core.errors import ConfigurationError
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
 from smart_launch.views import MODEL_CARDS_DIR

@@ -40,8 +40,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters.auth import OAUTH_URIS_EXTENSION, load_private_key
-from imaging_cds.errors import ConfigurationError, ImagingCdsError
 
 log = logging.getLogger(__name__)
 

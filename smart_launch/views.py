@@ -417,7 +417,7 @@ def card_summary(name: str, cards_dir: Path = MODEL_CARDS_DIR) -> CardSummary | 
     """
     if not name.replace("-", "").replace(".", "").isalnum():
         return None
-    from imaging_cds.errors import ImagingCdsError
+    from core.errors import ImagingCdsError
     from models.cards import load_card
 
     try:

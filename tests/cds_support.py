@@ -28,8 +28,8 @@ from joserfc.jwk import ECKey, RSAKey
 
 from cds.config import CdsConfig, TrustedClient
 from cds.services import SERVICES
+from core.allowlist import AllowList
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle, build_signoff_bundle
-from imaging_cds.allowlist import AllowList
 from models.base import AnalysisResult, Category, Measurement
 
 EHR_ISS = "https://ehr.example.org"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imaging_cds.allowlist import AllowList
-from imaging_cds.servers import FhirServer, OrthancServer, fhir_server, orthanc_server
+from core.allowlist import AllowList
+from devtools.servers import FhirServer, OrthancServer, fhir_server, orthanc_server
 
 DATA = Path(__file__).parent / "data"
 

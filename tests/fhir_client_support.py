@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from imaging_cds.servers import free_port
+from devtools.servers import free_port
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 from models.base import ImageInput
 from models.bone import BoneAnalyzer, attenuation_category, genant_grade, measure_trabecular_roi
 from models.spine import Vertebra, _rib_transition, find_spine, identify_levels, split_vertebrae

@@ -13,8 +13,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
 from skimage.transform import resize
 
-from imaging_cds.errors import ConfigurationError, UnsuitableInputError
-from imaging_cds.projection import read_projection
+from core.errors import ConfigurationError, UnsuitableInputError
+from dicom_io.projection import read_projection
 from models import metrics
 from models.base import Analyzer, at_or_above_threshold, filed_probabilities, filed_probability
 from models.breast_us import BreastUltrasoundAnalyzer

@@ -16,6 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
+from core.errors import ConfigurationError
+from devtools.servers import FhirServer
 from fhir_adapters import constants
 from fhir_adapters.builders import (
     AI_DISCLAIMER,
@@ -28,8 +30,6 @@ from fhir_adapters.builders import (
     build_signoff_bundle,
 )
 from fhir_adapters.validation import validate_resource
-from imaging_cds.errors import ConfigurationError
-from imaging_cds.servers import FhirServer
 from models.base import AnalysisResult, Category, Explanation, Measurement
 
 ISSUED = datetime(2025, 3, 4, 10, 30, tzinfo=UTC)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from bundle_support import make_tiny_bundle, tiny_inference
 
-from imaging_cds.errors import ConfigurationError, UnsuitableInputError
-from imaging_cds.evaluate import benchmark_input
+from core.errors import ConfigurationError, UnsuitableInputError
+from devtools.evaluate import benchmark_input
 from models.base import ImageInput, at_or_above_threshold
 from models.bundle import BundleAnalyzer, read_bundle
 from models.cxr_pneumonia import PneumoniaAnalyzer
@@ -42,7 +42,7 @@ def bundle_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """One study at a time runs far faster single-threaded on a small shared CPU (see imaging_cds.evaluate)."""
+    """One study at a time runs far faster single-threaded on a small shared CPU (see devtools.evaluate)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 from models.cards import CARDS_DIR, RULE_BASED, card_from_dict, load_card, read_card_file, render_card_html
 
 SHA = "ab" * 32

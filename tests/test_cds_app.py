@@ -26,8 +26,8 @@ from cds.app import create_app
 from cds.cards import OVERRIDE_REASON_SYSTEM, SUMMARY_MAX_CHARS
 from cds.prefetch import PrefetchUnavailableError, resolve_prefetch
 from cds.services import AI_REPORTS_KEY, IMAGING_STUDIES_KEY, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, SERVICES
+from devtools.servers import FhirServer
 from fhir_adapters.constants import CATEGORY_CODESYSTEM
-from imaging_cds.servers import FhirServer
 from tests.cds_support import (
     APP_LAUNCH,
     MODEL_CARDS,

@@ -20,7 +20,7 @@ from joserfc.jwk import ECKey
 from cds.app import create_app
 from cds.config import TrustedClient
 from cds.services import AI_REPORTS_KEY, IMAGING_STUDIES_KEY, PATIENT_VIEW
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 from tests.cds_support import CDS_BASE, EHR_ISS, EhrKeys, b64url, jwks_server, make_config, recording_listener
 
 PATH = f"/cds-services/{PATIENT_VIEW}"

@@ -10,10 +10,10 @@ import sys
 import pytest
 import requests
 
+from devtools.demo import load_sample_study
+from devtools.samples import SAMPLES
+from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
-from imaging_cds.demo import load_sample_study
-from imaging_cds.samples import SAMPLES
-from imaging_cds.servers import FhirServer, OrthancServer
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -16,8 +16,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from imaging_cds.errors import ConfigurationError, UnsuitableInputError
-from imaging_cds.projection import projection_input, read_projection
+from core.errors import ConfigurationError, UnsuitableInputError
+from dicom_io.projection import projection_input, read_projection
 from models import metrics
 from models.base import Analyzer, ImageInput, at_or_above_threshold, filed_probabilities, filed_probability
 from models.cxr_pneumonia import PneumoniaAnalyzer

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from imaging_cds.dicomweb import fetch_series
-from imaging_cds.errors import ImageDataError, PacsError
-from imaging_cds.samples import ct_series_from_nrrd, upload_series
-from imaging_cds.servers import OrthancServer, free_port
-from imaging_cds.volume import assemble_volume
+from core.errors import ImageDataError, PacsError
+from devtools.samples import ct_series_from_nrrd, upload_series
+from devtools.servers import OrthancServer, free_port
+from dicom_io.dicomweb import fetch_series
+from dicom_io.volume import assemble_volume
 
 
 @pytest.fixture(scope="module")

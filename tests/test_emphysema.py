@@ -10,7 +10,7 @@ import pytest
 from lung_support import chest_phantom, load_pyradiomics_ct
 from PIL import Image
 
-from imaging_cds.errors import UnsuitableInputError
+from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, Analyzer, ImageInput
 from models.emphysema import EmphysemaAnalyzer, categorize, zone_percentages
 from models.registry import get_analyzer

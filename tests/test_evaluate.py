@@ -17,9 +17,9 @@ import torch
 from pydicom.data import get_testdata_file
 
 from cds.feedback import FeedbackStore, parse_feedback
+from core.errors import ConfigurationError
+from devtools.evaluate import assess, benchmark_input, evaluate, format_table, load_npz
 from imaging_cds.cli import main
-from imaging_cds.errors import ConfigurationError
-from imaging_cds.evaluate import assess, benchmark_input, evaluate, format_table, load_npz
 from models import metrics
 from models.base import filed_probability
 from models.bundle import BundleAnalyzer

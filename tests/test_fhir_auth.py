@@ -3,8 +3,8 @@
 sekmet's token endpoint supports both client authentication methods the project offers:
 ``client_secret_basic`` and ``private_key_jwt`` (a client registered with an inline JWKS; it verifies the
 signature, ``iss == sub``, ``aud == token URL``, ``exp`` at most five minutes ahead and a unique ``jti``).
-``imaging_cds.servers.fhir_server`` cannot register a JWKS yet, so these tests start sekmet with
-``imaging_cds.servers.fhir_server``. sekmet tries every key of a client with the assertion's algorithm and
+``devtools.servers.fhir_server`` cannot register a JWKS yet, so these tests start sekmet with
+``devtools.servers.fhir_server``. sekmet tries every key of a client with the assertion's algorithm and
 fails with HTTP 500 when an RSA key meets an ES384 assertion, so the RSA and EC keys are registered on
 separate clients here.
 """
@@ -20,12 +20,12 @@ import pytest
 from fhir_client_support import Action, fault_proxy
 from joserfc import jwk, jwt
 
+from core.allowlist import AllowList
+from core.errors import ConfigurationError
+from devtools.servers import FhirServer, SmartClient, fhir_server
 from fhir_adapters.auth import BackendServicesAuth, ClientSecretAuth, TokenProvider, discover_token_endpoint
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirForbidden, FhirUnauthorized
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import ConfigurationError
-from imaging_cds.servers import FhirServer, SmartClient, fhir_server
 
 SECRET = "s3cret-for-tests-only"
 RSA_KEY = jwk.RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 import pytest
 from fhir_client_support import Action, Plan, fault_proxy
 
+from core.allowlist import AllowList
+from core.errors import NotAllowedError
+from devtools.servers import FhirServer, free_port
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import (
     FhirConflict,
@@ -21,9 +24,6 @@ from fhir_adapters.errors import (
     FhirServerError,
     FhirUnavailable,
 )
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import NotAllowedError
-from imaging_cds.servers import FhirServer, free_port
 
 MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from imaging_cds.errors import ConfigurationError, StudyError
-from imaging_cds.jobs import (
+from core.errors import ConfigurationError, StudyError
+from pipeline.jobs import (
     EmbeddedJobRunner,
     JobState,
     ProgressReporter,
@@ -143,7 +143,7 @@ def test_unexpected_exception_leaves_a_generic_error_and_keeps_phi_out_of_record
         raise KeyError(f"{header['PatientName']} {header['PatientBirthDate']}")
 
     with (
-        caplog.at_level(logging.INFO, logger="imaging_cds.jobs"),
+        caplog.at_level(logging.INFO, logger="pipeline.jobs"),
         EmbeddedJobRunner(store, {"ct-emphysema": crashes_on_patient_name}) as runner,
     ):
         failed = runner.wait(runner.submit("ct-emphysema", EMPHYSEMA_PARAMS).id, timeout=WAIT_S)

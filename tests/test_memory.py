@@ -1,4 +1,4 @@
-"""Freezing a server's long-lived objects for the garbage collector (imaging_cds.memory)."""
+"""Freezing a server's long-lived objects for the garbage collector (pipeline.memory)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import weakref
 
 import pytest
 
-from imaging_cds.errors import ImagingCdsError
-from imaging_cds.memory import LoadedAnalyzers, freeze_long_lived
+from core.errors import ImagingCdsError
+from pipeline.memory import LoadedAnalyzers, freeze_long_lived
 
 
 class _Node:

@@ -15,6 +15,11 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
+from core.allowlist import AllowList
+from core.errors import ImageDataError, NotAllowedError, PacsError, StudyError
+from devtools.demo import LoadedStudy, load_sample_study
+from devtools.samples import SAMPLES, SampleStudy, endpoint_resource, imaging_study_resource, load_sample
+from devtools.servers import FhirServer, OrthancServer, fhir_server, free_port
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import (
     AI_ASSERTED_SECURITY_CODE,
@@ -23,13 +28,8 @@ from fhir_adapters.constants import (
     MEASUREMENT_CODESYSTEM,
 )
 from fhir_adapters.validation import validate_resource
-from imaging_cds.allowlist import AllowList
-from imaging_cds.demo import LoadedStudy, load_sample_study
-from imaging_cds.errors import ImageDataError, NotAllowedError, PacsError, StudyError
-from imaging_cds.pipeline import AnalysisOutcome, analyze_study
-from imaging_cds.samples import SAMPLES, SampleStudy, endpoint_resource, imaging_study_resource, load_sample
-from imaging_cds.servers import FhirServer, OrthancServer, fhir_server, free_port
 from models.registry import get_analyzer
+from pipeline.analysis import AnalysisOutcome, analyze_study
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_series_without_images_in_the_pacs_is_an_image_error_and_writes_nothing(
 def test_dicom_without_uids_is_refused_with_the_missing_uids_named(orthanc: OrthancServer) -> None:
     # The real abdominal series whose anonymiser stripped the UIDs: the PACS refuses it, and the loader says why.
     with pytest.raises(ImageDataError, match="Instance UID"):
-        from imaging_cds.samples import read_dicom_folder, upload_series
+        from devtools.samples import read_dicom_folder, upload_series
 
         upload_series(orthanc.url, read_dicom_folder(SAMPLES["abdomen-dicom-no-uids"].path))
 
@@ -235,7 +235,7 @@ def test_non_ct_series_is_refused_naming_the_modality(
 ) -> None:
     import pydicom
 
-    from imaging_cds.samples import upload_series
+    from devtools.samples import upload_series
 
     mammogram = pydicom.dcmread(data_dir / "mg" / "P_00173_LEFT_CC_benign_mass_case.dcm")
     upload_series(orthanc.url, [mammogram])

@@ -14,15 +14,15 @@ import pydicom
 import pytest
 import requests
 
+from core.allowlist import AllowList
+from core.errors import StudyError
+from devtools.demo import LoadedStudy, load_sample_study
+from devtools.samples import SAMPLES, endpoint_resource, imaging_study_resource, upload_series
+from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import MEASUREMENT_CODESYSTEM
-from imaging_cds.allowlist import AllowList
-from imaging_cds.demo import LoadedStudy, load_sample_study
-from imaging_cds.errors import StudyError
-from imaging_cds.pipeline import AnalysisOutcome, analyze_study
-from imaging_cds.samples import SAMPLES, endpoint_resource, imaging_study_resource, upload_series
-from imaging_cds.servers import FhirServer, OrthancServer
 from models.registry import get_analyzer
+from pipeline.analysis import AnalysisOutcome, analyze_study
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
-from imaging_cds.errors import ImageDataError
-from imaging_cds.projection import PROJECTION_ATTRIBUTES, projection_input, read_projection
+from core.errors import ImageDataError
+from dicom_io.projection import PROJECTION_ATTRIBUTES, projection_input, read_projection
 
 
 def rg1(syntax: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from bundle_support import TINY_NAME, make_tiny_bundle, tiny_card
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 from models.base import Analyzer
 from models.bundle import BundleAnalyzer
 from models.cards import card_from_dict
@@ -30,7 +30,7 @@ from models.registry import (
 def test_listing_analyzers_and_reading_cards_never_imports_torch(tmp_path: Path) -> None:
     """The CDS Hooks service and the card pages rely on this: they must start without loading torch."""
     code = (
-        "import sys, models.registry as r, imaging_cds.web_models;"
+        "import sys, models.registry as r, service.model_cards;"
         "rows = r.registered_analyzers(strict=False); names = r.analyzer_names();"
         "assert 'cxr-pneumonia' in names and 'cxr-tiny' in names, names;"
         "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"

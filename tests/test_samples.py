@@ -15,8 +15,8 @@ import requests
 from jsonschema import Draft6Validator
 from pydicom.dataset import Dataset
 
-from imaging_cds.errors import ImageDataError
-from imaging_cds.samples import (
+from core.errors import ImageDataError
+from devtools.samples import (
     SAMPLES,
     ct_series_from_nifti,
     ct_series_from_nrrd,
@@ -26,7 +26,7 @@ from imaging_cds.samples import (
     read_dicom_folder,
     upload_series,
 )
-from imaging_cds.servers import FhirServer, OrthancServer
+from devtools.servers import FhirServer, OrthancServer
 
 FHIR_SCHEMA = Path("/work/shared/fhir/fhir.schema.json")
 

@@ -23,16 +23,16 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
-from imaging_cds.errors import ConfigurationError
-from imaging_cds.servers import FhirServer
-from smart_launch.sandbox import SandboxClient, SandboxConfig, SandboxHandle, run_sandbox
-from smart_launch.sandbox.scopes import (
+from core.errors import ConfigurationError
+from devtools.sandbox import SandboxClient, SandboxConfig, SandboxHandle, run_sandbox
+from devtools.sandbox.scopes import (
     FhirInteraction,
     allowed_subset,
     interaction_for,
     parse_resource_scope,
     restrict_search_to_patient,
 )
+from devtools.servers import FhirServer
 
 APP_LAUNCH = "http://127.0.0.1:9/launch"
 REDIRECT = "http://127.0.0.1:9/callback"

@@ -14,7 +14,7 @@ import pytest
 import requests
 from joserfc import jwk, jwt
 
-from imaging_cds.servers import FhirServer, OrthancServer, free_port
+from devtools.servers import FhirServer, OrthancServer, free_port
 
 EHR_ISS = "https://ehr.example.org"
 

@@ -17,15 +17,15 @@ import pytest
 import requests
 from joserfc.jwk import RSAKey
 
+from devtools.demo import LoadedStudy, load_sample_study
+from devtools.samples import SAMPLES
+from devtools.sandbox.dev import RunningApp, serve_app_with_sandbox
+from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters import constants, terminology
 from fhir_adapters.client import FhirClient
-from imaging_cds.demo import LoadedStudy, load_sample_study
-from imaging_cds.samples import SAMPLES
-from imaging_cds.servers import FhirServer, OrthancServer
 from smart_launch.app import SESSION_COOKIE
 from smart_launch.oauth import GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
-from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
 from smart_launch.session import AuthorizationState, RecentReads, SessionStore
 from smart_launch.views import (
     STATUS_WORDS,

@@ -18,11 +18,11 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, Route, ViewportSize, sync_playwright
 
+from devtools.demo import LoadedStudy, load_sample_study
+from devtools.samples import SAMPLES
+from devtools.sandbox.dev import RunningApp, serve_app_with_sandbox
+from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
-from imaging_cds.demo import LoadedStudy, load_sample_study
-from imaging_cds.samples import SAMPLES
-from imaging_cds.servers import FhirServer, OrthancServer
-from smart_launch.sandbox.dev import RunningApp, serve_app_with_sandbox
 from tests.smart_support import CHROMIUM_ARGS, SCREENSHOTS, practitioner_resource
 
 pytestmark = pytest.mark.slow

@@ -19,12 +19,12 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 from werkzeug.serving import make_server
 
-from imaging_cds.errors import ConfigurationError
-from imaging_cds.servers import FhirServer
+from core.errors import ConfigurationError
+from devtools.sandbox.app import SandboxHandle, run_sandbox
+from devtools.sandbox.config import SandboxClient, SandboxConfig
+from devtools.servers import FhirServer
 from smart_launch import oauth
 from smart_launch.oauth import ClientRegistration, GrantedScopes, SmartConfiguration, SmartLaunchError
-from smart_launch.sandbox.app import SandboxHandle, run_sandbox
-from smart_launch.sandbox.config import SandboxClient, SandboxConfig
 
 # ---------------------------------------------------------------------------------------------- PKCE and state
 

@@ -19,6 +19,9 @@ import pytest
 from fhir_client_support import fault_proxy
 from jsonschema import Draft6Validator
 
+from core.allowlist import AllowList
+from core.errors import NotAllowedError, StudyError
+from devtools.servers import FhirServer
 from fhir_adapters.client import FhirClient
 from fhir_adapters.study import (
     ENDPOINT_CONNECTION_TYPE_SYSTEM,
@@ -27,9 +30,6 @@ from fhir_adapters.study import (
     select_series,
     study_uid,
 )
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import NotAllowedError, StudyError
-from imaging_cds.servers import FhirServer
 from models.base import SeriesRequirements
 
 SCHEMA = Path("/work/shared/fhir/fhir.schema.json")

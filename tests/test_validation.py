@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from core.errors import ImagingCdsError
 from fhir_adapters import terminology
 from fhir_adapters.validation import ResourceValidationError, resource_types, validate_bundle, validate_resource
-from imaging_cds.errors import ImagingCdsError
 
 
 def _observation(**changes: Any) -> dict[str, Any]:

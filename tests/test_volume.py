@@ -15,9 +15,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from imaging_cds.errors import ImageDataError
-from imaging_cds.samples import ct_series_from_nrrd, load_sample, read_dicom_folder
-from imaging_cds.volume import Volume, assemble_volume
+from core.errors import ImageDataError
+from devtools.samples import ct_series_from_nrrd, load_sample, read_dicom_folder
+from dicom_io.volume import Volume, assemble_volume
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from bundle_support import TINY_NAME, make_tiny_bundle
 from flask import Flask
 from flask.testing import FlaskClient
 
-from imaging_cds.pipeline import device_info
-from imaging_cds.web_models import models_blueprint
 from models.registry import get_analyzer, register_bundle, unregister_bundle
+from pipeline.analysis import device_info
+from service.model_cards import models_blueprint
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 

@@ -28,15 +28,15 @@ from authlib.oauth2.rfc6749 import InvalidRequestError, InvalidScopeError, OAuth
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from imaging_cds.errors import ConfigurationError
-from smart_launch.sandbox.authserver import (
+from core.errors import ConfigurationError
+from devtools.sandbox.authserver import (
     ASSERTION_ALGORITHMS,
     TOKEN_AUTH_METHODS,
     StoredAuthorizationRequest,
     build_authorization_server,
 )
-from smart_launch.sandbox.config import SandboxConfig
-from smart_launch.sandbox.proxy import (
+from devtools.sandbox.config import SandboxConfig
+from devtools.sandbox.proxy import (
     ProxyRefusalError,
     authenticate_bearer,
     forward,
@@ -45,8 +45,8 @@ from smart_launch.sandbox.proxy import (
     upstream_response,
     with_oauth_uris,
 )
-from smart_launch.sandbox.scopes import parse_resource_scope, split_scopes
-from smart_launch.sandbox.state import Grant, LaunchContext, SandboxState
+from devtools.sandbox.scopes import parse_resource_scope, split_scopes
+from devtools.sandbox.state import Grant, LaunchContext, SandboxState
 
 CONSENT_LIFETIME = 600
 FHIR_CONTEXT_KEYS = ("reference", "canonical", "identifier", "type", "role")

@@ -18,14 +18,9 @@ from typing import Any
 
 import requests
 
-from fhir_adapters.builders import conditional_create_entry, identifier_query
-from fhir_adapters.client import FhirClient
-from fhir_adapters.constants import CANONICAL_BASE
-from fhir_adapters.terminology import unit_label
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import ImagingCdsError
-from imaging_cds.pipeline import AnalysisOutcome, analyze_study
-from imaging_cds.samples import (
+from core.allowlist import AllowList
+from core.errors import ImagingCdsError
+from devtools.samples import (
     SAMPLES,
     SampleStudy,
     endpoint_resource,
@@ -33,8 +28,13 @@ from imaging_cds.samples import (
     load_sample,
     upload_series,
 )
-from imaging_cds.servers import OrthancServer, fhir_server, orthanc_server
+from devtools.servers import OrthancServer, fhir_server, orthanc_server
+from fhir_adapters.builders import conditional_create_entry, identifier_query
+from fhir_adapters.client import FhirClient
+from fhir_adapters.constants import CANONICAL_BASE
+from fhir_adapters.terminology import unit_label
 from models.registry import get_analyzer
+from pipeline.analysis import AnalysisOutcome, analyze_study
 
 DEMO_PATIENT_SYSTEM = f"{CANONICAL_BASE}/sid/demo-patient"
 
@@ -126,7 +126,7 @@ def _demo_practitioner(client: FhirClient) -> str:
 
 
 def _clinician_app(fhir_base: str, dicomweb_base: str, output: Path) -> Any:
-    from smart_launch.sandbox.dev import serve_app_with_sandbox
+    from devtools.sandbox.dev import serve_app_with_sandbox
 
     return serve_app_with_sandbox(fhir_base, output / "app-state", dicomweb_base)
 

@@ -3,8 +3,8 @@
 Each arrow of the data flow happens in one place, and this module only strings them together:
 
     fhir_adapters.study.choose_series      ImagingStudy + Endpoint  ->  SeriesChoice (why this series)
-    imaging_cds.dicomweb.fetch_series      WADO-RS                  ->  pydicom datasets, streamed
-    imaging_cds.volume.assemble_volume     datasets                 ->  checked, sorted HU volume
+    dicom_io.dicomweb.fetch_series      WADO-RS                  ->  pydicom datasets, streamed
+    dicom_io.volume.assemble_volume     datasets                 ->  checked, sorted HU volume
     models.<analyzer>.analyze              ImageInput               ->  AnalysisResult
     fhir_adapters.builders                 AnalysisResult           ->  one transaction Bundle
     fhir_adapters.client.transaction       Bundle                   ->  the EHR (idempotent)
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from core.allowlist import AllowList
+from core.errors import StudyError
+from dicom_io.dicomweb import fetch_series
+from dicom_io.volume import assemble_volume
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.study import SeriesChoice, choose_series
-from imaging_cds.allowlist import AllowList
-from imaging_cds.dicomweb import fetch_series
-from imaging_cds.errors import StudyError
-from imaging_cds.volume import assemble_volume
 from models.base import AnalysisResult, Analyzer, ImageInput
 
 ProgressCallback = Callable[[float, str], None]
@@ -121,7 +121,7 @@ def load_image(choice: SeriesChoice, *, expected_modality_projection: bool) -> t
     """
     datasets = fetch_series(choice.dicomweb_base, choice.study_uid, choice.series_uid)
     if expected_modality_projection:
-        from imaging_cds.projection import projection_input
+        from dicom_io.projection import projection_input
 
         first = next(iter(datasets), None)
         if first is None:

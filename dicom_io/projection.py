@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from imaging_cds.errors import ImageDataError
+from core.errors import ImageDataError
 from models.base import ImageInput
 
 PROJECTION_ATTRIBUTES = (

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 import requests
 from flask import Response
 
-from smart_launch.sandbox.scopes import (
+from devtools.sandbox.scopes import (
     FhirInteraction,
     bundle_entry_interactions,
     compartment_violation,
@@ -28,7 +28,7 @@ from smart_launch.sandbox.scopes import (
     parse_query,
     restrict_search_to_patient,
 )
-from smart_launch.sandbox.state import SandboxState, TokenRecord
+from devtools.sandbox.state import SandboxState, TokenRecord
 
 OAUTH_URIS_EXTENSION = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "If-None-Exist", "If-Match", "If-None-Match", "Prefer")

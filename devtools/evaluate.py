@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from imaging_cds.errors import ConfigurationError, UnsuitableInputError
+from core.errors import ConfigurationError, UnsuitableInputError
 from models import metrics
 from models.base import Analyzer, ImageInput, filed_probability
 
@@ -230,10 +230,10 @@ def _read_case(path: Path) -> ImageInput:
     from pydicom import dcmread
 
     if path.is_dir():
-        from imaging_cds.volume import assemble_volume
+        from dicom_io.volume import assemble_volume
 
         return assemble_volume(dcmread(p) for p in sorted(path.iterdir()) if p.is_file()).to_image_input()
-    from imaging_cds.projection import read_projection
+    from dicom_io.projection import read_projection
 
     return read_projection(path)
 

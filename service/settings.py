@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from imaging_cds.allowlist import AllowList
-from imaging_cds.errors import ConfigurationError
+from core.allowlist import AllowList
+from core.errors import ConfigurationError
 
 _TOP_LEVEL_KEYS = (
     "public_base_url",

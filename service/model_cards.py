@@ -14,7 +14,7 @@ import html
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 from models.cards import page
 from models.registry import analyzer_names, get_card, registered_analyzers
 

@@ -22,7 +22,7 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from imaging_cds.errors import ImageDataError, PacsError
+from core.errors import ImageDataError, PacsError
 
 MAX_ATTEMPTS = 3
 """Requests per retrieval: a connection failure or 408/429/503/504 is retried after 0.5 s and 1 s. The library's
@@ -47,7 +47,7 @@ def fetch_series(
     """Yield the instances of one series as pydicom datasets, as they arrive over WADO-RS.
 
     This is a generator: nothing is requested until the first instance is asked for, and errors are raised
-    from the iteration. Instances come in the PACS's order; :func:`imaging_cds.volume.assemble_volume` sorts.
+    from the iteration. Instances come in the PACS's order; :func:`dicom_io.volume.assemble_volume` sorts.
     """
     where = f"series {series_uid} of study {study_uid} at the PACS {dicomweb_base.rstrip('/')}"
     client = _client(dicomweb_base, session, timeout)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from imaging_cds.errors import ConfigurationError, NotAllowedError
+from core.errors import ConfigurationError, NotAllowedError
 
 _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 

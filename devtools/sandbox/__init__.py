@@ -64,8 +64,8 @@ What the FHIR proxy (``{iss}/...``) enforces
   server, not at ``{iss}``. Apps must resolve them against their ``iss`` (keep the ``Type/id[/_history/v]`` tail).
 """
 
-from smart_launch.sandbox.app import SandboxHandle, create_sandbox_app, run_sandbox
-from smart_launch.sandbox.config import (
+from devtools.sandbox.app import SandboxHandle, create_sandbox_app, run_sandbox
+from devtools.sandbox.config import (
     DEFAULT_ALLOWED_SCOPES,
     V1_SCOPES_SUPPORTED,
     V2_SCOPES_SUPPORTED,

@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

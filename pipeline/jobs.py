@@ -49,7 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from imaging_cds.errors import ConfigurationError, ImagingCdsError
+from core.errors import ConfigurationError, ImagingCdsError
 
 logger = logging.getLogger(__name__)
 

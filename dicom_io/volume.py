@@ -31,7 +31,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from imaging_cds.errors import ImageDataError
+from core.errors import ImageDataError
 from models.base import ImageInput
 
 NON_IDENTIFYING_ATTRIBUTES = (

@@ -1,7 +1,7 @@
 """``imaging-cds serve``: the three front doors of one deployment behind one WSGI application.
 
     /cds-services...   CDS Hooks 2.0 service (``cds``)           - answers EHR hooks, never runs inference
-    /models/...        model cards, HTML and JSON (``imaging_cds.web_models``)
+    /models/...        model cards, HTML and JSON (``service.model_cards``)
     /app/...           the clinician SMART app (``smart_launch``), launch URL ``/app/launch``
 
 The clinician app keeps its own Flask application (its cookie, CSRF and Content-Security-Policy settings
@@ -26,11 +26,11 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
-from imaging_cds.errors import ConfigurationError, StudyError
-from imaging_cds.jobs import EmbeddedJobRunner, ProgressReporter, SqliteJobStore
-from imaging_cds.memory import LoadedAnalyzers
-from imaging_cds.settings import Settings, secret_from_env
-from imaging_cds.web_models import models_blueprint
+from core.errors import ConfigurationError, StudyError
+from pipeline.jobs import EmbeddedJobRunner, ProgressReporter, SqliteJobStore
+from pipeline.memory import LoadedAnalyzers
+from service.model_cards import models_blueprint
+from service.settings import Settings, secret_from_env
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
     analyzers = LoadedAnalyzers()
 
     def analyse(params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
-        from imaging_cds.pipeline import analyze_study
+        from pipeline.analysis import analyze_study
 
         written: dict[str, str] = {}
         for name in BACKGROUND_ANALYZERS:
@@ -159,7 +159,7 @@ def serve(settings: Settings, *, host: str, port: int, threads: int = 8) -> None
     """Run the application under gunicorn: one process, ``threads`` threads (see the module docstring)."""
     from gunicorn.app.base import BaseApplication
 
-    from imaging_cds.memory import freeze_long_lived
+    from pipeline.memory import freeze_long_lived
 
     application = create_server_app(settings)
     freeze_long_lived()  # start-up objects are long-lived: keep them out of the collector's way (p99 latency)

@@ -30,9 +30,9 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 
-from smart_launch.sandbox.config import SandboxClient, SandboxConfig
-from smart_launch.sandbox.scopes import allowed_subset, split_scopes
-from smart_launch.sandbox.state import AuthorizationCodeRecord, Grant, SandboxState, TokenRecord
+from devtools.sandbox.config import SandboxClient, SandboxConfig
+from devtools.sandbox.scopes import allowed_subset, split_scopes
+from devtools.sandbox.state import AuthorizationCodeRecord, Grant, SandboxState, TokenRecord
 
 #: Client authentication methods the token endpoint accepts, in the order they are tried.
 TOKEN_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from imaging_cds.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 #: Scopes a v2 sandbox advertises in ``scopes_supported``. Wildcards stand for every resource type.
 V2_SCOPES_SUPPORTED: tuple[str, ...] = (
@@ -111,7 +111,7 @@ class SandboxConfig:
     ``fhir_upstream`` is the base URL of the REAL FHIR server (sekmet-fhir) the sandbox fronts; the sandbox's
     own FHIR base (the ``iss`` apps see) is ``{sandbox base}/fhir``. ``public_base_url`` pins the sandbox's own
     base URL (``http://host:port``); when None, each request's host URL is used, which is what
-    :func:`~smart_launch.sandbox.app.run_sandbox` relies on.
+    :func:`~devtools.sandbox.app.run_sandbox` relies on.
     """
 
     fhir_upstream: str

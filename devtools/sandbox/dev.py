@@ -16,14 +16,14 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.serving import make_server
 
-from imaging_cds.allowlist import AllowList
-from imaging_cds.servers import free_port
-from imaging_cds.web_models import models_blueprint
+from core.allowlist import AllowList
+from devtools.sandbox.app import QuietRequestHandler, SandboxHandle, run_sandbox
+from devtools.sandbox.config import SandboxClient, SandboxConfig
+from devtools.servers import free_port
+from service.model_cards import models_blueprint
 from smart_launch.app import EXTENSION_KEY, SmartApp, create_app
 from smart_launch.config import SmartAppConfig
 from smart_launch.oauth import ClientRegistration
-from smart_launch.sandbox.app import QuietRequestHandler, SandboxHandle, run_sandbox
-from smart_launch.sandbox.config import SandboxClient, SandboxConfig
 
 CLIENT_ID = "imaging-cds-clinician"
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from smart_launch.sandbox.scopes import split_scopes
+from devtools.sandbox.scopes import split_scopes
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from imaging_cds.errors import ConfigurationError, ImageDataError, PacsError
+from core.errors import ConfigurationError, ImageDataError, PacsError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
 
