@@ -24,7 +24,6 @@ Parsing and pin checks use only ``json`` and ``hashlib``: listing bundles never 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import re
@@ -34,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.errors import ConfigurationError, UnsuitableInputError
+from core.options import did_you_mean
 from models.base import (
     AnalysisResult,
     Category,
@@ -181,11 +181,9 @@ def _check_network(node: Any, where: str, bundle: str) -> None:
         raise _refuse(bundle, f"{where} must be an object with a '_target_'.", "Name a network class.")
     target = str(node["_target_"])
     if _network_path(target) is None:
-        close = difflib.get_close_matches(target, ALLOWED_NETWORKS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise _refuse(
             bundle,
-            f"{where}._target_ {target!r} is not an allowed network.{hint}",
+            f"{where}._target_ {target!r} is not an allowed network.{did_you_mean(target, ALLOWED_NETWORKS)}",
             f"Allowed: {', '.join(sorted(ALLOWED_NETWORKS))}.",
         )
     for key, value in node.items():
@@ -283,10 +281,10 @@ def _section(config: Mapping[str, Any], key: str, allowed: tuple[str, ...], bund
         raise _refuse(bundle, f"{INFERENCE} {key} must be an object.", "Fix it.")
     for name in section:
         if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise _refuse(
-                bundle, f"{INFERENCE} {key}.{name} is not a supported field.{hint}", f"Allowed: {', '.join(allowed)}."
+                bundle,
+                f"{INFERENCE} {key}.{name} is not a supported field.{did_you_mean(name, allowed)}",
+                f"Allowed: {', '.join(allowed)}.",
             )
     return section
 
@@ -299,11 +297,10 @@ def parse_inference(config: Any, card: ModelCard, root: Path, pins: Mapping[str,
     refuse_expressions(config, "inference.json", bundle, anywhere=True)
     for key in config:
         if key not in _INFERENCE_KEYS:
-            close = difflib.get_close_matches(str(key), _INFERENCE_KEYS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise _refuse(
                 bundle,
-                f"{INFERENCE} key {key!r} is outside the declarative subset this project accepts.{hint}",
+                f"{INFERENCE} key {key!r} is outside the declarative subset this project accepts."
+                f"{did_you_mean(str(key), _INFERENCE_KEYS)}",
                 f"Keep only {', '.join(_INFERENCE_KEYS)}; loaders, inferers and handlers are the project's own.",
             )
     _check_network(config.get("network_def"), "network_def", bundle)

@@ -17,7 +17,6 @@ Relative paths are relative to that file. Nothing a request carries can name a b
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigurationError
+from core.options import did_you_mean
 from models.base import Analyzer
 from models.bundle import BundleSpec, read_bundle
 from models.cards import REPO_ROOT, ModelCard, load_card
@@ -146,9 +146,9 @@ def analyzer_names() -> tuple[str, ...]:
 
 def _unknown(name: str) -> ConfigurationError:
     names = analyzer_names()
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigurationError(f"Unknown analyzer {name!r}.{hint}", remedy=f"Available analyzers: {', '.join(names)}.")
+    return ConfigurationError(
+        f"Unknown analyzer {name!r}.{did_you_mean(name, names)}", remedy=f"Available analyzers: {', '.join(names)}."
+    )
 
 
 def get_card(name: str) -> ModelCard:

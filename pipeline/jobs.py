@@ -31,7 +31,6 @@ embedded runner per database file; several processes sharing a store need a dist
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from core.errors import ConfigurationError, ImagingCdsError
+from core.options import look_up_option
 
 logger = logging.getLogger(__name__)
 
@@ -476,15 +476,12 @@ class EmbeddedJobRunner:
         self.shutdown()
 
     def _handler_for(self, kind: str) -> JobHandler:
-        handler = self._handlers.get(kind)
-        if handler is None:
-            close = difflib.get_close_matches(kind, self._handlers, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigurationError(
-                f"Unknown job kind {kind!r}.{hint}",
-                remedy=f"Job kinds this service runs: {', '.join(sorted(self._handlers)) or '(none)'}.",
-            )
-        return handler
+        return look_up_option(
+            kind,
+            self._handlers,
+            what="job kind",
+            remedy=f"Job kinds this service runs: {', '.join(sorted(self._handlers)) or '(none)'}.",
+        )
 
     def submit(self, kind: str, params: Mapping[str, Any], *, dedupe_key: str | None = None) -> JobRecord:
         self._handler_for(kind)

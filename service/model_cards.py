@@ -9,12 +9,12 @@ blueprint never imports torch.
 
 from __future__ import annotations
 
-import difflib
 import html
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from core.errors import ConfigurationError
+from core.options import closest_option, did_you_mean
 from models.cards import page
 from models.registry import analyzer_names, get_card, registered_analyzers
 
@@ -28,10 +28,9 @@ def _wants_json() -> bool:
 
 def _not_found(name: str, as_json: bool) -> Response:
     names = analyzer_names()
-    close = difflib.get_close_matches(name, names, n=1)
-    message = f"No model card for analyzer {name!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+    message = f"No model card for analyzer {name!r}.{did_you_mean(name, names)}"
     if as_json:
-        response = jsonify({"error": message, "did_you_mean": close[0] if close else None, "analyzers": list(names)})
+        response = jsonify({"error": message, "did_you_mean": closest_option(name, names), "analyzers": list(names)})
     else:
         links = "".join(
             f'<li><a href="{html.escape(url_for("models.card", name=n))}">{html.escape(n)}</a></li>' for n in names

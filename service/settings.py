@@ -20,7 +20,6 @@ hold them. Example (YAML)::
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ import yaml
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
+from core.options import did_you_mean
 
 _TOP_LEVEL_KEYS = (
     "public_base_url",
@@ -102,10 +102,9 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
     """Validate a loaded deployment file; unknown keys fail with a "did you mean" hint."""
     for key in raw:
         if key not in _TOP_LEVEL_KEYS:
-            close = difflib.get_close_matches(str(key), _TOP_LEVEL_KEYS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigurationError(
-                f"{source}: unknown key '{key}'.{hint}", remedy=f"Known keys: {', '.join(_TOP_LEVEL_KEYS)}."
+                f"{source}: unknown key '{key}'.{did_you_mean(str(key), _TOP_LEVEL_KEYS)}",
+                remedy=f"Known keys: {', '.join(_TOP_LEVEL_KEYS)}.",
             )
     public = str(_require(raw, "public_base_url", source))
     if not public.startswith(("http://", "https://")):

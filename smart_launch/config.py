@@ -6,7 +6,6 @@ by side without global state, and nothing is read from the environment at import
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
+from core.options import did_you_mean
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
 from smart_launch.views import MODEL_CARDS_DIR
@@ -70,8 +70,7 @@ class SmartAppConfig:
                 return client
         from smart_launch.oauth import SmartLaunchError
 
-        close = difflib.get_close_matches(wanted, [c.fhir_base for c in self.clients], n=1)
-        hint = f" Did you mean {close[0]}?" if close else ""
+        hint = did_you_mean(wanted, [c.fhir_base for c in self.clients])
         raise SmartLaunchError(
             f"This app is not registered with the EHR whose FHIR server is {wanted[:200] or '(none given)'}.{hint}",
             remedy="Launch it from an EHR it is registered with; an administrator can add a registration.",
