@@ -19,6 +19,23 @@ Interpretation = Literal["N", "H", "L", "A", "HH", "LL"]
 """HL7 v3 ObservationInterpretation codes used for measured values (normal, high, low, abnormal...)."""
 
 
+AdministrativeSex = Literal["male", "female", "other", "unknown"]
+"""FHIR ``Patient.gender`` (administrative gender), the sex the published nomograms and risk models are split by."""
+
+
+@dataclass(frozen=True)
+class PatientContext:
+    """What an analyzer may know about the patient beside the image: derived, non-identifying values only.
+
+    ``age_years`` is the age on the day of the study (whole years, from ``Patient.birthDate`` and the study's
+    start); ``sex`` is ``Patient.gender``. ``None`` means the EHR did not say, and an analyzer that needs the value
+    must say it is missing rather than guess. Names, identifiers and dates never reach the analyzers.
+    """
+
+    age_years: int | None = None
+    sex: AdministrativeSex | None = None
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """One image or volume ready for analysis.
@@ -28,12 +45,15 @@ class ImageInput:
     radiographs, already in presentation intensity (higher = brighter). ``spacing`` is in millimetres,
     one value per array axis. ``attributes`` carries non-identifying DICOM attributes an analyzer may
     check (``Modality``, ``BodyPartExamined``, ``ViewPosition``, ``PhotometricInterpretation``...).
+    ``patient`` carries the age and sex the pipeline read from the EHR, for analyzers whose references depend on
+    them (normative percentiles, risk models).
     """
 
     array: np.ndarray
     spacing: tuple[float, ...]
     modality: str
     attributes: Mapping[str, str] = field(default_factory=dict)
+    patient: PatientContext = field(default_factory=PatientContext)
 
     def __post_init__(self) -> None:
         if len(self.spacing) != self.array.ndim:
@@ -169,6 +189,9 @@ class Analyzer(Protocol):
 
     ``check_input`` raises :class:`core.errors.UnsuitableInputError` with a clear reason when the
     image is not one the analyzer was built and validated for; ``analyze`` assumes it passed.
+
+    An analyzer whose references depend on the patient's age or sex sets ``uses_patient_context = True``; the
+    pipeline then reads the Patient and fills :attr:`ImageInput.patient` (it stays unknown otherwise).
     """
 
     name: str

@@ -3,6 +3,7 @@
 Each arrow of the data flow happens in one place, and this module only strings them together:
 
     fhir_adapters.study.choose_series      ImagingStudy + Endpoint  ->  SeriesChoice (why this series)
+    fhir_adapters.patient                  Patient                  ->  age and sex (analyzers that use them)
     dicom_io.dicomweb.fetch_series      WADO-RS                  ->  pydicom datasets, streamed
     dicom_io.volume.assemble_volume     datasets                 ->  checked, sorted HU volume
     models.<analyzer>.analyze              ImageInput               ->  AnalysisResult
@@ -15,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from dicom_io.dicomweb import fetch_series
 from dicom_io.volume import assemble_volume
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
 from fhir_adapters.client import FhirClient
+from fhir_adapters.patient import read_patient_context
 from fhir_adapters.study import SeriesChoice, choose_series
 from models.base import AnalysisResult, Analyzer, ImageInput
 
@@ -163,6 +165,11 @@ def analyze_study(
     projection = set(analyzer.requirements.modalities) <= PROJECTION_MODALITIES
     with timings.step("fetch_decode"):
         image, corrections = load_image(choice, expected_modality_projection=projection)
+
+    if getattr(analyzer, "uses_patient_context", False):
+        with timings.step("read_patient"):
+            context = read_patient_context(client, subject, study_started=study.get("started"))
+        image = replace(image, patient=context)
 
     progress(0.6, f"running {analyzer.name}")
     with timings.step("analyze"):
