@@ -29,7 +29,7 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
 
 
 @overload
-def look_up_option(
+def look_up_option(  # type: ignore[overload-overlap]  # a Mapping is also an Iterable of its keys: checked first
     name: str,
     options: Mapping[str, T],
     *,

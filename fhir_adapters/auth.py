@@ -289,3 +289,33 @@ def _json_dict(response: requests.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def backend_services_auth(
+    fhir_base: str,
+    client_id: str,
+    *,
+    scope: str,
+    session: requests.Session,
+    token_url: str | None = None,
+    private_key: str | bytes | dict[str, Any] | None = None,
+    kid: str | None = None,
+    algorithm: SigningAlgorithm = "RS384",
+    client_secret: str | None = None,
+) -> TokenProvider:
+    """This service's own credentials with an EHR, built the same way for the CLI and for ``serve``.
+
+    ``private_key_jwt`` when a private key is given (the SMART way), else ``client_secret_basic``; the token endpoint
+    is discovered from ``fhir_base`` unless ``token_url`` names it.
+    """
+    if private_key is None and not client_secret:
+        raise ConfigurationError(
+            f"SMART client {client_id} has no credential.", remedy="Configure a private key (and its kid) or a secret."
+        )
+    endpoint = token_url or discover_token_endpoint(fhir_base, session)
+    if private_key is not None:
+        if not kid:
+            raise ConfigurationError("A SMART signing key needs a kid.", remedy="Give the kid registered with the EHR.")
+        return BackendServicesAuth(endpoint, client_id, private_key, algorithm=algorithm, kid=kid, scope=scope)
+    assert client_secret is not None
+    return ClientSecretAuth(endpoint, client_id, client_secret, scope=scope)

@@ -126,9 +126,8 @@ def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
         if args.private_key or args.client_secret_env:
             raise ConfigurationError("--client-id is required with --private-key or --client-secret-env.")
         return None
-    from fhir_adapters.auth import BackendServicesAuth, ClientSecretAuth, discover_token_endpoint
+    from fhir_adapters.auth import backend_services_auth
 
-    token_url = args.token_url or discover_token_endpoint(args.fhir_base, session)
     if args.private_key:
         if not args.key_id:
             raise ConfigurationError(
@@ -136,8 +135,15 @@ def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
             )
         key_text = args.private_key.read_text()
         key: Any = json.loads(key_text) if key_text.lstrip().startswith("{") else key_text
-        return BackendServicesAuth(
-            token_url, args.client_id, key, algorithm=args.algorithm, kid=args.key_id, scope=args.scope
+        return backend_services_auth(
+            args.fhir_base,
+            args.client_id,
+            scope=args.scope,
+            session=session,
+            token_url=args.token_url,
+            private_key=key,
+            kid=args.key_id,
+            algorithm=args.algorithm,
         )
     if args.client_secret_env:
         secret = os.environ.get(args.client_secret_env)
@@ -145,7 +151,14 @@ def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
             raise ConfigurationError(
                 f"Environment variable {args.client_secret_env} is not set.", remedy="Export the client secret in it."
             )
-        return ClientSecretAuth(token_url, args.client_id, secret, scope=args.scope)
+        return backend_services_auth(
+            args.fhir_base,
+            args.client_id,
+            scope=args.scope,
+            session=session,
+            token_url=args.token_url,
+            client_secret=secret,
+        )
     raise ConfigurationError(
         "--client-id needs a credential.", remedy="Add --private-key (private_key_jwt) or --client-secret-env."
     )
@@ -189,24 +202,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import requests
 
     from fhir_adapters.client import FhirClient
-    from models.registry import get_analyzer
-    from pipeline.analysis import analyze_study
+    from pipeline.handler import StudyAnalysisHandler, analysis_params
+    from pipeline.memory import LoadedAnalyzers
 
     if not args.imaging_study.startswith("ImagingStudy/"):
         raise ConfigurationError(
             f"Expected a reference like ImagingStudy/<id>, got {args.imaging_study!r}.",
             remedy="Pass the ImagingStudy's logical id as ImagingStudy/<id>.",
         )
-    analyzer = get_analyzer(args.analyzer)
+    loaded = LoadedAnalyzers(freeze=False)  # one analysis, then the process ends: nothing to keep from the collector
+    loaded.get(args.analyzer)  # an unknown name or a failed weights check fails here, before any request to the EHR
     session = requests.Session()
     client = FhirClient(args.fhir_base, auth=_auth_from_args(args, session), session=session)
-    outcome = analyze_study(
-        client,
-        args.imaging_study,
-        analyzer,
+    handler = StudyAnalysisHandler(
+        client_for=lambda params: client,
         dicomweb_allow_list=_dicomweb_allow_list(args),
         card_base_url=args.card_base_url,
+        loaded=loaded,
     )
+    [outcome], _ = handler.analyses(analysis_params(args.imaging_study, [args.analyzer]), lambda p, s: None)
     summary = outcome.summary()
     if args.json:
         print(json.dumps(summary, indent=2))

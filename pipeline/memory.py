@@ -35,12 +35,14 @@ class LoadedAnalyzers:
 
     What building one made (torch, MONAI, the weights) lives as long as the process, so it is frozen for the
     collector right after (:func:`freeze_long_lived`): full collections, which run inside whatever request
-    allocates next, then do not walk it again and again. Safe to share between threads.
+    allocates next, then do not walk it again and again (``freeze=False`` for a process that analyses once and
+    exits, such as the CLI). Safe to share between threads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, freeze: bool = True) -> None:
         self._built: dict[str, Analyzer] = {}
         self._lock = threading.Lock()
+        self._freeze = freeze
 
     def get(self, name: str) -> Analyzer:
         """The analyzer called ``name``, built on first use (errors as :func:`models.registry.get_analyzer`)."""
@@ -49,5 +51,6 @@ class LoadedAnalyzers:
                 from models.registry import get_analyzer
 
                 self._built[name] = get_analyzer(name)
-                freeze_long_lived()
+                if self._freeze:
+                    freeze_long_lived()
             return self._built[name]

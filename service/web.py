@@ -26,15 +26,14 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
-from core.errors import ConfigurationError, StudyError
-from pipeline.jobs import EmbeddedJobRunner, ProgressReporter, SqliteJobStore
-from pipeline.memory import LoadedAnalyzers
+from core.errors import ConfigurationError
+from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
+from pipeline.jobs import EmbeddedJobRunner, SqliteJobStore
 from service.model_cards import models_blueprint
 from service.settings import Settings, secret_from_env
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_ANALYSIS = "background-analysis"
 # Analyzers tried, in order, on a study queued from order-sign; those whose series rules do not fit are skipped.
 BACKGROUND_ANALYZERS = ("ct-emphysema", "ct-bone", "cxr-pneumonia")
 
@@ -68,51 +67,35 @@ def _smart_registration(raw: Mapping[str, Any], settings: Settings) -> Any:
 
 def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
     """The job runner for analyses queued by order-sign, and the ``enqueue_analysis`` callable for the CDS app."""
-    from fhir_adapters.auth import BackendServicesAuth, discover_token_endpoint
+    from fhir_adapters.auth import backend_services_auth
     from fhir_adapters.client import FhirClient
 
     backend = settings.backend
     assert backend is not None
     session = requests.Session()
-    token_url = backend.token_url or discover_token_endpoint(backend.fhir_base, session)
-    auth = BackendServicesAuth(
-        token_url,
+    auth = backend_services_auth(
+        backend.fhir_base,
         backend.client_id,
-        backend.private_key_file.read_text(),
-        algorithm=backend.algorithm,  # type: ignore[arg-type]
-        kid=backend.kid,
         scope=backend.scope,
+        session=session,
+        token_url=backend.token_url,
+        private_key=backend.private_key_file.read_text(),
+        kid=backend.kid,
+        algorithm=backend.algorithm,  # type: ignore[arg-type]
     )
     client = FhirClient(backend.fhir_base, auth=auth, session=session)
-
-    analyzers = LoadedAnalyzers()
-
-    def analyse(params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
-        from pipeline.analysis import analyze_study
-
-        written: dict[str, str] = {}
-        for name in BACKGROUND_ANALYZERS:
-            try:
-                outcome = analyze_study(
-                    client,
-                    str(params["imaging_study"]),
-                    analyzers.get(name),
-                    dicomweb_allow_list=settings.dicomweb_allow,
-                    card_base_url=settings.base_url,
-                    progress=report,
-                )
-            except StudyError:
-                continue  # no series this analyzer is built for
-            written[name] = outcome.diagnostic_report
-        return {"diagnosticReports": written}
-
+    handler = StudyAnalysisHandler(
+        client_for=lambda params: client,
+        dicomweb_allow_list=settings.dicomweb_allow,
+        card_base_url=settings.base_url,
+    )
     runner = EmbeddedJobRunner(
-        SqliteJobStore(settings.data_dir / "background-jobs.sqlite"), {BACKGROUND_ANALYSIS: analyse}, max_workers=1
+        SqliteJobStore(settings.data_dir / "background-jobs.sqlite"), {ANALYZE_STUDY: handler}, max_workers=1
     )
 
     def enqueue(imaging_study: str) -> str | None:
-        job = runner.submit(BACKGROUND_ANALYSIS, {"imaging_study": imaging_study}, dedupe_key=imaging_study)
-        return job.id
+        params = analysis_params(imaging_study, BACKGROUND_ANALYZERS, skip_unsuitable=True)
+        return runner.submit(ANALYZE_STUDY, params, dedupe_key=imaging_study).id
 
     return runner, enqueue
 

@@ -5,7 +5,8 @@ This module adapts HTTP to the pure parts and nothing more:
 * :mod:`smart_launch.oauth` - discovery, PKCE, state, scopes, token grants, id_token verification;
 * :mod:`smart_launch.session` - the server-side authorisation state behind an opaque session cookie;
 * :mod:`smart_launch.views` - what the screens show, computed from FHIR JSON;
-* :mod:`pipeline.analysis` (through :mod:`pipeline.jobs`) - the analysis itself;
+* :class:`pipeline.handler.StudyAnalysisHandler` (run by :mod:`pipeline.jobs`) - the analysis itself, with the
+  launching clinician's token;
 * :func:`fhir_adapters.builders.build_signoff_bundle` - the clinician's review, written back;
 * :mod:`smart_launch.reviews` - the acceptance figures.
 
@@ -24,9 +25,10 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 from flask import (
@@ -53,7 +55,9 @@ from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
 from fhir_adapters.validation import validate_bundle
 from models.base import Analyzer
-from pipeline.jobs import EmbeddedJobRunner, JobRecord, JobState, ProgressReporter, SqliteJobStore, UnknownJobError
+from pipeline.analysis import AnalysisOutcome
+from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
+from pipeline.jobs import EmbeddedJobRunner, JobRecord, JobState, SqliteJobStore, UnknownJobError
 from pipeline.memory import LoadedAnalyzers
 from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
@@ -74,14 +78,10 @@ from smart_launch.views import (
     suitable_analyzers,
 )
 
-if TYPE_CHECKING:
-    from pipeline.analysis import AnalysisOutcome
-
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "imaging_cds.smart"
 SESSION_COOKIE = "imaging_cds_sid"
-ANALYSIS_JOB = "smart-analysis"
 ANALYZER_RETRY_S = 60.0
 REJECTION_KINDS = ("entered-in-error", "cancelled")
 STATIC_MAX_AGE_S = 600
@@ -104,13 +104,24 @@ class SmartApp:
 
     config: SmartAppConfig
     sessions: SessionStore
-    jobs: EmbeddedJobRunner
     job_store: SqliteJobStore
     reviews: ReviewLog
     http: requests.Session = field(default_factory=requests.Session)
     recent: RecentReads = field(default_factory=RecentReads)
     loaded: LoadedAnalyzers = field(default_factory=LoadedAnalyzers)
     _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
+    jobs: EmbeddedJobRunner = field(init=False)
+
+    def __post_init__(self) -> None:
+        handler = StudyAnalysisHandler(
+            client_for=self.client_for_job,
+            dicomweb_allow_list=self.config.dicomweb_allow_list,
+            card_base_url=self.config.card_base_url,
+            loaded=self.loaded,
+            keep_filed=True,
+            on_outcome=self.keep_outcome,
+        )
+        self.jobs = EmbeddedJobRunner(self.job_store, {ANALYZE_STUDY: handler}, max_workers=self.config.job_workers)
 
     # ------------------------------------------------------------------ tokens and FHIR
 
@@ -187,10 +198,11 @@ class SmartApp:
 
     # ------------------------------------------------------------------ jobs
 
-    def run_analysis(self, params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
-        """The job handler: the launching session's token reaches the pipeline through the session store."""
-        from pipeline.analysis import analyze_study
+    def client_for_job(self, params: Mapping[str, Any]) -> FhirClient:
+        """The FHIR client an analysis job runs with: the launching session's, found by the job's launch reference.
 
+        The token reaches the pipeline through the session store, never through the job's params.
+        """
         session_id = self.sessions.session_for_job_ref(str(params.get("launch_ref", "")))
         state = self.sessions.get(session_id) if session_id else None
         if session_id is None or state is None or not state.authorized:
@@ -198,27 +210,16 @@ class SmartApp:
                 "The launch that started this analysis has ended, so the EHR cannot be read for it.",
                 remedy="Launch imaging-cds again from the EHR and start the analysis again.",
             )
-        outcome = analyze_study(
-            self.fhir_client(session_id, state),
-            str(params["imaging_study"]),
-            self.analyzer(str(params["analyzer"])),
-            dicomweb_allow_list=self.config.dicomweb_allow_list,
-            card_base_url=self.config.card_base_url,
-            progress=report,
-            keep_filed=True,
-        )
-        media_ids = self._keep_explanations(session_id, outcome)
-        self._keep_report(session_id, outcome)
-        return {
-            "diagnosticReport": outcome.diagnostic_report,
-            "media": media_ids,
-            "alreadyPresent": outcome.already_present,
-            "analyzer": outcome.result.analyzer,
-            "version": outcome.result.version,
-            "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
-        }
+        return self.fhir_client(session_id, state)
 
-    def _keep_explanations(self, session_id: str, outcome: AnalysisOutcome) -> list[str]:
+    def keep_outcome(self, params: Mapping[str, Any], outcome: AnalysisOutcome) -> None:
+        """Keep what an analysis just filed for the launching session's next page (see the two methods below)."""
+        session_id = self.sessions.session_for_job_ref(str(params.get("launch_ref", "")))
+        if session_id is not None:
+            self._keep_explanations(session_id, outcome)
+            self._keep_report(session_id, outcome)
+
+    def _keep_explanations(self, session_id: str, outcome: AnalysisOutcome) -> None:
         """Keep the PNGs the analysis just filed, by Media id, so the result page that opens next shows them
         without reading each Media back from the EHR.
 
@@ -232,7 +233,6 @@ class SmartApp:
         if len(media) == len(explanations):
             for media_id, explanation in zip(media, explanations, strict=True):
                 self.recent.put(session_id, f"png:Media/{media_id}", explanation.png)
-        return media
 
     def _keep_report(self, session_id: str, outcome: AnalysisOutcome) -> None:
         """Keep the report the analysis just filed, with its Observations and Device, as the EHR answered the
@@ -279,21 +279,12 @@ def create_app(config: SmartAppConfig) -> Flask:
         # progress and result pages then render without a revalidation round trip for each file.
         SEND_FILE_MAX_AGE_DEFAULT=STATIC_MAX_AGE_S,
     )
-    job_store = SqliteJobStore(config.data_dir / "smart-jobs.sqlite")
-    holder: dict[str, SmartApp] = {}
-
-    def handler(params: dict[str, Any], report: ProgressReporter) -> dict[str, Any]:
-        return holder["app"].run_analysis(params, report)
-
-    runner = EmbeddedJobRunner(job_store, {ANALYSIS_JOB: handler}, max_workers=config.job_workers)
     ext = SmartApp(
         config=config,
         sessions=SessionStore(config.data_dir / "smart-sessions.sqlite", max_age_s=config.session_lifetime_s),
-        jobs=runner,
-        job_store=job_store,
+        job_store=SqliteJobStore(config.data_dir / "smart-jobs.sqlite"),
         reviews=ReviewLog(config.data_dir / "reviews.sqlite"),
     )
-    holder["app"] = ext
     app.extensions[EXTENSION_KEY] = ext
     app.register_blueprint(bp)
     return app
@@ -648,8 +639,8 @@ def analyze(study_id: str) -> Any:
         )
     imaging_study = f"ImagingStudy/{study_id}"
     record = ext.jobs.submit(
-        ANALYSIS_JOB,
-        {"imaging_study": imaging_study, "analyzer": name, "fhir_base": state.fhir_base, "launch_ref": state.job_ref},
+        ANALYZE_STUDY,
+        analysis_params(imaging_study, [name], fhir_base=state.fhir_base, launch_ref=state.job_ref),
         dedupe_key=f"{state.fhir_base}|{imaging_study}|{name}",
     )
     with ext.sessions.locked(session_id):
