@@ -7,10 +7,9 @@ The project runs unattended (a CDS service, a worker), so it authenticates as a 
   possession of a private key whose public half the EHR registered (JWKS).
 * :class:`ClientSecretAuth` - a shared secret (``client_secret_basic``), which many EHR sandboxes offer.
 
-authlib performs the grant; this module adds what SMART asks for on top (assertion lifetime of at most five
-minutes, a ``kid`` header, a unique ``jti``), caches the token until shortly before it expires, and routes
-token-endpoint errors through :func:`fhir_adapters.errors.raise_for_fhir_status`. Tokens and secrets never
-appear in logs, ``repr`` or exception messages.
+The token request itself, the assertion (lifetime of at most five minutes, a ``kid`` header, a unique ``jti``)
+and the error mapping are :mod:`fhir_adapters.smart`'s, shared with the clinician app; this module caches the
+token until shortly before it expires. Tokens and secrets never appear in logs, ``repr`` or exception messages.
 """
 
 from __future__ import annotations
@@ -21,24 +20,20 @@ import time
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import requests
-from authlib.integrations.requests_client import OAuth2Session
-from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
-from joserfc import jwk
 
 from core.errors import ConfigurationError
-from fhir_adapters.errors import FhirError, FhirUnauthorized, raise_for_fhir_status, unavailable
+from fhir_adapters.smart import (
+    ClientCredentials,
+    SigningAlgorithm,
+    discover,
+    load_private_key,
+    request_token,
+)
 
 log = logging.getLogger(__name__)
 
-ASSERTION_LIFETIME_S = 300
-"""SMART Backend Services: the client assertion's ``exp`` is no more than five minutes in the future."""
 REFRESH_SKEW_S = 60.0
 """A cached token is replaced this long before it expires, so a request never carries a token that dies in flight."""
-DEFAULT_TOKEN_LIFETIME_S = 300
-"""Assumed lifetime when a token response has no ``expires_in`` (short, so we re-ask rather than fail)."""
-OAUTH_URIS_EXTENSION = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
-
-SigningAlgorithm = Literal["RS384", "ES384"]
 
 
 @runtime_checkable
@@ -87,42 +82,24 @@ class _CachedClientCredentials:
             self._access_token = None
             self._expires_at = 0.0
 
-    def _session(self) -> OAuth2Session:
+    def _credentials(self) -> ClientCredentials:
         raise NotImplementedError
 
     def _fetch_locked(self) -> None:
-        what = f"token request for client {self.client_id}"
-
-        def check_response(response: requests.Response) -> requests.Response:
-            raise_for_fhir_status(response, what=what)
-            return response
-
         started = time.monotonic()
-        with self._session() as oauth:
-            oauth.register_compliance_hook("access_token_response", check_response)
-            try:
-                token: dict[str, Any] = oauth.fetch_token(
-                    self.token_url, grant_type="client_credentials", scope=self.scope, timeout=self.timeout
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                raise unavailable(exc, what=what) from None
-            except FhirError:
-                raise
-            except Exception as exc:  # authlib's OAuthError for a malformed answer; keep its text out (may echo).
-                raise FhirError(
-                    f"FHIR {what} got an unusable answer ({type(exc).__name__}).",
-                    remedy="Check the token endpoint URL; it should be the SMART token endpoint.",
-                ) from None
-        access_token = token.get("access_token")
-        if not isinstance(access_token, str) or not access_token:
-            raise FhirUnauthorized(f"FHIR {what} answered without an access token.", remedy="Check the token URL.")
-        if str(token.get("token_type", "bearer")).lower() != "bearer":
-            raise FhirUnauthorized(f"FHIR {what} answered with a non-bearer token type.", remedy="Use a SMART server.")
-        lifetime = float(token.get("expires_in") or DEFAULT_TOKEN_LIFETIME_S)
-        self._access_token = access_token
-        self._expires_at = started + lifetime
-        self.granted_scope = str(token.get("scope") or self.scope)
-        log.info("Obtained an access token for client %s (expires in %.0f s)", self.client_id, lifetime)
+        with requests.Session() as http:
+            token = request_token(
+                self.token_url,
+                {"grant_type": "client_credentials", "scope": self.scope},
+                self._credentials(),
+                http,
+                what=f"token request for client {self.client_id}",
+                timeout=self.timeout,
+            )
+        self._access_token = token.access_token
+        self._expires_at = started + token.lifetime_s
+        self.granted_scope = token.scope or self.scope
+        log.info("Obtained an access token for client %s (expires in %.0f s)", self.client_id, token.lifetime_s)
 
 
 class ClientSecretAuth(_CachedClientCredentials):
@@ -145,57 +122,10 @@ class ClientSecretAuth(_CachedClientCredentials):
         super().__init__(token_url, client_id, scope, timeout=timeout)
         if not client_secret:
             raise ConfigurationError(f"SMART client {client_id} has an empty secret.", remedy="Configure its secret.")
-        self._client_secret = client_secret
-        self._method = method
+        self._client = ClientCredentials(client_id, method, secret=client_secret)
 
-    def _session(self) -> OAuth2Session:
-        return OAuth2Session(
-            self.client_id, self._client_secret, token_endpoint_auth_method=self._method, scope=self.scope
-        )
-
-
-class _SmartPrivateKeyJWT(PrivateKeyJWT):
-    """authlib's ``private_key_jwt`` with SMART's five-minute assertion lifetime and the ``kid`` header."""
-
-    def __init__(self, token_endpoint: str, *, alg: str, kid: str) -> None:
-        super().__init__(token_endpoint=token_endpoint, headers={"kid": kid, "typ": "JWT"}, alg=alg)
-
-    def sign(self, auth: Any, token_endpoint: str) -> str:
-        # Fresh header and claims dicts each time: authlib adds jti/alg to the dicts it is given.
-        return str(
-            private_key_jwt_sign(
-                auth.client_secret,
-                client_id=auth.client_id,
-                token_endpoint=token_endpoint,
-                alg=self.alg,
-                claims=None,
-                header=dict(self.headers or {}),
-                expires_in=ASSERTION_LIFETIME_S,
-            )
-        )
-
-
-def load_private_key(private_key: str | bytes | dict[str, Any], algorithm: SigningAlgorithm) -> jwk.RSAKey | jwk.ECKey:
-    """Import a PEM (str/bytes) or JWK (dict) private key and check it suits ``algorithm``.
-
-    Fails early with a :class:`ConfigurationError` rather than at the first token request.
-    """
-    expected: type[jwk.RSAKey] | type[jwk.ECKey] = jwk.RSAKey if algorithm == "RS384" else jwk.ECKey
-    try:
-        key = jwk.import_key(private_key) if isinstance(private_key, dict) else expected.import_key(private_key)
-    except Exception as exc:
-        raise ConfigurationError(
-            f"The SMART private key could not be read as a {algorithm} key ({type(exc).__name__}).",
-            remedy="Give a PEM private key or a private JWK of the right type.",
-        ) from None
-    if not isinstance(key, expected) or not key.is_private:
-        raise ConfigurationError(
-            f"The SMART private key is not a private {'RSA' if algorithm == 'RS384' else 'EC P-384'} key.",
-            remedy=f"Algorithm {algorithm} needs the matching private key.",
-        )
-    if isinstance(key, jwk.ECKey) and key.curve_name != "P-384":
-        raise ConfigurationError(f"ES384 needs a P-384 key, not {key.curve_name}.", remedy="Generate a P-384 key.")
-    return key
+    def _credentials(self) -> ClientCredentials:
+        return self._client
 
 
 class BackendServicesAuth(_CachedClientCredentials):
@@ -226,69 +156,30 @@ class BackendServicesAuth(_CachedClientCredentials):
             raise ConfigurationError("A SMART signing key needs a kid.", remedy="Use the kid published in the JWKS.")
         self.algorithm = algorithm
         self.kid = kid
-        self._key = load_private_key(private_key, algorithm)
+        key = load_private_key(private_key, algorithm)
+        self._client = ClientCredentials(client_id, "private_key_jwt", private_key=key, algorithm=algorithm, kid=kid)
 
     def client_assertion(self) -> str:
         """A freshly signed client assertion JWT (for inspection and tests; token requests make their own)."""
-        signer = _SmartPrivateKeyJWT(self.token_url, alg=self.algorithm, kid=self.kid)
-        return signer.sign(_AssertionParty(self.client_id, self._key), self.token_url)
+        return self._client.client_assertion(self.token_url)
 
-    def _session(self) -> OAuth2Session:
-        session = OAuth2Session(
-            self.client_id, self._key, token_endpoint_auth_method="private_key_jwt", scope=self.scope
-        )
-        session.register_client_auth_method(_SmartPrivateKeyJWT(self.token_url, alg=self.algorithm, kid=self.kid))
-        return session
-
-
-class _AssertionParty:
-    """The two attributes authlib's signer reads from its client (``client_id`` and the key)."""
-
-    def __init__(self, client_id: str, key: jwk.RSAKey | jwk.ECKey) -> None:
-        self.client_id = client_id
-        self.client_secret = key
+    def _credentials(self) -> ClientCredentials:
+        return self._client
 
 
 def discover_token_endpoint(fhir_base: str, session: requests.Session | None = None, *, timeout: float = 10.0) -> str:
-    """Find the SMART token endpoint of a FHIR server.
+    """The SMART token endpoint of a FHIR server, as :func:`fhir_adapters.smart.discover` finds it.
 
-    Reads ``{fhir_base}/.well-known/smart-configuration`` (SMART App Launch 2) and falls back to the
-    CapabilityStatement's ``oauth-uris`` security extension, which older servers publish instead.
+    Any grant the server offers is accepted here (a backend-services-only server is fine); the caller asks
+    for ``client_credentials`` and the token endpoint answers whether that is allowed.
     """
-    http = session or requests.Session()
-    base = fhir_base.rstrip("/")
-    what = "SMART configuration discovery"
-    try:
-        response = http.get(
-            f"{base}/.well-known/smart-configuration", headers={"Accept": "application/json"}, timeout=timeout
+    server = discover(fhir_base, session or requests.Session(), timeout=timeout)
+    if server is None:
+        raise ConfigurationError(
+            f"The FHIR server {fhir_base.rstrip('/')} advertises no SMART token endpoint.",
+            remedy="Configure the token URL explicitly, or ask the EHR vendor for its SMART configuration.",
         )
-        if response.status_code == 200:
-            endpoint = _json_dict(response).get("token_endpoint")
-            if isinstance(endpoint, str) and endpoint:
-                return endpoint
-        response = http.get(f"{base}/metadata", headers={"Accept": "application/fhir+json"}, timeout=timeout)
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise unavailable(exc, what=what) from None
-    raise_for_fhir_status(response, what="read CapabilityStatement")
-    for rest in _json_dict(response).get("rest", []):
-        for extension in (rest.get("security") or {}).get("extension", []):
-            if extension.get("url") != OAUTH_URIS_EXTENSION:
-                continue
-            for sub in extension.get("extension", []):
-                if sub.get("url") == "token" and sub.get("valueUri"):
-                    return str(sub["valueUri"])
-    raise ConfigurationError(
-        f"The FHIR server {base} advertises no SMART token endpoint.",
-        remedy="Configure the token URL explicitly, or ask the EHR vendor for its SMART configuration.",
-    )
-
-
-def _json_dict(response: requests.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+    return server.token_endpoint
 
 
 def backend_services_auth(

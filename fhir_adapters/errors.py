@@ -28,7 +28,8 @@ class FhirError(ImagingCdsError):
     """A FHIR server (or its token endpoint) answered with an error, or could not be reached.
 
     ``status`` is the HTTP status (``None`` when there was no answer); ``operation_outcome`` is the
-    OperationOutcome the server sent, if any. ``retryable`` says whether the same request may succeed later.
+    OperationOutcome the server sent, if any; ``oauth_error`` the OAuth error code a token endpoint sent
+    (``invalid_grant``...), if any. ``retryable`` says whether the same request may succeed later.
     """
 
     http_status = 502
@@ -41,10 +42,12 @@ class FhirError(ImagingCdsError):
         remedy: str = "",
         status: int | None = None,
         operation_outcome: dict[str, Any] | None = None,
+        oauth_error: str | None = None,
     ) -> None:
         super().__init__(message, remedy=remedy)
         self.status = status
         self.operation_outcome = operation_outcome
+        self.oauth_error = oauth_error
 
 
 class FhirUnauthorized(FhirError):  # noqa: N818 - names follow HTTP/FHIR wording
@@ -118,7 +121,8 @@ def _oauth_error(body: dict[str, Any]) -> tuple[str, str]:
     return code, description
 
 
-def _json_body(response: requests.Response) -> dict[str, Any] | None:
+def json_object(response: requests.Response) -> dict[str, Any] | None:
+    """The response body when it is a JSON object; ``None`` for anything else (HTML, an array, no body)."""
     try:
         body = response.json()
     except ValueError:
@@ -148,9 +152,11 @@ def fhir_error_for(status: int, *, what: str, body: dict[str, Any] | None = None
     """
     outcome = body if body is not None and body.get("resourceType") == "OperationOutcome" else None
     summary = summarise_operation_outcome(outcome)
+    oauth_error: str | None = None
     error_type: type[FhirError]
     if body is not None and outcome is None and "error" in body:
         code, description = _oauth_error(body)
+        oauth_error = code or None
         summary = f"{code}: {description}" if description else code
         if code in ("invalid_client", "unauthorized_client", "invalid_grant"):
             error_type, remedy = FhirUnauthorized, _BY_STATUS[401][1]
@@ -166,7 +172,7 @@ def fhir_error_for(status: int, *, what: str, body: dict[str, Any] | None = None
     else:
         error_type, remedy = _BY_STATUS.get(status, (FhirError, ""))
     message = f"FHIR {what} failed with HTTP {status}" + (f": {summary}" if summary else ".")
-    return error_type(message, remedy=remedy, status=status, operation_outcome=outcome)
+    return error_type(message, remedy=remedy, status=status, operation_outcome=outcome, oauth_error=oauth_error)
 
 
 def raise_for_fhir_status(response: requests.Response, *, what: str) -> None:
@@ -179,7 +185,7 @@ def raise_for_fhir_status(response: requests.Response, *, what: str) -> None:
     status = response.status_code
     if status < 300 or status == 304:
         return
-    raise fhir_error_for(status, what=what, body=_json_body(response))
+    raise fhir_error_for(status, what=what, body=json_object(response))
 
 
 def unavailable(exc: requests.RequestException, *, what: str) -> FhirUnavailable:

@@ -3,8 +3,8 @@
 Everything here is a plain function over plain values, so that :mod:`smart_launch.app` stays a thin adapter and
 each rule of the specification sits in one place:
 
-* Discovery reads ``{iss}/.well-known/smart-configuration`` and falls back to the CapabilityStatement's
-  ``oauth-uris`` extension, which SMART v1 servers publish instead (:func:`discover`).
+* Discovery and the token request are :mod:`fhir_adapters.smart`'s (shared with the backend services); this
+  module adds the rules of a clinician's launch on top and words their errors for the clinician (:func:`discover`).
 * PKCE uses ``S256`` only; a server that advertises code challenge methods without ``S256`` is refused, and
   ``plain`` is never sent (:func:`new_pkce`).
 * ``state`` is 256 random bits, kept in the server-side session and compared in constant time (:func:`new_state`,
@@ -29,7 +29,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,14 +40,21 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from core.errors import ConfigurationError, ImagingCdsError
-from fhir_adapters.auth import OAUTH_URIS_EXTENSION, load_private_key
+from fhir_adapters.errors import FhirError, FhirUnavailable, json_object
+from fhir_adapters.smart import (
+    AuthorizationServer,
+    ClientAuthMethod,
+    ClientCredentials,
+    UnusableTokenResponse,
+    load_private_key,
+    read_capability_statement,
+    read_smart_configuration,
+    request_token,
+)
+from fhir_adapters.smart import discover as discover_authorization_server
 
 log = logging.getLogger(__name__)
 
-ASSERTION_LIFETIME_S = 300
-"""``private_key_jwt``: a client assertion expires at most five minutes after it is made (SMART)."""
-DEFAULT_TOKEN_LIFETIME_S = 300
-"""Assumed access-token lifetime when the token response omits ``expires_in``: short, so we refresh early."""
 MAX_REFRESH_MARGIN_S = 60.0
 """Refresh an access token this long before it expires (less for very short-lived tokens, see below)."""
 ID_TOKEN_ALGORITHMS = ("RS256", "RS384", "ES256", "ES384")
@@ -56,7 +62,6 @@ ID_TOKEN_ALGORITHMS = ("RS256", "RS384", "ES256", "ES384")
 CLOCK_LEEWAY_S = 30
 """Tolerated clock difference when checking the id_token's ``exp`` and ``iat``."""
 
-ClientAuthMethod = Literal["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
 Interaction = Literal["c", "r", "u", "d", "s"]
 
 # What the app does with each resource type, in SMART v2 letters (create, read, update, delete, search).
@@ -166,112 +171,95 @@ class SmartConfiguration:
         )
 
 
-def _absolute_http_url(value: Any, *, what: str, fhir_base: str) -> str:
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
-        raise SmartLaunchError(
-            f"The SMART configuration of {fhir_base} has no usable {what}.",
-            remedy="The EHR must publish absolute http(s) authorization and token endpoints.",
-        )
-    return value
+_ENDPOINTS_REMEDY = "The EHR must publish absolute http(s) authorization and token endpoints."
 
 
-def _strings(value: Any) -> tuple[str, ...]:
-    return tuple(str(v) for v in value) if isinstance(value, list) else ()
-
-
-def parse_smart_configuration(fhir_base: str, document: Mapping[str, Any]) -> SmartConfiguration:
-    """Read a ``.well-known/smart-configuration`` document; refuse one that rules out PKCE S256 or user launches.
+def _for_clinician_launch(server: AuthorizationServer) -> SmartConfiguration:
+    """The app's rules on what discovery found: PKCE S256, the ``authorization_code`` grant, an authorize endpoint.
 
     A backend-services-only server (``grant_types_supported: [client_credentials]``, as sekmet-fhir publishes)
     is refused here with a message saying so, rather than at its authorize endpoint.
     """
-    methods = _strings(document.get("code_challenge_methods_supported"))
+    base = server.fhir_base
+    methods = server.code_challenge_methods
     if methods and "S256" not in methods:
         raise SmartLaunchError(
-            f"The EHR at {fhir_base} does not support PKCE with S256 (it offers {', '.join(methods)}).",
+            f"The EHR at {base} does not support PKCE with S256 (it offers {', '.join(methods)}).",
             remedy="This app only launches with PKCE S256, as SMART App Launch 2 requires; ask the EHR vendor.",
         )
-    grants = _strings(document.get("grant_types_supported"))
+    grants = server.grant_types
     if grants and "authorization_code" not in grants:
         raise SmartLaunchError(
-            f"The FHIR server {fhir_base} offers SMART only for {', '.join(grants)}, not for a clinician's launch.",
+            f"The FHIR server {base} offers SMART only for {', '.join(grants)}, not for a clinician's launch.",
             remedy="A user-facing app needs the authorization_code grant; launch it from an EHR that offers it.",
         )
+    if server.authorization_endpoint is None:
+        what = "authorization_endpoint" if server.source == "smart-configuration" else "authorize URI"
+        raise SmartLaunchError(f"The SMART configuration of {base} has no usable {what}.", remedy=_ENDPOINTS_REMEDY)
     return SmartConfiguration(
-        fhir_base=fhir_base,
-        authorization_endpoint=_absolute_http_url(
-            document.get("authorization_endpoint"), what="authorization_endpoint", fhir_base=fhir_base
-        ),
-        token_endpoint=_absolute_http_url(document.get("token_endpoint"), what="token_endpoint", fhir_base=fhir_base),
-        source="smart-configuration",
-        issuer=document.get("issuer") if isinstance(document.get("issuer"), str) else None,
-        jwks_uri=document.get("jwks_uri") if isinstance(document.get("jwks_uri"), str) else None,
-        capabilities=_strings(document.get("capabilities")),
-        scopes_supported=_strings(document.get("scopes_supported")),
-        code_challenge_methods=methods,
-        token_auth_methods=_strings(document.get("token_endpoint_auth_methods_supported")),
+        fhir_base=base,
+        authorization_endpoint=server.authorization_endpoint,
+        token_endpoint=server.token_endpoint,
+        source=server.source,
+        issuer=server.issuer,
+        jwks_uri=server.jwks_uri,
+        capabilities=server.capabilities,
+        scopes_supported=server.scopes_supported,
+        code_challenge_methods=server.code_challenge_methods,
+        token_auth_methods=server.token_auth_methods,
     )
 
 
-def parse_capability_statement(fhir_base: str, capability: Mapping[str, Any]) -> SmartConfiguration:
-    """Read the v1-era ``oauth-uris`` extension of ``CapabilityStatement.rest.security``."""
-    for rest in capability.get("rest", []) or []:
-        for extension in (rest.get("security") or {}).get("extension", []) or []:
-            if extension.get("url") != OAUTH_URIS_EXTENSION:
-                continue
-            uris = {sub.get("url"): sub.get("valueUri") for sub in extension.get("extension", []) or []}
-            return SmartConfiguration(
-                fhir_base=fhir_base,
-                authorization_endpoint=_absolute_http_url(
-                    uris.get("authorize"), what="authorize URI", fhir_base=fhir_base
-                ),
-                token_endpoint=_absolute_http_url(uris.get("token"), what="token URI", fhir_base=fhir_base),
-                source="capability-statement",
-            )
-    raise SmartLaunchError(
+def _not_advertised(fhir_base: str) -> SmartLaunchError:
+    return SmartLaunchError(
         f"The FHIR server {fhir_base} does not advertise SMART on FHIR authorization.",
         remedy="It publishes neither .well-known/smart-configuration nor the oauth-uris extension; "
         "check the launch's iss, or ask the EHR vendor to enable SMART.",
     )
 
 
+def parse_smart_configuration(fhir_base: str, document: Mapping[str, Any]) -> SmartConfiguration:
+    """Read a ``.well-known/smart-configuration`` document; refuse one that rules out PKCE S256 or user launches."""
+    try:
+        return _for_clinician_launch(read_smart_configuration(fhir_base, document))
+    except FhirError as exc:
+        raise SmartLaunchError(exc.message, remedy=_ENDPOINTS_REMEDY) from None
+
+
+def parse_capability_statement(fhir_base: str, capability: Mapping[str, Any]) -> SmartConfiguration:
+    """Read the v1-era ``oauth-uris`` extension of ``CapabilityStatement.rest.security``."""
+    try:
+        server = read_capability_statement(fhir_base, capability)
+    except FhirError as exc:
+        raise SmartLaunchError(exc.message, remedy=_ENDPOINTS_REMEDY) from None
+    if server is None:
+        raise _not_advertised(fhir_base)
+    return _for_clinician_launch(server)
+
+
 def discover(fhir_base: str, http: requests.Session, *, timeout: float = 10.0) -> SmartConfiguration:
-    """Find the authorization server of the FHIR server ``fhir_base`` (the launch's ``iss``)."""
+    """Find the authorization server of the FHIR server ``fhir_base`` (the launch's ``iss``).
+
+    :func:`fhir_adapters.smart.discover` does the reading; its typed errors become what a clinician can act on.
+    """
     base = fhir_base.rstrip("/")
     try:
-        response = http.get(
-            f"{base}/.well-known/smart-configuration",
-            headers={"Accept": "application/json"},
-            timeout=timeout,
-            allow_redirects=False,
-        )
-        if response.status_code == 200:
-            document = _json_object(response)
-            if document:
-                return parse_smart_configuration(base, document)
-        log.info("No SMART configuration document (HTTP %d); trying the CapabilityStatement", response.status_code)
-        response = http.get(
-            f"{base}/metadata", headers={"Accept": "application/fhir+json"}, timeout=timeout, allow_redirects=False
-        )
-    except (requests.ConnectionError, requests.Timeout):
+        server = discover_authorization_server(base, http, timeout=timeout)
+    except FhirUnavailable:
         raise SmartLaunchError(
             f"The EHR's FHIR server {base} could not be reached to discover its SMART configuration.",
             remedy="Check that the EHR is running and try the launch again.",
         ) from None
-    if response.status_code != 200:
+    except FhirError as exc:
+        if exc.status is None:  # the server answered, with a SMART configuration that cannot be used
+            raise SmartLaunchError(exc.message, remedy=_ENDPOINTS_REMEDY) from None
         raise SmartLaunchError(
-            f"The EHR's FHIR server {base} answered HTTP {response.status_code} to SMART discovery.",
+            f"The EHR's FHIR server {base} answered HTTP {exc.status} to SMART discovery.",
             remedy="Check the launch's iss: it must be the FHIR base URL of the EHR.",
-        )
-    return parse_capability_statement(base, _json_object(response))
-
-
-def _json_object(response: requests.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+        ) from None
+    if server is None:
+        raise _not_advertised(base)
+    return _for_clinician_launch(server)
 
 
 # ---------------------------------------------------------------------------------------------- PKCE and state
@@ -430,41 +418,22 @@ class ClientRegistration:
     def is_confidential(self) -> bool:
         return self.auth_method != "none"
 
+    def credentials(self) -> ClientCredentials:
+        """How this registration authenticates at the token endpoint (the private key read afresh each time)."""
+        key = load_private_key(self.private_key, self.algorithm) if self.private_key is not None else None
+        return ClientCredentials(
+            self.client_id,
+            self.auth_method,
+            secret=self.client_secret,
+            private_key=key,
+            algorithm=self.algorithm,
+            kid=self.kid,
+        )
+
 
 def client_assertion(client: ClientRegistration, token_endpoint: str, *, now: float | None = None) -> str:
     """A signed ``private_key_jwt`` assertion: ``iss = sub = client_id``, ``aud`` = token endpoint, unique ``jti``."""
-    assert client.private_key is not None and client.kid is not None
-    key = load_private_key(client.private_key, client.algorithm)
-    issued = int(now if now is not None else time.time())
-    claims = {
-        "iss": client.client_id,
-        "sub": client.client_id,
-        "aud": token_endpoint,
-        "jti": str(uuid.uuid4()),
-        "iat": issued,
-        "exp": issued + ASSERTION_LIFETIME_S,
-    }
-    return jwt.encode(
-        {"alg": client.algorithm, "kid": client.kid, "typ": "JWT"}, claims, key, algorithms=[client.algorithm]
-    )
-
-
-def _client_authentication(
-    client: ClientRegistration, token_endpoint: str
-) -> tuple[dict[str, str], tuple[str, str] | None]:
-    """Form fields and HTTP basic credentials that authenticate ``client`` at the token endpoint."""
-    if client.auth_method == "client_secret_basic":
-        assert client.client_secret is not None
-        return {}, (client.client_id, client.client_secret)
-    if client.auth_method == "client_secret_post":
-        assert client.client_secret is not None
-        return {"client_id": client.client_id, "client_secret": client.client_secret}, None
-    if client.auth_method == "private_key_jwt":
-        return {
-            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": client_assertion(client, token_endpoint),
-        }, None
-    return {"client_id": client.client_id}, None
+    return client.credentials().client_assertion(token_endpoint, now=now)
 
 
 # ---------------------------------------------------------------------------------------------- authorize
@@ -565,51 +534,36 @@ def _token_request(
     now: Callable[[], float],
     fallback_scope: str,
 ) -> TokenSet:
-    fields, basic = _client_authentication(client, token_endpoint)
+    """One grant through :func:`fhir_adapters.smart.request_token`; its typed errors in words for the clinician."""
     started = now()
     try:
-        response = http.post(
-            token_endpoint,
-            data={**form, **fields},
-            auth=basic,
-            headers={"Accept": "application/json"},
-            timeout=timeout,
-            allow_redirects=False,
+        token = request_token(
+            token_endpoint, form, client.credentials(), http, what=f"token request ({what})", timeout=timeout
         )
-    except (requests.ConnectionError, requests.Timeout):
+    except FhirUnavailable:
         raise TokenRequestError(
             f"The EHR's token endpoint could not be reached for the {what}.",
             remedy="Check that the EHR is running and try again.",
         ) from None
-    body = _json_object(response)
-    if response.status_code != 200:
-        error = str(body.get("error", "")) if body else ""
-        code = error if re.fullmatch(r"[a-z_]{1,40}", error) else f"HTTP {response.status_code}"
+    except UnusableTokenResponse as exc:
+        raise TokenRequestError(f"The EHR answered the {what} {exc.problem}.", remedy="Launch again.") from None
+    except FhirError as exc:
+        error = exc.oauth_error or ""
+        code = error if re.fullmatch(r"[a-z_]{1,40}", error) else f"HTTP {exc.status}"
         explanation = _GRANT_ERRORS.get(error, "the token endpoint refused the request")
         log.info("Token endpoint refused the %s: %s", what, code)
         raise TokenRequestError(
             f"The EHR refused the {what} ({code}): {explanation}.",
             remedy="Launch the app again from the EHR; an authorization code can be used only once.",
-        )
-    access_token = body.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
-        raise TokenRequestError(f"The EHR answered the {what} without an access token.", remedy="Launch again.")
-    if str(body.get("token_type", "")).lower() != "bearer":
-        raise TokenRequestError(f"The EHR answered the {what} with a non-bearer token.", remedy="Use a SMART EHR.")
-    try:
-        lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME_S)
-    except (TypeError, ValueError):
-        lifetime = DEFAULT_TOKEN_LIFETIME_S
-    refresh_token = body.get("refresh_token")
-    id_token = body.get("id_token")
+        ) from None
     return TokenSet(
-        access_token=access_token,
-        expires_at=started + lifetime,
-        lifetime_s=lifetime,
-        scope=str(body.get("scope") or fallback_scope),
-        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
-        id_token=id_token if isinstance(id_token, str) and id_token else None,
-        context={k: body[k] for k in _CONTEXT_KEYS if k in body},
+        access_token=token.access_token,
+        expires_at=started + token.lifetime_s,
+        lifetime_s=token.lifetime_s,
+        scope=token.scope or fallback_scope,
+        refresh_token=token.refresh_token,
+        id_token=token.id_token,
+        context={k: token.fields[k] for k in _CONTEXT_KEYS if k in token.fields},
     )
 
 
@@ -689,7 +643,7 @@ def fetch_jwks(smart: SmartConfiguration, http: requests.Session, *, timeout: fl
             oidc = http.get(
                 f"{smart.issuer.rstrip('/')}/.well-known/openid-configuration", timeout=timeout, allow_redirects=False
             )
-            candidate = _json_object(oidc).get("jwks_uri") if oidc.status_code == 200 else None
+            candidate = (json_object(oidc) or {}).get("jwks_uri") if oidc.status_code == 200 else None
             jwks_uri = candidate if isinstance(candidate, str) else None
         if not jwks_uri:
             raise IdTokenError(
@@ -701,7 +655,7 @@ def fetch_jwks(smart: SmartConfiguration, http: requests.Session, *, timeout: fl
         raise IdTokenError(
             "The EHR's signing keys (JWKS) could not be fetched.", remedy="Try the launch again."
         ) from None
-    keys = _json_object(response)
+    keys = json_object(response) or {}
     if response.status_code != 200 or not isinstance(keys.get("keys"), list):
         raise IdTokenError(
             f"The EHR's JWKS answered HTTP {response.status_code} without a key set.", remedy="Ask the EHR vendor."

@@ -23,11 +23,13 @@ from devtools.servers import free_port
 
 @dataclass
 class Action:
-    """What the proxy does with one request: answer ``status`` itself, or wait ``delay`` s, then forward."""
+    """What the proxy does with one request: answer ``status`` itself (with ``body`` and extra ``headers``, such
+    as a redirect's ``Location``), or wait ``delay`` s, then forward."""
 
     status: int | None = None
     delay: float = 0.0
     body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 Plan = Callable[[int, str, str], Action | None]
@@ -80,7 +82,7 @@ def fault_proxy(upstream_base: str, plan: Plan) -> Iterator[FaultProxy]:
                 time.sleep(action.delay)
             if action is not None and action.status is not None:
                 payload = json.dumps(action.body or _outcome(action.status)).encode()
-                self._reply(action.status, {"Content-Type": "application/fhir+json"}, payload)
+                self._reply(action.status, {"Content-Type": "application/fhir+json", **action.headers}, payload)
                 return
             forward_headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
             try:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from fhir_client_support import Action, fault_proxy
 from flask import Flask, Response
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
@@ -237,6 +239,23 @@ def test_a_bogus_code_is_refused_by_the_token_endpoint_with_a_clear_message(sand
         oauth.exchange_code(
             smart, client, code="never-issued", code_verifier="x" * 43, requested_scope="", http=requests.Session()
         )
+
+
+def test_a_redirecting_token_endpoint_is_refused_not_followed(sandbox: SandboxHandle) -> None:
+    # The shared token client (fhir_adapters.smart) sees the 307; the app words it for the clinician.
+    smart = oauth.discover(sandbox.fhir_base, requests.Session())
+
+    def redirect(index: int, method: str, path: str) -> Action | None:
+        return Action(status=307, headers={"Location": sandbox.token_url})
+
+    client = ClientRegistration(sandbox.fhir_base, "unit", "http://127.0.0.1:9/cb")
+    with fault_proxy(sandbox.fhir_base, redirect) as proxy:
+        moved = replace(smart, token_endpoint=proxy.base_url.removesuffix("/fhir") + "/token")
+        with pytest.raises(oauth.TokenRequestError, match=r"refused the authorization code \(HTTP 307\)"):
+            oauth.exchange_code(
+                moved, client, code="c", code_verifier="x" * 43, requested_scope="", http=requests.Session()
+            )
+        assert proxy.count == 1
 
 
 def test_private_key_jwt_assertion_is_signed_for_the_token_endpoint() -> None:
