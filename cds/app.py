@@ -1,7 +1,7 @@
 """The CDS Hooks 2.0 front door: a Flask blueprint and an application factory.
 
 This module only adapts HTTP to the pure parts: :mod:`cds.security` (who is calling), :mod:`cds.prefetch`
-(which data, from where), :mod:`cds.findings` and :mod:`cds.orders` (what the data says) and :mod:`cds.cards`
+(which data, from where), :mod:`fhir_adapters.results` and :mod:`cds.orders` (what the data says) and :mod:`cds.cards`
 (what to tell the clinician). It never imports torch or touches images: a hook answers from AI results
 already in the EHR, while a clinician waits.
 
@@ -33,8 +33,7 @@ from cds.cards import (
 )
 from cds.config import CdsConfig
 from cds.feedback import FeedbackStore, parse_feedback
-from cds.fhirjson import bundle_problem
-from cds.findings import AiFinding, bundle_resources, extract_findings
+from cds.fhirjson import bundle_problem, bundle_resources
 from cds.orders import imaging_orders, studies_for_order
 from cds.prefetch import Fetch, HookRequestError, PrefetchUnavailableError, resolve_prefetch
 from cds.security import AuthenticationError, JwtVerifier
@@ -50,6 +49,7 @@ from cds.services import (
 from core.errors import ImagingCdsError, NotAllowedError
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError, FhirUnauthorized
+from fhir_adapters.results import AiFinding, extract_findings
 
 log = logging.getLogger(__name__)
 

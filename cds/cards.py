@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from cds import fhirjson
-from cds.findings import AiFinding
 from cds.orders import ImagingOrder
+from fhir_adapters import fhirjson
 from fhir_adapters.constants import CANONICAL_BASE
+from fhir_adapters.results import AiFinding
 
 SUMMARY_MAX_CHARS = 139
 """CDS Hooks: the summary is shorter than 140 characters."""
@@ -159,8 +159,7 @@ def _key_values(finding: AiFinding, limit: int = 2) -> str:
     for m in finding.measurements[:limit]:
         # As filed: a card never re-rounds the value its report states (0.25 % stays 0.25 %, not 0.2 %).
         value = f"{m.value:.15g}"  # a float's own digits, without a trailing ".0"
-        unit = "HU" if m.unit == "[hnsf'U]" else m.unit
-        parts.append(f"{m.display} {value} {unit}".strip())
+        parts.append(f"{m.display} {value} {m.unit}".strip())
     return "; ".join(parts)
 
 

@@ -1,37 +1,29 @@
-"""Read FHIR JSON sent by a CDS client without trusting its types.
+"""Read the Bundles a CDS client sends without trusting their structure.
 
 Where a hook request is read, its structure is checked and refused with a 400 that names what is wrong: the
 context fields, each Bundle's ``entry`` list, each entry's ``resource`` (:func:`bundle_problem`, used by
 :mod:`cds.app` and :mod:`cds.prefetch`). Inside a resource, checking every element against FHIR's datatypes
-would cost more than a hook's whole time budget, so the readers below take an element of the wrong JSON type
-as absent: a report whose coding cannot be read is not summarised, and an order that cannot be placed gets no
-card, as when the element is missing. Nothing inside a resource can then make a hook fail.
+would cost more than a hook's whole time budget, so the readers of :mod:`fhir_adapters.fhirjson` take an
+element of the wrong JSON type as absent: a report whose coding cannot be read is not summarised, and an order
+that cannot be placed gets no card, as when the element is missing. Nothing inside a resource can then make a
+hook fail.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+from fhir_adapters.fhirjson import items
 
 
-def items(value: Any) -> list[Any]:
-    """A FHIR array element: the list, or no items when it is absent or not an array."""
-    return value if isinstance(value, list) else []
-
-
-def element(value: Any) -> Mapping[str, Any]:
-    """A FHIR complex element (CodeableConcept, Reference, ...): the object, or an empty one when it is absent
-    or not an object."""
-    return value if isinstance(value, dict) else _EMPTY
-
-
-def reference(value: Any) -> str:
-    """The ``reference`` string of a Reference element, or ``""``."""
-    ref = element(value).get("reference")
-    return ref if isinstance(ref, str) else ""
+def bundle_resources(bundle: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The resources in a Bundle's entries (an absent or empty Bundle gives none)."""
+    if not isinstance(bundle, dict):
+        return []
+    return [
+        e["resource"] for e in items(bundle.get("entry")) if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
 
 
 def bundle_problem(bundle: Mapping[str, Any]) -> str | None:

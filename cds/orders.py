@@ -3,7 +3,7 @@
 EHR order catalogues differ, so an order's modality and body region are read from every place they may be:
 the ``code`` (LOINC/CPT/local codings' displays and text), ``bodySite`` and ``category``. Matching is by
 words, deliberately simple and inspectable; an order we cannot place gets no cards rather than wrong ones. An
-element of the wrong JSON type reads as absent (see :mod:`cds.fhirjson`).
+element of the wrong JSON type reads as absent (see :mod:`fhir_adapters.fhirjson`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cds import fhirjson
-from cds.findings import bundle_resources
+from cds.fhirjson import bundle_resources
+from fhir_adapters import fhirjson
 
 IMAGING_CATEGORY_SNOMED = "363679005"  # SNOMED CT "Imaging (procedure)", the usual ServiceRequest.category
 

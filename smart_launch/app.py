@@ -765,7 +765,7 @@ def _report_context(
     view = report_view(resource, resources)
     return {
         "view": view,
-        "card": card_summary(view.analyzer, smart_app().config.model_cards_dir),
+        "card": card_summary(view.analyzer),
         "can": _can(state),
         "rejection_kinds": REJECTION_KINDS,
     }

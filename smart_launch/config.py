@@ -16,7 +16,6 @@ from core.errors import ConfigurationError
 from core.options import did_you_mean
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
-from smart_launch.views import MODEL_CARDS_DIR
 
 DEFAULT_ANALYZERS = ("ct-emphysema", "ct-bone", "cxr-pneumonia", "us-breast")
 
@@ -43,7 +42,6 @@ class SmartAppConfig:
     secure_cookies: bool = True
     analyzers: tuple[str, ...] = DEFAULT_ANALYZERS
     card_base_url: str | None = None
-    model_cards_dir: Path = MODEL_CARDS_DIR
     session_lifetime_s: float = DEFAULT_SESSION_LIFETIME_S
     http_timeout_s: float = 30.0
     job_workers: int = 1

@@ -41,6 +41,7 @@ from joserfc.jwk import KeySet
 
 from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters.errors import FhirError, FhirUnavailable, json_object
+from fhir_adapters.fhirjson import relative_reference as relative_reference  # kept here for the app's callers
 from fhir_adapters.smart import (
     AuthorizationServer,
     ClientAuthMethod,
@@ -691,20 +692,3 @@ def verify_id_token(
             remedy="It may be expired or issued to another app; launch the app again.",
         ) from None
     return dict(token.claims)
-
-
-_REFERENCE_TAIL = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
-
-
-def relative_reference(reference: str | None) -> str | None:
-    """``Type/id`` from a relative or absolute reference (``fhirUser``, a ``Location`` header); ``None`` if neither.
-
-    A ``/_history/<v>`` suffix is dropped. A proxy that leaves absolute URLs pointing at its backing server is
-    handled the same way: only the type and id matter to the app.
-    """
-    if not reference:
-        return None
-    path = urlsplit(reference).path if "://" in reference else reference
-    path = path.split("/_history")[0].rstrip("/")
-    match = _REFERENCE_TAIL.search(path)
-    return f"{match.group(1)}/{match.group(2)}" if match else None

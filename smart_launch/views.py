@@ -1,23 +1,35 @@
 """What the clinician's screen shows, computed from FHIR JSON: pure functions, no HTTP, no Flask.
 
-The templates render these small dataclasses as they are, so every rule about what is shown (which reports
-are AI results, which analyzers suit a study, what the granted scopes allow, what a model card's limits say)
-lives here and is tested without a browser.
+The templates render these small dataclasses as they are, so every rule about what is shown (which analyzers
+suit a study, what the granted scopes allow, what a model card's limits say) lives here and is tested without a
+browser. What a filed AI result says is read by :mod:`fhir_adapters.results`, the reader the CDS service uses
+too, and model cards by :mod:`models.registry`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fhir_adapters import constants, terminology
-from smart_launch.oauth import GrantedScopes, relative_reference
+from core.errors import ImagingCdsError
+from fhir_adapters import terminology
+from fhir_adapters.fhirjson import relative_reference
+from fhir_adapters.results import (
+    AWAITING_REVIEW_STATUSES,
+    index_resources,
+    is_ai_report,
+    read_report,
+    report_category,
+)
+from models.registry import get_card
+from smart_launch.oauth import GrantedScopes
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "models" / "cards"
+log = logging.getLogger(__name__)
 
+UNKNOWN_ANALYZER = "unknown analyzer"
+"""Shown for a result whose report carries no finding-category coding to name its analyzer."""
 STATUS_WORDS: dict[str, str] = {
     "registered": "Registered",
     "partial": "Partial",
@@ -42,20 +54,6 @@ ANALYZE_NEEDS: tuple[tuple[str, str], ...] = (
 )
 REVIEW_NEEDS: tuple[tuple[str, str], ...] = (("DiagnosticReport", "ru"), ("Provenance", "c"))
 READ_RESULTS_NEEDS: tuple[tuple[str, str], ...] = (("DiagnosticReport", "rs"), ("Observation", "r"))
-
-
-def _codings(concept: Any) -> list[Mapping[str, Any]]:
-    if not isinstance(concept, Mapping):
-        return []
-    return [c for c in concept.get("coding", []) or [] if isinstance(c, Mapping)]
-
-
-def _concept_text(concept: Any) -> str:
-    if not isinstance(concept, Mapping):
-        return ""
-    if concept.get("text"):
-        return str(concept["text"])
-    return next((str(c.get("display") or c.get("code")) for c in _codings(concept) if c.get("display") or c), "")
 
 
 # ---------------------------------------------------------------------------------------------- permissions
@@ -164,32 +162,13 @@ class StudyRow:
     ai_results: tuple[AiResultSummary, ...] = ()
 
 
-def is_ai_report(resource: Mapping[str, Any]) -> bool:
-    """A DiagnosticReport the project wrote, recognised by its analysis identifier system (never by text)."""
-    return resource.get("resourceType") == "DiagnosticReport" and any(
-        isinstance(i, Mapping) and i.get("system") == constants.ANALYSIS_IDENTIFIER_SYSTEM
-        for i in resource.get("identifier", []) or []
-    )
-
-
-def report_analyzer(report: Mapping[str, Any]) -> tuple[str, str]:
-    """``(analyzer name, category display)`` from the project's finding-category coding (``"<analyzer>/<code>"``)."""
-    for concept in report.get("conclusionCode", []) or []:
-        for coding in _codings(concept):
-            code = coding.get("code")
-            if coding.get("system") == constants.CATEGORY_CODESYSTEM and isinstance(code, str) and "/" in code:
-                analyzer, _, category = code.partition("/")
-                return analyzer, str(coding.get("display") or concept.get("text") or category)
-    return "unknown analyzer", ""
-
-
 def ai_result_summary(report: Mapping[str, Any]) -> AiResultSummary:
-    analyzer, category = report_analyzer(report)
+    category = report_category(report)
     status = str(report.get("status", "unknown"))
     return AiResultSummary(
         report_id=str(report.get("id", "")),
-        analyzer=analyzer,
-        category=category,
+        analyzer=category.analyzer if category else UNKNOWN_ANALYZER,
+        category=category.display if category else "",
         status=status,
         status_words=STATUS_WORDS.get(status, status),
         issued=str(report.get("issued", ""))[:16].replace("T", " "),
@@ -312,58 +291,32 @@ class ReportView:
 
     @property
     def awaiting_review(self) -> bool:
-        return self.status in ("registered", "partial", "preliminary")
+        return self.status in AWAITING_REVIEW_STATUSES
 
 
 def _format_number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1 else (f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}")
 
 
-def _device_version(device: Mapping[str, Any]) -> tuple[str, str]:
-    for identifier in device.get("identifier", []) or []:
-        if isinstance(identifier, Mapping) and identifier.get("system") == constants.DEVICE_IDENTIFIER_SYSTEM:
-            name, _, version = str(identifier.get("value", "")).partition("@")
-            return name, version
-    versions = [v.get("value") for v in device.get("version", []) or [] if isinstance(v, Mapping)]
-    return "", str(versions[0]) if versions else ""
-
-
 def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]]) -> ReportView:
     """Build the result screen from the report and the Observations/Devices read with it.
 
     A probability is taken from an Observation whose project code ends in ``_probability`` (or is the
-    generic probability key); every other Observation with a quantity is a finding.
+    generic probability key); every other measurement is a finding.
     """
-    by_reference = {f"{r.get('resourceType')}/{r.get('id')}": r for r in related if r.get("id")}
-    analyzer, category = report_analyzer(report)
-    version = ""
+    filed = read_report(report, index_resources(related))
     findings: list[FindingView] = []
     probability: str | None = None
-    for item in report.get("result", []) or []:
-        observation = by_reference.get(relative_reference((item or {}).get("reference")) or "")
-        if observation is None:
+    for measured in filed.measurements:
+        if measured.key == terminology.PROBABILITY_KEY or measured.key.endswith("_probability"):
+            probability = f"{_format_number(measured.value)} {measured.unit}".rstrip()  # "60.5 %"; a 0-1 score: no unit
             continue
-        device = by_reference.get(relative_reference((observation.get("device") or {}).get("reference")) or "")
-        if device is not None and not version:
-            _, version = _device_version(device)
-        codings = _codings(observation.get("code"))
-        code = next((str(c.get("code")) for c in codings if c.get("system") == constants.MEASUREMENT_CODESYSTEM), "")
-        quantity = observation.get("valueQuantity") or {}
-        if not isinstance(quantity.get("value"), int | float):
-            continue
-        value = float(quantity["value"])
-        unit = str(quantity.get("unit") or terminology.unit_label(str(quantity.get("code") or "")))
-        if code == terminology.PROBABILITY_KEY or code.endswith("_probability"):
-            probability = f"{_format_number(value)} {unit}".rstrip()  # "60.5 %"; a 0-1 score has no unit
-            continue
-        interpretations = [c for i in observation.get("interpretation", []) or [] for c in _codings(i)]
-        interpretation = next((str(c.get("display") or c.get("code")) for c in interpretations), "")
         findings.append(
             FindingView(
-                display=_concept_text(observation.get("code")),
-                value=_format_number(value),
-                unit=unit,
-                interpretation=interpretation,
+                display=measured.text,
+                value=_format_number(measured.value),
+                unit=measured.unit,
+                interpretation=measured.interpretation_display or "",
             )
         )
     images = tuple(
@@ -379,9 +332,9 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         id=str(report.get("id", "")),
         status=status,
         status_words=STATUS_WORDS.get(status, status),
-        analyzer=analyzer,
-        version=version or "unknown",
-        category=category,
+        analyzer=filed.analyzer or UNKNOWN_ANALYZER,
+        version=filed.version or "unknown",
+        category=filed.category_display,
         probability=probability,
         conclusion=str(report.get("conclusion", "")),
         findings=tuple(findings),
@@ -397,59 +350,22 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
     )
 
 
-def _as_lines(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,) if value.strip() else ()
-    if isinstance(value, list):
-        return tuple(str(v) for v in value if isinstance(v, str | int | float) and str(v).strip())
-    if isinstance(value, Mapping):
-        text = value.get("text") or value.get("description") or value.get("summary")
-        return _as_lines(text) if text else tuple(f"{k}: {v}" for k, v in value.items() if isinstance(v, str))
-    return ()
+def card_summary(name: str) -> CardSummary | None:
+    """The limits a clinician must know, from the analyzer's model card, or ``None`` when it has no valid card.
 
-
-def card_summary(name: str, cards_dir: Path = MODEL_CARDS_DIR) -> CardSummary | None:
-    """The limits a clinician must know, from the analyzer's model card, or ``None`` when there is no card.
-
-    The card is read with :func:`models.cards.load_card` (validated against its schema; no torch). A card that
-    does not validate (being edited, say) is still read for the same fields, leniently, so the result screen
-    keeps showing what limits it can rather than none.
+    The card is read through :func:`models.registry.get_card` (built-in or bundle analyzer, validated against its
+    schema, no torch), as ``/models/<name>`` serves it; the screen then links the card instead of quoting it.
     """
-    if not name.replace("-", "").replace(".", "").isalnum():
-        return None
-    from core.errors import ImagingCdsError
-    from models.cards import load_card
-
     try:
-        card = load_card(name, cards_dir)
-    except ImagingCdsError:
-        return _lenient_card_summary(cards_dir / f"{name}.json")
+        card = get_card(name)
+    except ImagingCdsError as exc:
+        log.warning("No model card shown for analyzer %r: %s", name[:64], exc.message)
+        return None
+    summary = card.validation.get("summary")
     return CardSummary(
         intended_use=card.intended_use,
-        validated_on=_as_lines(card.validation.get("summary")),
+        validated_on=(str(summary),) if summary else (),
         not_for=card.not_for,
         limits=card.limits,
         status=card.status,
-    )
-
-
-def _lenient_card_summary(path: Path) -> CardSummary | None:
-    if not path.is_file():
-        return None
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(card, Mapping):
-        return None
-
-    def first(*keys: str) -> Any:
-        return next((card[k] for k in keys if card.get(k)), None)
-
-    return CardSummary(
-        intended_use=" ".join(_as_lines(first("intended_use", "intendedUse", "purpose"))),
-        validated_on=_as_lines(first("validated_on", "validation", "validation_data", "evaluation_data")),
-        not_for=_as_lines(first("not_for", "out_of_scope", "contraindications", "not_intended_for")),
-        limits=_as_lines(first("limits", "known_limits", "limitations")),
-        status=str(card.get("status") or ""),
     )

@@ -1,0 +1,282 @@
+"""Read the project's filed AI results back out of FHIR: the one reader, beside the writer.
+
+:mod:`fhir_adapters.builders` (with the codes of :mod:`fhir_adapters.terminology`) files each analysis as a
+DiagnosticReport identified in :data:`~fhir_adapters.constants.ANALYSIS_IDENTIFIER_SYSTEM` and labelled
+AI-asserted (``meta.security`` AIAST), whose ``conclusionCode`` carries the project's finding category
+(``"<analyzer>/<category>"``) and an A/N interpretation, whose result Observations are coded in the project's
+measurement CodeSystem, and whose Device is identified as ``"<name>@<version>"``. This module reads exactly
+that back, for both front doors: the CDS service's cards (:mod:`cds`) and the clinician app's screens
+(:mod:`smart_launch`).
+
+A result is recognised by the project's identifier system, never by free text and not by the AIAST label alone
+(another vendor's AI result carries that label too), so a human radiology report or someone else's AI output is
+never summarised as ours. These are pure functions over JSON: an element of the wrong JSON type reads as absent
+(:mod:`fhir_adapters.fhirjson`), and each resource is looked at once, because the CDS hooks call them on every
+request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from fhir_adapters import fhirjson
+from fhir_adapters.constants import (
+    ABNORMAL_INTERPRETATION_SYSTEM,
+    ANALYSIS_IDENTIFIER_SYSTEM,
+    CATEGORY_CODESYSTEM,
+    DEVICE_IDENTIFIER_SYSTEM,
+    MEASUREMENT_CODESYSTEM,
+)
+from fhir_adapters.terminology import unit_label
+
+NORMAL_CATEGORY_CODES = frozenset({"none", "normal", "negative", "no-finding", "not-detected", "benign"})
+"""Fallback for reports without an explicit A/N conclusion code: category codes that mean "nothing abnormal"."""
+AWAITING_REVIEW_STATUSES = frozenset({"registered", "partial", "preliminary"})
+SIGNED_STATUSES = frozenset({"final", "amended", "corrected", "appended"})
+WITHDRAWN_STATUSES = frozenset({"cancelled", "entered-in-error"})
+"""A clinician rejected the result (or it was filed in error): it must no longer be relied on."""
+
+
+class ReportCategory(NamedTuple):
+    """The finding category a report concludes with: analyzer name, category code and its display."""
+
+    analyzer: str
+    code: str
+    display: str
+
+
+@dataclass(frozen=True)
+class MeasuredValue:
+    """One measurement of an AI result, as stored in its Observation.
+
+    ``display`` is the measurement CodeSystem's name for ``key``; ``text`` what the analyzer called this value
+    (``Observation.code.text``, e.g. naming the vertebra). ``unit`` is the readable label (``HU``, ``%``; empty
+    for a plain number); ``interpretation`` the HL7 v3 code (``H``, ``L``...), ``interpretation_display`` its words.
+    """
+
+    key: str
+    display: str
+    value: float
+    unit: str
+    interpretation: str | None = None
+    text: str = ""
+    interpretation_display: str | None = None
+
+
+@dataclass(frozen=True)
+class AiFinding:
+    """One AI analysis of one study, as the EHR holds it.
+
+    ``analyzer``, ``category_code`` and ``category_display`` are empty for a report without the project's
+    category coding (:func:`extract_findings` leaves such reports out; a screen may still show one).
+    """
+
+    report_reference: str  # "DiagnosticReport/<id>"
+    analyzer: str
+    version: str | None
+    category_code: str
+    category_display: str
+    status: str
+    conclusion: str
+    imaging_studies: tuple[str, ...]
+    effective: datetime | None
+    measurements: tuple[MeasuredValue, ...]
+    stated_abnormal: bool | None = None  # the report's own A/N conclusion code, when it has one
+
+    @property
+    def abnormal(self) -> bool:
+        if self.stated_abnormal is not None:
+            return self.stated_abnormal
+        return self.category_code not in NORMAL_CATEGORY_CODES
+
+    @property
+    def awaiting_review(self) -> bool:
+        return self.status in AWAITING_REVIEW_STATUSES
+
+    @property
+    def signed(self) -> bool:
+        return self.status in SIGNED_STATUSES
+
+    def measurement(self, key: str) -> MeasuredValue | None:
+        return next((m for m in self.measurements if m.key == key), None)
+
+
+def _codings(concept: Any) -> list[Any]:
+    """The ``coding`` array of a CodeableConcept (its items still to be checked for being objects)."""
+    return fhirjson.items(fhirjson.element(concept).get("coding"))
+
+
+def parse_datetime(value: Any) -> datetime | None:
+    """A FHIR dateTime/instant as an aware datetime (dates and partial dates count from their start, UTC)."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("Z", "+00:00")
+    for candidate in (text, text + "-01-01" if len(text) == 4 else text, text + "-01" if len(text) == 7 else text):
+        try:
+            parsed = datetime.fromisoformat(candidate)
+        except ValueError:
+            continue
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def is_ai_report(resource: Mapping[str, Any]) -> bool:
+    """A DiagnosticReport the project filed, recognised by its analysis identifier system."""
+    return resource.get("resourceType") == "DiagnosticReport" and any(
+        isinstance(i, dict) and i.get("system") == ANALYSIS_IDENTIFIER_SYSTEM
+        for i in fhirjson.items(resource.get("identifier"))
+    )
+
+
+def report_category(report: Mapping[str, Any]) -> ReportCategory | None:
+    """The project's finding-category coding of a report (``"<analyzer>/<code>"``), or ``None``."""
+    return _conclusion(report)[0]
+
+
+def _conclusion(report: Mapping[str, Any]) -> tuple[ReportCategory | None, bool | None]:
+    """One pass over ``conclusionCode``: the finding category, and the analyzer's own verdict (the v3
+    ObservationInterpretation A/N code the builders write; ``None`` on reports filed before it was written)."""
+    category: ReportCategory | None = None
+    abnormal: bool | None = None
+    for concept in fhirjson.items(report.get("conclusionCode")):
+        for coding in _codings(concept):
+            if not isinstance(coding, dict):
+                continue
+            system, code = coding.get("system"), coding.get("code")
+            if category is None and system == CATEGORY_CODESYSTEM and isinstance(code, str) and "/" in code:
+                analyzer, _, category_code = code.partition("/")
+                display = coding.get("display") or fhirjson.element(concept).get("text") or category_code
+                category = ReportCategory(analyzer, category_code, str(display))
+            elif abnormal is None and system == ABNORMAL_INTERPRETATION_SYSTEM and code in ("A", "N"):
+                abnormal = code == "A"
+    return category, abnormal
+
+
+def _first_interpretation(observation: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for concept in fhirjson.items(observation.get("interpretation")):
+        for coding in _codings(concept):
+            if isinstance(coding, dict):
+                return coding
+    return None
+
+
+def measured_value(observation: Mapping[str, Any]) -> MeasuredValue | None:
+    """The measurement an Observation carries: its project coding and a numeric ``valueQuantity``; else ``None``."""
+    quantity = observation.get("valueQuantity")
+    if not isinstance(quantity, dict) or not isinstance(quantity.get("value"), int | float):
+        return None
+    concept = fhirjson.element(observation.get("code"))
+    for coding in _codings(concept):
+        if isinstance(coding, dict) and coding.get("system") == MEASUREMENT_CODESYSTEM:
+            break
+    else:
+        return None
+    display = str(coding.get("display") or concept.get("text") or coding.get("code"))
+    interpretation = _first_interpretation(observation)
+    return MeasuredValue(
+        key=str(coding.get("code")),
+        display=display,
+        value=float(quantity["value"]),
+        unit=str(quantity.get("unit") or unit_label(str(quantity.get("code") or ""))),
+        interpretation=None if interpretation is None else str(interpretation.get("code")),
+        text=str(concept.get("text") or display),
+        interpretation_display=(
+            None if interpretation is None else str(interpretation.get("display") or interpretation.get("code"))
+        ),
+    )
+
+
+def device_version(device: Mapping[str, Any]) -> str | None:
+    """The analyzer version a Device stands for: from its ``"<name>@<version>"`` identifier, else its version."""
+    for identifier in fhirjson.items(device.get("identifier")):
+        if isinstance(identifier, dict) and identifier.get("system") == DEVICE_IDENTIFIER_SYSTEM:
+            _, at, version = str(identifier.get("value", "")).partition("@")
+            if at:
+                return version
+    versions = [v.get("value") for v in fhirjson.items(device.get("version")) if isinstance(v, dict)]
+    return str(versions[0]) if versions and versions[0] else None
+
+
+def index_resources(resources: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """``{"Type/id": resource}`` for resources that have an id: what :func:`read_report` resolves references in."""
+    return {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources if r.get("id")}
+
+
+def resolve(index: Mapping[str, Mapping[str, Any]], ref: Any) -> Mapping[str, Any] | None:
+    """The resource a Reference element points at, among ``index``; absolute and versioned references too."""
+    literal = fhirjson.reference(ref)
+    return index.get(literal) or _resolve_elsewhere(index, literal)
+
+
+def _resolve_elsewhere(index: Mapping[str, Mapping[str, Any]], literal: str) -> Mapping[str, Any] | None:
+    if "://" in literal or "/_history" in literal:
+        return index.get(fhirjson.relative_reference(literal) or "")
+    return None
+
+
+def read_report(report: Mapping[str, Any], index: Mapping[str, Mapping[str, Any]]) -> AiFinding:
+    """One filed report with the Observations (and their Device) found in ``index`` (see :func:`index_resources`)."""
+    return _read_report(report, index, *_conclusion(report))
+
+
+def _read_report(
+    report: Mapping[str, Any],
+    index: Mapping[str, Mapping[str, Any]],
+    category: ReportCategory | None,
+    abnormal: bool | None,
+) -> AiFinding:
+    measurements: list[MeasuredValue] = []
+    version: str | None = None
+    for ref in fhirjson.items(report.get("result")):
+        observation = resolve(index, ref)
+        if observation is None:
+            continue
+        value = measured_value(observation)
+        if value is not None:
+            measurements.append(value)
+        if version is None:
+            device = resolve(index, observation.get("device"))
+            version = device_version(device) if device is not None else None
+    analyzer, code, display = category or ("", "", "")
+    return AiFinding(
+        report_reference=f"DiagnosticReport/{report.get('id')}",
+        analyzer=analyzer,
+        version=version,
+        category_code=code,
+        category_display=display,
+        status=str(report.get("status", "")),
+        conclusion=str(report.get("conclusion", "")),
+        imaging_studies=tuple(r for r in map(fhirjson.reference, fhirjson.items(report.get("imagingStudy"))) if r),
+        effective=parse_datetime(report.get("effectiveDateTime") or report.get("issued")),
+        measurements=tuple(measurements),
+        stated_abnormal=abnormal,
+    )
+
+
+def extract_findings(resources: Iterable[Mapping[str, Any]], *, patient_id: str | None = None) -> list[AiFinding]:
+    """AI findings among ``resources`` (reports plus included Observations/Devices), newest first.
+
+    Reports without the project's identifier or category coding are skipped: they are not ours to summarise.
+    Cancelled and entered-in-error reports are skipped too. With ``patient_id``, a report about any other
+    patient is skipped: a mis-built prefetch must never put one patient's finding on another's card.
+    """
+    subject = f"Patient/{patient_id}" if patient_id else None
+    items = [r for r in resources if isinstance(r, dict)]
+    index = index_resources(items)
+    findings: list[AiFinding] = []
+    for report in items:
+        if not is_ai_report(report) or str(report.get("status", "")) in WITHDRAWN_STATUSES:
+            continue
+        if subject is not None:
+            about = fhirjson.reference(report.get("subject"))
+            if about != subject and not about.endswith("/" + subject):
+                continue
+        category, abnormal = _conclusion(report)
+        if category is not None:
+            findings.append(_read_report(report, index, category, abnormal))
+    oldest = datetime.min.replace(tzinfo=UTC)
+    findings.sort(key=lambda f: f.effective or oldest, reverse=True)
+    return findings
