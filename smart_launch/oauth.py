@@ -46,6 +46,7 @@ from fhir_adapters.smart import (
     AuthorizationServer,
     ClientAuthMethod,
     ClientCredentials,
+    DiscoverySource,
     UnusableTokenResponse,
     load_private_key,
     read_capability_statement,
@@ -116,7 +117,7 @@ class SmartConfiguration:
     fhir_base: str
     authorization_endpoint: str
     token_endpoint: str
-    source: Literal["smart-configuration", "capability-statement"]
+    source: DiscoverySource
     issuer: str | None = None
     jwks_uri: str | None = None
     capabilities: tuple[str, ...] = ()

@@ -29,8 +29,8 @@ from devtools.sandbox.scopes import (
     restrict_search_to_patient,
 )
 from devtools.sandbox.state import SandboxState, TokenRecord
+from fhir_adapters.smart import OAUTH_URIS_EXTENSION
 
-OAUTH_URIS_EXTENSION = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "If-None-Exist", "If-Match", "If-None-Match", "Prefer")
 RETURNED_RESPONSE_HEADERS = ("Content-Type", "Location", "Content-Location", "ETag", "Last-Modified")
 
