@@ -68,8 +68,8 @@ from smart_launch.views import (
     AnalyzerChoice,
     PatientBanner,
     Permissions,
-    card_summary,
     is_ai_report,
+    model_card,
     patient_banner,
     permissions,
     report_view,
@@ -765,7 +765,7 @@ def _report_context(
     view = report_view(resource, resources)
     return {
         "view": view,
-        "card": card_summary(view.analyzer),
+        "card": model_card(view.analyzer),
         "can": _can(state),
         "rejection_kinds": REJECTION_KINDS,
     }

@@ -23,6 +23,7 @@ from fhir_adapters.results import (
     read_report,
     report_category,
 )
+from models.cards import ModelCard
 from models.registry import get_card
 from smart_launch.oauth import GrantedScopes
 
@@ -260,17 +261,6 @@ class ImageView:
 
 
 @dataclass(frozen=True)
-class CardSummary:
-    """Plain-language limits from a model card (``models/cards/<name>.json``)."""
-
-    intended_use: str = ""
-    validated_on: tuple[str, ...] = ()
-    not_for: tuple[str, ...] = ()
-    limits: tuple[str, ...] = ()
-    status: str = ""
-
-
-@dataclass(frozen=True)
 class ReportView:
     """Everything the result screen shows about one AI DiagnosticReport."""
 
@@ -350,22 +340,14 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
     )
 
 
-def card_summary(name: str) -> CardSummary | None:
-    """The limits a clinician must know, from the analyzer's model card, or ``None`` when it has no valid card.
+def model_card(analyzer: str) -> ModelCard | None:
+    """The limits a clinician must know: the analyzer's model card, or ``None`` when it has no valid card.
 
-    The card is read through :func:`models.registry.get_card` (built-in or bundle analyzer, validated against its
-    schema, no torch), as ``/models/<name>`` serves it; the screen then links the card instead of quoting it.
+    Read through :func:`models.registry.get_card` (built-in or bundle analyzer, validated against the card
+    schema, no torch), the card ``/models/<name>`` serves; without one the screen links that page instead.
     """
     try:
-        card = get_card(name)
+        return get_card(analyzer)
     except ImagingCdsError as exc:
-        log.warning("No model card shown for analyzer %r: %s", name[:64], exc.message)
+        log.warning("No model card shown for analyzer %r: %s", analyzer[:64], exc.message)
         return None
-    summary = card.validation.get("summary")
-    return CardSummary(
-        intended_use=card.intended_use,
-        validated_on=(str(summary),) if summary else (),
-        not_for=card.not_for,
-        limits=card.limits,
-        status=card.status,
-    )

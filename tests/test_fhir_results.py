@@ -20,7 +20,7 @@ from devtools.servers import FhirServer
 from fhir_adapters import constants
 from fhir_adapters.results import extract_findings, index_resources, is_ai_report, read_report
 from models.registry import BUNDLES_ENV, get_card
-from smart_launch.views import card_summary, report_view, study_row
+from smart_launch.views import model_card, report_view, study_row
 from tests.cds_support import bone_result, create_patient, create_study, emphysema_result, post_result, prefetch_for
 
 STARTED = "2025-03-04T08:15:00Z"
@@ -128,16 +128,13 @@ def test_elements_of_the_wrong_json_type_read_as_absent() -> None:
 
 
 def test_the_result_screen_reads_the_card_through_the_registry() -> None:
-    summary = card_summary("ct-emphysema")
-    card = get_card("ct-emphysema")
-    assert summary is not None
-    assert (summary.intended_use, summary.not_for, summary.limits) == (card.intended_use, card.not_for, card.limits)
-    assert summary.validated_on == (card.validation["summary"],)
-    assert card_summary("../../etc/passwd") is None and card_summary("no-such-analyzer") is None
+    card = model_card("ct-emphysema")
+    assert card == get_card("ct-emphysema") and card is not None and card.limits  # the validated card, as served
+    assert model_card("../../etc/passwd") is None and model_card("no-such-analyzer") is None
 
 
 def test_a_bundle_analyzers_card_is_shown_too(monkeypatch: pytest.MonkeyPatch) -> None:
     # An administrator's MONAI bundle has no file in models/cards/: only the registry knows its card.
     monkeypatch.setenv(BUNDLES_ENV, str(BUNDLES_FILE))
-    summary = card_summary("cxr-pneumonia-bundle")
-    assert summary is not None and summary.intended_use == get_card("cxr-pneumonia-bundle").intended_use
+    card = model_card("cxr-pneumonia-bundle")
+    assert card is not None and card.intended_use == get_card("cxr-pneumonia-bundle").intended_use

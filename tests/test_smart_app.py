@@ -210,6 +210,9 @@ def test_without_javascript_analysis_then_rejection_as_not_needed_is_filed_and_c
         time.sleep(0.5)
         progress = browser.get(progress.url)
     assert "/reports/" in progress.url and "LAA-950" in progress.text
+    # The limits of the analysis come from the analyzer's model card, as models.registry reads it.
+    assert "Validated on:" in progress.text and "Known limits:" in progress.text
+    assert "not installed" not in progress.text
     report_id = progress.url.rsplit("/", 1)[1].split("?")[0]
 
     # The explanation images shown right after the analysis (kept from the run that filed them) are exactly the
