@@ -30,7 +30,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
@@ -46,7 +46,6 @@ from fhir_adapters.smart import (
     AuthorizationServer,
     ClientAuthMethod,
     ClientCredentials,
-    DiscoverySource,
     UnusableTokenResponse,
     load_private_key,
     read_capability_statement,
@@ -111,19 +110,11 @@ class IdTokenError(SmartLaunchError):
 
 
 @dataclass(frozen=True)
-class SmartConfiguration:
-    """What the app needs to know about one EHR's authorization server, as discovered from its FHIR base."""
+class SmartConfiguration(AuthorizationServer):
+    """An EHR's authorization server as discovered from its FHIR base, checked fit for a clinician's launch
+    (PKCE S256, the ``authorization_code`` grant, an authorize endpoint: :func:`discover`)."""
 
-    fhir_base: str
     authorization_endpoint: str
-    token_endpoint: str
-    source: DiscoverySource
-    issuer: str | None = None
-    jwks_uri: str | None = None
-    capabilities: tuple[str, ...] = ()
-    scopes_supported: tuple[str, ...] = ()
-    code_challenge_methods: tuple[str, ...] = ()
-    token_auth_methods: tuple[str, ...] = ()
 
     @property
     def uses_v2_scopes(self) -> bool:
@@ -144,33 +135,14 @@ class SmartConfiguration:
         return True
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "fhir_base": self.fhir_base,
-            "authorization_endpoint": self.authorization_endpoint,
-            "token_endpoint": self.token_endpoint,
-            "source": self.source,
-            "issuer": self.issuer,
-            "jwks_uri": self.jwks_uri,
-            "capabilities": list(self.capabilities),
-            "scopes_supported": list(self.scopes_supported),
-            "code_challenge_methods": list(self.code_challenge_methods),
-            "token_auth_methods": list(self.token_auth_methods),
-        }
+        """The configuration as JSON-ready data, for the server-side session."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SmartConfiguration:
-        return cls(
-            fhir_base=str(data["fhir_base"]),
-            authorization_endpoint=str(data["authorization_endpoint"]),
-            token_endpoint=str(data["token_endpoint"]),
-            source=data["source"],
-            issuer=data.get("issuer"),
-            jwks_uri=data.get("jwks_uri"),
-            capabilities=tuple(data.get("capabilities", ())),
-            scopes_supported=tuple(data.get("scopes_supported", ())),
-            code_challenge_methods=tuple(data.get("code_challenge_methods", ())),
-            token_auth_methods=tuple(data.get("token_auth_methods", ())),
-        )
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)
 
 
 _ENDPOINTS_REMEDY = "The EHR must publish absolute http(s) authorization and token endpoints."
@@ -198,18 +170,7 @@ def _for_clinician_launch(server: AuthorizationServer) -> SmartConfiguration:
     if server.authorization_endpoint is None:
         what = "authorization_endpoint" if server.source == "smart-configuration" else "authorize URI"
         raise SmartLaunchError(f"The SMART configuration of {base} has no usable {what}.", remedy=_ENDPOINTS_REMEDY)
-    return SmartConfiguration(
-        fhir_base=base,
-        authorization_endpoint=server.authorization_endpoint,
-        token_endpoint=server.token_endpoint,
-        source=server.source,
-        issuer=server.issuer,
-        jwks_uri=server.jwks_uri,
-        capabilities=server.capabilities,
-        scopes_supported=server.scopes_supported,
-        code_challenge_methods=server.code_challenge_methods,
-        token_auth_methods=server.token_auth_methods,
-    )
+    return SmartConfiguration(**asdict(server))
 
 
 def _not_advertised(fhir_base: str) -> SmartLaunchError:
