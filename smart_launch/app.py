@@ -53,6 +53,8 @@ from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
+from fhir_adapters.fhirjson import relative_reference
+from fhir_adapters.results import is_ai_report
 from fhir_adapters.validation import validate_bundle
 from models.base import Analyzer
 from pipeline.analysis import AnalysisOutcome
@@ -68,7 +70,6 @@ from smart_launch.views import (
     AnalyzerChoice,
     PatientBanner,
     Permissions,
-    is_ai_report,
     model_card,
     patient_banner,
     permissions,
@@ -245,7 +246,7 @@ class SmartApp:
         if report is None:
             return
         results = [
-            outcome.filed.get(oauth.relative_reference(str((r or {}).get("reference", ""))) or "")
+            outcome.filed.get(relative_reference(str((r or {}).get("reference", ""))) or "")
             for r in report.get("result") or []
         ]
         if not all(results):
@@ -492,7 +493,7 @@ def callback() -> Any:
             tokens.id_token, jwks, client_id=client.client_id, issuer=smart.issuer or smart.fhir_base
         )
         fhir_user = claims.get("fhirUser")
-        state.fhir_user = oauth.relative_reference(fhir_user) if isinstance(fhir_user, str) else None
+        state.fhir_user = relative_reference(fhir_user) if isinstance(fhir_user, str) else None
     if not state.patient:
         raise SmartLaunchError(
             "The EHR did not say which patient this launch is for.",
@@ -506,10 +507,10 @@ def callback() -> Any:
     log.info("Launch authorised for client %s (%d scopes granted)", client.client_id, len(state.granted.scopes))
     study = next(
         (
-            oauth.relative_reference(str(item.get("reference", "")))
+            relative_reference(str(item.get("reference", "")))
             for item in state.fhir_context
             if str(item.get("reference", "")).split("/")[-2:-1] == ["ImagingStudy"]
-            or (oauth.relative_reference(str(item.get("reference", ""))) or "").startswith("ImagingStudy/")
+            or (relative_reference(str(item.get("reference", ""))) or "").startswith("ImagingStudy/")
         ),
         None,
     )
@@ -591,7 +592,7 @@ def study(study_id: str) -> Any:
 
 def _check_same_patient(resource: dict[str, Any], state: AuthorizationState) -> None:
     """Never show one patient's data under another patient's banner, whatever the EHR's scopes allowed."""
-    subject = oauth.relative_reference(str((resource.get("subject") or {}).get("reference", "")))
+    subject = relative_reference(str((resource.get("subject") or {}).get("reference", "")))
     if subject != f"Patient/{state.patient}":
         raise FhirNotFound(
             f"{resource.get('resourceType')}/{resource.get('id')} does not belong to the patient of this launch.",
@@ -665,7 +666,7 @@ def _own_job(state: AuthorizationState, job_id: str) -> JobRecord:
 
 def _job_json(record: JobRecord) -> dict[str, Any]:
     report = (record.result or {}).get("diagnosticReport") if record.state == JobState.DONE else None
-    report_ref = oauth.relative_reference(str(report)) if report else None
+    report_ref = relative_reference(str(report)) if report else None
     return {
         "state": record.state.value,
         "progress": round(record.progress, 3),
@@ -752,7 +753,7 @@ def _report_context(
         ref
         for r in resources
         if r.get("resourceType") == "Observation"
-        for ref in [oauth.relative_reference(str((r.get("device") or {}).get("reference", "")))]
+        for ref in [relative_reference(str((r.get("device") or {}).get("reference", "")))]
         if ref
     }
     present = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}

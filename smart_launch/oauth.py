@@ -41,7 +41,6 @@ from joserfc.jwk import KeySet
 
 from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters.errors import FhirError, FhirUnavailable, json_object
-from fhir_adapters.fhirjson import relative_reference as relative_reference  # kept here for the app's callers
 from fhir_adapters.smart import (
     AuthorizationServer,
     ClientAuthMethod,

@@ -25,6 +25,7 @@ from core.errors import ConfigurationError
 from devtools.sandbox.app import SandboxHandle, run_sandbox
 from devtools.sandbox.config import SandboxClient, SandboxConfig
 from devtools.servers import FhirServer
+from fhir_adapters.fhirjson import relative_reference
 from smart_launch import oauth
 from smart_launch.oauth import ClientRegistration, GrantedScopes, SmartConfiguration, SmartLaunchError
 
@@ -141,7 +142,7 @@ def test_id_token_is_verified_against_the_jwks_and_its_audience_and_expiry() -> 
     jwks = {"keys": [key.as_dict(private=False)]}
     token = _id_token(key, fhirUser="https://ehr.example/fhir/Practitioner/42")
     claims = oauth.verify_id_token(token, jwks, client_id="app", issuer="https://ehr.example/fhir")
-    assert oauth.relative_reference(str(claims["fhirUser"])) == "Practitioner/42"
+    assert relative_reference(str(claims["fhirUser"])) == "Practitioner/42"
 
     impostor = RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True)
     with pytest.raises(oauth.IdTokenError, match="signature could not be verified"):
@@ -155,10 +156,10 @@ def test_id_token_is_verified_against_the_jwks_and_its_audience_and_expiry() -> 
 
 def test_relative_reference_reads_backing_server_locations() -> None:
     assert (
-        oauth.relative_reference("http://10.0.0.5:8080/fhir/DiagnosticReport/abc/_history/2") == "DiagnosticReport/abc"
+        relative_reference("http://10.0.0.5:8080/fhir/DiagnosticReport/abc/_history/2") == "DiagnosticReport/abc"
     )
-    assert oauth.relative_reference("Practitioner/7") == "Practitioner/7"
-    assert oauth.relative_reference("not a reference") is None
+    assert relative_reference("Practitioner/7") == "Practitioner/7"
+    assert relative_reference("not a reference") is None
 
 
 def test_client_registration_checks_its_credentials_at_start_up() -> None:
