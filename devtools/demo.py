@@ -12,7 +12,7 @@ import base64
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from devtools.samples import (
     endpoint_resource,
     imaging_study_resource,
     load_sample,
+    sample_uid,
     upload_series,
 )
 from devtools.servers import OrthancServer, fhir_server, orthanc_server
@@ -72,13 +73,19 @@ def demo_patient(sample: SampleStudy) -> dict[str, Any]:
     }
 
 
-def load_sample_study(client: FhirClient, orthanc: OrthancServer, sample: SampleStudy) -> LoadedStudy:
+def load_sample_study(
+    client: FhirClient, orthanc: OrthancServer, sample: SampleStudy, *, copy: int | None = None
+) -> LoadedStudy:
     """Store a sample's DICOM series in Orthanc and register it in the FHIR server in one transaction.
 
     Patient, Endpoint and ImagingStudy are created conditionally on their identifiers, so loading twice
-    leaves one of each.
+    leaves one of each. ``copy=n`` stores the same images as another patient's study (new Study, Series and SOP
+    Instance UIDs, its own demo patient): for tests and benchmarks that need many distinct studies of one scan.
     """
     datasets = load_sample(sample.name)
+    if copy is not None:
+        sample = replace(sample, name=f"{sample.name}-copy-{copy}", patient_id=f"{sample.patient_id}-COPY-{copy}")
+        _reidentify(datasets, sample.name)
     upload_series(orthanc.url, datasets)
     patient_urn = _urn(sample.name, "patient")
     endpoint_urn = _urn(sample.name, "endpoint")
@@ -108,6 +115,15 @@ def load_sample_study(client: FhirClient, orthanc: OrthancServer, sample: Sample
         series_uid=str(datasets[0].SeriesInstanceUID),
         instance_count=len(datasets),
     )
+
+
+def _reidentify(datasets: list[Any], name: str) -> None:
+    """New Study, Series and SOP Instance UIDs for a copy (deterministic for ``name``); pixels unchanged."""
+    study_uid, series_uid = sample_uid(name, "study"), sample_uid(name, "series")
+    for number, ds in enumerate(datasets, start=1):
+        sop_uid = sample_uid(name, "instance", str(number))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
 
 
 def _urn(name: str, kind: str) -> str:
