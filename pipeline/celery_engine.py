@@ -325,6 +325,25 @@ class _Heartbeat:
             self._thread.join(timeout=5)
 
 
+class _DeadlineReporter(ProgressReporter):
+    """A progress reporter that also enforces the soft time limit at each step boundary.
+
+    Celery delivers the soft limit as a signal whose exception is raised wherever the child happens to be; when
+    that is a ``__del__`` or a weakref callback Python swallows it ("Exception ignored in ...") and the analysis
+    runs on. Checking the clock at each reported step stops it at the next one at the latest (before the write).
+    """
+
+    def __init__(self, store: LeasedJobStore, job_id: str, limit_s: float) -> None:
+        super().__init__(store, job_id)
+        self._limit_s = limit_s
+        self._deadline = time.monotonic() + limit_s
+
+    def __call__(self, progress: float, step: str) -> None:
+        if time.monotonic() > self._deadline:
+            raise SoftTimeLimitExceeded(f"soft time limit ({self._limit_s:g} s) exceeded")
+        super().__call__(progress, step)
+
+
 class JobWorker:
     """Runs the jobs this worker process is handed: claim, heartbeat, handler, outcome (see the module docstring)."""
 
@@ -365,7 +384,8 @@ class JobWorker:
         log.info("Job %s (%s) started, attempt %d", job_id, kind, record.attempts)
         try:
             handler = look_up_option(kind, self._handlers, what="job kind")
-            summary = plain_result(handler(record.params, ProgressReporter(self.store, job_id)))
+            report = _DeadlineReporter(self.store, job_id, self._settings.soft_time_limit_s)
+            summary = plain_result(handler(record.params, report))
         except SoftTimeLimitExceeded:
             log.warning("Job %s (%s) stopped at the soft time limit", job_id, kind)
             self._finish_failed(record, time_limit_error_summary(self._settings.soft_time_limit_s))

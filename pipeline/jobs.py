@@ -284,8 +284,9 @@ class LeasedJobStore(JobStore, Protocol):
         self, *, lease_s: float, requeue_after_s: float, queue_empty: bool, limit: int = 100
     ) -> tuple[str, ...]:
         """Jobs whose message the broker may have lost, stamped as published now (so that several sweepers
-        publish each at most once per interval): queued jobs never published, queued jobs published more than
-        ``requeue_after_s`` ago while the broker's queue is empty, and running jobs whose lease has lapsed."""
+        publish each at most once per interval): queued jobs never published; queued jobs published more than
+        ``requeue_after_s`` ago while the broker's queue is empty; running jobs whose lease has lapsed, at once if
+        nothing was published for them since their last attempt began, else every ``requeue_after_s``."""
         ...
 
     def counts(self) -> dict[JobState, int]:
@@ -577,8 +578,8 @@ class SqliteJobStore:
                     "SELECT id FROM jobs WHERE "
                     "(state = ? AND published_at IS NULL AND created_at < ?) "
                     "OR (state = ? AND ? AND published_at < ?) "
-                    "OR (state = ? AND (heartbeat_at IS NULL OR heartbeat_at < ?) "
-                    "    AND (published_at IS NULL OR published_at < ?)) "
+                    "OR (state = ? AND (heartbeat_at IS NULL OR heartbeat_at < ?) AND (published_at IS NULL "
+                    "    OR published_at < heartbeat_at OR published_at < ?)) "
                     "ORDER BY rowid LIMIT ?",
                     (
                         queued,
@@ -588,7 +589,7 @@ class SqliteJobStore:
                         requeue_before,
                         running,
                         lapsed_before,
-                        lapsed_before,
+                        requeue_before,
                         limit,
                     ),
                 )

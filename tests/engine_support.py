@@ -128,7 +128,7 @@ def worker_node(settings: Path, name: str, *, concurrency: int = 1, timeout: flo
             time.sleep(0.1)
         yield node
     finally:
-        node.stop()
+        node.kill()  # the graceful path waits for the broker and the sweeper; a test has no use for it
 
 
 def pid_of(record: JobRecord) -> int | None:
