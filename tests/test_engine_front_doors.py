@@ -20,11 +20,12 @@ from devtools.demo import load_sample_study
 from devtools.samples import SAMPLES
 from devtools.sandbox.dev import CLIENT_ID, serve_app_with_sandbox
 from devtools.servers import FhirServer, OrthancServer, RedisServer, redis_server
+from devtools.workers import worker_node
 from fhir_adapters.client import FhirClient
 from pipeline.jobs import JobState
 from service.settings import load_settings
 from service.web import celery_runner
-from tests.engine_support import worker_node, write_settings
+from tests.engine_support import write_settings
 from tests.smart_support import launch_over_http, practitioner_resource
 
 

@@ -27,21 +27,14 @@ from core.errors import ConfigurationError
 from devtools.demo import LoadedStudy, load_sample_study
 from devtools.samples import SAMPLES
 from devtools.servers import FhirServer, OrthancServer, RedisServer, orthanc_server, redis_server
+from devtools.workers import WorkerNode, worker_node
 from fhir_adapters.client import FhirClient
 from pipeline.celery_engine import CeleryJobRunner
 from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
 from pipeline.jobs import JobRecord, JobState
 from service.settings import load_settings
 from service.web import celery_runner
-from tests.engine_support import (
-    WorkerNode,
-    pid_of,
-    running_with_step,
-    wait_for,
-    worker_node,
-    write_settings,
-    written_for,
-)
+from tests.engine_support import pid_of, running_with_step, wait_for, write_settings, written_for
 
 ANALYZER = "ct-emphysema"
 JOB_TIMEOUT_S = 150.0

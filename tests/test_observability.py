@@ -57,9 +57,7 @@ def _settings(tmp_path: Path, keys: EhrKeys, *, fhir: str, pacs: str, broker: st
 
 
 @pytest.fixture
-def client(
-    tmp_path: Path, keys: EhrKeys, fhir_base: FhirServer, orthanc: OrthancServer, redis: RedisServer
-) -> Client:
+def client(tmp_path: Path, keys: EhrKeys, fhir_base: FhirServer, orthanc: OrthancServer, redis: RedisServer) -> Client:
     settings = _settings(tmp_path, keys, fhir=fhir_base.base_url, pacs=orthanc.dicomweb_url, broker=redis.url)
     return Client(create_server_app(settings))
 
@@ -112,9 +110,7 @@ def test_metrics_count_requests_by_route_time_hooks_and_give_jobs_and_queue_dept
     client.get("/models/ct-emphysema.json")
     client.get(f"/cds-services/{uuid.uuid4()}")  # an unknown id must not become a label
     text = client.get("/metrics").get_data(as_text=True)
-    assert (
-        'imaging_cds_http_requests_total{method="POST",route="/cds-services/<service_id>",status="200"}' in text
-    )
+    assert 'imaging_cds_http_requests_total{method="POST",route="/cds-services/<service_id>",status="200"}' in text
     assert 'imaging_cds_http_requests_total{method="GET",route="/models/<name>.json",status="200"}' in text
     assert 'imaging_cds_cds_hook_seconds_count{service="imaging-ai-patient-view"}' in text
     assert 'imaging_cds_jobs{state="queued"}' in text and 'imaging_cds_jobs{state="failed"}' in text
