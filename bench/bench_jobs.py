@@ -106,7 +106,8 @@ def main() -> None:
         handler = StudyAnalysisHandler(
             client_for=lambda params: client, dicomweb_allow_list=AllowList.of([orthanc.dicomweb_url])
         )
-        with EmbeddedJobRunner(SqliteJobStore(root / "embedded.sqlite"), {ANALYZE_STUDY: handler}) as embedded:
+        store = SqliteJobStore(root / "embedded.sqlite")
+        with EmbeddedJobRunner(store, {ANALYZE_STUDY: handler}, max_workers=1) as embedded:
             run_batch(embedded, take(1))  # warm-up: the analyzer is loaded
             embedded_figures = describe("embedded, 1 thread", *run_batch(embedded, take(args.jobs)))
 

@@ -41,7 +41,6 @@ _BUILTIN: dict[str, str] = {
 }
 
 
-
 def import_builtin_modules() -> None:
     """Import each built-in analyzer's module (torch, MONAI...), building nothing: a process that forks workers
     does it once, so that each worker starts with the code already in memory."""

@@ -260,16 +260,22 @@ def test_orthanc_restarted_mid_fetch_ends_done_with_the_values_of_an_undisturbed
     studies = copies.take(2)
     jobs = _submit(runner, studies)
     restarts = 0
+    back: threading.Thread | None = None
 
     def restart_pacs_while_fetching() -> None:
-        nonlocal restarts
+        nonlocal restarts, back
+        if back is not None and back.is_alive():
+            return  # still coming back from the last restart
         if restarts < 2 and running_with_step(runner.store, jobs, "fetching"):
             assert pacs.process is not None
             restarts += 1
             pacs.process.kill()
-            threading.Timer(1.0, pacs.process.start).start()
+            back = threading.Thread(target=pacs.process.restart, kwargs={"down_s": 1.0})
+            back.start()
 
     records = wait_for(runner.store, jobs, JOB_TIMEOUT_S, during=restart_pacs_while_fetching)
+    if back is not None:
+        back.join()
     duplicates = _figures("orthanc-restart", records, ehr, studies, restarts=restarts)
 
     assert restarts >= 1
