@@ -12,7 +12,8 @@ import base64
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from devtools.samples import (
     endpoint_resource,
     imaging_study_resource,
     load_sample,
+    sample_uid,
     upload_series,
 )
 from devtools.servers import OrthancServer, fhir_server, orthanc_server
@@ -35,6 +37,8 @@ from fhir_adapters.constants import CANONICAL_BASE
 from fhir_adapters.terminology import unit_label
 from models.registry import get_analyzer
 from pipeline.analysis import AnalysisOutcome, analyze_study
+from pipeline.handler import ANALYZE_STUDY, analysis_params
+from pipeline.jobs import JobState
 
 DEMO_PATIENT_SYSTEM = f"{CANONICAL_BASE}/sid/demo-patient"
 
@@ -72,13 +76,19 @@ def demo_patient(sample: SampleStudy) -> dict[str, Any]:
     }
 
 
-def load_sample_study(client: FhirClient, orthanc: OrthancServer, sample: SampleStudy) -> LoadedStudy:
+def load_sample_study(
+    client: FhirClient, orthanc: OrthancServer, sample: SampleStudy, *, copy: int | None = None
+) -> LoadedStudy:
     """Store a sample's DICOM series in Orthanc and register it in the FHIR server in one transaction.
 
     Patient, Endpoint and ImagingStudy are created conditionally on their identifiers, so loading twice
-    leaves one of each.
+    leaves one of each. ``copy=n`` stores the same images as another patient's study (new Study, Series and SOP
+    Instance UIDs, its own demo patient): for tests and benchmarks that need many distinct studies of one scan.
     """
     datasets = load_sample(sample.name)
+    if copy is not None:
+        sample = replace(sample, name=f"{sample.name}-copy-{copy}", patient_id=f"{sample.patient_id}-COPY-{copy}")
+        _reidentify(datasets, sample.name)
     upload_series(orthanc.url, datasets)
     patient_urn = _urn(sample.name, "patient")
     endpoint_urn = _urn(sample.name, "endpoint")
@@ -110,6 +120,15 @@ def load_sample_study(client: FhirClient, orthanc: OrthancServer, sample: Sample
     )
 
 
+def _reidentify(datasets: list[Any], name: str) -> None:
+    """New Study, Series and SOP Instance UIDs for a copy (deterministic for ``name``); pixels unchanged."""
+    study_uid, series_uid = sample_uid(name, "study"), sample_uid(name, "series")
+    for number, ds in enumerate(datasets, start=1):
+        sop_uid = sample_uid(name, "instance", str(number))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+
+
 def _urn(name: str, kind: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{CANONICAL_BASE}/demo/{name}/{kind}')}"
 
@@ -133,11 +152,16 @@ def _clinician_app(fhir_base: str, dicomweb_base: str, output: Path) -> Any:
 
 def write_outputs(client: FhirClient, outcome: AnalysisOutcome, folder: Path) -> list[Path]:
     """Read the DiagnosticReport and its key images back from the EHR and save them for a person to open."""
+    return write_report_files(client, outcome.diagnostic_report, outcome.summary(), folder)
+
+
+def write_report_files(client: FhirClient, report_ref: str, summary: dict[str, Any], folder: Path) -> list[Path]:
+    """Save ``summary`` and the report ``report_ref`` with its key images, as the EHR holds them."""
     folder.mkdir(parents=True, exist_ok=True)
-    report_type, report_id = outcome.diagnostic_report.split("/")
+    report_type, report_id = report_ref.split("/")
     report = client.read(report_type, report_id)
     written = [folder / "summary.json"]
-    written[0].write_text(json.dumps(outcome.summary(), indent=2))
+    written[0].write_text(json.dumps(summary, indent=2))
     for form in report.get("presentedForm", []):
         suffix = ".html" if form.get("contentType", "").startswith("text/html") else ".txt"
         path = folder / f"report{suffix}"
@@ -152,14 +176,23 @@ def write_outputs(client: FhirClient, outcome: AnalysisOutcome, folder: Path) ->
     return written
 
 
-def run_demo(output: Path, *, keep_running: bool) -> int:
-    """Run every demo analysis and print where to look; returns the process exit status."""
+def run_demo(output: Path, *, keep_running: bool, engine: str = "embedded") -> int:
+    """Run every demo analysis and print where to look; returns the process exit status.
+
+    ``engine="celery"``: a local Redis and one ``imaging-cds worker`` run the analyses, the demo's and the
+    clinician app's (as ``serve`` with ``jobs.broker_url`` would); the worker's log is in ``output/engine``.
+    """
     print("imaging-cds demo: starting a local FHIR R4 server (sekmet-fhir) and Orthanc (DICOMweb) on loopback...")
-    with fhir_server() as fhir, orthanc_server() as orthanc:
+    with ExitStack() as stack:
+        fhir = stack.enter_context(fhir_server())
+        orthanc = stack.enter_context(orthanc_server())
         client = FhirClient(fhir.base_url, session=requests.Session())
         allow = AllowList.of([orthanc.dicomweb_url])
         print(f"  FHIR server : {fhir.base_url}")
         print(f"  Orthanc     : {orthanc.url}/app/explorer.html  (DICOMweb {orthanc.dicomweb_url})")
+        runner, app = (
+            _start_engine(stack, fhir.base_url, orthanc.dicomweb_url, output) if engine == "celery" else (None, None)
+        )
         loaded: dict[str, LoadedStudy] = {}
         failures = 0
         for sample_name, analyzer_name in DEMO_RUNS:
@@ -172,6 +205,10 @@ def run_demo(output: Path, *, keep_running: bool) -> int:
                 print(f"  stored {study.instance_count} DICOM instances in Orthanc; EHR holds {study.imaging_study}")
             study = loaded[sample_name]
             print(f"\nAnalysing {study.imaging_study} with {analyzer_name}...")
+            folder = output / f"{sample_name}-{analyzer_name}"
+            if runner is not None:
+                failures += not _analyse_on_engine(runner, client, study, analyzer_name, folder)
+                continue
             started = time.perf_counter()
             try:
                 outcome = analyze_study(
@@ -189,24 +226,73 @@ def run_demo(output: Path, *, keep_running: bool) -> int:
             print(f"  category: {result.category.display}   ({seconds:.1f} s)")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
-            files = write_outputs(client, outcome, output / f"{sample_name}-{analyzer_name}")
+            files = write_outputs(client, outcome, folder)
             print(f"  written to the EHR (one transaction): {', '.join(outcome.written)}")
             print(f"  look at: {fhir.base_url}/{outcome.diagnostic_report}")
             print(f"           {files[0].parent}/ (report and explanation images read back from the EHR)")
         print(f"\nDone: {len(DEMO_RUNS) - failures} of {len(DEMO_RUNS)} analyses written as preliminary AI results.")
-        with _clinician_app(fhir.base_url, orthanc.dicomweb_url, output) as app:
-            practitioner = _demo_practitioner(client)
-            first = next(iter(loaded.values()))
-            launch = app.sandbox.launch_url(first.patient, practitioner, app.launch_url)
-            print("\nClinician app (SMART on FHIR), launched from the sandbox EHR (a development tool):")
-            print(f"  open in a browser: {launch}")
-            print(f"  it opens {first.patient}'s studies as {practitioner}; review and sign the AI results there.")
-            print(f"  model cards: {app.url}/models/")
-            if keep_running:
-                print("The servers stay up so you can browse them; press Ctrl-C to stop.")
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    print("\nstopping")
+        if app is None:
+            app = stack.enter_context(_clinician_app(fhir.base_url, orthanc.dicomweb_url, output))
+        practitioner = _demo_practitioner(client)
+        first = next(iter(loaded.values()))
+        launch = app.sandbox.launch_url(first.patient, practitioner, app.launch_url)
+        print("\nClinician app (SMART on FHIR), launched from the sandbox EHR (a development tool):")
+        print(f"  open in a browser: {launch}")
+        print(f"  it opens {first.patient}'s studies as {practitioner}; review and sign the AI results there.")
+        print(f"  model cards: {app.url}/models/")
+        if keep_running:
+            print("The servers stay up so you can browse them; press Ctrl-C to stop.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("\nstopping")
     return 0 if failures == 0 else 1
+
+
+def _start_engine(stack: ExitStack, fhir_base: str, dicomweb: str, output: Path) -> tuple[Any, Any]:
+    """Redis, the clinician app on the engine, and one worker node (the app's registration in its settings)."""
+    from devtools.sandbox.dev import CLIENT_ID, serve_app_with_sandbox
+    from devtools.servers import redis_server
+    from devtools.workers import worker_node, write_settings
+    from service.settings import load_settings
+    from service.web import celery_runner
+
+    redis = stack.enter_context(redis_server())
+    state = output / "engine"
+    common: dict[str, Any] = {
+        "broker_url": redis.url,
+        "fhir_base": fhir_base,
+        "dicomweb": dicomweb,
+        "log_format": "text",
+    }
+    runner = celery_runner(load_settings(write_settings(state, **common)))
+    app = stack.enter_context(serve_app_with_sandbox(fhir_base, state / "data" / "app", dicomweb, job_runner=runner))
+    registration = {"fhir_base": app.sandbox.fhir_base, "client_id": CLIENT_ID, "redirect_uri": app.redirect_uri}
+    settings = write_settings(state, **common, extra={"smart_clients": [registration]})
+    print(f"  Redis       : {redis.url}  (job broker)")
+    print(f"  worker      : imaging-cds worker --config {settings}  (starting...)")
+    node = stack.enter_context(worker_node(settings, "demo"))
+    print(f"                ready, process {node.process.pid}; its log: {node.log}")
+    return runner, app
+
+
+def _analyse_on_engine(runner: Any, client: FhirClient, study: LoadedStudy, analyzer: str, folder: Path) -> bool:
+    """Submit one analysis to the worker, wait for it, and show what it filed; False when it failed."""
+    started = time.perf_counter()
+    record = runner.submit(ANALYZE_STUDY, analysis_params(study.imaging_study, [analyzer]))
+    print(f"  job {record.id} queued")
+    record = runner.wait(record.id, timeout=900)
+    seconds = time.perf_counter() - started
+    if record.state is not JobState.DONE or record.result is None:
+        error = record.error or {"message": f"still {record.state.value} after 900 s", "remedy": ""}
+        print(f"  failed: {error['message']} {error['remedy']}".rstrip())
+        return False
+    report_ref = str(record.result["diagnosticReport"])
+    report = client.read(*report_ref.split("/"))
+    print(f"  {report.get('conclusion', '')}")
+    print(f"  done by worker {record.worker} on attempt {record.attempts} ({seconds:.1f} s from submit to filed)")
+    files = write_report_files(client, report_ref, record.result, folder)
+    print(f"  look at: {client.base_url}/{report_ref}")
+    print(f"           {files[0].parent}/ (report and explanation images read back from the EHR)")
+    return True

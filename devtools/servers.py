@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +79,62 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+class ManagedProcess:
+    """A server process the tools started, that a fault-injection test may stop and start again (same command,
+    same port, same storage): ``restart`` is a crash and a recovery, ``kill`` a crash alone."""
+
+    def __init__(self, argv: list[str], *, cwd: Path, log: Path, what: str, is_up: Callable[[], bool]) -> None:
+        self.argv = argv
+        self.cwd = cwd
+        self.log = log
+        self.what = what
+        self._is_up = is_up
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None and self.process.poll() is None else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.cwd, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while not self._is_up():
+            if self.process.poll() is not None:
+                raise ConfigurationError(
+                    f"{self.what} exited with code {self.process.returncode} while starting.",
+                    remedy=f"See its log: {self.log}",
+                )
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise ConfigurationError(f"{self.what} did not start within {timeout:.0f} s.", remedy=f"See {self.log}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it (only this process, by its id)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def restart(self, *, down_s: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code < 500
+    except requests.RequestException:
+        return False
 
 
 @dataclass(frozen=True)
@@ -165,6 +221,7 @@ class OrthancServer:
     dicomweb_url: str
     storage: Path
     log: Path
+    process: ManagedProcess | None = None
 
     def upload(self, data: bytes) -> dict[str, str]:
         """Store one DICOM instance (``POST /instances``); returns Orthanc's answer (ids, status)."""
@@ -201,21 +258,19 @@ def orthanc_server(workdir: Path | None = None, *, timeout: float = 30.0) -> Ite
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
-    log = root / "orthanc.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [binary, str(config_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
+    process = ManagedProcess(
+        [binary, str(config_path)],
+        cwd=root,
+        log=root / "orthanc.log",
+        what="Orthanc",
+        is_up=lambda: _answers(f"{url}/system"),
+    )
     try:
-        _wait_until_up(f"{url}/system", process, log, "Orthanc", timeout)
-        yield OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", storage=storage, log=log)
+        process.start(timeout)
+        yield OrthancServer(url=url, dicomweb_url=f"{url}/dicom-web", storage=storage, log=process.log, process=process)
     finally:
-        _stop(process)
+        process.stop()
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -224,11 +279,26 @@ def orthanc_server(workdir: Path | None = None, *, timeout: float = 30.0) -> Ite
 class RedisServer:
     url: str
     log: Path
+    port: int = 0
+    process: ManagedProcess | None = None
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 @contextmanager
 def redis_server(workdir: Path | None = None, *, timeout: float = 15.0) -> Iterator[RedisServer]:
-    """Run a throw-away ``redis-server`` (no persistence) on a free loopback port."""
+    """Run a throw-away ``redis-server`` (no persistence) on a free loopback port.
+
+    Without persistence a restart empties it, as a Redis restarted without its data would be: what the job
+    engine must survive (see :mod:`pipeline.celery_engine`).
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigurationError(
@@ -237,30 +307,17 @@ def redis_server(workdir: Path | None = None, *, timeout: float = 15.0) -> Itera
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="imaging-cds-redis-")) if workdir is None else workdir
     port = free_port()
-    log = root / "redis.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            start_new_session=True,
-        )
+    process = ManagedProcess(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        cwd=root,
+        log=root / "redis.log",
+        what="redis-server",
+        is_up=lambda: _redis_answers(port),
+    )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise ConfigurationError("redis-server did not start.", remedy=f"See its log: {log}")
-            time.sleep(0.1)
-        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", log=log)
+        process.start(timeout)
+        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", log=process.log, port=port, process=process)
     finally:
-        _stop(process)
+        process.stop()
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)

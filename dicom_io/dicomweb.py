@@ -43,19 +43,29 @@ def fetch_series(
     *,
     session: requests.Session | None = None,
     timeout: float = 60.0,
+    expected_instances: int | None = None,
 ) -> Generator[Dataset, None, None]:
     """Yield the instances of one series as pydicom datasets, as they arrive over WADO-RS.
 
     This is a generator: nothing is requested until the first instance is asked for, and errors are raised
     from the iteration. Instances come in the PACS's order; :func:`dicom_io.volume.assemble_volume` sorts.
+
+    A connection cut mid-transfer (the PACS restarted, say) does not fail the HTTP read: ``dicomweb-client`` ends
+    the multipart stream where the bytes ended, yielding fewer instances and a last one cut short, and an
+    analysis of what arrived would describe part of the scan. So the latest instance is held back until the next
+    one has arrived, and when the stream ends with fewer than ``expected_instances`` (the count the EHR's
+    ImagingStudy gives) a :class:`PacsError` is raised instead of handing over the last, possibly truncated one.
     """
     where = f"series {series_uid} of study {study_uid} at the PACS {dicomweb_base.rstrip('/')}"
     client = _client(dicomweb_base, session, timeout)
     received = 0
+    held: Dataset | None = None
     try:
         for dataset in client.iter_series(study_uid, series_uid):
             received += 1
-            yield dataset
+            if held is not None:
+                yield held
+            held = dataset
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 404:
@@ -82,3 +92,11 @@ def fetch_series(
             f"The PACS returned nothing for {where}: series has no instances.",
             remedy="Check the series in the PACS; it may still be arriving.",
         )
+    if expected_instances is not None and received < expected_instances:
+        raise PacsError(
+            f"The PACS sent {received} of the {expected_instances} instances the EHR lists for {where}: the "
+            "transfer was cut short, or the series is not complete in the PACS.",
+            remedy="Try again; if it persists, compare the series in the PACS with the EHR's ImagingStudy.",
+        )
+    assert held is not None
+    yield held

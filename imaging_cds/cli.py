@@ -1,4 +1,4 @@
-"""The ``imaging-cds`` command line: ``analyze``, ``demo``, ``analyzers``.
+"""The ``imaging-cds`` command line: ``analyze``, ``demo``, ``serve``, ``worker``, ``analyzers``, ``evaluate``.
 
 Every failure the project anticipates ends with one line on stderr naming what was wrong and what to do,
 and a non-zero exit status; never a stack trace (``--debug`` shows one).
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="local FHIR server + Orthanc + real sample studies, analysed end to end")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where to write the report files")
     demo.add_argument(
+        "--engine",
+        choices=("embedded", "celery"),
+        default="embedded",
+        help="run the analyses in this process (default) or on a Celery worker with a local Redis broker",
+    )
+    demo.add_argument(
         "--keep-running",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -89,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     serve.add_argument("--threads", type=int, default=8, help="request threads (one process; default 8)")
+
+    worker = sub.add_parser("worker", help="run a Celery worker for the analyses serve queues (settings: jobs)")
+    worker.add_argument(
+        "--config", type=Path, required=True, help="the deployment settings file serve uses (with jobs.broker_url)"
+    )
+    worker.add_argument("--concurrency", type=int, help="analyses at once (child processes; default jobs.concurrency)")
+    worker.add_argument("--name", help="worker node name (default imaging-cds-<pid>@<host>)")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve this node's Prometheus metrics on 127.0.0.1:PORT/metrics"
+    )
 
     sub.add_parser("analyzers", help="list the available analyzers")
 
@@ -241,7 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from devtools.demo import run_demo
 
     keep_running = sys.stdin.isatty() if args.keep_running is None else args.keep_running
-    return run_demo(args.output, keep_running=keep_running)
+    return run_demo(args.output, keep_running=keep_running, engine=args.engine)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -272,11 +288,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.metrics_port:
+        # Metrics of a prefork node's children are gathered through files; the folder must be named before
+        # prometheus_client is first imported (by the settings' imports below).
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imaging-cds-worker-metrics-")
+    from service.settings import load_settings
+    from service.worker import run_worker
+
+    run_worker(
+        load_settings(args.config), concurrency=args.concurrency, node_name=args.name, metrics_port=args.metrics_port
+    )
+    return EXIT_OK
+
+
 COMMANDS = {
     "analyze": cmd_analyze,
     "analyzers": cmd_analyzers,
     "demo": cmd_demo,
     "serve": cmd_serve,
+    "worker": cmd_worker,
     "evaluate": cmd_evaluate,
 }
 

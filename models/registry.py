@@ -40,6 +40,14 @@ _BUILTIN: dict[str, str] = {
     "us-breast": "models.breast_us:BreastUltrasoundAnalyzer",
 }
 
+
+def import_builtin_modules() -> None:
+    """Import each built-in analyzer's module (torch, MONAI...), building nothing: a process that forks workers
+    does it once, so that each worker starts with the code already in memory."""
+    for target in _BUILTIN.values():
+        importlib.import_module(target.partition(":")[0])
+
+
 _REGISTERED_BUNDLES: dict[str, BundleSpec] = {}
 _configured: tuple[tuple[str, int], dict[str, BundleSpec]] | None = None
 

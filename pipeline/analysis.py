@@ -121,7 +121,9 @@ def load_image(choice: SeriesChoice, *, expected_modality_projection: bool) -> t
     Cross-sectional series (CT, MR, PT) become a checked volume; projection images (CR, DX, MG, US) are
     analysed one image at a time, the first instance of the series.
     """
-    datasets = fetch_series(choice.dicomweb_base, choice.study_uid, choice.series_uid)
+    datasets = fetch_series(
+        choice.dicomweb_base, choice.study_uid, choice.series_uid, expected_instances=choice.instance_count or None
+    )
     if expected_modality_projection:
         from dicom_io.projection import projection_input
 

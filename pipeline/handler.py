@@ -20,6 +20,7 @@ records are read by pollers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from core.errors import ConfigurationError, StudyError, UnsuitableInputError
 from fhir_adapters.client import FhirClient
 from pipeline.analysis import AnalysisOutcome, ProgressCallback, analyze_study
 from pipeline.memory import LoadedAnalyzers
+from pipeline.telemetry import ANALYSIS_SECONDS
 
 ANALYZE_STUDY = "analyze-study"
 """The job kind every front door submits."""
@@ -92,6 +94,7 @@ class StudyAnalysisHandler:
         outcomes: list[AnalysisOutcome] = []
         skipped: dict[str, str] = {}
         for name in names:
+            started = time.perf_counter()
             try:
                 outcome = analyze_study(
                     client,
@@ -107,6 +110,7 @@ class StudyAnalysisHandler:
                     raise
                 skipped[name] = exc.message  # no series this analyzer is built for
                 continue
+            ANALYSIS_SECONDS.labels(name).observe(time.perf_counter() - started)
             if self.on_outcome is not None:
                 self.on_outcome(params, outcome)
             outcomes.append(outcome)

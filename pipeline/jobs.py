@@ -12,9 +12,11 @@ Three small pieces keep the engine replaceable:
   message for anything else, never a traceback.
 - :class:`JobStore` keeps records. :class:`SqliteJobStore` is the durable default (one file, WAL mode).
 - :class:`JobRunner` runs handlers. :class:`EmbeddedJobRunner` runs them on threads inside the web process,
-  which is all a single-node deployment needs. A distributed engine (Celery with Redis, say) implements the
-  same four methods later: its ``submit`` writes the record and enqueues the id, its workers call the same
-  handlers with a :class:`ProgressReporter` bound to the shared store.
+  which is all a single-node deployment needs. The distributed engine (:mod:`pipeline.celery_engine`, Celery
+  with a Redis broker) implements the same four methods: its ``submit`` writes the record and publishes the id,
+  its workers call the same handlers with a :class:`ProgressReporter` bound to the shared store. What it needs
+  beyond :class:`JobStore` (a lease per attempt, attempts counted, publication tracked) is
+  :class:`LeasedJobStore`, which :class:`SqliteJobStore` also implements.
 
 Handlers are ``handler(params, report) -> result``: they receive the job's params, call
 ``report(progress, step)`` as they go, and return a JSON-serialisable summary (report id, written
@@ -39,10 +41,12 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +56,9 @@ from core.errors import ConfigurationError, ImagingCdsError
 from core.options import look_up_option
 
 logger = logging.getLogger(__name__)
+
+current_job_id: ContextVar[str | None] = ContextVar("imaging_cds_job_id", default=None)
+"""The id of the job the current thread is running (for log records; see :func:`running_job`)."""
 
 JsonObject = dict[str, Any]
 
@@ -96,6 +103,10 @@ class JobRecord:
     result: JsonObject | None
     error: JsonObject | None
     dedupe_key: str | None
+    attempts: int = 0
+    """How many times a worker started the job (a distributed engine runs a job again after a worker is lost)."""
+    worker: str | None = None
+    """Which worker process holds (or last held) the job: ``host:pid:attempt-token``; no patient data."""
 
     def to_json(self) -> JsonObject:
         """The record as a JSON object (timestamps in ISO 8601 UTC), for a status endpoint."""
@@ -112,6 +123,8 @@ class JobRecord:
             "result": self.result,
             "error": self.error,
             "dedupe_key": self.dedupe_key,
+            "attempts": self.attempts,
+            "worker": self.worker,
         }
 
 
@@ -136,6 +149,27 @@ def interrupted_error_summary() -> JsonObject:
         "message": "The service stopped while this job was running, so the job did not finish.",
         "remedy": "Check the EHR for a report from this analysis; if there is none, submit the analysis again.",
     }
+
+
+def worker_lost_error_summary(attempts: int) -> JsonObject:
+    """What a job record says when every attempt ended with its worker process gone (killed, out of memory)."""
+    return {
+        "type": "WorkerLost",
+        "message": f"The analysis was started {attempts} times and each time its worker process stopped before it "
+        "finished (killed, out of memory, or its machine stopped); it is not tried again.",
+        "remedy": "Check the worker logs and its memory ceiling for this study; a report appears in the EHR only if "
+        "an attempt finished writing it. Submit the analysis again once the cause is fixed.",
+    }
+
+
+@contextmanager
+def running_job(job_id: str) -> Iterator[None]:
+    """Mark the current thread as running ``job_id`` (log records then carry the job id)."""
+    token = current_job_id.set(job_id)
+    try:
+        yield
+    finally:
+        current_job_id.reset(token)
 
 
 def check_params(params: Mapping[str, Any]) -> JsonObject:
@@ -204,6 +238,62 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
 
+class ClaimOutcome(StrEnum):
+    """What a worker found when it tried to take a job (see :meth:`LeasedJobStore.claim`)."""
+
+    CLAIMED = "claimed"  # the job is this worker's to run now
+    HELD = "held"  # another worker holds a live lease on it: leave it to that worker
+    FINISHED = "finished"  # done or failed already: a repeated delivery, nothing to do
+    MISSING = "missing"  # no such job in the store
+    GAVE_UP = "gave-up"  # every attempt allowed was started and lost: the job is now failed
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    record: JobRecord | None
+
+
+class LeasedJobStore(JobStore, Protocol):
+    """What a distributed engine needs besides :class:`JobStore`: leases, attempts and publication.
+
+    A worker *claims* a job before running it: the claim moves a queued job (or a running one whose lease has
+    lapsed: its worker died) to running under the worker's name, counts the attempt, and starts a lease that the
+    worker renews (:meth:`heartbeat`) while it runs. A live lease keeps any other worker off the job, so a
+    message delivered twice never runs an analysis twice at once; a lapsed lease lets the job be taken over.
+    """
+
+    def claim(self, job_id: str, worker: str, *, lease_s: float, max_attempts: int) -> Claim:
+        """Take the job for ``worker`` in one transaction (see :class:`ClaimOutcome`)."""
+        ...
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Renew ``worker``'s lease; False when the job is no longer running under that worker."""
+        ...
+
+    def requeue(self, job_id: str, worker: str, step: str, *, publish_at: datetime) -> bool:
+        """Put a running job back in the queue for a later attempt (a transient failure), to be published at
+        ``publish_at``; the attempts made so far are kept."""
+        ...
+
+    def mark_published(self, job_id: str, at: datetime | None = None) -> None:
+        """Record that a message for the job was handed to the broker (due at ``at``, default now)."""
+        ...
+
+    def due_for_publishing(
+        self, *, lease_s: float, requeue_after_s: float, queue_empty: bool, limit: int = 100
+    ) -> tuple[str, ...]:
+        """Jobs whose message the broker may have lost, stamped as published now (so that several sweepers
+        publish each at most once per interval): queued jobs never published; queued jobs published more than
+        ``requeue_after_s`` ago while the broker's queue is empty; running jobs whose lease has lapsed, at once if
+        nothing was published for them since their last attempt began, else every ``requeue_after_s``."""
+        ...
+
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (for metrics)."""
+        ...
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -224,7 +314,21 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_dedupe ON jobs (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND state IN ('queued', 'running');
 """
 
-_COLUMNS = "id, kind, params, state, progress, step, created_at, started_at, finished_at, result, error, dedupe_key"
+_MIGRATIONS = (
+    # (column, definition): columns added after the first release, added to an older file when it is opened.
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("worker", "TEXT"),
+    ("heartbeat_at", "TEXT"),
+    ("published_at", "TEXT"),
+)
+
+_COLUMNS = (
+    "id, kind, params, state, progress, step, created_at, started_at, finished_at, result, error, dedupe_key, "
+    "attempts, worker"
+)
+_UNPUBLISHED_GRACE_S = 5.0
+"""A job never published is picked up by a sweeper this long after it was created: its submitter publishes it
+right after creating it, unless the broker was unreachable."""
 
 
 def _now() -> datetime:
@@ -236,7 +340,8 @@ def _timestamp(value: str | None) -> datetime | None:
 
 
 def _record_from_row(row: tuple[Any, ...]) -> JobRecord:
-    job_id, kind, params, state, progress, step, created, started, finished, result, error, dedupe_key = row
+    job_id, kind, params, state, progress, step, created, started, finished, result, error, dedupe_key = row[:12]
+    attempts, worker = row[12:14]
     created_at = _timestamp(created)
     assert created_at is not None  # NOT NULL column
     return JobRecord(
@@ -252,6 +357,8 @@ def _record_from_row(row: tuple[Any, ...]) -> JobRecord:
         result=json.loads(result) if result is not None else None,
         error=json.loads(error) if error is not None else None,
         dedupe_key=dedupe_key,
+        attempts=int(attempts),
+        worker=worker,
     )
 
 
@@ -259,8 +366,11 @@ class SqliteJobStore:
     """Job records in one SQLite file (WAL mode, so pollers in other processes read while a worker writes).
 
     One connection per store, guarded by a lock, serves every thread; write transactions are ``BEGIN
-    IMMEDIATE`` so the dedupe check-and-insert is atomic across processes too. The schema is created if
-    missing; there are no migrations yet, so a column added later must come with one.
+    IMMEDIATE`` so the dedupe check-and-insert and a worker's claim are atomic across processes too. Every
+    process of a deployment (the web process, each Celery worker) may open the same file: it is the
+    :class:`LeasedJobStore` of :mod:`pipeline.celery_engine`. The schema is created if missing, and columns added
+    since (``_MIGRATIONS``) are added to an older file. A connection must not cross ``fork``: a process opens
+    its own store.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -270,7 +380,13 @@ class SqliteJobStore:
         with self._lock:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._connection.executescript(_SCHEMA)
+        with self._transaction() as db:  # several processes may open a new file at once
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, definition in _MIGRATIONS:
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
 
     def __enter__(self) -> Self:
         return self
@@ -346,7 +462,7 @@ class SqliteJobStore:
 
     def mark_running(self, job_id: str) -> bool:
         return self._write(
-            "UPDATE jobs SET state = ?, started_at = ? WHERE id = ? AND state = ?",
+            "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
             (JobState.RUNNING.value, _now().isoformat(), job_id, JobState.QUEUED.value),
         )
 
@@ -374,6 +490,118 @@ class SqliteJobStore:
                 JobState.RUNNING.value,
             ),
         )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: other processes wait for it (up to the connection timeout)."""
+        with self._lock:
+            db = self._connection
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def claim(self, job_id: str, worker: str, *, lease_s: float, max_attempts: int) -> Claim:
+        now = _now()
+        with self._transaction() as db:
+            row = db.execute(f"SELECT {_COLUMNS}, heartbeat_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return Claim(ClaimOutcome.MISSING, None)
+            record = _record_from_row(row)
+            heartbeat = _timestamp(row[-1])
+            if record.state.finished:
+                return Claim(ClaimOutcome.FINISHED, record)
+            lapsed = heartbeat is None or (now - heartbeat).total_seconds() > lease_s
+            if record.state is JobState.RUNNING and not lapsed:
+                return Claim(ClaimOutcome.HELD, record)
+            if record.state is JobState.RUNNING and record.attempts >= max_attempts:
+                db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                    (
+                        JobState.FAILED.value,
+                        now.isoformat(),
+                        json.dumps(worker_lost_error_summary(record.attempts)),
+                        job_id,
+                    ),
+                )
+                return Claim(ClaimOutcome.GAVE_UP, self._get_locked(db, job_id))
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, worker = ?, heartbeat_at = ?, progress = 0, "
+                "step = '', started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (JobState.RUNNING.value, worker, now.isoformat(), now.isoformat(), job_id),
+            )
+            return Claim(ClaimOutcome.CLAIMED, self._get_locked(db, job_id))
+
+    @staticmethod
+    def _get_locked(db: sqlite3.Connection, job_id: str) -> JobRecord:
+        return _record_from_row(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        return self._write(
+            "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND state = ? AND worker = ?",
+            (_now().isoformat(), job_id, JobState.RUNNING.value, worker),
+        )
+
+    def requeue(self, job_id: str, worker: str, step: str, *, publish_at: datetime) -> bool:
+        return self._write(
+            "UPDATE jobs SET state = ?, progress = 0, step = ?, heartbeat_at = NULL, published_at = ? "
+            "WHERE id = ? AND state = ? AND worker = ?",
+            (
+                JobState.QUEUED.value,
+                step[:_MAX_STEP_CHARS],
+                publish_at.isoformat(),
+                job_id,
+                JobState.RUNNING.value,
+                worker,
+            ),
+        )
+
+    def mark_published(self, job_id: str, at: datetime | None = None) -> None:
+        self._write("UPDATE jobs SET published_at = ? WHERE id = ?", ((at or _now()).isoformat(), job_id))
+
+    def due_for_publishing(
+        self, *, lease_s: float, requeue_after_s: float, queue_empty: bool, limit: int = 100
+    ) -> tuple[str, ...]:
+        now = _now()
+        unpublished_before = (now - timedelta(seconds=_UNPUBLISHED_GRACE_S)).isoformat()
+        requeue_before = (now - timedelta(seconds=requeue_after_s)).isoformat()
+        lapsed_before = (now - timedelta(seconds=lease_s)).isoformat()
+        queued, running = JobState.QUEUED.value, JobState.RUNNING.value
+        # ISO 8601 UTC timestamps of one format compare as text in time order.
+        with self._transaction() as db:
+            ids = tuple(
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE "
+                    "(state = ? AND published_at IS NULL AND created_at < ?) "
+                    "OR (state = ? AND ? AND published_at < ?) "
+                    "OR (state = ? AND (heartbeat_at IS NULL OR heartbeat_at < ?) AND (published_at IS NULL "
+                    "    OR published_at < heartbeat_at OR published_at < ?)) "
+                    "ORDER BY rowid LIMIT ?",
+                    (
+                        queued,
+                        unpublished_before,
+                        queued,
+                        int(queue_empty),
+                        requeue_before,
+                        running,
+                        lapsed_before,
+                        requeue_before,
+                        limit,
+                    ),
+                )
+            )
+            db.executemany("UPDATE jobs SET published_at = ? WHERE id = ?", [(now.isoformat(), i) for i in ids])
+        return ids
+
+    def counts(self) -> dict[JobState, int]:
+        with self._lock:
+            rows = self._connection.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = {JobState(state): int(count) for state, count in rows}
+        return {state: found.get(state, 0) for state in JobState}
 
     def fail_interrupted(self) -> tuple[str, ...]:
         with self._lock:
@@ -418,6 +646,18 @@ class ProgressReporter:
 
 JobHandler = Callable[[JsonObject, ProgressReporter], Mapping[str, Any]]
 """Runs one kind of job: ``handler(params, report) -> result summary`` (JSON-serialisable)."""
+
+
+def plain_result(result: Mapping[str, Any]) -> JsonObject:
+    """A handler's result as the plain JSON object the store keeps (fails on NaN or unserialisable values)."""
+    plain: JsonObject = json.loads(json.dumps(dict(result), allow_nan=False))
+    return plain
+
+
+def log_unexpected_failure(job_id: str, kind: str, exc: BaseException) -> None:
+    """Log an unexpected handler exception by type and place only: its text and locals may hold PHI."""
+    where = "".join(traceback.format_tb(exc.__traceback__))
+    logger.error("Job %s (%s) failed with unexpected %s at\n%s", job_id, kind, type(exc).__name__, where)
 
 
 class JobRunner(Protocol):
@@ -537,16 +777,14 @@ class EmbeddedJobRunner:
             return
         if not self._store.mark_running(job_id):
             return  # failed or finished elsewhere meanwhile
-        try:
-            result = handler(params, ProgressReporter(self._store, job_id))
-            summary = json.loads(json.dumps(dict(result), allow_nan=False))
-        except ImagingCdsError as exc:
-            logger.info("Job %s (%s) failed: %s", job_id, kind, type(exc).__name__)
-            self._store.mark_failed(job_id, error_summary(exc))
-        except Exception as exc:
-            # The exception's text and the handler's locals may hold PHI: log its type and where it happened.
-            where = "".join(traceback.format_tb(exc.__traceback__))
-            logger.error("Job %s (%s) failed with unexpected %s at\n%s", job_id, kind, type(exc).__name__, where)
-            self._store.mark_failed(job_id, internal_error_summary(job_id))
-        else:
-            self._store.mark_done(job_id, summary)
+        with running_job(job_id):
+            try:
+                summary = plain_result(handler(params, ProgressReporter(self._store, job_id)))
+            except ImagingCdsError as exc:
+                logger.info("Job %s (%s) failed: %s", job_id, kind, type(exc).__name__)
+                self._store.mark_failed(job_id, error_summary(exc))
+            except Exception as exc:
+                log_unexpected_failure(job_id, kind, exc)
+                self._store.mark_failed(job_id, internal_error_summary(job_id))
+            else:
+                self._store.mark_done(job_id, summary)

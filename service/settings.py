@@ -16,6 +16,16 @@ hold them. Example (YAML)::
     backend:                                                    # optional: background analyses on order-sign
       {fhir_base: https://ehr.hospital.example/fhir, client_id: imaging-cds-system,
        private_key_file: /etc/imaging-cds/system-key.pem, kid: sys-1, algorithm: RS384}
+    jobs:                                                       # optional: analyses on Celery workers
+      {broker_url: "redis://127.0.0.1:6379/0", soft_time_limit_s: 900, hard_time_limit_s: 960,
+       max_memory_per_child_mb: 4096, max_attempts: 3}
+    logging: {format: json, level: INFO}                        # optional: text (default) or json
+
+``backend`` without credentials (``{fhir_base: ..., auth: none}``) talks to an open FHIR server: development only.
+Without ``jobs`` analyses run on threads inside ``serve``; with ``jobs.broker_url`` ``serve`` only queues them and
+``imaging-cds worker --config <the same file>`` runs them (see :class:`pipeline.celery_engine.EngineSettings`
+for every ``jobs`` key and its default). ``serve`` and its workers share ``data_dir`` (the job records, and the
+clinician app's sessions that app analyses run with).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,7 @@ import yaml
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
 from core.options import did_you_mean
+from pipeline.celery_engine import EngineSettings
 
 _TOP_LEVEL_KEYS = (
     "public_base_url",
@@ -42,7 +53,11 @@ _TOP_LEVEL_KEYS = (
     "smart_clients",
     "backend",
     "secure_cookies",
+    "jobs",
+    "logging",
 )
+_LOG_FORMATS = ("text", "json")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -50,11 +65,14 @@ class BackendClient:
     """A SMART Backend Services registration used for analyses that no clinician launched (order-sign)."""
 
     fhir_base: str
-    client_id: str
-    private_key_file: Path
-    kid: str
+    client_id: str | None
+    """``None``: an open FHIR server, no credentials (``auth: none``; development only)."""
+    private_key_file: Path | None
+    kid: str | None
     algorithm: str = "RS384"
     token_url: str | None = None
+    timeout_s: float = 30.0
+    """Seconds to wait for each answer of the FHIR server (a slower one is retried, then the job retried)."""
     scope: str = (
         "system/ImagingStudy.rs system/Endpoint.rs system/DiagnosticReport.cru system/Observation.cr "
         "system/Media.c system/Device.cr system/Provenance.cu"
@@ -73,6 +91,10 @@ class Settings:
     smart_clients: tuple[Mapping[str, Any], ...]
     backend: BackendClient | None
     secure_cookies: bool
+    jobs: EngineSettings | None = None
+    """The Celery engine's settings; ``None``: analyses run on threads inside ``serve``."""
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     @property
     def base_url(self) -> str:
@@ -109,17 +131,7 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
     public = str(_require(raw, "public_base_url", source))
     if not public.startswith(("http://", "https://")):
         raise ConfigurationError(f"{source}: public_base_url must be an absolute http(s) URL.")
-    backend_raw = raw.get("backend")
-    backend = None
-    if backend_raw:
-        backend = BackendClient(
-            fhir_base=str(_require(backend_raw, "fhir_base", f"{source} backend")),
-            client_id=str(_require(backend_raw, "client_id", f"{source} backend")),
-            private_key_file=Path(_require(backend_raw, "private_key_file", f"{source} backend")),
-            kid=str(_require(backend_raw, "kid", f"{source} backend")),
-            algorithm=str(backend_raw.get("algorithm", "RS384")),
-            token_url=backend_raw.get("token_url"),
-        )
+    log_format, log_level = _parse_logging(raw.get("logging") or {}, source)
     return Settings(
         public_base_url=public,
         data_dir=Path(str(_require(raw, "data_dir", source))),
@@ -127,9 +139,73 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
         fhir_allow=AllowList.of(raw.get("fhir_allow", [])),
         cds_clients=tuple(raw.get("cds_clients", [])),
         smart_clients=tuple(raw.get("smart_clients", [])),
-        backend=backend,
+        backend=_parse_backend(raw.get("backend"), source),
         secure_cookies=bool(raw.get("secure_cookies", public.startswith("https://"))),
+        jobs=_parse_jobs(raw.get("jobs"), source),
+        log_format=log_format,
+        log_level=log_level,
     )
+
+
+def _parse_backend(raw: Mapping[str, Any] | None, source: str) -> BackendClient | None:
+    if not raw:
+        return None
+    where = f"{source} backend"
+    fhir_base = str(_require(raw, "fhir_base", where))
+    try:
+        timeout_s = float(raw.get("timeout_s", 30.0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{where}: timeout_s must be a number of seconds.") from exc
+    if raw.get("auth") == "none" and not raw.get("client_id"):
+        return BackendClient(fhir_base=fhir_base, client_id=None, private_key_file=None, kid=None, timeout_s=timeout_s)
+    return BackendClient(
+        timeout_s=timeout_s,
+        fhir_base=fhir_base,
+        client_id=str(_require(raw, "client_id", where)),
+        private_key_file=Path(_require(raw, "private_key_file", where)),
+        kid=str(_require(raw, "kid", where)),
+        algorithm=str(raw.get("algorithm", "RS384")),
+        token_url=raw.get("token_url"),
+    )
+
+
+def _parse_jobs(raw: Mapping[str, Any] | None, source: str) -> EngineSettings | None:
+    if not raw:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{source}: 'jobs' must be a mapping of settings.")
+    known = tuple(f.name for f in fields(EngineSettings))
+    for key in raw:
+        if key not in known:
+            raise ConfigurationError(
+                f"{source}: unknown key 'jobs.{key}'.{did_you_mean(str(key), known)}",
+                remedy=f"Known keys: {', '.join(known)}.",
+            )
+    _require(raw, "broker_url", f"{source} jobs")
+    kinds: dict[str, type] = {
+        f.name: type(f.default) if f.default is not MISSING else str for f in fields(EngineSettings)
+    }
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind = kinds[key]
+        try:
+            values[key] = kind(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{source}: jobs.{key} must be a {kind.__name__}, not {value!r}.") from exc
+    return EngineSettings(**values)
+
+
+def _parse_logging(raw: Mapping[str, Any], source: str) -> tuple[str, str]:
+    log_format = str(raw.get("format", "text")).lower()
+    level = str(raw.get("level", "INFO")).upper()
+    if log_format not in _LOG_FORMATS:
+        raise ConfigurationError(
+            f"{source}: logging.format must be one of {', '.join(_LOG_FORMATS)}, not {log_format!r}."
+            f"{did_you_mean(log_format, _LOG_FORMATS)}"
+        )
+    if level not in _LOG_LEVELS:
+        raise ConfigurationError(f"{source}: logging.level must be one of {', '.join(_LOG_LEVELS)}, not {level!r}.")
+    return log_format, level
 
 
 def load_settings(path: Path) -> Settings:

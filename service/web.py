@@ -3,14 +3,20 @@
     /cds-services...   CDS Hooks 2.0 service (``cds``)           - answers EHR hooks, never runs inference
     /models/...        model cards, HTML and JSON (``service.model_cards``)
     /app/...           the clinician SMART app (``smart_launch``), launch URL ``/app/launch``
+    /healthz /readyz /metrics /openapi.json   operations (``service.observability``, ``service.openapi``)
 
 The clinician app keeps its own Flask application (its cookie, CSRF and Content-Security-Policy settings
 are its own); it is mounted under ``/app``. The sandbox EHR is a development tool and is never served here.
 
-Background analyses that the CDS service queues on order-sign run in an embedded job runner with the
-deployment's SMART Backend Services client; without a ``backend`` in the settings nothing is queued and the
-cards do not promise it. One process (threads, not worker processes) keeps the job runner and the JWT replay
-cache whole: see ``serve``.
+Analyses (the clinician app's, and those the CDS service queues on order-sign with the deployment's SMART
+Backend Services client; without a ``backend`` in the settings nothing is queued and the cards do not promise it)
+run on one of two engines, chosen by the settings:
+
+* embedded (the default): threads inside this process, each front door with its own job store;
+* Celery (``jobs.broker_url``): this process only records and publishes jobs, in one store shared with the workers
+  (``data_dir/jobs.sqlite``); ``imaging-cds worker`` runs them (:mod:`service.worker`), so no analysis runs here.
+
+One process (threads, not worker processes) keeps the JWT replay cache whole: see ``serve``.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
 from core.errors import ConfigurationError
+from pipeline.celery_engine import CeleryJobRunner
 from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
-from pipeline.jobs import EmbeddedJobRunner, SqliteJobStore
+from pipeline.jobs import EmbeddedJobRunner, JobRunner, SqliteJobStore
 from service.model_cards import models_blueprint
+from service.observability import Dependencies, RequestMetrics, install_operations, label_routes
+from service.openapi import openapi_document
 from service.settings import Settings, secret_from_env
 
 log = logging.getLogger(__name__)
@@ -65,39 +74,86 @@ def _smart_registration(raw: Mapping[str, Any], settings: Settings) -> Any:
     )
 
 
-def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
-    """The job runner for analyses queued by order-sign, and the ``enqueue_analysis`` callable for the CDS app."""
+def job_store_path(settings: Settings) -> Path:
+    """The job store ``serve`` and its Celery workers share."""
+    return settings.data_dir / "jobs.sqlite"
+
+
+def backend_client(settings: Settings) -> Any:
+    """The FHIR client of analyses no clinician launched (order-sign), with the SMART Backend Services credentials
+    of the settings, or none for an open development server (``backend: {auth: none}``)."""
     from fhir_adapters.auth import backend_services_auth
     from fhir_adapters.client import FhirClient
 
     backend = settings.backend
     assert backend is not None
     session = requests.Session()
-    auth = backend_services_auth(
-        backend.fhir_base,
-        backend.client_id,
-        scope=backend.scope,
-        session=session,
-        token_url=backend.token_url,
-        private_key=backend.private_key_file.read_text(),
-        kid=backend.kid,
-        algorithm=backend.algorithm,  # type: ignore[arg-type]
+    auth = None
+    if backend.client_id is not None:
+        assert backend.private_key_file is not None and backend.kid is not None
+        auth = backend_services_auth(
+            backend.fhir_base,
+            backend.client_id,
+            scope=backend.scope,
+            session=session,
+            token_url=backend.token_url,
+            private_key=backend.private_key_file.read_text(),
+            kid=backend.kid,
+            algorithm=backend.algorithm,  # type: ignore[arg-type]
+        )
+    return FhirClient(backend.fhir_base, auth=auth, session=session, timeout=backend.timeout_s)
+
+
+def smart_app_config(settings: Settings) -> Any:
+    """The clinician app's configuration: the same in ``serve`` and in a worker (its session store's path)."""
+    from smart_launch.config import SmartAppConfig
+
+    return SmartAppConfig(
+        clients=tuple(_smart_registration(c, settings) for c in settings.smart_clients),
+        data_dir=settings.data_dir / "app",
+        dicomweb_allow_list=settings.dicomweb_allow,
+        secure_cookies=settings.secure_cookies,
+        card_base_url=settings.base_url,
     )
-    client = FhirClient(backend.fhir_base, auth=auth, session=session)
+
+
+def order_sign_params(imaging_study: str) -> tuple[dict[str, Any], str]:
+    """The params and dedupe key of the analysis order-sign queues for a study."""
+    return analysis_params(imaging_study, BACKGROUND_ANALYZERS, skip_unsuitable=True), f"order-sign|{imaging_study}"
+
+
+def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, SqliteJobStore]:
+    """The embedded job runner for analyses queued by order-sign."""
+    client = backend_client(settings)
     handler = StudyAnalysisHandler(
         client_for=lambda params: client,
         dicomweb_allow_list=settings.dicomweb_allow,
         card_base_url=settings.base_url,
     )
-    runner = EmbeddedJobRunner(
-        SqliteJobStore(settings.data_dir / "background-jobs.sqlite"), {ANALYZE_STUDY: handler}, max_workers=1
+    store = SqliteJobStore(settings.data_dir / "background-jobs.sqlite")
+    return EmbeddedJobRunner(store, {ANALYZE_STUDY: handler}, max_workers=1), store
+
+
+def celery_runner(settings: Settings) -> CeleryJobRunner:
+    """The runner that records jobs in the shared store and publishes them to the workers."""
+    from pipeline.celery_engine import make_celery_app
+
+    engine = settings.jobs
+    assert engine is not None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteJobStore(job_store_path(settings))
+    return CeleryJobRunner(store, make_celery_app(engine), engine, kinds=(ANALYZE_STUDY,))
+
+
+def _dependencies(settings: Settings) -> Dependencies:
+    fhir_bases = [c.get("fhir_base", "") for c in settings.smart_clients]
+    if settings.backend is not None:
+        fhir_bases.append(settings.backend.fhir_base)
+    return Dependencies(
+        fhir_bases=tuple(dict.fromkeys(str(b) for b in fhir_bases if b)),
+        dicomweb_bases=settings.dicomweb_allow.prefixes,
+        engine=settings.jobs,
     )
-
-    def enqueue(imaging_study: str) -> str | None:
-        params = analysis_params(imaging_study, BACKGROUND_ANALYZERS, skip_unsuitable=True)
-        return runner.submit(ANALYZE_STUDY, params, dedupe_key=imaging_study).id
-
-    return runner, enqueue
 
 
 def create_server_app(settings: Settings) -> Any:
@@ -105,9 +161,22 @@ def create_server_app(settings: Settings) -> Any:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not settings.cds_clients:
         raise ConfigurationError("No CDS clients are configured.", remedy="Add cds_clients to the settings file.")
+    stores: list[Any] = []
+    engine_runner = celery_runner(settings) if settings.jobs is not None else None
+    background: JobRunner | None = engine_runner
+    if engine_runner is not None:
+        stores.append(engine_runner.store)
+    elif settings.backend is not None:
+        background, background_store = _background_runner(settings)
+        stores.append(background_store)
     enqueue = None
-    if settings.backend is not None:
-        _, enqueue = _background_runner(settings)
+    if settings.backend is not None and background is not None:
+        runner = background
+
+        def enqueue(imaging_study: str) -> str | None:
+            params, dedupe_key = order_sign_params(imaging_study)
+            return runner.submit(ANALYZE_STUDY, params, dedupe_key=dedupe_key).id
+
     cds_app: Flask = create_cds_app(
         CdsConfig(
             public_base_url=settings.base_url,
@@ -120,22 +189,25 @@ def create_server_app(settings: Settings) -> Any:
         )
     )
     cds_app.register_blueprint(models_blueprint)
+    label_routes(cds_app)
     mounts: dict[str, Any] = {}
     if settings.smart_clients:
+        from smart_launch.app import EXTENSION_KEY as SMART_KEY
         from smart_launch.app import create_app as create_smart_app
-        from smart_launch.config import SmartAppConfig
 
-        smart_app = create_smart_app(
-            SmartAppConfig(
-                clients=tuple(_smart_registration(c, settings) for c in settings.smart_clients),
-                data_dir=settings.data_dir / "app",
-                dicomweb_allow_list=settings.dicomweb_allow,
-                secure_cookies=settings.secure_cookies,
-                card_base_url=settings.base_url,
-            )
-        )
+        smart_app = create_smart_app(smart_app_config(settings), job_runner=engine_runner)
+        if engine_runner is None:
+            stores.append(smart_app.extensions[SMART_KEY].job_store)
+        label_routes(smart_app)
         mounts["/app"] = smart_app
-    return DispatcherMiddleware(cds_app, mounts) if mounts else cds_app
+    install_operations(
+        cds_app,
+        dependencies=_dependencies(settings),
+        stores=lambda: stores,
+        openapi=openapi_document(settings.base_url, with_app=bool(settings.smart_clients)),
+    )
+    application = DispatcherMiddleware(cds_app, mounts) if mounts else cds_app
+    return RequestMetrics(application)
 
 
 def serve(settings: Settings, *, host: str, port: int, threads: int = 8) -> None:
@@ -143,7 +215,9 @@ def serve(settings: Settings, *, host: str, port: int, threads: int = 8) -> None
     from gunicorn.app.base import BaseApplication
 
     from pipeline.memory import freeze_long_lived
+    from service.logs import configure_logging
 
+    configure_logging(settings.log_format, settings.log_level)
     application = create_server_app(settings)
     freeze_long_lived()  # start-up objects are long-lived: keep them out of the collector's way (p99 latency)
 

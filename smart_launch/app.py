@@ -47,7 +47,6 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from core.allowlist import AllowList
 from core.errors import ImagingCdsError
 from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
@@ -59,10 +58,11 @@ from fhir_adapters.validation import validate_bundle
 from models.base import Analyzer
 from pipeline.analysis import AnalysisOutcome
 from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
-from pipeline.jobs import EmbeddedJobRunner, JobRecord, JobState, SqliteJobStore, UnknownJobError
+from pipeline.jobs import EmbeddedJobRunner, JobRecord, JobRunner, JobState, SqliteJobStore, UnknownJobError
 from pipeline.memory import LoadedAnalyzers
 from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
+from smart_launch.launch_clients import LaunchClients, open_session_store
 from smart_launch.oauth import SmartLaunchError, TokenSet
 from smart_launch.reviews import ReviewLog
 from smart_launch.session import AuthorizationState, RecentReads, SessionStore, SessionTokenProvider
@@ -105,15 +105,24 @@ class SmartApp:
 
     config: SmartAppConfig
     sessions: SessionStore
-    job_store: SqliteJobStore
+    job_store: SqliteJobStore | None
     reviews: ReviewLog
     http: requests.Session = field(default_factory=requests.Session)
     recent: RecentReads = field(default_factory=RecentReads)
     loaded: LoadedAnalyzers = field(default_factory=LoadedAnalyzers)
     _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
-    jobs: EmbeddedJobRunner = field(init=False)
+    job_runner: JobRunner | None = None
+    """A job engine's runner (its workers build the handler themselves: ``service.worker``); ``None``: analyses
+    run on an embedded runner over ``job_store``, in this process."""
+    jobs: JobRunner = field(init=False)
+    clients: LaunchClients = field(init=False)
 
     def __post_init__(self) -> None:
+        self.clients = LaunchClients(self.config, self.sessions, self.http)
+        if self.job_runner is not None:
+            self.jobs = self.job_runner
+            return
+        assert self.job_store is not None, "an embedded runner needs a job store"
         handler = StudyAnalysisHandler(
             client_for=self.client_for_job,
             dicomweb_allow_list=self.config.dicomweb_allow_list,
@@ -127,20 +136,10 @@ class SmartApp:
     # ------------------------------------------------------------------ tokens and FHIR
 
     def refresher(self, state: AuthorizationState) -> TokenSet:
-        """Refresh a session's access token with the registration of the EHR that issued it."""
-        client = self.config.registration_for(state.fhir_base)
-        assert state.refresh_token is not None
-        return oauth.refresh_access_token(
-            state.smart_configuration,
-            client,
-            refresh_token=state.refresh_token,
-            granted_scope=state.granted_scope,
-            http=self.http,
-            timeout=self.config.http_timeout_s,
-        )
+        return self.clients.refresher(state)
 
     def token_provider(self, session_id: str) -> SessionTokenProvider:
-        return SessionTokenProvider(self.sessions, session_id, self.refresher)
+        return self.clients.token_provider(session_id)
 
     def read_recent(self, session_id: str, client: FhirClient, resource_type: str, resource_id: str) -> dict[str, Any]:
         """``resource_type/resource_id`` as this session read it within the last minute, else read from the EHR."""
@@ -154,13 +153,7 @@ class SmartApp:
 
     def fhir_client(self, session_id: str, state: AuthorizationState) -> FhirClient:
         """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session."""
-        return FhirClient(
-            state.fhir_base,
-            auth=self.token_provider(session_id),
-            timeout=self.config.http_timeout_s,
-            session=requests.Session(),
-            allow_list=AllowList.of([state.fhir_base]),
-        )
+        return self.clients.fhir_client(session_id, state)
 
     # ------------------------------------------------------------------ analyzers
 
@@ -200,18 +193,8 @@ class SmartApp:
     # ------------------------------------------------------------------ jobs
 
     def client_for_job(self, params: Mapping[str, Any]) -> FhirClient:
-        """The FHIR client an analysis job runs with: the launching session's, found by the job's launch reference.
-
-        The token reaches the pipeline through the session store, never through the job's params.
-        """
-        session_id = self.sessions.session_for_job_ref(str(params.get("launch_ref", "")))
-        state = self.sessions.get(session_id) if session_id else None
-        if session_id is None or state is None or not state.authorized:
-            raise SmartLaunchError(
-                "The launch that started this analysis has ended, so the EHR cannot be read for it.",
-                remedy="Launch imaging-cds again from the EHR and start the analysis again.",
-            )
-        return self.fhir_client(session_id, state)
+        """The FHIR client an analysis job runs with: the launching session's (see :class:`LaunchClients`)."""
+        return self.clients.client_for_job(params)
 
     def keep_outcome(self, params: Mapping[str, Any], outcome: AnalysisOutcome) -> None:
         """Keep what an analysis just filed for the launching session's next page (see the two methods below)."""
@@ -256,7 +239,8 @@ class SmartApp:
 
     def close(self) -> None:
         self.jobs.shutdown(wait=True)
-        self.job_store.close()
+        if self.job_store is not None:
+            self.job_store.close()
         self.sessions.close()
         self.reviews.close()
 
@@ -266,8 +250,11 @@ def smart_app() -> SmartApp:
     return ext
 
 
-def create_app(config: SmartAppConfig) -> Flask:
-    """Build the clinician app for ``config``; state files live under ``config.data_dir``."""
+def create_app(config: SmartAppConfig, *, job_runner: JobRunner | None = None) -> Flask:
+    """Build the clinician app for ``config``; state files live under ``config.data_dir``.
+
+    ``job_runner``: the deployment's job engine (``serve`` with a broker); by default analyses run in this process.
+    """
     config.data_dir.mkdir(parents=True, exist_ok=True)
     app = Flask(__name__)
     app.config.update(
@@ -282,9 +269,10 @@ def create_app(config: SmartAppConfig) -> Flask:
     )
     ext = SmartApp(
         config=config,
-        sessions=SessionStore(config.data_dir / "smart-sessions.sqlite", max_age_s=config.session_lifetime_s),
-        job_store=SqliteJobStore(config.data_dir / "smart-jobs.sqlite"),
+        sessions=open_session_store(config),
+        job_store=None if job_runner is not None else SqliteJobStore(config.data_dir / "smart-jobs.sqlite"),
         reviews=ReviewLog(config.data_dir / "reviews.sqlite"),
+        job_runner=job_runner,
     )
     app.extensions[EXTENSION_KEY] = ext
     app.register_blueprint(bp)

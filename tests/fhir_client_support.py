@@ -24,12 +24,17 @@ from devtools.servers import free_port
 @dataclass
 class Action:
     """What the proxy does with one request: answer ``status`` itself (with ``body`` and extra ``headers``, such
-    as a redirect's ``Location``), or wait ``delay`` s, then forward."""
+    as a redirect's ``Location``), or wait ``delay`` s, then forward.
+
+    ``lose_answer``: forward the request (the server does what it asks) and then answer ``status`` instead of the
+    server's answer, as when the answer of a write is lost on the way back.
+    """
 
     status: int | None = None
     delay: float = 0.0
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    lose_answer: bool = False
 
 
 Plan = Callable[[int, str, str], Action | None]
@@ -80,7 +85,7 @@ def fault_proxy(upstream_base: str, plan: Plan) -> Iterator[FaultProxy]:
             action = plan(index, self.command, self.path)
             if action is not None and action.delay:
                 time.sleep(action.delay)
-            if action is not None and action.status is not None:
+            if action is not None and action.status is not None and not action.lose_answer:
                 payload = json.dumps(action.body or _outcome(action.status)).encode()
                 self._reply(action.status, {"Content-Type": "application/fhir+json", **action.headers}, payload)
                 return
@@ -96,6 +101,10 @@ def fault_proxy(upstream_base: str, plan: Plan) -> Iterator[FaultProxy]:
                 )
             except requests.RequestException:
                 self._reply(502, {"Content-Type": "text/plain"}, b"upstream unreachable")
+                return
+            if action is not None and action.lose_answer:
+                status = action.status or 500
+                self._reply(status, {"Content-Type": "application/fhir+json"}, json.dumps(_outcome(status)).encode())
                 return
             keep = {
                 k: v

@@ -6,8 +6,16 @@ authorization server and a scope-enforcing proxy), and the Flask app served by w
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import requests
+
+if TYPE_CHECKING:
+    from devtools.demo import LoadedStudy
+    from devtools.sandbox.dev import RunningApp
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -25,3 +33,22 @@ def practitioner_resource(name: str) -> dict[str, object]:
         "identifier": [{"system": "http://imaging-cds.org/fhir/sid/test-practitioner", "value": str(uuid.uuid4())}],
         "name": [{"family": name, "given": ["Test"], "prefix": ["Dr"]}],
     }
+
+
+def launch_over_http(app: RunningApp, chest_ct: LoadedStudy, practitioner: str, *, drop: str = "") -> requests.Response:
+    """Click the app in the EHR, approve the consent page (unticking scopes matching ``drop``), land in the app."""
+    browser = requests.Session()
+    url = app.sandbox.launch_url(chest_ct.patient.split("/")[1], practitioner, app.launch_url)
+    consent = browser.get(url, timeout=30)
+    assert consent.status_code == 200, consent.text[:300]
+    transaction = re.search(r'name="transaction" value="([^"]+)"', consent.text)
+    assert transaction is not None
+    scopes = re.findall(r'name="granted" value="([^"]+)"', consent.text)
+    granted = [s for s in scopes if not (drop and re.search(drop, s))]
+    answer = browser.post(
+        f"{app.sandbox.base_url}/authorize/decision",
+        data={"transaction": transaction.group(1), "decision": "approve", "granted": granted},
+        timeout=60,
+    )
+    answer.session = browser  # type: ignore[attr-defined]
+    return answer

@@ -35,7 +35,7 @@ from smart_launch.views import (
     study_row,
     suitable_analyzers,
 )
-from tests.smart_support import practitioner_resource
+from tests.smart_support import launch_over_http, practitioner_resource
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +51,6 @@ def chest_ct(fhir: FhirClient, orthanc: OrthancServer) -> LoadedStudy:
 @pytest.fixture(scope="module")
 def practitioner(fhir: FhirClient) -> str:
     return f"Practitioner/{fhir.create(practitioner_resource('Reviewer'))['id']}"
-
-
-def launch_over_http(app: RunningApp, chest_ct: LoadedStudy, practitioner: str, *, drop: str = "") -> requests.Response:
-    """Click the app in the EHR, approve the consent page (unticking scopes matching ``drop``), land in the app."""
-    browser = requests.Session()
-    url = app.sandbox.launch_url(chest_ct.patient.split("/")[1], practitioner, app.launch_url)
-    consent = browser.get(url, timeout=30)
-    assert consent.status_code == 200, consent.text[:300]
-    transaction = re.search(r'name="transaction" value="([^"]+)"', consent.text)
-    assert transaction is not None
-    scopes = re.findall(r'name="granted" value="([^"]+)"', consent.text)
-    granted = [s for s in scopes if not (drop and re.search(drop, s))]
-    answer = browser.post(
-        f"{app.sandbox.base_url}/authorize/decision",
-        data={"transaction": transaction.group(1), "decision": "approve", "granted": granted},
-        timeout=60,
-    )
-    answer.session = browser  # type: ignore[attr-defined]
-    return answer
 
 
 @pytest.fixture(scope="module")

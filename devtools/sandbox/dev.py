@@ -20,6 +20,7 @@ from core.allowlist import AllowList
 from devtools.sandbox.app import QuietRequestHandler, SandboxHandle, run_sandbox
 from devtools.sandbox.config import SandboxClient, SandboxConfig
 from devtools.servers import free_port
+from pipeline.jobs import JobRunner
 from service.model_cards import models_blueprint
 from smart_launch.app import EXTENSION_KEY, SmartApp, create_app
 from smart_launch.config import SmartAppConfig
@@ -61,11 +62,13 @@ def serve_app_with_sandbox(
     registration_overrides: dict[str, object] | None = None,
     confidential_secret: str | None = None,
     confidential_jwks: dict[str, object] | None = None,
+    job_runner: JobRunner | None = None,
 ) -> Iterator[RunningApp]:
     """Start a sandbox EHR (registering the app's exact redirect URI) and the app registered with it.
 
     The app is a public client unless ``confidential_secret`` or ``confidential_jwks`` (its public keys, for
     ``private_key_jwt``) registers it as a confidential one; ``registration_overrides`` configure the app's side.
+    ``job_runner``: a job engine's runner (the app's analyses then run on its workers); default: in this process.
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -97,7 +100,8 @@ def serve_app_with_sandbox(
                 dicomweb_allow_list=AllowList.of([dicomweb_prefix]),
                 secure_cookies=False,  # loopback over http; production keeps Secure cookies
                 card_base_url=url,
-            )
+            ),
+            job_runner=job_runner,
         )
         flask_app.register_blueprint(models_blueprint)  # the cards the screens link to (/models/<name>)
         server = make_server("127.0.0.1", port, flask_app, threaded=True, request_handler=QuietRequestHandler)
