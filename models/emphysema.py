@@ -25,14 +25,19 @@ smoking-related centrilobular emphysema, lower-zone predominance that of panlobu
 alpha-1 antitrypsin deficiency); densitometry alone cannot tell the subtypes apart, so the conclusion only
 names the distribution and the pattern it is typical of. A zone ratio of at least 1.5 either way is called
 predominant (project convention).
+
+Shape: :func:`measure_emphysema` does the work on a HU volume and its spacing and returns an
+:class:`EmphysemaMeasurement` (the lung mask of :func:`models.lung.segment_lungs`, LAA-950 %, volumes, zones,
+category); other analyzers of the same chest CT call it directly (the Brock nodule model takes "emphysema
+present" from it). :class:`EmphysemaAnalyzer` only refuses unsuitable input, calls it and words the result.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-import threading
-import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,183 +82,87 @@ _RULE_BANDS = (
 _SHARP_KERNEL = re.compile(r"LUNG|BONE|SHARP|DETAIL|EDGE|^[BI][5-9]\d|^FC5\d|^YC|^YD|^L$", re.IGNORECASE)
 
 
-class EmphysemaAnalyzer:
-    """LAA-950 densitometry of inspiratory chest CT; see the module docstring for the published basis."""
+@dataclass(frozen=True)
+class EmphysemaMeasurement:
+    """LAA-950 densitometry of one chest CT volume.
 
-    name = "ct-emphysema"
-    version = "1.0.2"
-    title = "CT emphysema quantification (LAA-950 densitometry)"
-    requirements = SeriesRequirements(
-        modalities=("CT",),
-        min_instances=20,
-        body_parts=("CHEST", "THORAX", "LUNG"),
-        description_keywords=("chest", "thorax", "lung"),
-        excluded_description_keywords=("scout", "localizer", "topogram"),
+    The percentages are kept to 0.01 percentage points, the precision the report files them at, so that the
+    category, the interpretations, the sentence and any other analyzer that reads them (the Brock nodule
+    model's "emphysema present") all follow the one value the EHR holds. Volumes are unrounded.
+    """
+
+    lungs: LungMask
+    """The lung mask the shares are taken over (:func:`models.lung.segment_lungs`)."""
+    lung_volume_ml: float
+    low_attenuation_volume_ml: float
+    """Lung below -950 HU, in mL."""
+    laa950_percent: float
+    upper_zone_percent: float
+    """LAA-950 % in the upper half of the lung's cranio-caudal extent (see :func:`zone_percentages`)."""
+    lower_zone_percent: float
+    lung_voxels_per_slice: np.ndarray
+    """Lung voxels on each slice of the volume (index 0 = inferior), int64."""
+    low_attenuation_voxels_per_slice: np.ndarray
+    """Lung voxels below -950 HU on each slice, int64."""
+
+    @property
+    def category(self) -> Category:
+        """none / mild / moderate / severe, with the cited rule (:func:`categorize`)."""
+        return categorize(self.laa950_percent)
+
+    @property
+    def emphysema_present(self) -> bool:
+        """LAA-950 >= 5 %: the COPDGene cohort convention for emphysema on CT (a research cut-off)."""
+        return self.laa950_percent >= EMPHYSEMA_PRESENT_PERCENT
+
+    @property
+    def upper_lower_zone_ratio(self) -> float | None:
+        """Upper / lower zone LAA-950; None when the lower half has none (the ratio is then undefined)."""
+        return self.upper_zone_percent / self.lower_zone_percent if self.lower_zone_percent > 0.0 else None
+
+    @property
+    def distribution(self) -> str:
+        """Plain words for the cranio-caudal distribution (:func:`distribution`)."""
+        return distribution(self.upper_zone_percent, self.lower_zone_percent)
+
+
+def measure_emphysema(hu: np.ndarray, spacing: Sequence[float]) -> EmphysemaMeasurement:
+    """LAA-950 of the lungs of ``hu`` (slices, rows, columns; inferior to superior, in HU), ``spacing`` in mm.
+
+    The lungs come from :func:`models.lung.segment_lungs`, which keeps its mask for the life of ``hu``: an
+    analyzer that already segmented this volume pays only for the counting here (tens of milliseconds).
+
+    Raises :class:`core.errors.UnsuitableInputError` when less than 300 mL of aerated lung is in view: a share
+    of so little lung describes the field of view, not the patient.
+    """
+    lungs = segment_lungs(hu, spacing)
+    lung_voxels = lungs.voxel_count
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lung_ml = lung_voxels * voxel_ml
+    if lung_ml < MIN_LUNG_ML:
+        raise _too_little_lung(lung_ml)
+    box = lungs.box  # everything outside the lungs' bounding box is zero in both counts
+    mask = lungs.mask[box]
+    low = hu[box] < LAA_THRESHOLD_HU
+    low &= mask
+    lung_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
+    low_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
+    lung_per_slice[box[0]] = _count_per_slice(mask)
+    low_per_slice[box[0]] = _count_per_slice(low)
+    del low
+
+    low_voxels = float(low_per_slice.sum())
+    upper, lower = zone_percentages(lung_per_slice, low_per_slice)
+    return EmphysemaMeasurement(
+        lungs=lungs,
+        lung_volume_ml=lung_ml,
+        low_attenuation_volume_ml=low_voxels * voxel_ml,
+        laa950_percent=round(100.0 * low_voxels / lung_voxels, 2),
+        upper_zone_percent=round(upper, 2),
+        lower_zone_percent=round(lower, 2),
+        lung_voxels_per_slice=lung_per_slice,
+        low_attenuation_voxels_per_slice=low_per_slice,
     )
-
-    def __init__(self) -> None:
-        # check_input needs the lung mask to tell "no lungs in view"; analyze reuses it for the same array.
-        self._lock = threading.Lock()
-        self._cached: tuple[weakref.ref[np.ndarray], tuple[float, ...], LungMask] | None = None
-
-    def check_input(self, image: ImageInput) -> None:
-        """Refuse what LAA-950 cannot be measured on: not CT, not a volume, not in HU, thick slices, no lungs."""
-        if image.modality.upper() != "CT":
-            raise UnsuitableInputError(
-                f"{self.name} measures CT attenuation; this series is modality {image.modality!r}.",
-                remedy="Choose an axial chest CT series.",
-            )
-        if image.array.ndim != 3:
-            raise UnsuitableInputError(
-                f"{self.name} needs a CT volume (slices, rows, columns); got a {image.array.ndim}-D image.",
-                remedy="Send the whole axial series, not a single slice or a projection.",
-            )
-        if image.array.shape[0] < self.requirements.min_instances:
-            raise UnsuitableInputError(
-                f"{self.name} needs at least {self.requirements.min_instances} axial slices to cover the lungs; "
-                f"this series has {image.array.shape[0]}.",
-                remedy="Choose the full chest series rather than a partial or reformatted one.",
-            )
-        if any(s <= 0 for s in image.spacing):
-            raise UnsuitableInputError(
-                f"Voxel spacing {tuple(image.spacing)} mm is not physical.",
-                remedy="Check PixelSpacing and slice positions in the series.",
-            )
-        thickness = slice_thickness_mm(image)
-        if thickness > MAX_SLICE_THICKNESS_MM:
-            raise UnsuitableInputError(
-                f"Slices are {thickness:g} mm thick; partial-volume averaging at over {MAX_SLICE_THICKNESS_MM:g} mm "
-                "hides low-attenuation lung, so LAA-950 would be meaningless.",
-                remedy="Use a thin-section (<= 1.5 mm) reconstruction of the chest CT.",
-            )
-        _check_hounsfield(image.array, self.name)
-        lungs = self._lungs(image)
-        lung_ml = lungs.voxel_count * image.voxel_volume_ml
-        if lung_ml < MIN_LUNG_ML:
-            raise UnsuitableInputError(
-                f"Only {lung_ml:.0f} mL of aerated lung was found in this CT (at least {MIN_LUNG_ML:.0f} mL needed); "
-                "the lungs are not in the field of view.",
-                remedy="Choose a chest CT series that covers the lungs.",
-            )
-
-    def analyze(self, image: ImageInput) -> AnalysisResult:
-        """Measure LAA-950 over the segmented lungs and by zone; render the low-attenuation overlay."""
-        hu = image.array
-        lungs = self._lungs(image)
-        lung_voxels = lungs.voxel_count
-        if lung_voxels * image.voxel_volume_ml < MIN_LUNG_ML:
-            self.check_input(image)  # raises the explanatory error
-        box = lungs.box  # everything outside the lungs' bounding box is zero in both counts
-        mask = lungs.mask[box]
-        low = hu[box] < LAA_THRESHOLD_HU
-        low &= mask
-        lung_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
-        low_per_slice = np.zeros(hu.shape[0], dtype=np.int64)
-        lung_per_slice[box[0]] = _count_per_slice(mask)
-        low_per_slice[box[0]] = _count_per_slice(low)
-        del low
-
-        voxel_ml = image.voxel_volume_ml
-        lung_ml = lung_voxels * voxel_ml
-        low_ml = float(low_per_slice.sum()) * voxel_ml
-        laa = 100.0 * float(low_per_slice.sum()) / lung_voxels
-        upper, lower = zone_percentages(lung_per_slice, low_per_slice)
-        # The values as filed (two decimals) decide the category, the interpretations and the sentence, so the
-        # report never files 5.0 % marked normal under "LAA-950 < 5%", nor says 0.2 % next to 0.25 %.
-        laa, upper, lower = round(laa, 2), round(upper, 2), round(lower, 2)
-        category = categorize(laa)
-
-        measurements = [
-            Measurement(
-                "laa950_percent",
-                "Lung volume below -950 HU (LAA-950)",
-                laa,
-                "%",
-                interpretation="H" if laa >= EMPHYSEMA_PRESENT_PERCENT else "N",
-                reference_high=NORMAL_HIGH_PERCENT,
-                note="Share of segmented lung voxels below -950 HU; high from 5 % (the COPDGene convention), so the "
-                "normal range ends at 4.99 %.",
-            ),
-            Measurement("lung_volume_ml", "Segmented lung volume", round(lung_ml, 1), "mL"),
-            Measurement("low_attenuation_volume_ml", "Lung volume below -950 HU", round(low_ml, 1), "mL"),
-            Measurement(
-                "laa950_upper_zone_percent",
-                "LAA-950 in the upper half of the lungs",
-                upper,
-                "%",
-                interpretation="H" if upper >= EMPHYSEMA_PRESENT_PERCENT else "N",
-                reference_high=NORMAL_HIGH_PERCENT,
-            ),
-            Measurement(
-                "laa950_lower_zone_percent",
-                "LAA-950 in the lower half of the lungs",
-                lower,
-                "%",
-                interpretation="H" if lower >= EMPHYSEMA_PRESENT_PERCENT else "N",
-                reference_high=NORMAL_HIGH_PERCENT,
-            ),
-        ]
-        ratio = upper / lower if lower > 0.0 else None
-        if ratio is not None:
-            measurements.append(
-                Measurement(
-                    "upper_lower_zone_ratio",
-                    "Upper / lower zone LAA-950 ratio",
-                    round(ratio, 2),
-                    "1",
-                    note="Above 1: more low-attenuation lung in the upper half. Omitted when the lower half has none.",
-                )
-            )
-
-        return AnalysisResult(
-            analyzer=self.name,
-            version=self.version,
-            measurements=tuple(measurements),
-            category=category,
-            conclusion=conclusion(laa, lung_ml, upper, lower, category),
-            explanations=tuple(_explanations(hu, lungs, lung_per_slice, low_per_slice)),
-            warnings=tuple(_warnings(image, lungs, lung_per_slice, lung_ml)),
-        )
-
-    def _lungs(self, image: ImageInput) -> LungMask:
-        """Segment once per array: check_input and analyze on the same ImageInput share the mask."""
-        spacing = tuple(float(s) for s in image.spacing)
-        with self._lock:
-            cached = self._cached
-            if cached is not None and cached[0]() is image.array and cached[1] == spacing:
-                return cached[2]
-        lungs = segment_lungs(image.array, spacing)
-        with self._lock:
-            self._cached = (weakref.ref(image.array), spacing, lungs)
-        return lungs
-
-
-def slice_thickness_mm(image: ImageInput) -> float:
-    """Reconstructed slice thickness: DICOM SliceThickness when given, else the slice spacing."""
-    raw = image.attributes.get("SliceThickness", "")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = 0.0
-    return value if value > 0 else float(image.spacing[0])
-
-
-def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
-    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
-    sample = np.ascontiguousarray(hu[::2, ::4, ::4])  # one strided read instead of four: half the time
-    air = np.count_nonzero((sample > -1100) & (sample < -900))
-    tissue = np.count_nonzero((sample > -100) & (sample < 200))
-    if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
-        raise UnsuitableInputError(
-            f"{analyzer}: the voxel values do not look like Hounsfield units (air {100 * air / sample.size:.2f}%, "
-            f"soft tissue {100 * tissue / sample.size:.2f}% of voxels; expected air near -1000 and tissue near 0).",
-            remedy="Apply RescaleSlope/RescaleIntercept before analysis, and use a CT reconstruction in HU.",
-        )
-
-
-def _count_per_slice(mask: np.ndarray) -> np.ndarray:
-    """True voxels of each slice. count_nonzero is a fast popcount without ``axis``, a 5x slower sum with it."""
-    return np.fromiter((np.count_nonzero(plane) for plane in mask), dtype=np.int64, count=mask.shape[0])
 
 
 def zone_percentages(lung_per_slice: np.ndarray, low_per_slice: np.ndarray) -> tuple[float, float]:
@@ -315,8 +224,159 @@ def conclusion(laa: float, lung_ml: float, upper: float, lower: float, category:
     )
 
 
-def _warnings(image: ImageInput, lungs: LungMask, lung_per_slice: np.ndarray, lung_ml: float) -> list[str]:
+class EmphysemaAnalyzer:
+    """LAA-950 densitometry of inspiratory chest CT; see the module docstring for the published basis."""
+
+    name = "ct-emphysema"
+    version = "1.0.2"
+    title = "CT emphysema quantification (LAA-950 densitometry)"
+    requirements = SeriesRequirements(
+        modalities=("CT",),
+        min_instances=20,
+        body_parts=("CHEST", "THORAX", "LUNG"),
+        description_keywords=("chest", "thorax", "lung"),
+        excluded_description_keywords=("scout", "localizer", "topogram"),
+    )
+
+    def check_input(self, image: ImageInput) -> None:
+        """Refuse what LAA-950 cannot be measured on: not CT, not a volume, not in HU, thick slices, no lungs."""
+        if image.modality.upper() != "CT":
+            raise UnsuitableInputError(
+                f"{self.name} measures CT attenuation; this series is modality {image.modality!r}.",
+                remedy="Choose an axial chest CT series.",
+            )
+        if image.array.ndim != 3:
+            raise UnsuitableInputError(
+                f"{self.name} needs a CT volume (slices, rows, columns); got a {image.array.ndim}-D image.",
+                remedy="Send the whole axial series, not a single slice or a projection.",
+            )
+        if image.array.shape[0] < self.requirements.min_instances:
+            raise UnsuitableInputError(
+                f"{self.name} needs at least {self.requirements.min_instances} axial slices to cover the lungs; "
+                f"this series has {image.array.shape[0]}.",
+                remedy="Choose the full chest series rather than a partial or reformatted one.",
+            )
+        if any(s <= 0 for s in image.spacing):
+            raise UnsuitableInputError(
+                f"Voxel spacing {tuple(image.spacing)} mm is not physical.",
+                remedy="Check PixelSpacing and slice positions in the series.",
+            )
+        thickness = slice_thickness_mm(image)
+        if thickness > MAX_SLICE_THICKNESS_MM:
+            raise UnsuitableInputError(
+                f"Slices are {thickness:g} mm thick; partial-volume averaging at over {MAX_SLICE_THICKNESS_MM:g} mm "
+                "hides low-attenuation lung, so LAA-950 would be meaningless.",
+                remedy="Use a thin-section (<= 1.5 mm) reconstruction of the chest CT.",
+            )
+        _check_hounsfield(image.array, self.name)
+        # The mask is kept for this array, so analyze (and any other analyzer of it) does not segment again.
+        lung_ml = segment_lungs(image.array, image.spacing).voxel_count * image.voxel_volume_ml
+        if lung_ml < MIN_LUNG_ML:
+            raise _too_little_lung(lung_ml)
+
+    def analyze(self, image: ImageInput) -> AnalysisResult:
+        """Measure LAA-950 over the segmented lungs and by zone; render the low-attenuation overlay."""
+        measured = measure_emphysema(image.array, image.spacing)
+        # The values as filed (two decimals) decide the category, the interpretations and the sentence, so the
+        # report never files 5.0 % marked normal under "LAA-950 < 5%", nor says 0.2 % next to 0.25 %.
+        laa, upper, lower = measured.laa950_percent, measured.upper_zone_percent, measured.lower_zone_percent
+        measurements = [
+            Measurement(
+                "laa950_percent",
+                "Lung volume below -950 HU (LAA-950)",
+                laa,
+                "%",
+                interpretation="H" if laa >= EMPHYSEMA_PRESENT_PERCENT else "N",
+                reference_high=NORMAL_HIGH_PERCENT,
+                note="Share of segmented lung voxels below -950 HU; high from 5 % (the COPDGene convention), so the "
+                "normal range ends at 4.99 %.",
+            ),
+            Measurement("lung_volume_ml", "Segmented lung volume", round(measured.lung_volume_ml, 1), "mL"),
+            Measurement(
+                "low_attenuation_volume_ml",
+                "Lung volume below -950 HU",
+                round(measured.low_attenuation_volume_ml, 1),
+                "mL",
+            ),
+            Measurement(
+                "laa950_upper_zone_percent",
+                "LAA-950 in the upper half of the lungs",
+                upper,
+                "%",
+                interpretation="H" if upper >= EMPHYSEMA_PRESENT_PERCENT else "N",
+                reference_high=NORMAL_HIGH_PERCENT,
+            ),
+            Measurement(
+                "laa950_lower_zone_percent",
+                "LAA-950 in the lower half of the lungs",
+                lower,
+                "%",
+                interpretation="H" if lower >= EMPHYSEMA_PRESENT_PERCENT else "N",
+                reference_high=NORMAL_HIGH_PERCENT,
+            ),
+        ]
+        ratio = measured.upper_lower_zone_ratio
+        if ratio is not None:
+            measurements.append(
+                Measurement(
+                    "upper_lower_zone_ratio",
+                    "Upper / lower zone LAA-950 ratio",
+                    round(ratio, 2),
+                    "1",
+                    note="Above 1: more low-attenuation lung in the upper half. Omitted when the lower half has none.",
+                )
+            )
+        category = measured.category
+        return AnalysisResult(
+            analyzer=self.name,
+            version=self.version,
+            measurements=tuple(measurements),
+            category=category,
+            conclusion=conclusion(laa, measured.lung_volume_ml, upper, lower, category),
+            explanations=tuple(_explanations(image.array, measured)),
+            warnings=tuple(_warnings(image, measured)),
+        )
+
+
+def slice_thickness_mm(image: ImageInput) -> float:
+    """Reconstructed slice thickness: DICOM SliceThickness when given, else the slice spacing."""
+    raw = image.attributes.get("SliceThickness", "")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = 0.0
+    return value if value > 0 else float(image.spacing[0])
+
+
+def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
+    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
+    sample = np.ascontiguousarray(hu[::2, ::4, ::4])  # one strided read instead of four: half the time
+    air = np.count_nonzero((sample > -1100) & (sample < -900))
+    tissue = np.count_nonzero((sample > -100) & (sample < 200))
+    if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
+        raise UnsuitableInputError(
+            f"{analyzer}: the voxel values do not look like Hounsfield units (air {100 * air / sample.size:.2f}%, "
+            f"soft tissue {100 * tissue / sample.size:.2f}% of voxels; expected air near -1000 and tissue near 0).",
+            remedy="Apply RescaleSlope/RescaleIntercept before analysis, and use a CT reconstruction in HU.",
+        )
+
+
+def _count_per_slice(mask: np.ndarray) -> np.ndarray:
+    """True voxels of each slice. count_nonzero is a fast popcount without ``axis``, a 5x slower sum with it."""
+    return np.fromiter((np.count_nonzero(plane) for plane in mask), dtype=np.int64, count=mask.shape[0])
+
+
+def _too_little_lung(lung_ml: float) -> UnsuitableInputError:
+    return UnsuitableInputError(
+        f"Only {lung_ml:.0f} mL of aerated lung was found in this CT (at least {MIN_LUNG_ML:.0f} mL needed); "
+        "the lungs are not in the field of view.",
+        remedy="Choose a chest CT series that covers the lungs.",
+    )
+
+
+def _warnings(image: ImageInput, measured: EmphysemaMeasurement) -> list[str]:
     """Acquisition conditions known to bias LAA-950, stated so that a reader can weigh the number."""
+    lung_per_slice, lung_ml = measured.lung_voxels_per_slice, measured.lung_volume_ml
     out: list[str] = []
     thickness = slice_thickness_mm(image)
     if thickness > THIN_SECTION_MAX_MM:
@@ -354,15 +414,15 @@ def _warnings(image: ImageInput, lungs: LungMask, lung_per_slice: np.ndarray, lu
             f"Whole-lung volume is {lung_ml / 1000:.2f} L; a volume this low suggests the scan may not be at full "
             "inspiration, which raises lung density and underestimates LAA-950."
         )
-    if not lungs.split:
+    if not measured.lungs.split:
         out.append("The two lungs touch and could not be separated; totals are unaffected.")
     return out
 
 
-def _explanations(
-    hu: np.ndarray, lungs: LungMask, lung_per_slice: np.ndarray, low_per_slice: np.ndarray
-) -> list[Explanation]:
+def _explanations(hu: np.ndarray, measured: EmphysemaMeasurement) -> list[Explanation]:
     """One overlay per zone (upper, middle, lower third): the slice with most lung in that third."""
+    lungs = measured.lungs
+    lung_per_slice, low_per_slice = measured.lung_voxels_per_slice, measured.low_attenuation_voxels_per_slice
     extent = lungs.slice_extent()
     if extent is None:
         return []

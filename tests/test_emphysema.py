@@ -12,7 +12,7 @@ from PIL import Image
 
 from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, Analyzer, ImageInput
-from models.emphysema import EmphysemaAnalyzer, categorize, zone_percentages
+from models.emphysema import EmphysemaAnalyzer, categorize, measure_emphysema, zone_percentages
 from models.registry import get_analyzer
 
 
@@ -203,3 +203,24 @@ def test_lung1_partial_scan_reports_plausible_figures_and_says_the_bases_are_cut
     assert 1.0 < result.measurement("laa950_percent").value < 5.0
     assert result.category.code == "none"
     assert any("lung base extends beyond the scanned range" in w for w in result.warnings)
+
+
+def test_other_analyzers_read_the_filed_figures_from_measure_emphysema() -> None:
+    """The pure function a nodule (Brock) or heart analyzer calls gives the values the report files."""
+    phantom = chest_phantom(-1000.0)
+    measured = measure_emphysema(phantom.hu, phantom.spacing)
+    result = _analyze(ImageInput(phantom.hu, phantom.spacing, "CT", {}))
+    assert measured.laa950_percent == result.measurement("laa950_percent").value == 100.0
+    assert round(measured.lung_volume_ml, 1) == result.measurement("lung_volume_ml").value
+    assert measured.category == result.category and measured.category.code == "severe"
+    assert measured.emphysema_present
+    assert np.array_equal(measured.lungs.mask, phantom.lungs)
+    healthy = chest_phantom(-850.0)
+    assert not measure_emphysema(healthy.hu, healthy.spacing).emphysema_present
+
+
+def test_measure_emphysema_refuses_a_volume_without_lungs() -> None:
+    phantom = chest_phantom(with_lungs=False)
+    with pytest.raises(UnsuitableInputError, match="lungs are not in the field of view") as refused:
+        measure_emphysema(phantom.hu, phantom.spacing)
+    assert refused.value.remedy == "Choose a chest CT series that covers the lungs."

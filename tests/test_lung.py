@@ -119,3 +119,41 @@ def test_run_based_components_are_those_of_ndimage_label(across_slices: bool) ->
             found.reshape(-1)[runs.voxels(runs.component == component)] = component + 1
         assert np.array_equal(found, expected)
         assert np.array_equal(runs.sizes(), np.bincount(expected.ravel(), minlength=count + 1)[1:])
+
+
+def test_a_volume_is_segmented_once_and_its_mask_goes_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_input, analyze and other analyzers of one volume share one mask, which is freed with the volume."""
+    import gc
+    import weakref
+
+    from models import lung
+    from models.base import ImageInput
+    from models.emphysema import EmphysemaAnalyzer, measure_emphysema
+
+    segmented: list[int] = []
+    segment = lung._segment
+
+    def counting(hu: np.ndarray, spacing: tuple[float, float, float]) -> lung.LungMask:
+        segmented.append(id(hu))
+        return segment(hu, spacing)
+
+    monkeypatch.setattr(lung, "_segment", counting)
+    phantom = chest_phantom()
+    image = ImageInput(phantom.hu, phantom.spacing, "CT", {})
+    analyzer = EmphysemaAnalyzer()
+    analyzer.check_input(image)
+    analyzer.analyze(image)
+    measured = measure_emphysema(phantom.hu, phantom.spacing)  # e.g. the nodule analyzer, on the same volume
+    assert len(segmented) == 1
+    assert measured.lungs is segment_lungs(phantom.hu, phantom.spacing)
+    with pytest.raises(ValueError, match="read-only"):
+        measured.lungs.mask[0, 0, 0] = True  # shared: no caller may change it under another
+    changed = phantom.hu.copy()
+    changed[phantom.lungs] = 40.0
+    assert segment_lungs(changed, phantom.spacing).voxel_count == 0, "another array is segmented afresh"
+    assert len(segmented) == 2
+
+    freed = weakref.ref(measured.lungs.mask)
+    del image, measured, phantom, changed
+    gc.collect()
+    assert freed() is None, "the mask must not outlive its volume"
