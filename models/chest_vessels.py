@@ -1,0 +1,874 @@
+"""Find the heart and the great vessels on a non-contrast chest CT, and measure the vessels, without trained weights.
+
+On a CT without contrast, blood, vessel wall and myocardium all read about 40 HU; what outlines the aorta, the
+pulmonary artery and the heart is the fat and the lung around them. The method below uses only that, the lungs the
+project already segments (:func:`models.lung.segment_lungs`) and the spine it already tracks
+(:func:`models.spine.find_spine`):
+
+1. **Mediastinal tissue.** On a grid of about 1.25 mm pixels, the region *between the lungs* is what lies between
+   lung pixels along a row, a column or a diagonal (a cheap stand-in for the lungs' convex hull). Inside it and
+   outside the lungs, tissue is anything above -30 HU (fat is below), without the bones (large connected
+   structures above 200 HU, their marrow filled in).
+2. **Round structures.** The distance to the nearest fat or lung (in mm, per slice) peaks at the centre of every
+   round structure: the aorta, the pulmonary trunk, the superior vena cava, the heart's chambers. Where two
+   vessels touch without a fat plane the peaks stay apart as long as the contact is narrower than the vessels.
+3. **Descending aorta.** The chain of peaks beside the vertebral body on the patient's left (centre 5-60 mm left
+   of the spine's midline, within 40 mm in front of or 20 mm behind the front of the vertebral body, radius
+   7-30 mm), followed from slice to slice (at most :data:`MAX_STEP_MM` sideways per slice), the longest chain.
+4. **Aortic arch.** Above the top of the descending chain the aorta turns forward: the arch is the slice on which
+   the tissue holding the descending aorta's top reaches forward to the anterior mediastinum. Its diameter is
+   the width of that tube (twice its largest inscribed radius along it): the arch runs in the axial plane there.
+5. **Ascending aorta.** From the arch's front end, the chain of peaks in the anterior mediastinum followed down
+   slice by slice; it ends where the aorta enters the heart (the peak vanishes or grows by more than half: the
+   aortic root merges with the heart's soft tissue). Its lowest section is the aortic root.
+6. **Pulmonary trunk.** On the slices between the aortic root and the arch, the largest peak in front of the
+   left main bronchus and left of the ascending aorta (10-45 mm from it, radius 8-25 mm). It is measured on the
+   highest slice on which it is seen, where it divides (the bifurcation).
+7. **Diameters perpendicular to the centreline.** From each centre, rays every 5 degrees on the full-resolution
+   slice run out to the outer wall (where the smoothed attenuation falls below -30 HU: fat or lung). An oblique cut
+   through a tube is an ellipse whose *short* axis is the tube's diameter perpendicular to its centreline, so the
+   diameter is the smallest sum of two opposite rays that both ended on a real edge; a ray that ran into a
+   touching structure (no fat plane) is much longer than the rest and never gives the minimum. The long axis is
+   kept to check the cut against the centreline's tilt. The 2022 ACC/AHA guideline asks for outer-wall-to-outer-
+   wall diameters perpendicular to the centreline; on a non-contrast scan wall and lumen are one, so the outer
+   wall is what is measured.
+8. **Heart (coronary territory).** Between the lungs, in front of the vertebral bodies and the descending aorta,
+   from the aortic root down to where the space between the lungs closes (the diaphragm), fat included (the
+   coronary arteries run in the epicardial fat), without the bones, the aorta and its root and valve (a cylinder of
+   the root's radius plus 3 mm continued 20 mm down the root's axis) and the pulmonary trunk.
+
+A structure that is not found, or whose measurement fails a plausibility check, is reported as not found with the
+reason; no number is made up for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from PIL import Image, ImageDraw
+
+from models.calcium import bounding_box
+from models.lung import LungMask, segment_lungs
+from models.spine import SpineTrack, find_spine
+
+TISSUE_HU = -30.0
+"""Above this: soft tissue, blood, wall or calcium; below: fat or air. The outer edge of a vessel without contrast."""
+
+BONE_HU = 200.0
+_BONE_MIN_ML = 10.0
+"""Vertebrae, sternum and ribs form connected structures far larger than any calcified plaque."""
+
+MAX_STEP_MM = 10.0
+"""Largest sideways move of a vessel's centre between slices 5 mm apart that is still the same vessel."""
+
+AORTIC_WALL_MARGIN_MM = 3.0
+"""Beyond the measured outer wall: room for calcified wall and its blur in the aortic calcium territory."""
+
+ROOT_LENGTH_MM = 20.0
+"""How far below the lowest traced section of the ascending aorta the root and the aortic valve reach (sinuses and
+annulus are about 2 cm long in adults)."""
+
+CHEST_WALL_STRIP_MM = 6.0
+"""Width of the anterior border of the space between the lungs that is left out of the heart (costal cartilages)."""
+
+HEART_END_FRACTION = 0.25
+"""The heart ends (diaphragm) where the space between the lungs in front of the spine falls below this share of its
+largest extent."""
+
+_ASCENDING_SEARCH_MM = 90.0  # the ascending aorta is 5-8 cm long in adults: search that far below the arch
+_RAY_STEP_DEG = 5.0
+_MIN_EDGE_FRACTION = 0.5
+_MIN_ARCH_EDGE_FRACTION = 0.3  # along the arch the rays run down the tube and only its sides give edges
+_ROUND = 1.4  # long / short axis of a cut through a tube within about 45 degrees of its axis
+
+
+@dataclass(frozen=True)
+class Section:
+    """One measured cross-section on one axial slice, in full-resolution pixel coordinates (row, column).
+
+    ``diameter_mm`` is the short axis (the diameter perpendicular to the centreline), ``long_mm`` the long axis,
+    ``angle`` the direction of the short axis in the image (radians; rows down, columns right). ``outline`` holds the
+    end points of the rays that reached the outer wall, for drawing; ``edge_fraction`` their share of all rays.
+    """
+
+    slice_index: int
+    centre: tuple[float, float]
+    diameter_mm: float
+    long_mm: float
+    angle: float
+    outline: tuple[tuple[float, float], ...]
+    edge_fraction: float
+
+    @property
+    def round(self) -> bool:
+        return self.long_mm <= _ROUND * self.diameter_mm
+
+
+@dataclass(frozen=True)
+class Vessel:
+    """A traced vessel: one measured section per slice it was followed on."""
+
+    name: str
+    sections: tuple[Section, ...]
+
+    def widest(self) -> Section:
+        return max(self.sections, key=lambda s: s.diameter_mm)
+
+    def at(self, z: int) -> Section | None:
+        return next((s for s in self.sections if s.slice_index == z), None)
+
+    @property
+    def slices(self) -> tuple[int, int]:
+        return self.sections[0].slice_index, self.sections[-1].slice_index
+
+
+@dataclass
+class ChestVessels:
+    """What was found. ``missing`` maps a structure to the reason it could not be found or measured."""
+
+    lungs: LungMask
+    spine: SpineTrack
+    descending: Vessel | None = None
+    ascending: Vessel | None = None
+    arch: Section | None = None
+    pulmonary_trunk: Section | None = None
+    heart_slices: tuple[int, int] | None = None
+    heart_region: np.ndarray | None = None  # bool, volume shape: where coronary calcium is counted
+    aorta_region: np.ndarray | None = None  # bool: the thoracic aortic wall (ascending, arch, descending)
+    root_region: np.ndarray | None = None  # bool: aortic root and valve, excluded from both scores
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Peak:
+    z: int
+    row: float  # grid pixels
+    col: float
+    radius_mm: float
+
+
+class _Grid:
+    """The detection grid (about 1.25 mm pixels) and what is computed on it once."""
+
+    def __init__(self, hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask, spine: SpineTrack):
+        self.stride = lungs.downsample if lungs.downsample > 0 else 1
+        self.px = float(spacing[1]) * self.stride
+        self.dz = float(spacing[0])
+        self.values = hu[:, :: self.stride, :: self.stride]
+        self.lung = lungs.mask[:, :: self.stride, :: self.stride]
+        z, r, c = lungs.box
+        self.box = (z, slice(r.start // self.stride, -(-r.stop // self.stride)), slice(c.start // self.stride, -(-c.stop // self.stride)))
+        self.spine_col = spine.column * spine.stride / self.stride
+        self.spine_front = spine.anterior_row * spine.stride / self.stride  # nan where no vertebral body was seen
+        self.between = _between(self.lung, self.box)
+        self.bone = _bones(self.values, self.box, self.px * self.px * self.dz / 1000.0)
+        self.tissue = self.between & ~self.lung & (self.values > TISSUE_HU) & ~self.bone
+        self.distance = np.zeros(self.values.shape, dtype=np.float32)
+        for k in range(z.start, z.stop):
+            plane = self.tissue[k, self.box[1], self.box[2]]
+            if plane.any():
+                self.distance[k, self.box[1], self.box[2]] = ndimage.distance_transform_edt(plane, sampling=self.px)
+        self.peaks = _peaks(self.distance, self.box, self.px)
+
+    def left_mm(self, z: int, col: float) -> float:
+        """How far to the patient's left of the spine's midline (columns increase towards the patient's left)."""
+        return (col - float(self.spine_col[z])) * self.px
+
+    def ahead_mm(self, z: int, row: float) -> float:
+        """How far in front of the vertebral body's anterior wall (rows increase towards the back); nan if unknown."""
+        return (float(self.spine_front[z]) - row) * self.px
+
+
+def find_chest_vessels(
+    hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask | None = None
+) -> ChestVessels:
+    """Locate the heart, aorta and pulmonary trunk of a chest CT (``(slices, rows, columns)``, inferior first)."""
+    lungs = lungs if lungs is not None else segment_lungs(hu, spacing)
+    spine = find_spine(hu, spacing)
+    grid = _Grid(hu, spacing, lungs, spine)
+    found = ChestVessels(lungs=lungs, spine=spine)
+    measure = _Measurer(hu, spacing, grid.stride)
+
+    descending, arch_limb = _trace_descending(grid)
+    if descending is None:
+        found.missing["descending aorta"] = "no round structure beside the spine could be followed over 3 slices"
+    else:
+        found.descending = descending
+    top = descending.slices[1] + len(arch_limb) if descending is not None else None
+    ascending = _trace_ascending(grid, top)
+    if ascending is None:
+        found.missing["ascending aorta"] = (
+            "no round structure in front of the trachea could be followed from the level of the arch down"
+        )
+    else:
+        found.ascending = ascending
+    if descending is not None and ascending is not None:
+        found.arch = _arch(grid, measure, ascending, descending, arch_limb)
+    if found.arch is None:
+        found.missing["aortic arch"] = (
+            "not in view (the scan may end below it) or not traced between the ascending and descending aorta"
+        )
+    if ascending is not None:
+        found.pulmonary_trunk = _pulmonary_trunk(grid, ascending, found.arch)
+        if found.pulmonary_trunk is None:
+            found.missing["pulmonary trunk"] = (
+                "no round structure left of the ascending aorta between the aortic root and the arch"
+            )
+    else:
+        found.missing["pulmonary trunk"] = "it is found beside the ascending aorta, which was not found"
+    _regions(found, hu.shape, grid)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the detection grid
+
+
+def _between(lung: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """Inside the lungs' convex hull, slice by slice, within ``box`` (the lungs' bounding box on the grid).
+
+    The hull of each slice's lung boundary points is filled as a polygon (a few hundred points per slice).
+    """
+    out = np.zeros(lung.shape, dtype=bool)
+    for z in range(box[0].start, box[0].stop):
+        plane = lung[z, box[1], box[2]]
+        if np.count_nonzero(plane) < 3:
+            continue
+        edge = plane & ~ndimage.binary_erosion(plane)
+        points = np.argwhere(edge).astype(np.float64)
+        try:
+            hull = ConvexHull(points)
+        except QhullError:  # all boundary points on a line: no area between the lungs
+            continue
+        corners = [(float(c), float(r)) for r, c in points[hull.vertices]]
+        canvas = Image.new("1", (plane.shape[1], plane.shape[0]), 0)
+        ImageDraw.Draw(canvas).polygon(corners, fill=1, outline=1)
+        out[z, box[1], box[2]] = np.asarray(canvas, dtype=bool) | edge
+    return out
+
+
+def _bones(grid: np.ndarray, box: tuple[slice, slice, slice], voxel_ml: float) -> np.ndarray:
+    """Vertebrae, sternum and ribs inside ``box``: large connected structures above 200 HU, marrow filled per slice."""
+    bone = np.zeros(grid.shape, dtype=bool)
+    dense = grid[box] >= BONE_HU
+    labels, count = ndimage.label(dense)
+    if count == 0:
+        return bone
+    sizes = np.bincount(labels.ravel()) * voxel_ml
+    sizes[0] = 0.0
+    local = (sizes >= _BONE_MIN_ML)[labels]
+    for z in range(local.shape[0]):
+        if local[z].any():
+            local[z] = ndimage.binary_fill_holes(local[z])
+    bone[box] = local
+    return bone
+
+
+def _peaks(distance: np.ndarray, box: tuple[slice, slice, slice], px: float) -> list[_Peak]:
+    """Centres of round structures: in-plane maxima of the distance to fat or lung, at least 6 mm deep.
+
+    A flat top (several pixels at the same distance) is one structure: its pixels are merged into one peak.
+    """
+    size = max(3, round(9.0 / px) | 1)
+    local_distance = distance[box]
+    local = ndimage.maximum_filter(local_distance, size=(1, size, size))
+    top = (local_distance == local) & (local_distance >= 6.0)
+    labels, count = ndimage.label(top, structure=_IN_PLANE_8)
+    if count == 0:
+        return []
+    z, r, c = np.nonzero(top)
+    number = labels[z, r, c]
+    pixels = np.bincount(number, minlength=count + 1)[1:]
+    mean = [np.bincount(number, weights=axis, minlength=count + 1)[1:] / pixels for axis in (z, r, c)]
+    depth = np.zeros(count + 1, dtype=np.float64)
+    depth[number] = local_distance[z, r, c]  # a flat top has one value
+    z0, r0, c0 = box[0].start, box[1].start, box[2].start
+    return [
+        _Peak(round(float(a)) + z0, float(b) + r0, float(d) + c0, float(depth[k + 1]))
+        for k, (a, b, d) in enumerate(zip(*mean, strict=True))
+    ]
+
+
+_IN_PLANE_8 = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_8[1] = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# full-resolution measurement
+
+
+class _Measurer:
+    """Rays from a centre to the outer wall on the full-resolution slice (module docstring, step 7)."""
+
+    def __init__(self, hu: np.ndarray, spacing: tuple[float, float, float], stride: int):
+        self.hu = hu
+        self.px = float(spacing[1])
+        self.stride = stride
+        self.angles = np.deg2rad(np.arange(0.0, 360.0, _RAY_STEP_DEG))
+        self.cache: dict[tuple[int, int, int], Section | None] = {}
+        self.smoothed: dict[int, np.ndarray] = {}
+
+    def _slice(self, z: int) -> np.ndarray:
+        """The slice smoothed with a 0.6 mm Gaussian (noise down, edges kept), computed once per slice."""
+        if z not in self.smoothed:
+            self.smoothed[z] = np.asarray(ndimage.gaussian_filter(self.hu[z].astype(np.float32), 0.6 / self.px))
+        return self.smoothed[z]
+
+    def at_peak(self, peak: _Peak, *, min_edges: float = _MIN_EDGE_FRACTION) -> Section | None:
+        key = (peak.z, round(peak.row), round(peak.col))
+        if key not in self.cache:
+            self.cache[key] = self.section(peak.z, (peak.row * self.stride, peak.col * self.stride), peak.radius_mm)
+        found = self.cache[key]
+        return found if found is not None and found.edge_fraction >= min_edges else None
+
+    def section(
+        self,
+        z: int,
+        centre: tuple[float, float],
+        radius_mm: float,
+        *,
+        prior_mm: float | None = None,
+        exclude: tuple[tuple[tuple[float, float], float], ...] = (),
+    ) -> Section | None:
+        """Refit the centre twice to the rays that reached a real edge, then take the short and long axis.
+
+        ``prior_mm`` is the radius expected from the neighbouring slice: rays are judged against it rather than
+        against their own median, so that a vessel touching a larger one is not swallowed by it. ``exclude`` lists
+        discs (centre, radius in pixels) of structures already measured: their outline is this one's edge.
+        """
+        for _ in range(2):
+            rays = self._rays(z, centre, radius_mm, prior_mm, exclude)
+            if rays is None:
+                return None
+            lengths, valid = rays
+            if valid.sum() < 6:
+                return None
+            ends_r = centre[0] + np.sin(self.angles[valid]) * lengths[valid] / self.px
+            ends_c = centre[1] + np.cos(self.angles[valid]) * lengths[valid] / self.px
+            fitted = _fit_circle(ends_r, ends_c)
+            if fitted is None:
+                return None
+            (row, col), radius_px = fitted
+            moved = math.hypot(row - centre[0], col - centre[1])
+            centre, radius_mm = (row, col), radius_px * self.px
+            if moved * self.px < 0.5:
+                break
+        rays = self._rays(z, centre, radius_mm, prior_mm, exclude)
+        if rays is None:
+            return None
+        lengths, valid = rays
+        half = len(self.angles) // 2
+        pairs = valid[:half] & valid[half:]
+        if not pairs.any():
+            return None
+        sums = lengths[:half] + lengths[half:]
+        short = int(np.argmin(np.where(pairs, sums, np.inf)))
+        # the long axis is across the short one (an ellipse's axes are perpendicular); the median of the pairs within
+        # 15 degrees of that direction keeps a bump where a neighbour touches from lengthening it
+        offset = round(90.0 / _RAY_STEP_DEG)
+        around = [(short + offset + k) % half for k in range(-3, 4)]
+        usable = [sums[k] for k in around if pairs[k]]
+        long_mm = float(np.median(usable)) if usable else float(sums[short])
+        outline = tuple(
+            (float(centre[0] + math.sin(t) * length / self.px), float(centre[1] + math.cos(t) * length / self.px))
+            for t, length, ok in zip(self.angles, lengths, valid, strict=True)
+            if ok
+        )
+        return Section(
+            slice_index=z,
+            centre=(float(centre[0]), float(centre[1])),
+            diameter_mm=float(sums[short]),
+            long_mm=max(long_mm, float(sums[short])),
+            angle=float(self.angles[short]),
+            outline=outline,
+            edge_fraction=float(valid.mean()),
+        )
+
+    def _rays(
+        self,
+        z: int,
+        centre: tuple[float, float],
+        radius_mm: float,
+        prior_mm: float | None,
+        exclude: tuple[tuple[tuple[float, float], float], ...],
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Length (mm) of each ray to the -30 HU edge, and whether it ended on a real edge (not a touching organ)."""
+        reach = (max(2.2 * radius_mm, radius_mm + 25.0)) / self.px
+        r0, c0 = centre
+        if not (0 <= r0 < self.hu.shape[1] and 0 <= c0 < self.hu.shape[2]):
+            return None
+        plane = self._slice(z)
+        step = 0.5
+        steps = np.arange(0.0, reach, step)
+        rows = r0 + np.sin(self.angles)[:, None] * steps[None, :]
+        cols = c0 + np.cos(self.angles)[:, None] * steps[None, :]
+        profile = ndimage.map_coordinates(plane, [rows.ravel(), cols.ravel()], order=1, mode="nearest").reshape(
+            rows.shape
+        )
+        outside = profile < TISSUE_HU
+        for (er, ec), radius_px in exclude:
+            outside |= (rows - er) ** 2 + (cols - ec) ** 2 <= radius_px**2
+        outside[:, : max(1, round(0.3 * radius_mm / self.px / step))] = False  # never stop inside the core
+        hit = outside.any(axis=1)
+        first = np.where(hit, outside.argmax(axis=1), len(steps) - 1)
+        k = np.arange(len(self.angles))
+        before = profile[k, np.maximum(first - 1, 0)]
+        after = profile[k, first]
+        span = np.where(before != after, before - after, 1.0)
+        frac = np.clip((before - TISSUE_HU) / span, 0.0, 1.0)
+        lengths = (np.maximum(first - 1, 0) + frac) * step * self.px
+        lengths = np.where(hit, lengths, steps[-1] * self.px)
+        if not hit.any():
+            return None
+        median = prior_mm if prior_mm is not None else float(np.median(lengths[hit]))
+        # an oblique cut (an ellipse up to 1.5 times as long as wide) keeps its rays within 0.7-1.3 times their median;
+        # a ray that ran on into a touching structure, or stopped at a fat fleck inside the wall, does not
+        valid = hit & (lengths <= 1.3 * median) & (lengths >= 0.7 * median)
+        return lengths, valid
+
+
+def _fit_circle(rows: np.ndarray, cols: np.ndarray) -> tuple[tuple[float, float], float] | None:
+    """Least-squares circle through points (Kasa's algebraic fit): centre and radius, or None if degenerate."""
+    a = np.column_stack([rows, cols, np.ones_like(rows)])
+    b = rows**2 + cols**2
+    try:
+        solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+    except np.linalg.LinAlgError:
+        return None
+    row, col = solution[0] / 2.0, solution[1] / 2.0
+    squared = solution[2] + row**2 + col**2
+    if not np.isfinite(squared) or squared <= 0:
+        return None
+    return (float(row), float(col)), float(math.sqrt(squared))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# circles by gradient Hough transform
+
+
+@dataclass(frozen=True)
+class Circle:
+    """A circle found on one slice: centre (full-resolution pixels), diameter and how much of its outline is seen.
+
+    ``coverage`` is the share of the outline (72 directions) where the attenuation steps down outwards at the circle
+    (within 1.5 mm); ``short_mm`` / ``long_mm`` are the axes of the ellipse fitted to those edge points, the short
+    one being the diameter perpendicular to the centreline of an obliquely cut tube.
+    """
+
+    slice_index: int
+    centre: tuple[float, float]
+    diameter_mm: float
+    coverage: float
+    short_mm: float
+    long_mm: float
+    angle: float  # direction of the short axis (radians, rows down, columns right)
+    edges: tuple[tuple[float, float], ...]
+
+    def section(self) -> Section:
+        return Section(
+            self.slice_index, self.centre, self.short_mm, self.long_mm, self.angle, self.edges, self.coverage
+        )
+
+
+class _Hough:
+    """Circles on one slice by the gradient Hough transform (module docstring, step 2).
+
+    Every pixel where attenuation changes steeply (at least :data:`_EDGE_HU_PER_MM` after a 1 mm smoothing, with
+    HU clipped to -200..200 so that calcium and air do not dominate) votes, for each radius, for the centre that lies
+    that far along its gradient, i.e. towards the brighter side: a vessel's outline votes for its own centre even
+    where only a thin fat plane separates it from a neighbour. Votes are divided by the circumference, and a
+    candidate is kept when at least :data:`_MIN_COVERAGE` of its outline is seen.
+    """
+
+    def __init__(self, grid: _Grid, z: int):
+        self.grid = grid
+        self.z = z
+        box = grid.box
+        self.offset = (box[1].start, box[2].start)
+        plane = np.clip(grid.values[z, box[1], box[2]], -200.0, 200.0).astype(np.float32)
+        smooth = ndimage.gaussian_filter(plane, 1.0 / grid.px)
+        gr, gc = np.gradient(smooth)
+        self.gr, self.gc = gr / grid.px, gc / grid.px
+        self.magnitude = np.hypot(self.gr, self.gc)
+
+    def circles(
+        self, rows: tuple[float, float], cols: tuple[float, float], radii_mm: np.ndarray, *, limit: int
+    ) -> list[Circle]:
+        """Candidates with centres in the grid rectangle ``rows`` x ``cols`` (grid pixels), best covered first."""
+        px = self.grid.px
+        shape = self.magnitude.shape
+        r0, r1 = max(0, int(rows[0]) - self.offset[0]), min(shape[0], int(math.ceil(rows[1])) - self.offset[0])
+        c0, c1 = max(0, int(cols[0]) - self.offset[1]), min(shape[1], int(math.ceil(cols[1])) - self.offset[1])
+        if r1 <= r0 or c1 <= c0:
+            return []
+        reach = int(math.ceil(radii_mm.max() / px)) + 2
+        window = (slice(max(0, r0 - reach), min(shape[0], r1 + reach)), slice(max(0, c0 - reach), min(shape[1], c1 + reach)))
+        magnitude = self.magnitude[window]
+        er, ec = np.nonzero(magnitude >= _EDGE_HU_PER_MM)
+        if er.size == 0:
+            return []
+        ur = self.gr[window][er, ec] / magnitude[er, ec]
+        uc = self.gc[window][er, ec] / magnitude[er, ec]
+        er, ec = er + window[0].start - r0, ec + window[1].start - c0  # relative to the rectangle
+        height, width = r1 - r0, c1 - c0
+        votes = np.zeros((len(radii_mm), height, width), dtype=np.float32)
+        for k, radius in enumerate(radii_mm):
+            cr = np.rint(er + ur * radius / px).astype(np.intp)
+            cc = np.rint(ec + uc * radius / px).astype(np.intp)
+            inside = (cr >= 0) & (cr < height) & (cc >= 0) & (cc < width)
+            counts = np.bincount(cr[inside] * width + cc[inside], minlength=height * width)
+            votes[k] = counts.reshape(height, width) / (2.0 * math.pi * radius / px)
+        votes = ndimage.gaussian_filter(votes, (0.7, 1.0, 1.0))
+        peaks = (votes == ndimage.maximum_filter(votes, size=(3, 5, 5))) & (votes > 0.03)
+        ks, rs, cs = np.nonzero(peaks)
+        order = np.argsort(-votes[ks, rs, cs])[:limit]
+        found = []
+        for i in order:
+            circle = self._measure(float(rs[i] + r0), float(cs[i] + c0), float(radii_mm[ks[i]]))
+            if circle is not None:
+                found.append(circle)
+        return found
+
+    def _measure(self, row: float, col: float, radius_mm: float) -> Circle | None:
+        """Coverage of the outline, then an ellipse through its edge points (one per direction: the steepest)."""
+        px = self.grid.px
+        angles = np.deg2rad(np.arange(0.0, 360.0, 5.0))
+        offsets = np.arange(-1.5, 1.51, 0.5)
+        radial = (radius_mm + offsets[None, :]) / px
+        rr = row + np.sin(angles)[:, None] * radial
+        cc = col + np.cos(angles)[:, None] * radial
+        i, j = np.rint(rr).astype(np.intp), np.rint(cc).astype(np.intp)
+        inside = (i >= 0) & (i < self.magnitude.shape[0]) & (j >= 0) & (j < self.magnitude.shape[1])
+        i, j = np.clip(i, 0, self.magnitude.shape[0] - 1), np.clip(j, 0, self.magnitude.shape[1] - 1)
+        magnitude = np.where(inside, self.magnitude[i, j], 0.0)
+        inward = -(self.gr[i, j] * np.sin(angles)[:, None] + self.gc[i, j] * np.cos(angles)[:, None])
+        support = (magnitude >= _EDGE_HU_PER_MM) & (inward >= 0.7 * np.maximum(magnitude, 1e-6))
+        seen = support.any(axis=1)
+        coverage = float(seen.mean())
+        if coverage < _MIN_COVERAGE:
+            return None
+        best = np.argmax(np.where(support, magnitude, -1.0), axis=1)
+        k = np.flatnonzero(seen)
+        edge_r, edge_c = rr[k, best[k]], cc[k, best[k]]
+        stride = self.grid.stride
+        full = [((r + self.offset[0]) * stride, (c + self.offset[1]) * stride) for r, c in zip(edge_r, edge_c, strict=True)]
+        fitted = _fit_circle(edge_r, edge_c)
+        if fitted is None:
+            return None
+        (fr, fc), fradius = fitted
+        short, long, angle = 2.0 * fradius * px, 2.0 * fradius * px, 0.0
+        ellipse = _fit_ellipse(edge_r, edge_c) if coverage >= 0.6 else None
+        if ellipse is not None:
+            (er_, ec_), (a_axis, b_axis), theta = ellipse
+            if 0.8 * fradius <= b_axis <= a_axis <= 1.8 * b_axis and a_axis <= 1.5 * fradius:
+                fr, fc = er_, ec_
+                short, long, angle = 2.0 * b_axis * px, 2.0 * a_axis * px, theta + math.pi / 2.0
+        return Circle(
+            slice_index=self.z,
+            centre=((fr + self.offset[0]) * stride, (fc + self.offset[1]) * stride),
+            diameter_mm=2.0 * fradius * px,
+            coverage=coverage,
+            short_mm=short,
+            long_mm=long,
+            angle=angle,
+            edges=tuple(full),
+        )
+
+
+def _fit_ellipse(rows: np.ndarray, cols: np.ndarray) -> tuple[tuple[float, float], tuple[float, float], float] | None:
+    """Direct least-squares ellipse (Fitzgibbon, Pilu and Fisher, IEEE TPAMI 1999;21:476-480).
+
+    Returns the centre (row, column), the semi-axes (major, minor) and the direction of the major axis (radians,
+    rows down, columns right), or None when the points do not define an ellipse.
+    """
+    if rows.size < 8:
+        return None
+    mean_r, mean_c = float(rows.mean()), float(cols.mean())
+    x, y = cols - mean_c, rows - mean_r
+    design = np.column_stack([x * x, x * y, y * y, x, y, np.ones_like(x)])
+    scatter = design.T @ design
+    constraint = np.zeros((6, 6))
+    constraint[0, 2] = constraint[2, 0] = 2.0
+    constraint[1, 1] = -1.0
+    try:
+        values, vectors = np.linalg.eig(np.linalg.solve(scatter, constraint))
+    except np.linalg.LinAlgError:
+        return None
+    positive = [k for k in range(6) if np.isfinite(values[k]) and abs(values[k].imag) < 1e-9 and values[k].real > 0]
+    if not positive:
+        return None
+    a, b, c, d, e, f = vectors[:, positive[0]].real
+    quadratic = np.array([[a, b / 2.0], [b / 2.0, c]])
+    try:
+        centre = np.linalg.solve(quadratic, -np.array([d, e]) / 2.0)
+    except np.linalg.LinAlgError:
+        return None
+    level = a * centre[0] ** 2 + b * centre[0] * centre[1] + c * centre[1] ** 2 + d * centre[0] + e * centre[1] + f
+    eigenvalues, eigenvectors = np.linalg.eigh(quadratic)
+    if np.any(-level / eigenvalues <= 0):
+        return None
+    semi = np.sqrt(-level / eigenvalues)  # along each eigenvector; the smaller eigenvalue gives the major axis
+    major_k = int(np.argmax(semi))
+    vx, vy = eigenvectors[:, major_k]
+    return (
+        (float(centre[1] + mean_r), float(centre[0] + mean_c)),
+        (float(semi.max()), float(semi.min())),
+        float(math.atan2(vy, vx)),
+    )
+
+
+_EDGE_HU_PER_MM = 8.0
+"""Steepest attenuation change that still marks an outline: a fat plane between two vessels, blurred by a 5 mm
+slice, leaves a dip of a few tens of HU over a few millimetres."""
+_MIN_COVERAGE = 0.55
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tracing the vessels
+
+
+def _chains(sections: dict[int, list[Section]], px: float, dz: float) -> list[list[Section]]:
+    """Every maximal chain of sections on consecutive slices that move and change size little (longest first).
+
+    ``px`` is the full-resolution pixel size: section centres are full-resolution pixels.
+    """
+    max_step = MAX_STEP_MM * dz / 5.0 / px
+    best: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}
+    for z in sorted(sections):
+        for i, s in enumerate(sections[z]):
+            length, parent = 1, None
+            for j, q in enumerate(sections.get(z - 1, [])):
+                moved = math.hypot(s.centre[0] - q.centre[0], s.centre[1] - q.centre[1])
+                ratio = s.diameter_mm / q.diameter_mm
+                if moved <= max_step and 0.75 <= ratio <= 1.33 and best[(z - 1, j)][0] + 1 > length:
+                    length, parent = best[(z - 1, j)][0] + 1, (z - 1, j)
+            best[(z, i)] = (length, parent)
+    used: set[tuple[int, int]] = set()
+    chains: list[list[Section]] = []
+    for end in sorted(best, key=lambda k: (-best[k][0], -k[0])):
+        if end in used:
+            continue
+        chain: list[Section] = []
+        node: tuple[int, int] | None = end
+        while node is not None and node not in used:
+            used.add(node)
+            chain.append(sections[node[0]][node[1]])
+            node = best[node][1]
+        chains.append(chain[::-1])
+    return chains
+
+
+def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
+    """The descending aorta (module docstring, step 3) and, above its round part, the arch's posterior limb."""
+    candidates: dict[int, list[Section]] = {}
+    radii = np.arange(7.0, 30.5, 1.0)
+    for z in range(grid.box[0].start, grid.box[0].stop):
+        front, middle = grid.spine_front[z], grid.spine_col[z]
+        if not np.isfinite(front):
+            continue
+        rows = (front - 40.0 / grid.px, front + 20.0 / grid.px)
+        cols = (middle + 5.0 / grid.px, middle + 60.0 / grid.px)
+        circles = _Hough(grid, z).circles(rows, cols, radii, limit=4)
+        candidates[z] = [c.section() for c in circles if 14.0 <= c.short_mm <= 70.0]
+    chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz) if len(c) >= 3]
+    if not chains:
+        return None, []
+    chain = max(chains, key=len)
+    # the round part ends where the cut becomes elongated: above that the aorta turns forward into the arch
+    round_part: list[Section] = []
+    for section in chain:
+        if not section.round and len(round_part) >= 3:
+            break
+        round_part.append(section)
+    return Vessel("descending aorta", tuple(round_part)), chain[len(round_part) :]
+
+
+def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
+    """The ascending aorta (module docstring, step 5): the longest chain of circles in front of the trachea that
+    reaches up to the level of the arch; its lowest section is the aortic root."""
+    top = arch_top if arch_top is not None else grid.box[0].stop - 1
+    low = max(grid.box[0].start, top - math.ceil(_ASCENDING_SEARCH_MM / grid.dz))
+    radii = np.arange(9.0, 32.5, 1.0)
+    candidates: dict[int, list[Section]] = {}
+    for z in range(low, top + 2):
+        if z >= grid.values.shape[0] or not np.isfinite(grid.spine_front[z]):
+            continue
+        front, middle = grid.spine_front[z], grid.spine_col[z]
+        rows = (grid.box[1].start, front - 25.0 / grid.px)
+        cols = (middle - 70.0 / grid.px, middle + 35.0 / grid.px)
+        circles = _Hough(grid, z).circles(rows, cols, radii, limit=8)
+        candidates[z] = [c.section() for c in circles if 18.0 <= c.short_mm <= 70.0]
+    chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz) if len(c) >= 3]
+    if arch_top is not None:
+        chains = [c for c in chains if c[-1].slice_index >= arch_top - 4]
+    if not chains:
+        return None
+    chain = max(chains, key=lambda c: (len(c), float(np.mean([s.diameter_mm for s in c]))))
+    # where it curves into the arch the cut widens abruptly: those top sections are the arch, not the ascending aorta
+    typical = float(np.median([s.diameter_mm for s in chain]))
+    while len(chain) > 3 and chain[-1].diameter_mm > 1.2 * typical:
+        chain = chain[:-1]
+    return Vessel("ascending aorta", tuple(chain))
+
+
+def _arch(grid: _Grid, measure: _Measurer, ascending: Vessel, descending: Vessel, limb: list[Section]) -> Section | None:
+    """The arch (module docstring, step 4): the widest tube section between the tops of the two limbs."""
+    a = ascending.sections[-1]
+    d = limb[-1] if limb else descending.sections[-1]
+    low = min(a.slice_index, d.slice_index)
+    options: list[Section] = [s for s in limb]
+    ar, ac = a.centre
+    dr, dc = d.centre
+    length = math.hypot(dr - ar, dc - ac)
+    for p in grid.peaks:
+        if p.z < low or p.z > max(a.slice_index, d.slice_index) + 2 or length == 0:
+            continue
+        r, c = p.row * grid.stride, p.col * grid.stride
+        t = ((r - ar) * (dr - ar) + (c - ac) * (dc - ac)) / length**2
+        off = abs((r - ar) * (dc - ac) - (c - ac) * (dr - ar)) / length * measure.px
+        if 0.2 <= t <= 0.8 and off <= 20.0:
+            section = measure.at_peak(p, min_edges=_MIN_ARCH_EDGE_FRACTION)
+            if section is not None:
+                options.append(section)
+    widest_limb = max(s.diameter_mm for s in (*ascending.sections, *descending.sections))
+    plausible = [s for s in options if 15.0 <= s.diameter_mm <= 1.3 * widest_limb]
+    return max(plausible, key=lambda s: s.diameter_mm) if plausible else None
+
+
+def _pulmonary_trunk(grid: _Grid, ascending: Vessel, arch: Section | None) -> Section | None:
+    """The pulmonary trunk (module docstring, step 6): the widest circle inside the mediastinum left of the ascending
+    aorta (20-75 mm from its centre, within 35 mm in front or behind) on the slices between the root and the arch."""
+    low, high = ascending.slices
+    top = arch.slice_index if arch is not None else high + 1
+    radii = np.arange(9.0, 25.5, 1.0)
+    found: list[Section] = []
+    for aorta in ascending.sections:
+        z = aorta.slice_index
+        if not low < z < top:
+            continue
+        row, col = aorta.centre[0] / grid.stride, aorta.centre[1] / grid.stride
+        rows = (row - 35.0 / grid.px, row + 35.0 / grid.px)
+        cols = (col + 20.0 / grid.px, col + 75.0 / grid.px)
+        for circle in _Hough(grid, z).circles(rows, cols, radii, limit=6):
+            apart = math.dist(circle.centre, aorta.centre) * grid.px / grid.stride
+            r, c = round(circle.centre[0] / grid.stride), round(circle.centre[1] / grid.stride)
+            in_mediastinum = bool(grid.tissue[z, r, c]) if 0 <= r < grid.tissue.shape[1] and 0 <= c < grid.tissue.shape[2] else False
+            if in_mediastinum and 15.0 <= circle.short_mm <= 50.0 and apart >= 0.4 * (circle.short_mm + aorta.diameter_mm):
+                found.append(circle.section())
+    # the trunk is the widest part of the pulmonary arterial tree in front of the bronchi
+    return max(found, key=lambda s: s.diameter_mm) if found else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# regions for calcium scoring
+
+
+def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
+    """The coronary territory, the aortic wall territory and the aortic root/valve (module docstring, step 8)."""
+    stride, px = grid.stride, grid.px
+    plane_shape = grid.values.shape[1:]
+    rr, cc = np.ogrid[: plane_shape[0], : plane_shape[1]]
+
+    def disc(centre: tuple[float, float], radius_mm: float) -> np.ndarray:
+        row, col = centre[0] / stride, centre[1] / stride
+        return np.asarray((rr - row) ** 2 + (cc - col) ** 2 <= (radius_mm / px) ** 2)
+
+    aorta = np.zeros(grid.values.shape, dtype=bool)
+    for vessel in (found.descending, found.ascending):
+        for s in vessel.sections if vessel is not None else ():
+            aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+    if found.arch is not None:
+        s = found.arch
+        labels, _ = ndimage.label(grid.tissue[s.slice_index])
+        r, c = round(s.centre[0] / stride), round(s.centre[1] / stride)
+        if labels[r, c]:
+            tube = labels == labels[r, c]
+            tube &= grid.distance[s.slice_index] >= 0.25 * s.diameter_mm  # the tube, not thin attachments
+            tube = ndimage.binary_dilation(tube, iterations=max(1, round((0.25 * s.diameter_mm + 3.0) / px)))
+            for z in range(max(0, s.slice_index - 1), min(aorta.shape[0], s.slice_index + 2)):
+                aorta[z] |= tube
+        aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+
+    root = np.zeros(grid.values.shape, dtype=bool)
+    heart = np.zeros(grid.values.shape, dtype=bool)
+    if found.ascending is None:
+        found.missing["heart"] = "the heart is delimited from the aortic root down, and the root was not found"
+    else:
+        sections = found.ascending.sections
+        base = sections[0]
+        if len(sections) >= 2:
+            upper = sections[min(2, len(sections) - 1)]
+            rise = upper.slice_index - base.slice_index
+            slope = ((upper.centre[0] - base.centre[0]) / rise, (upper.centre[1] - base.centre[1]) / rise)
+        else:
+            slope = (0.0, 0.0)
+        for k in range(0, math.ceil(ROOT_LENGTH_MM / grid.dz) + 1):
+            z = base.slice_index - k
+            if z < 0:
+                break
+            centre = (base.centre[0] - slope[0] * k, base.centre[1] - slope[1] * k)
+            root[z] |= disc(centre, base.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+
+        top = base.slice_index
+        limit = np.where(np.isfinite(grid.spine_front), grid.spine_front, plane_shape[0])
+        area = np.zeros(grid.values.shape[0])
+        for z in range(0, top + 1):
+            cut = int(min(max(limit[z], 0), plane_shape[0]))
+            area[z] = np.count_nonzero(grid.between[z, :cut] & ~grid.lung[z, :cut])
+        peak = float(area[: top + 1].max())
+        bottom = 0
+        for z in range(top, -1, -1):
+            if area[z] < HEART_END_FRACTION * peak:
+                bottom = z + 1
+                break
+        found.heart_slices = (bottom, top)
+        bone_margin = ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4, iterations=max(1, round(2.0 / px)))
+        for z in range(bottom, top + 1):
+            plane = grid.between[z] & ~grid.lung[z] & ~bone_margin[z]
+            # the costal cartilages and the sternum's margins (often calcified) line the front of the space between
+            # the lungs: a strip along its anterior border is chest wall, not heart
+            depth = ndimage.distance_transform_edt(grid.between[z], sampling=px)
+            rows_in = np.flatnonzero(grid.between[z].any(axis=1))
+            if rows_in.size:
+                middle = (rows_in[0] + rows_in[-1]) / 2.0
+                strip = depth < CHEST_WALL_STRIP_MM
+                strip[int(middle) :] = False
+                plane &= ~strip
+            plane[int(min(max(limit[z], 0), plane_shape[0])) :] = False
+            descending = found.descending.at(z) if found.descending is not None else None
+            if descending is not None:
+                plane &= ~disc(descending.centre, descending.long_mm / 2.0 + 5.0)
+            heart[z] = plane
+        heart &= ~aorta & ~root
+        if bottom == 0 and area[0] >= HEART_END_FRACTION * peak:
+            found.missing["base of the heart"] = (
+                "the scan starts above the bottom of the heart: calcium in the lowest part of the coronary tree "
+                "(distal right coronary and posterior descending arteries) may be missing"
+            )
+
+    found.heart_region = _to_full(heart, stride, shape)
+    found.aorta_region = _to_full(aorta & ~root, stride, shape)
+    found.root_region = _to_full(root, stride, shape)
+
+
+_IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _to_full(grid_mask: np.ndarray, stride: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a grid mask to the full volume's shape (only its bounding box is copied)."""
+    full = np.zeros(shape, dtype=bool)
+    box = bounding_box(grid_mask)
+    if box is None:
+        return full
+    part = grid_mask[box]
+    if stride > 1:
+        part = np.repeat(np.repeat(part, stride, axis=1), stride, axis=2)
+    r0, c0 = box[1].start * stride, box[2].start * stride
+    rows, cols = min(part.shape[1], shape[1] - r0), min(part.shape[2], shape[2] - c0)
+    full[box[0], r0 : r0 + rows, c0 : c0 + cols] = part[:, :rows, :cols]
+    return full
