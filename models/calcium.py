@@ -151,6 +151,7 @@ class CalciumScore:
     lesions: tuple[CalciumLesion, ...]
     box: tuple[slice, slice, slice]
     weights: np.ndarray
+    pixel_mm2: float = 0.0
 
     @property
     def lesion_count(self) -> int:
@@ -202,7 +203,9 @@ def score_calcium(
     box = bounding_box(region, (1, math.ceil(reach / dy) + 1, math.ceil(reach / dx) + 1))
     if box is None:
         empty = np.zeros((0, 0, 0), dtype=np.uint8)
-        return CalciumScore(0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), (slice(0, 0),) * 3, empty)
+        return CalciumScore(
+            0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), (slice(0, 0),) * 3, empty, pixel_mm2
+        )
     local_hu = hu[box]
     inside = region[box]
     calcium = local_hu >= CALCIUM_THRESHOLD_HU
@@ -212,12 +215,17 @@ def score_calcium(
     labels_2d, count_2d = ndimage.label(calcium, structure=_IN_PLANE_8)
     weights = np.zeros(calcium.shape, dtype=np.uint8)
     if count_2d == 0:
-        return CalciumScore(0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), box, weights)
-    index = np.arange(1, count_2d + 1)
-    areas = ndimage.sum_labels(np.ones_like(labels_2d, dtype=np.float32), labels_2d, index) * pixel_mm2
-    peaks = ndimage.maximum(local_hu, labels_2d, index)
+        return CalciumScore(
+            0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), box, weights, pixel_mm2
+        )
+    # area and peak of every 2-D lesion from its voxels alone (a few thousand), not from the whole box
+    where_calcium = np.flatnonzero(calcium)
+    numbers = labels_2d.reshape(-1)[where_calcium]
+    areas = np.bincount(numbers, minlength=count_2d + 1)[1:] * pixel_mm2
+    peaks = np.full(count_2d + 1, -np.inf)
+    np.maximum.at(peaks, numbers, local_hu.reshape(-1)[where_calcium])
     kept = areas >= MIN_LESION_AREA_MM2 - 1e-9
-    lesion_weight = np.array([density_weight(float(p)) for p in peaks], dtype=np.uint8) * kept
+    lesion_weight = np.array([density_weight(float(p)) for p in peaks[1:]], dtype=np.uint8) * kept
     table = np.zeros(count_2d + 1, dtype=np.uint8)
     table[1:] = lesion_weight
     weights = table[labels_2d]
@@ -225,11 +233,9 @@ def score_calcium(
     per_2d_score = areas * lesion_weight
 
     # 3-D lesions join the kept 2-D lesions that touch across slices: the unit a reader (and the mass) counts.
-    labels_3d, count_3d = ndimage.label(scored, structure=ndimage.generate_binary_structure(3, 3))
+    labels_3d, _count_3d = ndimage.label(scored, structure=ndimage.generate_binary_structure(3, 3))
     lesions: list[CalciumLesion] = []
-    footprints = _mass_footprints(scored, labels_3d, dy, dx) if calibration is not None else None
-    footprint_boxes = ndimage.find_objects(footprints) if footprints is not None else []
-    shell_px = (math.ceil(BACKGROUND_SHELL_MM / dy), math.ceil(BACKGROUND_SHELL_MM / dx))
+    integrator = _MassIntegrator(local_hu, scored, dy, dx, voxel_mm3, calibration) if calibration else None
     total_mass = 0.0
     origin = np.array([b.start for b in box], dtype=np.float64)
     for number, where in enumerate(ndimage.find_objects(labels_3d), start=1):
@@ -239,10 +245,8 @@ def score_calcium(
         members = np.unique(labels_2d[where][voxels])
         raw = float(per_2d_score[members - 1].sum())
         mass = None
-        if calibration is not None and footprints is not None:
-            mass = _integrated_mass(
-                local_hu, footprints, number, footprint_boxes[number - 1], shell_px, voxel_mm3, calibration
-            )
+        if integrator is not None:
+            mass = integrator.mass(labels_3d, number, where)
             total_mass += mass
         zyx = np.argwhere(voxels) + np.array([w.start for w in where])
         centre = zyx.mean(axis=0) + origin
@@ -268,53 +272,56 @@ def score_calcium(
         lesions=tuple(lesions),
         box=box,
         weights=weights,
+        pixel_mm2=pixel_mm2,
     )
 
 
-def _mass_footprints(scored: np.ndarray, labels_3d: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    """Each lesion's mass footprint as a label image: grown in-plane by :data:`MASS_MARGIN_MM`, and by one slice
-    above and below (the slice profile spreads a calcification into its neighbours).
+class _MassIntegrator:
+    """The integrated mass of one lesion after another (module docstring: calcium mass).
 
-    Where two footprints meet, the voxel goes to one lesion only (grey dilation keeps the larger label), so no
-    excess attenuation is counted twice.
+    Each lesion's footprint is the lesion grown by :data:`MASS_MARGIN_MM` in-plane on its own slices and the
+    slices above and below; a voxel already counted for an earlier lesion is not counted again. Everything is done
+    in a small window around the lesion.
     """
-    structure = np.zeros((3, 2 * round(MASS_MARGIN_MM / dy) + 1, 2 * round(MASS_MARGIN_MM / dx) + 1), dtype=bool)
-    structure[:] = _disc(round(MASS_MARGIN_MM / dy), round(MASS_MARGIN_MM / dx))
-    grown = ndimage.grey_dilation(labels_3d.astype(np.int32), footprint=structure)
-    grown[scored] = labels_3d[scored]
-    return grown
 
+    def __init__(
+        self,
+        hu: np.ndarray,
+        scored: np.ndarray,
+        dy: float,
+        dx: float,
+        voxel_mm3: float,
+        calibration: MassCalibration,
+    ):
+        self.hu, self.scored, self.voxel_mm3, self.calibration = hu, scored, voxel_mm3, calibration
+        self.claimed = np.zeros(hu.shape, dtype=bool)
+        grow = (round(MASS_MARGIN_MM / dy), round(MASS_MARGIN_MM / dx))
+        shell = (math.ceil(BACKGROUND_SHELL_MM / dy), math.ceil(BACKGROUND_SHELL_MM / dx))
+        self.grow = np.broadcast_to(_disc(*grow), (3, 2 * grow[0] + 1, 2 * grow[1] + 1))
+        self.shell = _disc(*shell)[None]
+        self.pad = (1, grow[0] + shell[0] + 1, grow[1] + shell[1] + 1)
 
-def _integrated_mass(
-    hu: np.ndarray,
-    footprints: np.ndarray,
-    number: int,
-    footprint_box: tuple[slice, ...] | None,
-    shell_px: tuple[int, int],
-    voxel_mm3: float,
-    calibration: MassCalibration,
-) -> float:
-    """``c_HA * sum(HU - background) * voxel volume`` over one lesion's footprint, fat left out.
+    def mass(self, labels: np.ndarray, number: int, where: tuple[slice, ...]) -> float:
+        """``c_HA * sum(HU - background) * voxel volume`` over the lesion's footprint, fat left out.
 
-    The background is the median of the non-fat, non-calcium voxels in a :data:`BACKGROUND_SHELL_MM` shell around
-    the footprint on the same slices, outside every footprint (another calcification is not background).
-    """
-    assert footprint_box is not None  # the lesion itself is in its footprint
-    where = tuple(
-        slice(max(b.start - pad, 0), min(b.stop + pad, n))
-        for b, pad, n in zip(footprint_box, (0, shell_px[0] + 1, shell_px[1] + 1), footprints.shape, strict=True)
-    )
-    own_w = footprints[where] == number
-    values = hu[where]
-    shell_structure = np.zeros((1, 2 * shell_px[0] + 1, 2 * shell_px[1] + 1), dtype=bool)
-    shell_structure[0] = _disc(*shell_px)
-    shell = ndimage.binary_dilation(own_w, structure=shell_structure)
-    shell &= footprints[where] == 0
-    shell &= (values >= FAT_HU) & (values < CALCIUM_THRESHOLD_HU)
-    background = float(np.median(values[shell])) if np.count_nonzero(shell) >= 8 else 0.0
-    counted = own_w & (values >= FAT_HU)
-    excess = float((values[counted].astype(np.float64) - background).sum())
-    return calibration.mg_per_cm3_per_hu / 1000.0 * excess * voxel_mm3
+        The background is the median of the non-fat, non-calcium voxels in a :data:`BACKGROUND_SHELL_MM` shell
+        around the footprint, away from any other calcification.
+        """
+        window = tuple(
+            slice(max(w.start - p, 0), min(w.stop + p, n))
+            for w, p, n in zip(where, self.pad, labels.shape, strict=True)
+        )
+        own = labels[window] == number
+        footprint = ndimage.binary_dilation(own, structure=self.grow) & ~self.claimed[window]
+        self.claimed[window] |= footprint
+        values = self.hu[window]
+        near_calcium = ndimage.binary_dilation(self.scored[window], structure=self.grow)
+        shell = ndimage.binary_dilation(footprint, structure=self.shell) & ~footprint & ~near_calcium
+        shell &= (values >= FAT_HU) & (values < CALCIUM_THRESHOLD_HU)
+        background = float(np.median(values[shell])) if np.count_nonzero(shell) >= 8 else 0.0
+        counted = footprint & (values >= FAT_HU)
+        excess = float((values[counted].astype(np.float64) - background).sum())
+        return self.calibration.mg_per_cm3_per_hu / 1000.0 * excess * self.voxel_mm3
 
 
 def _disc(ry: int, rx: int) -> np.ndarray:

@@ -79,6 +79,8 @@ HEART_END_FRACTION = 0.25
 """The heart ends (diaphragm) where the space between the lungs in front of the spine falls below this share of its
 largest extent."""
 
+_ASCENDING_BELOW_ARCH_MM = 30.0
+_ASCENDING_STEP_MM = 6.0  # per 5 mm of height: the ascending aorta leans about 30 degrees at most
 _ASCENDING_SEARCH_MM = 90.0  # the ascending aorta is 5-8 cm long in adults: search that far below the arch
 _RAY_STEP_DEG = 5.0
 _MIN_EDGE_FRACTION = 0.5
@@ -213,7 +215,7 @@ def find_chest_vessels(
             "not in view (the scan may end below it) or not traced between the ascending and descending aorta"
         )
     if ascending is not None:
-        found.pulmonary_trunk = _pulmonary_trunk(grid, ascending, found.arch)
+        found.pulmonary_trunk = _pulmonary_trunk(grid, measure, ascending, found.arch)
         if found.pulmonary_trunk is None:
             found.missing["pulmonary trunk"] = (
                 "no round structure left of the ascending aorta between the aortic root and the arch"
@@ -525,7 +527,7 @@ class _Hough:
         votes = ndimage.gaussian_filter(votes, (0.7, 1.0, 1.0))
         peaks = (votes == ndimage.maximum_filter(votes, size=(3, 5, 5))) & (votes > 0.03)
         ks, rs, cs = np.nonzero(peaks)
-        order = np.argsort(-votes[ks, rs, cs])[:limit]
+        order = np.argsort(-votes[ks, rs, cs])[:limit] if ks.size > limit else np.argsort(-votes[ks, rs, cs])
         found = []
         for i in order:
             circle = self._measure(float(rs[i] + r0), float(cs[i] + c0), float(radii_mm[ks[i]]))
@@ -561,7 +563,8 @@ class _Hough:
             return None
         (fr, fc), fradius = fitted
         short, long, angle = 2.0 * fradius * px, 2.0 * fradius * px, 0.0
-        ellipse = _fit_ellipse(edge_r, edge_c) if coverage >= 0.6 else None
+        # an ellipse needs most of the outline: fitted to a partial arc its short axis is unstable
+        ellipse = _fit_ellipse(edge_r, edge_c) if coverage >= _ELLIPSE_COVERAGE else None
         if ellipse is not None:
             (er_, ec_), (a_axis, b_axis), theta = ellipse
             if 0.8 * fradius <= b_axis <= a_axis <= 1.8 * b_axis and a_axis <= 1.5 * fradius:
@@ -625,27 +628,32 @@ _EDGE_HU_PER_MM = 8.0
 """Steepest attenuation change that still marks an outline: a fat plane between two vessels, blurred by a 5 mm
 slice, leaves a dip of a few tens of HU over a few millimetres."""
 _MIN_COVERAGE = 0.55
+_ELLIPSE_COVERAGE = 0.8
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # tracing the vessels
 
 
-def _chains(sections: dict[int, list[Section]], px: float, dz: float) -> list[list[Section]]:
-    """Every maximal chain of sections on consecutive slices that move and change size little (longest first).
+def _chains(
+    sections: dict[int, list[Section]], px: float, dz: float, max_step_mm: float = MAX_STEP_MM
+) -> list[list[Section]]:
+    """Every maximal chain of sections on successive slices (one may be skipped) that move and change size little,
+    longest first.
 
     ``px`` is the full-resolution pixel size: section centres are full-resolution pixels.
     """
-    max_step = MAX_STEP_MM * dz / 5.0 / px
+    max_step = max_step_mm * dz / 5.0 / px
     best: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}
     for z in sorted(sections):
         for i, s in enumerate(sections[z]):
             length, parent = 1, None
-            for j, q in enumerate(sections.get(z - 1, [])):
-                moved = math.hypot(s.centre[0] - q.centre[0], s.centre[1] - q.centre[1])
-                ratio = s.diameter_mm / q.diameter_mm
-                if moved <= max_step and 0.75 <= ratio <= 1.33 and best[(z - 1, j)][0] + 1 > length:
-                    length, parent = best[(z - 1, j)][0] + 1, (z - 1, j)
+            for gap in (1, 2):  # one slice may be missed (a fat plane blurred away on it)
+                for j, q in enumerate(sections.get(z - gap, [])):
+                    moved = math.hypot(s.centre[0] - q.centre[0], s.centre[1] - q.centre[1])
+                    ratio = s.diameter_mm / q.diameter_mm
+                    if moved <= gap * max_step and 0.75 <= ratio <= 1.33 and best[(z - gap, j)][0] + 1 > length:
+                        length, parent = best[(z - gap, j)][0] + 1, (z - gap, j)
             best[(z, i)] = (length, parent)
     used: set[tuple[int, int]] = set()
     chains: list[list[Section]] = []
@@ -663,28 +671,58 @@ def _chains(sections: dict[int, list[Section]], px: float, dz: float) -> list[li
 
 
 def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
-    """The descending aorta (module docstring, step 3) and, above its round part, the arch's posterior limb."""
-    candidates: dict[int, list[Section]] = {}
-    radii = np.arange(7.0, 30.5, 1.0)
-    for z in range(grid.box[0].start, grid.box[0].stop):
-        front, middle = grid.spine_front[z], grid.spine_col[z]
-        if not np.isfinite(front):
-            continue
-        rows = (front - 40.0 / grid.px, front + 20.0 / grid.px)
-        cols = (middle + 5.0 / grid.px, middle + 60.0 / grid.px)
-        circles = _Hough(grid, z).circles(rows, cols, radii, limit=4)
-        candidates[z] = [c.section() for c in circles if 14.0 <= c.short_mm <= 70.0]
-    chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz) if len(c) >= 3]
-    if not chains:
+    """The descending aorta (module docstring, step 3) and, above its round part, the arch's posterior limb.
+
+    The chain is followed on the distance peaks (cheap), then each of its slices is measured by the Hough circle
+    nearest the peak (within 12 mm; radius within 8 mm of the peak's depth).
+    """
+    candidates: dict[int, list[_Peak]] = {}
+    for p in grid.peaks:
+        ahead = grid.ahead_mm(p.z, p.row)
+        if 5.0 <= grid.left_mm(p.z, p.col) <= 60.0 and -20.0 <= ahead <= 40.0 and 7.0 <= p.radius_mm <= 30.0:
+            candidates.setdefault(p.z, []).append(p)
+    chain = _peak_chain(candidates, grid.px, grid.dz)
+    if len(chain) < 3:
         return None, []
-    chain = max(chains, key=len)
+    sections: list[Section] = []
+    reach = 12.0 / grid.px
+    for p in chain:
+        radii = np.arange(max(7.0, p.radius_mm - 8.0), p.radius_mm + 8.01, 1.0)
+        circles = _Hough(grid, p.z).circles((p.row - reach, p.row + reach), (p.col - reach, p.col + reach), radii, limit=3)
+        circles = [c for c in circles if 14.0 <= c.short_mm <= 70.0]
+        if circles:
+            sections.append(max(circles, key=lambda c: c.coverage).section())
+    if len(sections) < 3:
+        return None, []
     # the round part ends where the cut becomes elongated: above that the aorta turns forward into the arch
     round_part: list[Section] = []
-    for section in chain:
+    for section in sections:
         if not section.round and len(round_part) >= 3:
             break
         round_part.append(section)
-    return Vessel("descending aorta", tuple(round_part)), chain[len(round_part) :]
+    return Vessel("descending aorta", tuple(round_part)), sections[len(round_part) :]
+
+
+def _peak_chain(candidates: dict[int, list[_Peak]], px: float, dz: float) -> list[_Peak]:
+    """The longest chain of peaks on consecutive slices that move little and keep their size (dynamic programming)."""
+    max_step = MAX_STEP_MM * dz / 5.0 / px
+    best: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}
+    for z in sorted(candidates):
+        for i, p in enumerate(candidates[z]):
+            length, parent = 1, None
+            for j, q in enumerate(candidates.get(z - 1, [])):
+                moved = math.hypot(p.row - q.row, p.col - q.col)
+                if moved <= max_step and 0.7 <= p.radius_mm / q.radius_mm <= 1.45 and best[(z - 1, j)][0] + 1 > length:
+                    length, parent = best[(z - 1, j)][0] + 1, (z - 1, j)
+            best[(z, i)] = (length, parent)
+    if not best:
+        return []
+    node: tuple[int, int] | None = max(best, key=lambda k: (best[k][0], k[0]))
+    chain: list[_Peak] = []
+    while node is not None:
+        chain.append(candidates[node[0]][node[1]])
+        node = best[node][1]
+    return chain[::-1]
 
 
 def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
@@ -702,9 +740,10 @@ def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
         cols = (middle - 70.0 / grid.px, middle + 35.0 / grid.px)
         circles = _Hough(grid, z).circles(rows, cols, radii, limit=8)
         candidates[z] = [c.section() for c in circles if 18.0 <= c.short_mm <= 70.0]
-    chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz) if len(c) >= 3]
-    if arch_top is not None:
-        chains = [c for c in chains if c[-1].slice_index >= arch_top - 4]
+    # the ascending aorta climbs almost straight up; where the chain runs backwards fast it has entered the arch
+    chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz, _ASCENDING_STEP_MM) if len(c) >= 3]
+    if arch_top is not None:  # the ascending aorta reaches up to within about 3 cm of the arch's top
+        chains = [c for c in chains if (arch_top - c[-1].slice_index) * grid.dz <= _ASCENDING_BELOW_ARCH_MM]
     if not chains:
         return None
     chain = max(chains, key=lambda c: (len(c), float(np.mean([s.diameter_mm for s in c]))))
@@ -716,32 +755,52 @@ def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
 
 
 def _arch(grid: _Grid, measure: _Measurer, ascending: Vessel, descending: Vessel, limb: list[Section]) -> Section | None:
-    """The arch (module docstring, step 4): the widest tube section between the tops of the two limbs."""
+    """The arch (module docstring, step 4): a tube section midway between the two limbs, above the ascending aorta.
+
+    Candidates are distance peaks on the slices from just above the ascending aorta's last round section up to 2 cm
+    above the top of the descending chain, lying between the limbs (20-80 % of the way from the ascending to the descending
+    centre on that slice, within 20 mm of the line); they are measured by rays (the arch runs in the slice, so its
+    width across is its diameter). The one nearest the middle of the arch is kept if its width is between 0.75 and
+    1.25 times the limbs' typical diameter (a wider cut has taken in a branch, a narrower one grazes the curve).
+    """
     a = ascending.sections[-1]
-    d = limb[-1] if limb else descending.sections[-1]
-    low = min(a.slice_index, d.slice_index)
-    options: list[Section] = [s for s in limb]
-    ar, ac = a.centre
-    dr, dc = d.centre
-    length = math.hypot(dr - ar, dc - ac)
+    # the arch rises up to about 2 cm above where the traced limbs end
+    top = max(s.slice_index for s in (*descending.sections, *limb)) + math.ceil(20.0 / grid.dz)
+    ends = {s.slice_index: s for s in (*descending.sections, *limb)}
+    typical = 0.5 * (
+        float(np.median([s.diameter_mm for s in ascending.sections]))
+        + float(np.median([s.diameter_mm for s in descending.sections]))
+    )
+    best: tuple[float, Section] | None = None
     for p in grid.peaks:
-        if p.z < low or p.z > max(a.slice_index, d.slice_index) + 2 or length == 0:
+        if not a.slice_index < p.z <= top:
+            continue
+        d = ends.get(p.z) or descending.sections[-1]
+        (ar, ac), (dr, dc) = a.centre, d.centre
+        length = math.hypot(dr - ar, dc - ac)
+        if length == 0:
             continue
         r, c = p.row * grid.stride, p.col * grid.stride
         t = ((r - ar) * (dr - ar) + (c - ac) * (dc - ac)) / length**2
         off = abs((r - ar) * (dc - ac) - (c - ac) * (dr - ar)) / length * measure.px
-        if 0.2 <= t <= 0.8 and off <= 20.0:
-            section = measure.at_peak(p, min_edges=_MIN_ARCH_EDGE_FRACTION)
-            if section is not None:
-                options.append(section)
-    widest_limb = max(s.diameter_mm for s in (*ascending.sections, *descending.sections))
-    plausible = [s for s in options if 15.0 <= s.diameter_mm <= 1.3 * widest_limb]
-    return max(plausible, key=lambda s: s.diameter_mm) if plausible else None
+        if not (0.2 <= t <= 0.8 and off <= 20.0):
+            continue
+        section = measure.at_peak(p, min_edges=_MIN_ARCH_EDGE_FRACTION)
+        if section is None or not 0.75 * typical <= section.diameter_mm <= 1.25 * typical:
+            continue
+        if best is None or abs(t - 0.5) < best[0]:
+            best = (abs(t - 0.5), section)
+    return best[1] if best else None
 
 
-def _pulmonary_trunk(grid: _Grid, ascending: Vessel, arch: Section | None) -> Section | None:
-    """The pulmonary trunk (module docstring, step 6): the widest circle inside the mediastinum left of the ascending
-    aorta (20-75 mm from its centre, within 35 mm in front or behind) on the slices between the root and the arch."""
+def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: Section | None) -> Section | None:
+    """The pulmonary trunk (module docstring, step 6).
+
+    Candidates are Hough circles inside the mediastinum left of the ascending aorta (centres 20-75 mm from its centre,
+    within 35 mm in front or behind) on the slices between the root and the arch. The trunk touches the aorta, so each
+    is measured again by rays that take the aorta's outline (already measured) as the trunk's edge on that side; the
+    widest trunk section is kept, the trunk being the widest part of the pulmonary arterial tree.
+    """
     low, high = ascending.slices
     top = arch.slice_index if arch is not None else high + 1
     radii = np.arange(9.0, 25.5, 1.0)
@@ -753,13 +812,17 @@ def _pulmonary_trunk(grid: _Grid, ascending: Vessel, arch: Section | None) -> Se
         row, col = aorta.centre[0] / grid.stride, aorta.centre[1] / grid.stride
         rows = (row - 35.0 / grid.px, row + 35.0 / grid.px)
         cols = (col + 20.0 / grid.px, col + 75.0 / grid.px)
+        aorta_disc = (aorta.centre, aorta.diameter_mm / 2.0 / measure.px)
         for circle in _Hough(grid, z).circles(rows, cols, radii, limit=6):
-            apart = math.dist(circle.centre, aorta.centre) * grid.px / grid.stride
             r, c = round(circle.centre[0] / grid.stride), round(circle.centre[1] / grid.stride)
-            in_mediastinum = bool(grid.tissue[z, r, c]) if 0 <= r < grid.tissue.shape[1] and 0 <= c < grid.tissue.shape[2] else False
-            if in_mediastinum and 15.0 <= circle.short_mm <= 50.0 and apart >= 0.4 * (circle.short_mm + aorta.diameter_mm):
-                found.append(circle.section())
-    # the trunk is the widest part of the pulmonary arterial tree in front of the bronchi
+            inside = 0 <= r < grid.tissue.shape[1] and 0 <= c < grid.tissue.shape[2] and bool(grid.tissue[z, r, c])
+            apart = math.dist(circle.centre, aorta.centre) * measure.px
+            if not inside or apart < 0.4 * (circle.diameter_mm + aorta.diameter_mm):
+                continue
+            radius = circle.diameter_mm / 2.0
+            section = measure.section(z, circle.centre, radius, prior_mm=radius, exclude=(aorta_disc,))
+            if section is not None and section.edge_fraction >= _MIN_EDGE_FRACTION and 15.0 <= section.diameter_mm <= 50.0:
+                found.append(section)
     return max(found, key=lambda s: s.diameter_mm) if found else None
 
 
@@ -839,8 +902,8 @@ def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
                 strip[int(middle) :] = False
                 plane &= ~strip
             plane[int(min(max(limit[z], 0), plane_shape[0])) :] = False
-            descending = found.descending.at(z) if found.descending is not None else None
-            if descending is not None:
+            descending = _nearest(found.descending, z)
+            if descending is not None:  # below its lowest traced section the aorta goes on where it was
                 plane &= ~disc(descending.centre, descending.long_mm / 2.0 + 5.0)
             heart[z] = plane
         heart &= ~aorta & ~root
@@ -851,12 +914,21 @@ def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
             )
 
     found.heart_region = _to_full(heart, stride, shape)
-    found.aorta_region = _to_full(aorta & ~root, stride, shape)
+    # the descending aorta lies against the vertebral bodies: its wall territory must not reach into the bone
+    bone = ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4)
+    found.aorta_region = _to_full(aorta & ~root & ~bone, stride, shape)
     found.root_region = _to_full(root, stride, shape)
 
 
 _IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _nearest(vessel: Vessel | None, z: int) -> Section | None:
+    """The vessel's section on slice ``z``, or on the nearest slice it was traced on."""
+    if vessel is None or not vessel.sections:
+        return None
+    return min(vessel.sections, key=lambda s: abs(s.slice_index - z))
 
 
 def _to_full(grid_mask: np.ndarray, stride: int, shape: tuple[int, ...]) -> np.ndarray:
