@@ -31,6 +31,7 @@ How the inserts are found (all on the scan itself, nothing tuned to one file):
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -366,3 +367,142 @@ def score_phantom(
             )
         )
     return layout, scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `imaging-cds evaluate ct-heart --dataset <QRM scan folder>`
+
+REFERENCE_CSV = "reference_agatston_mass.csv"
+AGATSTON_GOAL = 0.10
+"""Agatston within 10 % of the published authors' value for the large and medium inserts (issue 19's goal)."""
+CALCIUM_ANALYZERS = ("ct-heart",)
+
+
+@dataclass(frozen=True)
+class PhantomAssessment:
+    """The project's calcium scores of every insert beside the known masses and the published authors' figures."""
+
+    analyzer: str
+    version: str
+    scan: str
+    reference_row: str
+    calibration: MassCalibration
+    rows: tuple[InsertScore, ...]
+
+    def goal_inserts(self) -> list[InsertScore]:
+        """The large and medium inserts, on which the goals are set (a 1 mm insert is below CT resolution)."""
+        return [r for r in self.rows if r.insert.size in ("large", "medium")]
+
+    def agatston_within_goal(self) -> bool:
+        return all(
+            r.authors_agatston and abs(r.score.agatston - r.authors_agatston) <= AGATSTON_GOAL * r.authors_agatston
+            for r in self.goal_inserts()
+        )
+
+    def mass_closer_than_authors(self) -> bool:
+        return all(
+            r.score.mass_mg is not None
+            and r.authors_mass_mg is not None
+            and abs(r.score.mass_mg - r.insert.known_mass_mg) < abs(r.authors_mass_mg - r.insert.known_mass_mg)
+            for r in self.goal_inserts()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "analyzer": {"name": self.analyzer, "version": self.version},
+            "dataset": {"scan": self.scan, "reference_row": self.reference_row},
+            "calibration": {"mg_per_cm3_per_hu": round(self.calibration.mg_per_cm3_per_hu, 4), "source": self.calibration.source},
+            "inserts": [r.as_dict() for r in self.rows],
+            "goals": {
+                "agatston_within_10_percent_large_medium": self.agatston_within_goal(),
+                "mass_closer_than_authors_large_medium": self.mass_closer_than_authors(),
+            },
+        }
+
+
+def is_calcium_phantom(path: Path) -> bool:
+    """A QRM phantom scan folder: DICOM files with the published reference table beside it (or one level up)."""
+    return path.is_dir() and _reference_csv(path) is not None
+
+
+def _reference_csv(path: Path) -> Path | None:
+    for folder in (path, path.parent):
+        if (folder / REFERENCE_CSV).is_file():
+            return folder / REFERENCE_CSV
+    return None
+
+
+def _reference_row(csv_path: Path, scan: str, model: str) -> str:
+    """The reference table's vendor whose name holds every word of the scanner's model name (``Aquilion ONE`` ->
+    ``Canon_Aquilion_One_Vision``)."""
+    words = [w.lower() for w in model.replace("_", " ").split() if w]
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        vendors = sorted({row["vender"] for row in csv.DictReader(handle) if row["scan"] == scan})
+    matching = [v for v in vendors if words and all(w in v.lower() for w in words)]
+    if len(matching) != 1:
+        raise ConfigurationError(
+            f"{csv_path.name} has no single row for scan {scan!r} on a scanner named {model!r} (rows for this scan: "
+            f"{', '.join(vendors) or 'none'}).",
+            remedy="Give the folder of one scan listed in the reference table.",
+        )
+    return matching[0]
+
+
+def evaluate_phantom(analyzer_name: str, folder: Path, *, json_out: Path | None = None) -> PhantomAssessment:
+    """Score the phantom scan in ``folder`` and compare with the reference table (see the module docstring)."""
+    from pydicom import dcmread
+
+    from dicom_io.volume import assemble_volume
+    from models.registry import get_analyzer
+
+    if analyzer_name not in CALCIUM_ANALYZERS:
+        raise ConfigurationError(
+            f"{folder.name} is a calcium phantom scan; it assesses calcium scoring, which {analyzer_name!r} does not do.",
+            remedy=f"Evaluate {', '.join(CALCIUM_ANALYZERS)} on it.",
+        )
+    analyzer = get_analyzer(analyzer_name)
+    csv_path = _reference_csv(folder)
+    assert csv_path is not None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    if not files:
+        raise ConfigurationError(f"{folder} holds no .dcm files.", remedy="Give the folder of one phantom scan.")
+    volume = assemble_volume(dcmread(p) for p in files)
+    model = volume.attributes.get("ManufacturerModelName", "")
+    row = _reference_row(csv_path, folder.name, model)
+    authors = read_authors_figures(csv_path, row, folder.name)
+    layout, scores = score_phantom(volume.array, volume.spacing, authors)
+    assessment = PhantomAssessment(analyzer.name, analyzer.version, folder.name, row, layout.calibration, tuple(scores))
+    if json_out is not None:
+        json_out.write_text(json.dumps(assessment.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return assessment
+
+
+def format_phantom_table(assessment: PhantomAssessment) -> str:
+    """The side-by-side table ``imaging-cds evaluate`` prints for a phantom scan."""
+
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        f"Calcium scoring of {assessment.analyzer} {assessment.version} on the QRM phantom scan {assessment.scan} "
+        f"(reference row {assessment.reference_row})",
+        f"Mass calibration: {assessment.calibration.source}.",
+        "",
+        f"{'Insert':<24}{'known mg':>9}{'project mg':>11}{'authors mg':>11}{'authors AU':>11}{'project AU':>11}",
+    ]
+    for r in assessment.rows:
+        lines.append(
+            f"{r.insert.size + ' ' + r.insert.density:<24}{r.insert.known_mass_mg:>9.1f}"
+            f"{number(r.score.mass_mg, 2):>11}{number(r.authors_mass_mg, 2):>11}"
+            f"{number(r.authors_agatston, 1):>11}{r.score.agatston:>11.1f}"
+        )
+    lines.append("")
+    lines.append(
+        "Agatston within 10 % of the authors' for the large and medium inserts: "
+        + ("yes" if assessment.agatston_within_goal() else "NO")
+    )
+    lines.append(
+        "Mass closer to the known mass than the authors' Agatston-mass, large and medium inserts: "
+        + ("yes" if assessment.mass_closer_than_authors() else "NO")
+    )
+    return "\n".join(lines)
