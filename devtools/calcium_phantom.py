@@ -141,7 +141,7 @@ def _blobs(hu: np.ndarray, pixel_mm: float) -> list[_Blob]:
     """Compact bright objects (see the module docstring, step 1), with their half-maximum diameter."""
     smooth = np.stack([_smoothed(s, pixel_mm) for s in hu])
     bright = smooth > _CANDIDATE_HU
-    labels, count = ndimage.label(bright, structure=ndimage.generate_binary_structure(3, 1))
+    labels, _count = ndimage.label(bright, structure=ndimage.generate_binary_structure(3, 1))
     out: list[_Blob] = []
     pixel_mm2 = pixel_mm * pixel_mm
     for number, where in enumerate(ndimage.find_objects(labels), start=1):
@@ -225,9 +225,7 @@ def locate_inserts(hu: np.ndarray, spacing: tuple[float, float, float]) -> Phant
         inserts_by_density[density] = located
     rod = max(rods, key=lambda b: b.area_mm2)
     calibration, rod_slices = _calibration(hu, rod, centre, pixel_mm)
-    ordered = tuple(
-        located for density in ("low", "medium", "high") for located in inserts_by_density[density]
-    )
+    ordered = tuple(located for density in ("low", "medium", "high") for located in inserts_by_density[density])
     return PhantomLayout(slab, centre, ordered, calibration, rod_slices)
 
 
@@ -314,8 +312,9 @@ def _calibration(
     return calibration, full
 
 
-def insert_region(shape: tuple[int, int, int], layout: PhantomLayout, located: LocatedInsert, slice_mm: float,
-                  pixel_mm: float) -> np.ndarray:
+def insert_region(
+    shape: tuple[int, int, int], layout: PhantomLayout, located: LocatedInsert, slice_mm: float, pixel_mm: float
+) -> np.ndarray:
     """The region scored for one insert: a cylinder of its nominal radius plus :data:`ROI_MARGIN_MM`."""
     insert = located.insert
     region = np.zeros(shape, dtype=bool)
@@ -337,7 +336,10 @@ def read_authors_figures(csv_path: Path, vendor: str, scan: str) -> dict[tuple[s
                 continue
             density = row["inserts"].split()[0].lower()
             for size in ("large", "medium", "small"):
-                figures[(size, density)] = (float(row[f"calculated_agat_{size}"]), float(row[f"calculated_mass_{size}"]))
+                figures[(size, density)] = (
+                    float(row[f"calculated_agat_{size}"]),
+                    float(row[f"calculated_mass_{size}"]),
+                )
     if not figures:
         raise ConfigurationError(
             f"{csv_path.name} has no rows for {vendor} {scan}.", remedy="Name a vendor and scan the file lists."
@@ -411,7 +413,10 @@ class PhantomAssessment:
         return {
             "analyzer": {"name": self.analyzer, "version": self.version},
             "dataset": {"scan": self.scan, "reference_row": self.reference_row},
-            "calibration": {"mg_per_cm3_per_hu": round(self.calibration.mg_per_cm3_per_hu, 4), "source": self.calibration.source},
+            "calibration": {
+                "mg_per_cm3_per_hu": round(self.calibration.mg_per_cm3_per_hu, 4),
+                "source": self.calibration.source,
+            },
             "inserts": [r.as_dict() for r in self.rows],
             "goals": {
                 "agatston_within_10_percent_large_medium": self.agatston_within_goal(),
@@ -457,7 +462,8 @@ def evaluate_phantom(analyzer_name: str, folder: Path, *, json_out: Path | None 
 
     if analyzer_name not in CALCIUM_ANALYZERS:
         raise ConfigurationError(
-            f"{folder.name} is a calcium phantom scan; it assesses calcium scoring, which {analyzer_name!r} does not do.",
+            f"{folder.name} is a calcium phantom scan; it assesses calcium scoring, which {analyzer_name!r} does not "
+            "do.",
             remedy=f"Evaluate {', '.join(CALCIUM_ANALYZERS)} on it.",
         )
     analyzer = get_analyzer(analyzer_name)

@@ -172,7 +172,9 @@ def bounding_box(mask: np.ndarray, margin: tuple[int, int, int] = (0, 0, 0)) -> 
         hits = np.flatnonzero(mask.any(axis=other))
         if hits.size == 0:
             return None
-        spans.append(slice(max(int(hits[0]) - margin[axis], 0), min(int(hits[-1]) + 1 + margin[axis], mask.shape[axis])))
+        spans.append(
+            slice(max(int(hits[0]) - margin[axis], 0), min(int(hits[-1]) + 1 + margin[axis], mask.shape[axis]))
+        )
     return spans[0], spans[1], spans[2]
 
 

@@ -47,9 +47,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
-from PIL import Image, ImageDraw
 
 from models.calcium import bounding_box
 from models.lung import LungMask, segment_lungs
@@ -163,7 +163,11 @@ class _Grid:
         self.values = hu[:, :: self.stride, :: self.stride]
         self.lung = lungs.mask[:, :: self.stride, :: self.stride]
         z, r, c = lungs.box
-        self.box = (z, slice(r.start // self.stride, -(-r.stop // self.stride)), slice(c.start // self.stride, -(-c.stop // self.stride)))
+        self.box = (
+            z,
+            slice(r.start // self.stride, -(-r.stop // self.stride)),
+            slice(c.start // self.stride, -(-c.stop // self.stride)),
+        )
         self.spine_col = spine.column * spine.stride / self.stride
         self.spine_front = spine.anterior_row * spine.stride / self.stride  # nan where no vertebral body was seen
         self.between = _between(self.lung, self.box)
@@ -171,7 +175,11 @@ class _Grid:
         self.tissue = self.between & ~self.lung & (self.values > TISSUE_HU) & ~self.bone
         # the distance peaks only seed the search (every candidate is measured again at full resolution), so they
         # are found on every other grid pixel: four times less work
-        coarse = (self.box[0], slice(self.box[1].start, self.box[1].stop, 2), slice(self.box[2].start, self.box[2].stop, 2))
+        coarse = (
+            self.box[0],
+            slice(self.box[1].start, self.box[1].stop, 2),
+            slice(self.box[2].start, self.box[2].stop, 2),
+        )
         tissue = self.tissue[coarse]
         distance = np.zeros(tissue.shape, dtype=np.float32)
         for k in range(tissue.shape[0]):
@@ -520,12 +528,15 @@ class _Hough:
         """Candidates with centres in the grid rectangle ``rows`` x ``cols`` (grid pixels), best covered first."""
         px = self.grid.px
         shape = self.magnitude.shape
-        r0, r1 = max(0, int(rows[0]) - self.offset[0]), min(shape[0], int(math.ceil(rows[1])) - self.offset[0])
-        c0, c1 = max(0, int(cols[0]) - self.offset[1]), min(shape[1], int(math.ceil(cols[1])) - self.offset[1])
+        r0, r1 = max(0, int(rows[0]) - self.offset[0]), min(shape[0], math.ceil(rows[1]) - self.offset[0])
+        c0, c1 = max(0, int(cols[0]) - self.offset[1]), min(shape[1], math.ceil(cols[1]) - self.offset[1])
         if r1 <= r0 or c1 <= c0:
             return []
-        reach = int(math.ceil(radii_mm.max() / px)) + 2
-        window = (slice(max(0, r0 - reach), min(shape[0], r1 + reach)), slice(max(0, c0 - reach), min(shape[1], c1 + reach)))
+        reach = math.ceil(radii_mm.max() / px) + 2
+        window = (
+            slice(max(0, r0 - reach), min(shape[0], r1 + reach)),
+            slice(max(0, c0 - reach), min(shape[1], c1 + reach)),
+        )
         magnitude = self.magnitude[window]
         er, ec = np.nonzero(magnitude >= _EDGE_HU_PER_MM)
         if er.size == 0:
@@ -574,7 +585,9 @@ class _Hough:
         k = np.flatnonzero(seen)
         edge_r, edge_c = rr[k, best[k]], cc[k, best[k]]
         stride = self.grid.stride
-        full = [((r + self.offset[0]) * stride, (c + self.offset[1]) * stride) for r, c in zip(edge_r, edge_c, strict=True)]
+        full = [
+            ((r + self.offset[0]) * stride, (c + self.offset[1]) * stride) for r, c in zip(edge_r, edge_c, strict=True)
+        ]
         fitted = _fit_circle(edge_r, edge_c)
         if fitted is None:
             return None
@@ -705,7 +718,9 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
     reach = 12.0 / grid.px
     for p in chain:
         radii = np.arange(max(7.0, p.radius_mm - 8.0), p.radius_mm + 8.01, 1.0)
-        circles = _Hough(grid, p.z).circles((p.row - reach, p.row + reach), (p.col - reach, p.col + reach), radii, limit=3)
+        circles = _Hough(grid, p.z).circles(
+            (p.row - reach, p.row + reach), (p.col - reach, p.col + reach), radii, limit=3
+        )
         circles = [c for c in circles if 14.0 <= c.short_mm <= 70.0]
         if circles:
             sections.append(max(circles, key=lambda c: c.coverage).section())
@@ -771,14 +786,16 @@ def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
     return Vessel("ascending aorta", tuple(chain))
 
 
-def _arch(grid: _Grid, measure: _Measurer, ascending: Vessel, descending: Vessel, limb: list[Section]) -> Section | None:
+def _arch(
+    grid: _Grid, measure: _Measurer, ascending: Vessel, descending: Vessel, limb: list[Section]
+) -> Section | None:
     """The arch (module docstring, step 4): a tube section midway between the two limbs, above the ascending aorta.
 
     Candidates are distance peaks on the slices from just above the ascending aorta's last round section up to 2 cm
-    above the top of the descending chain, lying between the limbs (20-80 % of the way from the ascending to the descending
-    centre on that slice, within 20 mm of the line); they are measured by rays (the arch runs in the slice, so its
-    width across is its diameter). The one nearest the middle of the arch is kept if its width is between 0.75 and
-    1.25 times the limbs' typical diameter (a wider cut has taken in a branch, a narrower one grazes the curve).
+    above the top of the descending chain, lying between the limbs (20-80 % of the way from the ascending to the
+    descending centre on that slice, within 20 mm of the line); they are measured by rays (the arch runs in the
+    slice, so its width across is its diameter). The one nearest the middle of the arch is kept if its width is
+    0.75-1.25 times the limbs' typical diameter (a wider cut has taken in a branch, a narrower one grazes the curve).
     """
     a = ascending.sections[-1]
     # the arch rises up to about 2 cm above where the traced limbs end
@@ -838,7 +855,11 @@ def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: S
                 continue
             radius = circle.diameter_mm / 2.0
             section = measure.section(z, circle.centre, radius, prior_mm=radius, exclude=(aorta_disc,))
-            if section is not None and section.edge_fraction >= _MIN_EDGE_FRACTION and 15.0 <= section.diameter_mm <= 50.0:
+            if (
+                section is not None
+                and section.edge_fraction >= _MIN_EDGE_FRACTION
+                and 15.0 <= section.diameter_mm <= 50.0
+            ):
                 found.append(section)
     return max(found, key=lambda s: s.diameter_mm) if found else None
 
@@ -870,7 +891,7 @@ def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
             depth = ndimage.distance_transform_edt(tube, sampling=px)
             tube &= depth >= 0.25 * s.diameter_mm  # the tube, not thin attachments
             tube = ndimage.binary_dilation(tube, iterations=max(1, round((0.25 * s.diameter_mm + 3.0) / px)))
-            for z in range(max(0, s.slice_index - 1), min(aorta.shape[0], s.slice_index + 2)):
+            for z in range(max(0, s.slice_index - 1), min(len(aorta), s.slice_index + 2)):
                 aorta[z] |= tube
         aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
 

@@ -201,12 +201,12 @@ class HeartAnalyzer:
         warnings: list[str] = []
         not_measured: list[str] = [f"{what} ({why})" for what, why in vessels.missing.items()]
 
-        category = Category(
-            "not-assessable", "Coronary artery calcium not assessable", CAC_DRS_RULE, abnormal=False
-        )
+        category = Category("not-assessable", "Coronary artery calcium not assessable", CAC_DRS_RULE, abnormal=False)
         cac_text = ""
         if found.contrast:
-            not_measured.append("coronary and aortic calcium (intravenous contrast: iodine above 130 HU reads as calcium)")
+            not_measured.append(
+                "coronary and aortic calcium (intravenous contrast: iodine above 130 HU reads as calcium)"
+            )
         elif found.coronary is not None:
             score = found.coronary
             agatston = round(score.agatston, 1)
@@ -255,8 +255,8 @@ class HeartAnalyzer:
         lung_ml = lungs.voxel_count * image.voxel_volume_ml
         if lung_ml < MIN_LUNG_ML:
             raise UnsuitableInputError(
-                f"Only {lung_ml:.0f} mL of lung was found (at least {MIN_LUNG_ML:.0f} mL needed): this CT does not show "
-                "the chest, so the heart and great vessels cannot be found.",
+                f"Only {lung_ml:.0f} mL of lung was found (at least {MIN_LUNG_ML:.0f} mL needed): this CT does not "
+                "show the chest, so the heart and great vessels cannot be found.",
                 remedy="Choose a chest CT series that covers the heart and the lungs around it.",
             )
         try:
@@ -296,9 +296,13 @@ def _cac_interpretation(drs: int) -> Interpretation:
 
 
 def _coronary_measurements(score: CalciumScore, drs: int) -> list[Measurement]:
-    scaled = "" if abs(score.slice_factor - 1.0) < 1e-6 else (
-        f" Scaled to 3 mm slices (x {score.slice_factor:.2f}, Ohnesorge 2002); the sum on the scan's own slices is "
-        f"{score.agatston_raw:.1f}."
+    scaled = (
+        ""
+        if abs(score.slice_factor - 1.0) < 1e-6
+        else (
+            f" Scaled to 3 mm slices (x {score.slice_factor:.2f}, Ohnesorge 2002); the sum on the scan's own slices is "
+            f"{score.agatston_raw:.1f}."
+        )
     )
     out = [
         Measurement(
@@ -367,7 +371,12 @@ def robust_widest(sections: tuple[Section, ...]) -> Section | None:
     best = int(np.argmax(smoothed))
     section = sections[best]
     return Section(
-        section.slice_index, section.centre, smoothed[best], section.long_mm, section.angle, section.outline,
+        section.slice_index,
+        section.centre,
+        smoothed[best],
+        section.long_mm,
+        section.angle,
+        section.outline,
         section.edge_fraction,
     )
 
@@ -454,7 +463,8 @@ def _size_measurements(
                 float(d),
                 "mm",
                 interpretation="HH" if d >= ARCH_REPAIR_MM else None,
-                note=f"Width of the arch on the axial slice where it runs in-plane (slice {vessels.arch.slice_index + 1}). "
+                note="Width of the arch on the axial slice where it runs in-plane "
+                f"(slice {vessels.arch.slice_index + 1}). "
                 "Repair threshold 55 mm (2022 ACC/AHA); no dilation threshold is applied to the arch.",
             )
         )
@@ -462,9 +472,7 @@ def _size_measurements(
     if aorta_parts:
         dilated = any(m.interpretation in ("H", "HH") for m in measurements if m.key.endswith("aorta_diameter_mm"))
         texts.append(
-            "Thoracic aorta: "
-            + "; ".join(aorta_parts)
-            + ("." if dilated else " (within the guideline thresholds).")
+            "Thoracic aorta: " + "; ".join(aorta_parts) + ("." if dilated else " (within the guideline thresholds).")
         )
     trunk = vessels.pulmonary_trunk
     if trunk is not None:
@@ -501,7 +509,9 @@ def _size_measurements(
         )
         texts.append(sentence + (": suggests pulmonary hypertension." if wide else "."))
     elif vessels.ascending is not None:
-        warnings.append("The pulmonary trunk could not be outlined, so neither its diameter nor the PA:aorta ratio is given.")
+        warnings.append(
+            "The pulmonary trunk could not be outlined, so neither its diameter nor the PA:aorta ratio is given."
+        )
     return texts
 
 
@@ -518,9 +528,10 @@ def _acquisition_warnings(image: ImageInput, found: _Findings) -> list[str]:
         score = found.coronary or found.aortic
         if score is not None and abs(score.slice_factor - 1.0) > 1e-6:
             out.append(
-                f"{thickness:g} mm slices: the Agatston sum is scaled by slice spacing / 3 mm (x {score.slice_factor:.2f}, "
-                "the 'equivalent score' of Ohnesorge 2002) to the 3 mm slices the score was defined on; thick slices "
-                "also lower the peak HU of small calcifications, which no correction restores."
+                f"{thickness:g} mm slices: the Agatston sum is scaled by slice spacing / 3 mm "
+                f"(x {score.slice_factor:.2f}, the 'equivalent score' of Ohnesorge 2002) to the 3 mm slices the score "
+                "was defined on; thick slices also lower the peak HU of small calcifications, which no correction "
+                "restores."
             )
         kvp = image.attributes.get("KVP", "").strip()
         if kvp and _float(kvp) not in (None, 120.0):
@@ -612,7 +623,13 @@ def _explanations(hu: np.ndarray, spacing: tuple[float, float, float], found: _F
     elif vessels.heart_slices is not None:
         low, high = vessels.heart_slices
         z = (low + high) // 2
-        images.append((f"Coronary territory (no coronary calcium scored), slice {z + 1}", z, _calcium_image(hu, spacing, found, z)))
+        images.append(
+            (
+                f"Coronary territory (no coronary calcium scored), slice {z + 1}",
+                z,
+                _calcium_image(hu, spacing, found, z),
+            )
+        )
     sections = _vessel_sections(vessels)
     for z in sorted({s.slice_index for _, s in sections}, reverse=True):
         on_slice = [(label, s) for label, s in sections if s.slice_index == z]
@@ -660,7 +677,9 @@ def _vessel_sections(vessels: ChestVessels) -> list[tuple[str, Section]]:
         trunk = vessels.pulmonary_trunk
         out.append(("pulmonary trunk", trunk))
         aorta = vessels.ascending.at(trunk.slice_index) if vessels.ascending is not None else None
-        if aorta is not None and all(s.slice_index != trunk.slice_index or label != "ascending aorta" for label, s in out):
+        if aorta is not None and all(
+            s.slice_index != trunk.slice_index or label != "ascending aorta" for label, s in out
+        ):
             out.append(("ascending aorta at the pulmonary trunk", aorta))
     return out
 

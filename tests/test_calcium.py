@@ -20,7 +20,9 @@ from models.calcium import (
 SPACING = (3.0, 0.5, 0.5)
 
 
-def volume_with_disc(hu: float, radius_px: float, slices: tuple[int, ...] = (5,), background: float = 40.0) -> np.ndarray:
+def volume_with_disc(
+    hu: float, radius_px: float, slices: tuple[int, ...] = (5,), background: float = 40.0
+) -> np.ndarray:
     volume = np.full((11, 64, 64), background, dtype=np.float32)
     rr, cc = np.ogrid[:64, :64]
     disc = (rr - 32) ** 2 + (cc - 32) ** 2 <= radius_px**2
@@ -34,7 +36,8 @@ def everywhere(volume: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("peak", "weight"), [(129.9, 0), (130.0, 1), (199.0, 1), (200.0, 2), (299.9, 2), (300.0, 3), (399.0, 3), (400.0, 4), (1500.0, 4)]
+    ("peak", "weight"),
+    [(129.9, 0), (130.0, 1), (199.0, 1), (200.0, 2), (299.9, 2), (300.0, 3), (399.0, 3), (400.0, 4), (1500.0, 4)],
 )
 def test_density_weight_follows_agatstons_bands(peak: float, weight: int) -> None:
     assert density_weight(peak) == weight
@@ -54,7 +57,7 @@ def test_agatston_is_area_times_the_weight_of_the_peak() -> None:
 def test_a_speck_under_one_square_millimetre_is_not_a_lesion() -> None:
     volume = volume_with_disc(40.0, 1.0)
     volume[5, 30, 30:33] = 500.0  # 3 pixels of 0.25 mm2: 0.75 mm2
-    assert 3 * 0.25 < MIN_LESION_AREA_MM2
+    assert MIN_LESION_AREA_MM2 > 3 * 0.25
     assert score_calcium(volume, everywhere(volume), SPACING).agatston == 0.0
     volume[5, 31, 30] = 500.0  # 4 pixels: exactly 1 mm2 counts
     assert score_calcium(volume, everywhere(volume), SPACING).agatston == pytest.approx(4.0)

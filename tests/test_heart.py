@@ -81,7 +81,9 @@ def values(result: AnalysisResult) -> dict[str, float]:
 def test_evaluate_recomputes_the_phantom_figures_published_in_the_card(phantom_run: dict[str, Any]) -> None:
     published = json.loads(CARD.read_text())["validation"]["phantom"]
     recomputed = phantom_run["json"]
-    assert recomputed["calibration"]["mg_per_cm3_per_hu"] == pytest.approx(published["calibration"]["mg_per_cm3_per_hu"])
+    assert recomputed["calibration"]["mg_per_cm3_per_hu"] == pytest.approx(
+        published["calibration"]["mg_per_cm3_per_hu"]
+    )
     for ours, card in zip(recomputed["inserts"], published["inserts"], strict=True):
         assert ours["insert"] == card["insert"]
         for key in ("project_agatston", "project_mass_mg", "project_volume_mm3", "authors_agatston", "authors_mass_mg"):
@@ -124,6 +126,7 @@ def test_lung2_aortic_calcium_is_found_and_kept_out_of_the_coronary_score(
     assert by_key["tac_agatston"] > 1000 and found.aortic.lesion_count >= 5
     coronary = found.coronary.weights_in(image.array.shape) > 0
     aortic = found.aortic.weights_in(image.array.shape) > 0
+    assert found.vessels.aorta_region is not None and found.vessels.root_region is not None
     assert not (coronary & aortic).any()
     assert not (coronary & found.vessels.aorta_region).any() and not (coronary & found.vessels.root_region).any()
     # every aortic calcification lies in the aortic wall territory, outside the coronary territory

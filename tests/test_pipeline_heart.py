@@ -46,7 +46,9 @@ def fresh_copy(datasets: list[Dataset]) -> list[Dataset]:
 def study(client: FhirClient, orthanc: OrthancServer) -> tuple[str, str]:
     datasets = fresh_copy(load_sample("lung2"))
     upload_series(orthanc.url, datasets)
-    patient = client.create({"resourceType": "Patient", "gender": "male", "name": [{"family": "Heart", "given": ["Test"]}]})
+    patient = client.create(
+        {"resourceType": "Patient", "gender": "male", "name": [{"family": "Heart", "given": ["Test"]}]}
+    )
     endpoint_json = endpoint_resource(orthanc.dicomweb_url)
     identifier = endpoint_json["identifier"][0]
     endpoint = client.create(endpoint_json, if_none_exist=f"identifier={identifier['system']}|{identifier['value']}")
@@ -69,9 +71,7 @@ def _read(client: FhirClient, reference: str) -> dict[str, Any]:
 
 def _observations(client: FhirClient, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     observations = [_read(client, r["reference"]) for r in report["result"]]
-    return {
-        c["code"]: o for o in observations for c in o["code"]["coding"] if c["system"] == MEASUREMENT_CODESYSTEM
-    }
+    return {c["code"]: o for o in observations for c in o["code"]["coding"] if c["system"] == MEASUREMENT_CODESYSTEM}
 
 
 def test_the_ehr_holds_calcium_and_vessel_observations_with_interpretations(
