@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,11 +16,13 @@ import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from cds.cards import CardSettings, patient_view_cards
 from core.allowlist import AllowList
 from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, upload_series
 from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import MEASUREMENT_CODESYSTEM
+from fhir_adapters.results import extract_findings
 from fhir_adapters.validation import validate_resource
 from models.registry import get_analyzer
 from pipeline.analysis import AnalysisOutcome, analyze_study
@@ -118,3 +121,16 @@ def test_a_second_run_writes_nothing_new(
     assert again.already_present and again.diagnostic_report == outcome.diagnostic_report
     reports = client.search_bundle("DiagnosticReport", {"subject": study[1]})
     assert len(reports.get("entry", [])) == 1
+
+
+def test_the_patient_view_card_for_lung2_carries_the_cac_drs_next_step(
+    client: FhirClient, study: tuple[str, str], outcome: AnalysisOutcome
+) -> None:
+    """The real lung2 result, read back from the EHR by the one reader of filed results, through the card code."""
+    bundle = client.search_bundle("DiagnosticReport", {"subject": study[1], "_include": "DiagnosticReport:result"})
+    findings = extract_findings(e["resource"] for e in bundle.get("entry", []))
+    settings = CardSettings(app_launch_url="https://app.example.org/launch", model_card_base_url="https://m.example",
+                            now=datetime.now(UTC))  # fmt: skip
+    [card] = patient_view_cards(findings, settings)
+    assert card["indicator"] == "warning" and "CAC-DRS" in card["summary"]
+    assert "statin" in card["detail"] and "Suggested next steps" in card["detail"]

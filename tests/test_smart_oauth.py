@@ -155,9 +155,7 @@ def test_id_token_is_verified_against_the_jwks_and_its_audience_and_expiry() -> 
 
 
 def test_relative_reference_reads_backing_server_locations() -> None:
-    assert (
-        relative_reference("http://10.0.0.5:8080/fhir/DiagnosticReport/abc/_history/2") == "DiagnosticReport/abc"
-    )
+    assert relative_reference("http://10.0.0.5:8080/fhir/DiagnosticReport/abc/_history/2") == "DiagnosticReport/abc"
     assert relative_reference("Practitioner/7") == "Practitioner/7"
     assert relative_reference("not a reference") is None
 
