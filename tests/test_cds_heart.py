@@ -18,13 +18,13 @@ from flask.testing import FlaskClient
 from cds.app import create_app
 from cds.services import PATIENT_VIEW
 from devtools.servers import FhirServer
-from models.base import AnalysisResult, Category, Measurement
+from models.base import AnalysisResult, Category, Interpretation, Measurement
 from tests.cds_support import EhrKeys, create_patient, create_study, make_config, post_result
 
 STARTED = "2025-06-01T09:00:00Z"
 
 
-def heart_result(*, drs: int, ascending_mm: float, ascending_flag: str) -> AnalysisResult:
+def heart_result(*, drs: int, ascending_mm: float, ascending_flag: Interpretation) -> AnalysisResult:
     display = {1: "CAC-DRS 1: mild coronary artery calcium (Agatston 1-99)", 3: "CAC-DRS 3: severe"}[drs]
     return AnalysisResult(
         analyzer="ct-heart",
@@ -88,8 +88,8 @@ def test_a_dilated_ascending_aorta_gives_the_2022_acc_aha_next_step(
 ) -> None:
     patient = create_patient(fhir_base.base_url)
     study = create_study(fhir_base.base_url, patient, started=STARTED)
-    post_result(fhir_base.base_url, patient, study, heart_result(drs=1, ascending_mm=46.0, ascending_flag="H"),
-                started=STARTED)  # fmt: skip
+    result = heart_result(drs=1, ascending_mm=46.0, ascending_flag="H")
+    post_result(fhir_base.base_url, patient, study, result, started=STARTED)
     [card] = patient_view(client, keys, fhir_base, patient)
     assert card["indicator"] == "warning" and "ascending aorta 46 mm" in card["summary"]
     assert "CAC-DRS" not in card["summary"]  # CAC-DRS 1 is not a high category
@@ -102,8 +102,8 @@ def test_an_aorta_at_the_surgical_threshold_and_severe_calcium_give_referral_and
 ) -> None:
     patient = create_patient(fhir_base.base_url)
     study = create_study(fhir_base.base_url, patient, started=STARTED)
-    post_result(fhir_base.base_url, patient, study, heart_result(drs=3, ascending_mm=56.0, ascending_flag="HH"),
-                started=STARTED)  # fmt: skip
+    result = heart_result(drs=3, ascending_mm=56.0, ascending_flag="HH")
+    post_result(fhir_base.base_url, patient, study, result, started=STARTED)
     [card] = patient_view(client, keys, fhir_base, patient)
     assert "CAC-DRS 3" in card["summary"] and "ascending aorta 56 mm" in card["summary"]
     assert len(card["summary"]) < 140
