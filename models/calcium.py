@@ -307,7 +307,7 @@ class _MassIntegrator:
         """``c_HA * sum(HU - background) * voxel volume`` over the lesion's footprint, fat left out.
 
         The background is the median of the non-fat, non-calcium voxels in a :data:`BACKGROUND_SHELL_MM` shell
-        around the footprint, away from any other calcification.
+        around the footprint, outside the footprints already counted.
         """
         window = tuple(
             slice(max(w.start - p, 0), min(w.stop + p, n))
@@ -317,8 +317,8 @@ class _MassIntegrator:
         footprint = ndimage.binary_dilation(own, structure=self.grow) & ~self.claimed[window]
         self.claimed[window] |= footprint
         values = self.hu[window]
-        near_calcium = ndimage.binary_dilation(self.scored[window], structure=self.grow)
-        shell = ndimage.binary_dilation(footprint, structure=self.shell) & ~footprint & ~near_calcium
+        # the median ignores the few blurred voxels of a neighbouring calcification that fall in the shell
+        shell = ndimage.binary_dilation(footprint, structure=self.shell) & ~self.claimed[window]
         shell &= (values >= FAT_HU) & (values < CALCIUM_THRESHOLD_HU)
         background = float(np.median(values[shell])) if np.count_nonzero(shell) >= 8 else 0.0
         counted = footprint & (values >= FAT_HU)

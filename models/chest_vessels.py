@@ -130,19 +130,45 @@ class Vessel:
 
 @dataclass
 class ChestVessels:
-    """What was found. ``missing`` maps a structure to the reason it could not be found or measured."""
+    """What was found. ``missing`` maps a structure to the reason it could not be found or measured.
 
-    lungs: LungMask
+    The calcium territories are kept on the detection grid (``stride`` times coarser in-plane) and brought to the
+    volume's resolution on request, one at a time: three full-resolution masks would cost as much memory as the
+    volume itself.
+    """
+
     spine: SpineTrack
+    shape: tuple[int, ...]
+    stride: int
     descending: Vessel | None = None
     ascending: Vessel | None = None
     arch: Section | None = None
     pulmonary_trunk: Section | None = None
     heart_slices: tuple[int, int] | None = None
-    heart_region: np.ndarray | None = None  # bool, volume shape: where coronary calcium is counted
-    aorta_region: np.ndarray | None = None  # bool: the thoracic aortic wall (ascending, arch, descending)
-    root_region: np.ndarray | None = None  # bool: aortic root and valve, excluded from both scores
+    heart_grid: np.ndarray | None = None  # where coronary calcium is counted
+    aorta_grid: np.ndarray | None = None  # the thoracic aortic wall (ascending, arch, descending)
+    root_grid: np.ndarray | None = None  # aortic root and valve, excluded from both scores
     missing: dict[str, str] = field(default_factory=dict)
+
+    def heart_region(self) -> np.ndarray | None:
+        """Where coronary calcium is counted (bool, the volume's shape)."""
+        return _to_full(self.heart_grid, self.stride, self.shape) if self.heart_grid is not None else None
+
+    def aorta_region(self) -> np.ndarray | None:
+        """The thoracic aortic wall territory (bool, the volume's shape)."""
+        return _to_full(self.aorta_grid, self.stride, self.shape) if self.aorta_grid is not None else None
+
+    def root_region(self) -> np.ndarray | None:
+        """The aortic root and valve, excluded from both calcium scores (bool, the volume's shape)."""
+        return _to_full(self.root_grid, self.stride, self.shape) if self.root_grid is not None else None
+
+    def plane(self, which: str, z: int) -> np.ndarray:
+        """One slice of a territory (``heart``, ``aorta`` or ``root``) at full resolution, for key images."""
+        grid = {"heart": self.heart_grid, "aorta": self.aorta_grid, "root": self.root_grid}[which]
+        if grid is None:
+            return np.zeros(self.shape[1:], dtype=bool)
+        full = np.repeat(np.repeat(grid[z], self.stride, axis=0), self.stride, axis=1)
+        return np.ascontiguousarray(full[: self.shape[1], : self.shape[2]])
 
 
 @dataclass(frozen=True)
@@ -219,7 +245,7 @@ def find_chest_vessels(
     lungs = lungs if lungs is not None else segment_lungs(hu, spacing)
     spine = find_spine(hu, spacing)
     grid = _Grid(hu, spacing, lungs, spine)
-    found = ChestVessels(lungs=lungs, spine=spine)
+    found = ChestVessels(spine=spine, shape=hu.shape, stride=grid.stride)
     measure = _Measurer(hu, spacing, grid.stride)
 
     descending, arch_limb = _trace_descending(grid)
@@ -249,7 +275,7 @@ def find_chest_vessels(
             )
     else:
         found.missing["pulmonary trunk"] = "it is found beside the ascending aorta, which was not found"
-    _regions(found, hu.shape, grid)
+    _regions(found, grid)
     return found
 
 
@@ -286,19 +312,27 @@ def _between(lung: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
 
 
 def _bones(grid: np.ndarray, box: tuple[slice, slice, slice], voxel_ml: float) -> np.ndarray:
-    """Vertebrae, sternum and ribs inside ``box``: large connected structures above 200 HU, marrow filled per slice."""
+    """Vertebrae, sternum and ribs inside ``box``: large connected structures above 200 HU, marrow filled per slice.
+
+    Found on every other grid pixel (2.5 mm: bones are large) and brought back to the grid one pixel wider, which
+    also covers their partial-volume rim.
+    """
     bone = np.zeros(grid.shape, dtype=bool)
-    dense = grid[box] >= BONE_HU
+    coarse = (box[0], slice(box[1].start, box[1].stop, 2), slice(box[2].start, box[2].stop, 2))
+    dense = grid[coarse] >= BONE_HU
     labels, count = ndimage.label(dense)
     if count == 0:
         return bone
-    sizes = np.bincount(labels.ravel()) * voxel_ml
+    sizes = np.bincount(labels.ravel()) * voxel_ml * 4.0
     sizes[0] = 0.0
     local = (sizes >= _BONE_MIN_ML)[labels]
     for z in range(local.shape[0]):
         if local[z].any():
             local[z] = ndimage.binary_fill_holes(local[z])
-    bone[box] = local
+    local = ndimage.binary_dilation(local, structure=_IN_PLANE_8)
+    upsampled = np.repeat(np.repeat(local, 2, axis=1), 2, axis=2)
+    target = bone[box]
+    target[:] = upsampled[:, : target.shape[1], : target.shape[2]]
     return bone
 
 
@@ -342,13 +376,6 @@ class _Measurer:
         self.stride = stride
         self.angles = np.deg2rad(np.arange(0.0, 360.0, _RAY_STEP_DEG))
         self.cache: dict[tuple[int, int, int], Section | None] = {}
-        self.smoothed: dict[int, np.ndarray] = {}
-
-    def _slice(self, z: int) -> np.ndarray:
-        """The slice smoothed with a 0.6 mm Gaussian (noise down, edges kept), computed once per slice."""
-        if z not in self.smoothed:
-            self.smoothed[z] = np.asarray(ndimage.gaussian_filter(self.hu[z].astype(np.float32), 0.6 / self.px))
-        return self.smoothed[z]
 
     def at_peak(self, peak: _Peak, *, min_edges: float = _MIN_EDGE_FRACTION) -> Section | None:
         key = (peak.z, round(peak.row), round(peak.col))
@@ -433,11 +460,15 @@ class _Measurer:
         r0, c0 = centre
         if not (0 <= r0 < self.hu.shape[1] and 0 <= c0 < self.hu.shape[2]):
             return None
-        plane = self._slice(z)
+        # smooth (0.6 mm Gaussian: noise down, edges kept) only the square the rays can reach
+        margin = reach + 4
+        top, left = max(0, int(r0 - margin)), max(0, int(c0 - margin))
+        bottom, right = min(self.hu.shape[1], int(r0 + margin) + 1), min(self.hu.shape[2], int(c0 + margin) + 1)
+        plane = ndimage.gaussian_filter(self.hu[z, top:bottom, left:right].astype(np.float32), 0.6 / self.px)
         step = 0.5
         steps = np.arange(0.0, reach, step)
-        rows = r0 + np.sin(self.angles)[:, None] * steps[None, :]
-        cols = c0 + np.cos(self.angles)[:, None] * steps[None, :]
+        rows = (r0 - top) + np.sin(self.angles)[:, None] * steps[None, :]
+        cols = (c0 - left) + np.cos(self.angles)[:, None] * steps[None, :]
         profile = ndimage.map_coordinates(plane, [rows.ravel(), cols.ravel()], order=1, mode="nearest").reshape(
             rows.shape
         )
@@ -719,7 +750,7 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
     for p in chain:
         radii = np.arange(max(7.0, p.radius_mm - 8.0), p.radius_mm + 8.01, 1.0)
         circles = _Hough(grid, p.z).circles(
-            (p.row - reach, p.row + reach), (p.col - reach, p.col + reach), radii, limit=3
+            (p.row - reach, p.row + reach), (p.col - reach, p.col + reach), radii, limit=2
         )
         circles = [c for c in circles if 14.0 <= c.short_mm <= 70.0]
         if circles:
@@ -762,15 +793,15 @@ def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
     reaches up to the level of the arch; its lowest section is the aortic root."""
     top = arch_top if arch_top is not None else grid.box[0].stop - 1
     low = max(grid.box[0].start, top - math.ceil(_ASCENDING_SEARCH_MM / grid.dz))
-    radii = np.arange(9.0, 32.5, 1.0)
+    radii = np.arange(9.0, 32.5, 1.5)  # the fit to the outline, not the Hough radius, gives the diameter
     candidates: dict[int, list[Section]] = {}
     for z in range(low, top + 2):
         if z >= grid.values.shape[0] or not np.isfinite(grid.spine_front[z]):
             continue
         front, middle = grid.spine_front[z], grid.spine_col[z]
-        rows = (grid.box[1].start, front - 25.0 / grid.px)
+        rows = (front - 120.0 / grid.px, front - 25.0 / grid.px)
         cols = (middle - 70.0 / grid.px, middle + 35.0 / grid.px)
-        circles = _Hough(grid, z).circles(rows, cols, radii, limit=8)
+        circles = _Hough(grid, z).circles(rows, cols, radii, limit=5)
         candidates[z] = [c.section() for c in circles if 18.0 <= c.short_mm <= 70.0]
     # the ascending aorta climbs almost straight up; where the chain runs backwards fast it has entered the arch
     chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz, _ASCENDING_STEP_MM) if len(c) >= 3]
@@ -847,7 +878,7 @@ def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: S
         rows = (row - 35.0 / grid.px, row + 35.0 / grid.px)
         cols = (col + 20.0 / grid.px, col + 75.0 / grid.px)
         aorta_disc = (aorta.centre, aorta.diameter_mm / 2.0 / measure.px)
-        for circle in _Hough(grid, z).circles(rows, cols, radii, limit=6):
+        for circle in _Hough(grid, z).circles(rows, cols, radii, limit=4):
             r, c = round(circle.centre[0] / grid.stride), round(circle.centre[1] / grid.stride)
             inside = 0 <= r < grid.tissue.shape[1] and 0 <= c < grid.tissue.shape[2] and bool(grid.tissue[z, r, c])
             apart = math.dist(circle.centre, aorta.centre) * measure.px
@@ -868,7 +899,7 @@ def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: S
 # regions for calcium scoring
 
 
-def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
+def _regions(found: ChestVessels, grid: _Grid) -> None:
     """The coronary territory, the aortic wall territory and the aortic root/valve (module docstring, step 8)."""
     stride, px = grid.stride, grid.px
     plane_shape = grid.values.shape[1:]
@@ -928,7 +959,10 @@ def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
                 bottom = z + 1
                 break
         found.heart_slices = (bottom, top)
-        bone_margin = ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4, iterations=max(1, round(2.0 / px)))
+        bone_margin = np.zeros_like(grid.bone)
+        bone_margin[bottom : top + 1] = ndimage.binary_dilation(
+            grid.bone[bottom : top + 1], structure=_IN_PLANE_4, iterations=max(1, round(2.0 / px))
+        )
         for z in range(bottom, top + 1):
             plane = grid.between[z] & ~grid.lung[z] & ~bone_margin[z]
             # the costal cartilages and the sternum's margins (often calcified) line the front of the space between
@@ -948,11 +982,10 @@ def _regions(found: ChestVessels, shape: tuple[int, ...], grid: _Grid) -> None:
                 "(distal right coronary and posterior descending arteries) may be missing"
             )
 
-    found.heart_region = _to_full(heart, stride, shape)
+    found.heart_grid = heart
     # the descending aorta lies against the vertebral bodies: its wall territory must not reach into the bone
-    bone = ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4)
-    found.aorta_region = _to_full(aorta & ~root & ~bone, stride, shape)
-    found.root_region = _to_full(root, stride, shape)
+    found.aorta_grid = aorta & ~root & ~ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4)
+    found.root_grid = root
 
 
 _IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)

@@ -272,10 +272,13 @@ class HeartAnalyzer:
             contrast = True
         calibration = _calibration(image)
         coronary = aortic = None
-        if not contrast and vessels.heart_region is not None and vessels.heart_slices is not None:
-            coronary = score_calcium(hu, vessels.heart_region, spacing, calibration=calibration)
-        if not contrast and vessels.aorta_region is not None and vessels.aorta_region.any():
-            aortic = score_calcium(hu, vessels.aorta_region, spacing, calibration=calibration)
+        heart = vessels.heart_region() if not contrast and vessels.heart_slices is not None else None
+        if heart is not None:
+            coronary = score_calcium(hu, heart, spacing, calibration=calibration)
+        del heart  # one full-resolution territory at a time
+        aorta = vessels.aorta_region() if not contrast else None
+        if aorta is not None and aorta.any():
+            aortic = score_calcium(hu, aorta, spacing, calibration=calibration)
         findings = _Findings(vessels, coronary, aortic, contrast, noise)
         with self._lock:
             self._cached = (weakref.ref(image.array), spacing, findings)
@@ -702,7 +705,7 @@ def _calcium_image(hu: np.ndarray, spacing: tuple[float, float, float], found: _
     """One axial slice: coronary calcium filled by density weight, the coronary territory outlined in cyan, aortic
     calcium outlined in magenta, the excluded aortic root and valve outlined in white."""
     vessels = found.vessels
-    region = vessels.heart_region[z] if vessels.heart_region is not None else np.zeros(hu.shape[1:], bool)
+    region = vessels.plane("heart", z)
     rows, cols = np.nonzero(region)
     if rows.size == 0:
         rows, cols = np.array([0, hu.shape[1] - 1]), np.array([0, hu.shape[2] - 1])
@@ -716,8 +719,7 @@ def _calcium_image(hu: np.ndarray, spacing: tuple[float, float, float], found: _
     rgb = render.outline(rgb, region[box], render.CYAN)
     if found.aortic is not None:
         rgb = render.outline(rgb, _weights_on(found.aortic, hu.shape, z)[box] > 0, render.MAGENTA)
-    if vessels.root_region is not None:
-        rgb = render.outline(rgb, vessels.root_region[z][box], render.WHITE)
+    rgb = render.outline(rgb, vessels.plane("root", z)[box], render.WHITE)
     score = found.coronary
     here = _per_slice_agatston(score, hu.shape[0])[z] if score is not None else 0.0
     caption = (

@@ -120,17 +120,18 @@ def test_lung2_aortic_calcium_is_found_and_kept_out_of_the_coronary_score(
 ) -> None:
     image, result = lung2
     found = analyzer._findings(image)
-    assert found.coronary is not None and found.aortic is not None and found.vessels.heart_region is not None
+    heart, aorta, root = (found.vessels.heart_region(), found.vessels.aorta_region(), found.vessels.root_region())
+    assert found.coronary is not None and found.aortic is not None
     by_key = values(result)
     # the calcified aorta of this scan: hundreds of aortic calcium voxels along the arch and descending wall
     assert by_key["tac_agatston"] > 1000 and found.aortic.lesion_count >= 5
     coronary = found.coronary.weights_in(image.array.shape) > 0
     aortic = found.aortic.weights_in(image.array.shape) > 0
-    assert found.vessels.aorta_region is not None and found.vessels.root_region is not None
+    assert heart is not None and aorta is not None and root is not None
     assert not (coronary & aortic).any()
-    assert not (coronary & found.vessels.aorta_region).any() and not (coronary & found.vessels.root_region).any()
+    assert not (coronary & aorta).any() and not (coronary & root).any()
     # every aortic calcification lies in the aortic wall territory, outside the coronary territory
-    assert not (aortic & found.vessels.heart_region).any()
+    assert not (aortic & heart).any()
     # the coronary calcium this scan shows (left main, LAD and circumflex around the root) is scored as such
     assert result.category.code in ("cac-drs-2", "cac-drs-3") and result.category.abnormal
     assert by_key["cac_agatston"] >= 100 and by_key["cac_volume_mm3"] > 0 and by_key["cac_mass_mg"] > 0
