@@ -72,6 +72,9 @@ ROOT_LENGTH_MM = 20.0
 """How far below the lowest traced section of the ascending aorta the root and the aortic valve reach (sinuses and
 annulus are about 2 cm long in adults)."""
 
+HILUM_OPENING_MM = 6.0
+"""Radius of the opening that trims the hila off the coronary territory."""
+
 CHEST_WALL_STRIP_MM = 6.0
 """Width of the anterior border of the space between the lungs that is left out of the heart (costal cartilages)."""
 
@@ -79,6 +82,7 @@ HEART_END_FRACTION = 0.25
 """The heart ends (diaphragm) where the space between the lungs in front of the spine falls below this share of its
 largest extent."""
 
+_DESCENDING_SAMPLE_MM = 8.0
 _ASCENDING_BELOW_ARCH_MM = 30.0
 _ASCENDING_STEP_MM = 6.0  # per 5 mm of height: the ascending aorta leans about 30 degrees at most
 _ASCENDING_SEARCH_MM = 90.0  # the ascending aorta is 5-8 cm long in adults: search that far below the arch
@@ -112,10 +116,16 @@ class Section:
 
 @dataclass(frozen=True)
 class Vessel:
-    """A traced vessel: one measured section per slice it was followed on."""
+    """A traced vessel: its measured sections and, on every slice it was followed on, its centre (``path``, full-
+    resolution pixels; a slice between two measured sections has a centre but no section of its own)."""
 
     name: str
     sections: tuple[Section, ...]
+    path: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def centre(self, z: int) -> tuple[float, float] | None:
+        section = self.at(z)
+        return section.centre if section is not None else self.path.get(z)
 
     def widest(self) -> Section:
         return max(self.sections, key=lambda s: s.diameter_mm)
@@ -734,8 +744,8 @@ def _chains(
 def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
     """The descending aorta (module docstring, step 3) and, above its round part, the arch's posterior limb.
 
-    The chain is followed on the distance peaks (cheap), then each of its slices is measured by the Hough circle
-    nearest the peak (within 12 mm; radius within 8 mm of the peak's depth).
+    The chain is followed on the distance peaks (cheap), then about every 8 mm (and on each of its top four slices)
+    it is measured by the Hough circle nearest the peak (within 12 mm; radius within 8 mm of the peak's depth).
     """
     candidates: dict[int, list[_Peak]] = {}
     for p in grid.peaks:
@@ -747,7 +757,12 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
         return None, []
     sections: list[Section] = []
     reach = 12.0 / grid.px
-    for p in chain:
+    # the descending aorta changes slowly along its length: a section every 8 mm or so is enough to find its widest
+    # part, and every slice near the top, where it turns into the arch
+    every = max(1, round(_DESCENDING_SAMPLE_MM / grid.dz))
+    for k, p in enumerate(chain):
+        if k % every and k < len(chain) - 4:
+            continue
         radii = np.arange(max(7.0, p.radius_mm - 8.0), p.radius_mm + 8.01, 1.0)
         circles = _Hough(grid, p.z).circles(
             (p.row - reach, p.row + reach), (p.col - reach, p.col + reach), radii, limit=2
@@ -763,7 +778,9 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
         if not section.round and len(round_part) >= 3:
             break
         round_part.append(section)
-    return Vessel("descending aorta", tuple(round_part)), sections[len(round_part) :]
+    top = round_part[-1].slice_index
+    path = {p.z: (p.row * grid.stride, p.col * grid.stride) for p in chain if p.z <= top}
+    return Vessel("descending aorta", tuple(round_part), path), sections[len(round_part) :]
 
 
 def _peak_chain(candidates: dict[int, list[_Peak]], px: float, dz: float) -> list[_Peak]:
@@ -911,8 +928,15 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
 
     aorta = np.zeros(grid.values.shape, dtype=bool)
     for vessel in (found.descending, found.ascending):
-        for s in vessel.sections if vessel is not None else ():
+        if vessel is None:
+            continue
+        for s in vessel.sections:
             aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+        for z, centre in vessel.path.items():  # slices followed between measured sections
+            if vessel.at(z) is None:
+                nearest = _nearest(vessel, z)
+                assert nearest is not None
+                aorta[z] |= disc(centre, nearest.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
     if found.arch is not None:
         s = found.arch
         labels, _ = ndimage.label(grid.tissue[s.slice_index])
@@ -963,6 +987,8 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
         bone_margin[bottom : top + 1] = ndimage.binary_dilation(
             grid.bone[bottom : top + 1], structure=_IN_PLANE_4, iterations=max(1, round(2.0 / px))
         )
+        radius = max(1, round(HILUM_OPENING_MM / px))
+        hilum_disc = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
         for z in range(bottom, top + 1):
             plane = grid.between[z] & ~grid.lung[z] & ~bone_margin[z]
             # the costal cartilages and the sternum's margins (often calcified) line the front of the space between
@@ -972,9 +998,14 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
             plane &= ~(np.arange(plane_shape[0])[:, None] < first[None, :] + CHEST_WALL_STRIP_MM / px)
             plane[int(min(max(limit[z], 0), plane_shape[0])) :] = False
             descending = _nearest(found.descending, z)
-            if descending is not None:  # below its lowest traced section the aorta goes on where it was
-                plane &= ~disc(descending.centre, descending.long_mm / 2.0 + 5.0)
-            heart[z] = plane
+            if descending is not None and found.descending is not None:
+                # on a slice it was not measured on (or below its lowest one) it is where it was followed, or last seen
+                centre = found.descending.centre(z) or descending.centre
+                plane &= ~disc(centre, descending.long_mm / 2.0 + 5.0)
+            # the hila (bronchi, pulmonary vessels, their calcified nodes and cartilage) reach into the space between
+            # the lungs as narrow extensions; an opening by a 6 mm disc removes what is narrower than 12 mm and keeps
+            # the heart, which is far wider
+            heart[z] = ndimage.binary_opening(plane, structure=hilum_disc)
         heart &= ~aorta & ~root
         if bottom == 0 and area[0] >= HEART_END_FRACTION * peak:
             found.missing["base of the heart"] = (
