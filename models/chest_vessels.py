@@ -1,41 +1,44 @@
 """Find the heart and the great vessels on a non-contrast chest CT, and measure the vessels, without trained weights.
 
 On a CT without contrast, blood, vessel wall and myocardium all read about 40 HU; what outlines the aorta, the
-pulmonary artery and the heart is the fat and the lung around them. The method below uses only that, the lungs the
-project already segments (:func:`models.lung.segment_lungs`) and the spine it already tracks
-(:func:`models.spine.find_spine`):
+pulmonary artery and the heart is the fat and the lung around them, and the thin fat planes where they touch. The
+method uses only that, the lungs the project already segments (:func:`models.lung.segment_lungs`) and the spine it
+already tracks (:func:`models.spine.find_spine`):
 
-1. **Mediastinal tissue.** On a grid of about 1.25 mm pixels, the region *between the lungs* is what lies between
-   lung pixels along a row, a column or a diagonal (a cheap stand-in for the lungs' convex hull). Inside it and
-   outside the lungs, tissue is anything above -30 HU (fat is below), without the bones (large connected
-   structures above 200 HU, their marrow filled in).
-2. **Round structures.** The distance to the nearest fat or lung (in mm, per slice) peaks at the centre of every
-   round structure: the aorta, the pulmonary trunk, the superior vena cava, the heart's chambers. Where two
-   vessels touch without a fat plane the peaks stay apart as long as the contact is narrower than the vessels.
-3. **Descending aorta.** The chain of peaks beside the vertebral body on the patient's left (centre 5-60 mm left
-   of the spine's midline, within 40 mm in front of or 20 mm behind the front of the vertebral body, radius
-   7-30 mm), followed from slice to slice (at most :data:`MAX_STEP_MM` sideways per slice), the longest chain.
-4. **Aortic arch.** Above the top of the descending chain the aorta turns forward: the arch is the slice on which
-   the tissue holding the descending aorta's top reaches forward to the anterior mediastinum. Its diameter is
-   the width of that tube (twice its largest inscribed radius along it): the arch runs in the axial plane there.
-5. **Ascending aorta.** From the arch's front end, the chain of peaks in the anterior mediastinum followed down
-   slice by slice; it ends where the aorta enters the heart (the peak vanishes or grows by more than half: the
-   aortic root merges with the heart's soft tissue). Its lowest section is the aortic root.
-6. **Pulmonary trunk.** On the slices between the aortic root and the arch, the largest peak in front of the
-   left main bronchus and left of the ascending aorta (10-45 mm from it, radius 8-25 mm). It is measured on the
-   highest slice on which it is seen, where it divides (the bifurcation).
-7. **Diameters perpendicular to the centreline.** From each centre, rays every 5 degrees on the full-resolution
-   slice run out to the outer wall (where the smoothed attenuation falls below -30 HU: fat or lung). An oblique cut
-   through a tube is an ellipse whose *short* axis is the tube's diameter perpendicular to its centreline, so the
-   diameter is the smallest sum of two opposite rays that both ended on a real edge; a ray that ran into a
-   touching structure (no fat plane) is much longer than the rest and never gives the minimum. The long axis is
-   kept to check the cut against the centreline's tilt. The 2022 ACC/AHA guideline asks for outer-wall-to-outer-
-   wall diameters perpendicular to the centreline; on a non-contrast scan wall and lumen are one, so the outer
-   wall is what is measured.
-8. **Heart (coronary territory).** Between the lungs, in front of the vertebral bodies and the descending aorta,
-   from the aortic root down to where the space between the lungs closes (the diaphragm), fat included (the
-   coronary arteries run in the epicardial fat), without the bones, the aorta and its root and valve (a cylinder of
-   the root's radius plus 3 mm continued 20 mm down the root's axis) and the pulmonary trunk.
+1. **Mediastinal tissue.** On a grid of about 1.25 mm pixels, inside the lungs' convex hull (slice by slice) and
+   outside the lungs, tissue is anything above -30 HU (fat is below), without the bones (connected structures above
+   200 HU of 10 mL or more, marrow filled in).
+2. **Round structures, two ways.** The distance to the nearest fat or lung peaks at the centre of every round
+   structure that fat surrounds (cheap, used to follow the descending aorta and to seed the arch). Where vessels
+   touch with only a blurred fat plane between them, a gradient Hough transform finds them instead: every pixel
+   where attenuation steps down by at least 8 HU/mm votes for the centres that lie along its gradient, and a circle
+   is kept when at least 55 % of its outline is seen (:class:`_Hough`).
+3. **Descending aorta.** The longest chain of distance peaks beside the vertebral body on the patient's left
+   (5-60 mm left of the spine's midline, from 40 mm in front of to 20 mm behind its front, radius 7-30 mm), at most
+   :data:`MAX_STEP_MM` sideways per slice, measured about every 8 mm by the Hough circle at each peak. Where its
+   sections turn elongated, the chain has entered the arch.
+4. **Ascending aorta.** The longest chain of Hough circles in front of the vertebral bodies (25-120 mm) and
+   within 70 mm right and 35 mm left of the spine, reaching up to within 3 cm of the arch's top and climbing at most
+   6 mm per 5 mm (faster, it is turning into the arch); where it widens abruptly at its top it is the arch. Its
+   lowest section is the aortic root, where the aorta merges with the heart.
+5. **Aortic arch.** A distance peak midway between the two limbs, above the ascending aorta, measured by rays
+   (:class:`_Measurer`); the arch runs in the slice there, so its width across is its diameter.
+6. **Pulmonary trunk.** The widest Hough circle inside the mediastinum left of the ascending aorta on the slices
+   between the root and the arch, measured again by rays that take the aorta's outline as its edge where they touch.
+7. **Diameters perpendicular to the centreline.** An oblique cut through a tube is an ellipse whose *short* axis
+   is the tube's diameter perpendicular to its centreline. A Hough circle's diameter is the short axis of the
+   ellipse fitted to its outline's edge points (Fitzgibbon 1999) when at least 80 % of the outline is seen, else the
+   fitted circle's diameter; a ray measurement's is the smallest sum of two opposite rays that both ended on a real
+   edge (a ray that runs into a touching structure is much longer than the rest and never gives the minimum). The
+   2022 ACC/AHA guideline asks for outer-wall-to-outer-wall diameters perpendicular to the centreline; on a
+   non-contrast scan wall and lumen are one, so the outer wall is what is measured.
+8. **Calcium territories.** The aortic wall: the measured outlines plus 3 mm, on every slice followed, without the
+   bones. The aortic root and valve: a cylinder of the root's radius plus 3 mm continued 20 mm down the root's axis
+   (excluded from both scores). The heart (coronary territory): between the lungs, fat included (the coronary
+   arteries run in the epicardial fat), in front of the vertebral bodies and the descending aorta, from the root down
+   to where the space between the lungs shrinks below a quarter of its largest extent (the diaphragm); without
+   bone, a strip along the front (costal cartilages), the hila (an opening by a 6 mm disc) and the aortic
+   territories.
 
 A structure that is not found, or whose measurement fails a plausibility check, is reported as not found with the
 reason; no number is made up for it.

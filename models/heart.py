@@ -544,7 +544,7 @@ def _acquisition_warnings(image: ImageInput, found: _Findings) -> list[str]:
             )
         out.append(
             "Calcium is counted inside the heart between the lungs, in front of the spine, without the aortic root and "
-            "valve (a cylinder continuing the ascending aorta 20 mm down) and without the chest wall; mitral annular "
+            "valve (a cylinder continuing the ascending aorta 20 mm down), the chest wall and the hila; mitral annular "
             "calcification next to the circumflex artery cannot be told apart from it without contrast and is "
             "counted. Per-artery scores (LM, LAD, LCX, RCA) are not given: their localisation is not reliable here."
         )
