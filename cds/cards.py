@@ -12,6 +12,9 @@ Design choices a clinician or integrator should know:
 * Suggestions carry complete R4 resources: a DXA ``ServiceRequest`` proposal (status ``draft``, intent
   ``proposal``) after low vertebral attenuation, and an ``update`` of the draft order adding a note that
   cites the prior AI finding.
+* A heart result with a high coronary calcium category (CAC-DRS 2 or 3) or an aortic diameter over a guideline
+  threshold puts that finding in the patient-view summary and the guideline's next step in the detail, as text:
+  the guidelines name a treatment or a referral, not an order this service could fill in, so no suggestion.
 """
 
 from __future__ import annotations
@@ -79,7 +82,58 @@ ANALYZERS: dict[str, AnalyzerInfo] = {
     ),
     "cxr-pneumonia": AnalyzerInfo("Chest X-ray pneumonia", frozenset({"XR", "CT"}), frozenset({"chest"})),
     "us-breast": AnalyzerInfo("Breast ultrasound lesion", frozenset({"US", "MG", "MR"}), frozenset({"breast"})),
+    "ct-heart": AnalyzerInfo("CT heart and great vessels", frozenset({"CT"}), frozenset({"chest", "heart"})),
 }
+
+HEART_ANALYZER = "ct-heart"
+HIGH_CAC_CATEGORIES: dict[str, str] = {
+    "cac-drs-2": (
+        "Coronary artery calcium CAC-DRS 2 (Agatston 100-299): CAC-DRS (SCCT 2018) recommends moderate- to "
+        "high-intensity statin therapy and aspirin 81 mg if bleeding risk allows; the 2018 AHA/ACC cholesterol "
+        "guideline favours statin therapy from a score of 100. Review cardiovascular risk factors."
+    ),
+    "cac-drs-3": (
+        "Coronary artery calcium CAC-DRS 3 (Agatston 300 or more): CAC-DRS (SCCT 2018) recommends high-intensity "
+        "statin therapy and aspirin 81 mg if bleeding risk allows. Review cardiovascular risk factors."
+    ),
+}
+"""Next steps for a high coronary calcium category (Hecht HS et al., J Cardiovasc Comput Tomogr 2018;12:185-191;
+Grundy SM et al., 2018 AHA/ACC Guideline on the Management of Blood Cholesterol, Circulation 2019;139:e1082)."""
+AORTA_MEASUREMENTS: dict[str, str] = {
+    "ascending_aorta_diameter_mm": "ascending aorta",
+    "descending_aorta_diameter_mm": "descending thoracic aorta",
+    "aortic_arch_diameter_mm": "aortic arch",
+}
+AORTA_NEXT_STEP = {
+    "H": (
+        "{name} {value} mm, over the 2022 ACC/AHA threshold: confirm the diameter on dedicated CT or MR "
+        "angiography, control blood pressure, and image the aorta again for surveillance."
+    ),
+    "HH": (
+        "{name} {value} mm, at or above the 2022 ACC/AHA intervention threshold: refer to a cardiovascular surgeon "
+        "or multidisciplinary aortic team for evaluation."
+    ),
+}
+"""Next steps for an aortic diameter over threshold (Isselbacher EM et al., 2022 ACC/AHA Guideline for the
+Diagnosis and Management of Aortic Disease, Circulation 2022;146:e334-e482)."""
+
+
+def heart_next_steps(finding: AiFinding) -> tuple[list[str], list[str]]:
+    """For a ct-heart finding: (what crossed a guideline threshold, in short, for the summary; the guideline's
+    next step for each, for the detail). Both empty when nothing did."""
+    reasons: list[str] = []
+    steps: list[str] = []
+    if finding.category_code in HIGH_CAC_CATEGORIES:
+        reasons.append(finding.category_code.upper().replace("CAC-DRS-", "CAC-DRS "))
+        steps.append(HIGH_CAC_CATEGORIES[finding.category_code])
+    for key, name in AORTA_MEASUREMENTS.items():
+        measured = finding.measurement(key)
+        if measured is None or measured.interpretation not in AORTA_NEXT_STEP:
+            continue
+        value = f"{measured.value:.15g}"
+        reasons.append(f"{name} {value} mm")
+        steps.append(AORTA_NEXT_STEP[measured.interpretation].format(name=name.capitalize(), value=value))
+    return reasons, steps
 
 
 def time_ordered_uuid() -> str:
@@ -206,7 +260,11 @@ def patient_view_cards(
         pending = [f for f in items if f.awaiting_review]
         newest = items[0]
         title = analyzer_title(analyzer)
-        if pending:
+        reasons, steps = heart_next_steps(newest) if analyzer == HEART_ANALYZER else ([], [])
+        if reasons:
+            state = "awaiting review" if newest.awaiting_review else f"signed {_date(newest)}"
+            summary = f"{title}: {', '.join(reasons)} (AI, {state}); guideline next steps inside"
+        elif pending:
             summary = (
                 f"{title}: {len(pending)} AI result{'s' if len(pending) != 1 else ''} awaiting review; "
                 f"latest {pending[0].category_display.lower()} ({_date(pending[0])})"
@@ -214,6 +272,10 @@ def patient_view_cards(
         else:
             summary = f"{title}: {newest.category_display.lower()} (AI, signed {_date(newest)})"
         lines = [f"**{title}** - AI results for this patient:", "", *(_finding_line(f) for f in items), ""]
+        if steps:
+            lines.extend(["**Suggested next steps (guidelines, for the clinician to decide):**", ""])
+            lines.extend(f"- {step}" for step in steps)
+            lines.append("")
         if studies_without_results:
             lines.append(
                 f"{studies_without_results} imaging stud{'ies' if studies_without_results != 1 else 'y'} "

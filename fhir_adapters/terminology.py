@@ -6,7 +6,9 @@ Rules, so that readers (the CDS service, the SMART app, another EHR's decision s
   whose code is the analyzer's measurement key. Readers match values by that coding, never by text.
   Standard codings (LOINC, SNOMED CT) are added next to it only where a code that means exactly that value
   is known; no LOINC code for CT-derived LAA-950, lung volume, vertebral attenuation or heights, or a model's
-  probability was found, so at release measurements carry the project coding only.
+  probability was found, nor a LOINC, SNOMED CT or RadLex code verified in HL7-published material for the coronary
+  or thoracic aortic calcium scores (Agatston, volume, mass), the CT aortic and pulmonary artery diameters or the
+  PA:aorta ratio, so at release measurements carry the project coding only.
 * A report's type (``DiagnosticReport.code``) is a LOINC imaging document code per analyzer, with the generic
   18748-4 "Diagnostic imaging study" where no more specific code fits every study the analyzer accepts.
 * A categorical finding carries the project code ``"<analyzer>/<category code>"`` and, when the category is
@@ -83,6 +85,7 @@ AI_ASSERTED = Code(
 
 _REPORT_CODES: dict[str, Code] = {
     "ct-emphysema": CHEST_CT,
+    "ct-heart": CHEST_CT,  # the heart and great vessels as seen on a chest CT (gated or not)
     # Opportunistic bone analysis runs on chest or abdominal CT: no single body-region code fits.
     "ct-bone": DIAGNOSTIC_IMAGING_STUDY,
     # The LOINC chest radiograph codes name the number of views; the analyzer reads one frontal view of a

@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("analyzer", help="analyzer name (see 'imaging-cds analyzers')")
     evaluate.add_argument(
-        "--dataset", type=Path, required=True, help="MedMNIST-style .npz, or a folder of DICOM cases with labels.csv"
+        "--dataset",
+        type=Path,
+        required=True,
+        help="MedMNIST-style .npz, a folder of DICOM cases with labels.csv, or a QRM calcium phantom scan folder "
+        "(reference_agatston_mass.csv beside it)",
     )
     evaluate.add_argument("--split", default="test", help="split of an .npz dataset (default: test)")
     evaluate.add_argument(
@@ -261,8 +265,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from devtools.calcium_phantom import evaluate_phantom, format_phantom_table, is_calcium_phantom
     from devtools.evaluate import evaluate, format_table
 
+    if is_calcium_phantom(args.dataset):
+        phantom = evaluate_phantom(args.analyzer, args.dataset, json_out=args.json)
+        print(format_phantom_table(phantom))
+        if args.json:
+            print(f"\nWrote {args.json}")
+        return EXIT_OK
     assessment = evaluate(
         args.analyzer,
         args.dataset,

@@ -36,6 +36,7 @@ BUNDLES_ENV = "IMAGING_CDS_BUNDLES"
 _BUILTIN: dict[str, str] = {
     "ct-emphysema": "models.emphysema:EmphysemaAnalyzer",
     "ct-bone": "models.bone:BoneAnalyzer",
+    "ct-heart": "models.heart:HeartAnalyzer",
     "cxr-pneumonia": "models.cxr_pneumonia:PneumoniaAnalyzer",
     "us-breast": "models.breast_us:BreastUltrasoundAnalyzer",
 }
