@@ -24,6 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from core.errors import ImageDataError
+from core.limits import DEFAULT_LIMITS, InputLimits
+from dicom_io.header import check_image_size, header_int
 from models.base import ImageInput
 
 PROJECTION_ATTRIBUTES = (
@@ -47,14 +49,16 @@ _GREY = ("MONOCHROME1", "MONOCHROME2")
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def presentation_intensity(dataset: Dataset) -> np.ndarray:
-    """Decoded pixels as float32 presentation values (higher = brighter), shape ``(rows, columns)``."""
+def presentation_intensity(dataset: Dataset, *, limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decoded pixels as float32 presentation values (higher = brighter), shape ``(rows, columns)``; the
+    header's claimed size is checked against ``limits`` before anything is decoded."""
     uid = str(dataset.get("SOPInstanceUID", "unknown"))
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if header_int(dataset, "NumberOfFrames", 1, f"Instance {uid}") > 1:
         raise ImageDataError(
             f"Instance {uid} is a multi-frame object; a single projection image was expected.",
             remedy="Send the single-frame radiograph (one image per instance).",
         )
+    check_image_size(dataset, label=f"Instance {uid}", limits=limits)
     try:
         stored = dataset.pixel_array
     except Exception as exc:  # pydicom raises plain errors for a missing decoder or corrupt data
@@ -98,9 +102,9 @@ def pixel_spacing_mm(dataset: Dataset) -> tuple[tuple[float, float], str]:
     return (1.0, 1.0), "unknown"
 
 
-def projection_input(dataset: Dataset) -> ImageInput:
+def projection_input(dataset: Dataset, *, limits: InputLimits = DEFAULT_LIMITS) -> ImageInput:
     """The analyzer input for one projection image (see the module docstring for each step)."""
-    array = presentation_intensity(dataset)
+    array = presentation_intensity(dataset, limits=limits)
     spacing, source = pixel_spacing_mm(dataset)
     attributes = {k: str(dataset.get(k)) for k in PROJECTION_ATTRIBUTES if dataset.get(k) not in (None, "")}
     attributes["SpacingSource"] = source

@@ -32,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from core.errors import ImageDataError
+from core.limits import DEFAULT_LIMITS, InputLimits
+from dicom_io.header import FLOAT32_BYTES, check_decoded_bytes, check_image_size, header_int
 from models.base import ImageInput
 
 NON_IDENTIFYING_ATTRIBUTES = (
@@ -134,7 +136,7 @@ def _check_identity(datasets: Sequence[Dataset], label: str, expected_series_uid
             f"{label}: {len(repeated)} instance(s) were received more than once (e.g. SOP Instance {repeated[0]}).",
             remedy="Remove the duplicate instances from the PACS or fetch the series again.",
         )
-    multi_frame = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    multi_frame = [ds for ds in datasets if header_int(ds, "NumberOfFrames", 1, label) > 1]
     if multi_frame:
         raise ImageDataError(
             f"{label}: multi-frame (enhanced) images are not supported yet.",
@@ -155,7 +157,7 @@ def _float_list(ds: Dataset, keyword: str, count: int, label: str) -> np.ndarray
 
 def _check_plane(datasets: Sequence[Dataset], label: str) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Rows, columns, pixel spacing (row, column) and orientation shared by every slice, or a refusal."""
-    grids = Counter((int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for ds in datasets)
+    grids = Counter((header_int(ds, "Rows", 0, label), header_int(ds, "Columns", 0, label)) for ds in datasets)
     if len(grids) > 1:
         raise ImageDataError(
             f"{label}: slices have different sizes ({', '.join(f'{r}x{c}' for r, c in grids)}).",
@@ -239,8 +241,13 @@ def _decode_into(ds: Dataset, out: np.ndarray, label: str) -> None:
     out += np.float32(intercept)
 
 
-def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | None = None) -> Volume:
+def assemble_volume(
+    datasets: Iterable[Dataset], *, expected_series_uid: str | None = None, limits: InputLimits = DEFAULT_LIMITS
+) -> Volume:
     """Check, sort and decode the slices of one series into a :class:`Volume` (see the module docstring).
+
+    Each slice's claimed size is checked against ``limits.image_pixels`` and the whole float32 volume (grown by a
+    tilt correction) against ``limits.decoded_bytes`` before it is allocated.
 
     Memory: the datasets are held once (as received), the float32 volume is preallocated and filled slice by
     slice; a gantry-tilt correction reads each decoded slice from a one-slice buffer. Measured with tracemalloc: fetch
@@ -258,6 +265,8 @@ def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | N
             remedy="Choose a cross-sectional series with the full stack of slices.",
         )
     rows, columns, pixel_spacing, orientation = _check_plane(slices, label)
+    for ds in slices:
+        check_image_size(ds, label=label, limits=limits)
     row_direction = orientation[:3] / np.linalg.norm(orientation[:3])  # along a row: increasing column index
     column_direction = orientation[3:] / np.linalg.norm(orientation[3:])  # down a column: increasing row index
     normal = np.cross(row_direction, column_direction)
@@ -296,6 +305,9 @@ def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | N
     else:
         out_rows, out_columns = rows, columns
 
+    check_decoded_bytes(
+        len(slices) * out_rows * out_columns * FLOAT32_BYTES, what=f"{label}: the volume", limits=limits
+    )
     array = np.empty((len(slices), out_rows, out_columns), dtype=np.float32)
     if tilted:
         from scipy.ndimage import affine_transform

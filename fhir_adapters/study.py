@@ -12,19 +12,18 @@ descriptions may carry more than a protocol name).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import NotAllowedError, StudyError
+from core.uids import is_dicom_uid
 from fhir_adapters.client import FhirClient
 from models.base import SeriesRequirements
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 ENDPOINT_CONNECTION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 WADO_RS = "dicom-wado-rs"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # DICOM Body Part Examined terms (PS3.16 CID 4031) and their SNOMED CT codes: an EHR's ImagingStudy often codes
 # series.bodySite in SNOMED ("51185008") where an analyzer names the DICOM term ("CHEST").
@@ -71,7 +70,7 @@ def study_uid(imaging_study: dict[str, Any]) -> str:
             continue
         value = str(identifier.get("value", "")).strip()
         uid = value.removeprefix("urn:oid:")
-        if _UID.match(uid) and len(uid) <= 64:
+        if is_dicom_uid(uid):
             return uid
         raise StudyError(
             f"{_study_label(imaging_study)} has a DICOM UID identifier that is not a valid UID.",
@@ -168,7 +167,7 @@ def resolve_dicomweb_base(
                 f"The DICOMweb address of {label} cannot be checked: no allow-list is configured.",
                 remedy="Configure the PACS DICOMweb base URLs this service may retrieve images from.",
             )
-        return checker.check(address, what=f"The DICOMweb endpoint of {label}")
+        return checker.check(address, what=f"The DICOMweb endpoint of {label}").rstrip("/")  # the form checked
     raise StudyError(
         f"{label} has no usable DICOMweb endpoint for series {series_uid}: " + "; ".join(problems) + ".",
         remedy=f"Give it an active Endpoint with connectionType {WADO_RS} "
@@ -229,6 +228,8 @@ def _rejection(series: dict[str, Any], requirements: SeriesRequirements) -> str 
     wanted = "/".join(m.upper() for m in requirements.modalities)
     if not series.get("uid"):
         return "a series has no Series Instance UID"
+    if not is_dicom_uid(series["uid"]):
+        return f"a series has a Series Instance UID that is not a valid DICOM UID ({str(series['uid'])[:70]!r})"
     if modality not in {m.upper() for m in requirements.modalities}:
         return f"series {uid} is {modality or 'of unknown modality'}, the analyzer needs {wanted}"
     count = _instance_count(series)

@@ -186,8 +186,7 @@ def _print_outcome(summary: dict[str, Any]) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import requests
-
+    from core.outbound import outbound_session
     from fhir_adapters.client import FhirClient
     from models.registry import get_analyzer
     from pipeline.analysis import analyze_study
@@ -198,7 +197,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             remedy="Pass the ImagingStudy's logical id as ImagingStudy/<id>.",
         )
     analyzer = get_analyzer(args.analyzer)
-    session = requests.Session()
+    session = outbound_session()
     client = FhirClient(args.fhir_base, auth=_auth_from_args(args, session), session=session)
     outcome = analyze_study(
         client,

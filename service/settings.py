@@ -16,6 +16,8 @@ hold them. Example (YAML)::
     backend:                                                    # optional: background analyses on order-sign
       {fhir_base: https://ehr.hospital.example/fhir, client_id: imaging-cds-system,
        private_key_file: /etc/imaging-cds/system-key.pem, kid: sys-1, algorithm: RS384}
+    limits:                                                     # optional: input size limits (core.limits)
+      {cds_request_bytes: 8388608, instances_per_series: 5000}  # any field of InputLimits; others keep defaults
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import yaml
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
+from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
 
 _TOP_LEVEL_KEYS = (
@@ -42,6 +45,7 @@ _TOP_LEVEL_KEYS = (
     "smart_clients",
     "backend",
     "secure_cookies",
+    "limits",
 )
 
 
@@ -73,6 +77,7 @@ class Settings:
     smart_clients: tuple[Mapping[str, Any], ...]
     backend: BackendClient | None
     secure_cookies: bool
+    limits: InputLimits = DEFAULT_LIMITS
 
     @property
     def base_url(self) -> str:
@@ -129,7 +134,16 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
         smart_clients=tuple(raw.get("smart_clients", [])),
         backend=backend,
         secure_cookies=bool(raw.get("secure_cookies", public.startswith("https://"))),
+        limits=_limits(raw.get("limits"), source),
     )
+
+
+def _limits(raw: Any, source: str) -> InputLimits:
+    if raw is None:
+        return DEFAULT_LIMITS
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{source}: 'limits' must be a mapping of limit names to numbers.")
+    return InputLimits.from_mapping(raw, source=source)
 
 
 def load_settings(path: Path) -> Settings:

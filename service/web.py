@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import requests
 from flask import Flask
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
 from core.errors import ConfigurationError, StudyError
+from core.outbound import outbound_session
 from pipeline.jobs import EmbeddedJobRunner, ProgressReporter, SqliteJobStore
 from pipeline.memory import LoadedAnalyzers
 from service.model_cards import models_blueprint
@@ -73,7 +73,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
 
     backend = settings.backend
     assert backend is not None
-    session = requests.Session()
+    session = outbound_session()
     token_url = backend.token_url or discover_token_endpoint(backend.fhir_base, session)
     auth = BackendServicesAuth(
         token_url,
@@ -83,7 +83,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
         kid=backend.kid,
         scope=backend.scope,
     )
-    client = FhirClient(backend.fhir_base, auth=auth, session=session)
+    client = FhirClient(backend.fhir_base, auth=auth, session=session, limits=settings.limits)
 
     analyzers = LoadedAnalyzers()
 
@@ -100,6 +100,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, Any]:
                     dicomweb_allow_list=settings.dicomweb_allow,
                     card_base_url=settings.base_url,
                     progress=report,
+                    limits=settings.limits,
                 )
             except StudyError:
                 continue  # no series this analyzer is built for
@@ -134,6 +135,7 @@ def create_server_app(settings: Settings) -> Any:
             model_card_base_url=settings.base_url,
             feedback_db=settings.data_dir / "cds-feedback.sqlite",
             enqueue_analysis=enqueue,
+            limits=settings.limits,
         )
     )
     cds_app.register_blueprint(models_blueprint)
@@ -149,6 +151,7 @@ def create_server_app(settings: Settings) -> Any:
                 dicomweb_allow_list=settings.dicomweb_allow,
                 secure_cookies=settings.secure_cookies,
                 card_base_url=settings.base_url,
+                limits=settings.limits,
             )
         )
         mounts["/app"] = smart_app

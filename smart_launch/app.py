@@ -47,6 +47,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from core.allowlist import AllowList
 from core.errors import ImagingCdsError
+from core.outbound import outbound_session
 from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
@@ -107,7 +108,7 @@ class SmartApp:
     jobs: EmbeddedJobRunner
     job_store: SqliteJobStore
     reviews: ReviewLog
-    http: requests.Session = field(default_factory=requests.Session)
+    http: requests.Session = field(default_factory=outbound_session)
     recent: RecentReads = field(default_factory=RecentReads)
     loaded: LoadedAnalyzers = field(default_factory=LoadedAnalyzers)
     _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -146,8 +147,9 @@ class SmartApp:
             state.fhir_base,
             auth=self.token_provider(session_id),
             timeout=self.config.http_timeout_s,
-            session=requests.Session(),
+            session=outbound_session(),
             allow_list=AllowList.of([state.fhir_base]),
+            limits=self.config.limits,
         )
 
     # ------------------------------------------------------------------ analyzers
@@ -206,6 +208,7 @@ class SmartApp:
             card_base_url=self.config.card_base_url,
             progress=report,
             keep_filed=True,
+            limits=self.config.limits,
         )
         media_ids = self._keep_explanations(session_id, outcome)
         self._keep_report(session_id, outcome)
