@@ -40,12 +40,10 @@ from core.limits import too_large
 MAX_REDIRECTS = 5
 _SessionT = TypeVar("_SessionT", bound=requests.Session)
 
-_getaddrinfo = socket.getaddrinfo  # module attribute, so a test can stand in for DNS (which cannot run here)
-
 
 def _checked_addresses(host: str, port: int) -> list[tuple[Any, ...]]:
     """``getaddrinfo`` for ``host``, refused when any answer is an address no request may go to."""
-    infos = _getaddrinfo(host.strip("[]"), port, urllib3_connection.allowed_gai_family(), socket.SOCK_STREAM)
+    infos = socket.getaddrinfo(host.strip("[]"), port, urllib3_connection.allowed_gai_family(), socket.SOCK_STREAM)
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if forbidden_address(address):

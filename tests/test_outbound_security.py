@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-import core.outbound
 from cds.app import create_app
 from cds.config import TrustedClient
 from cds.services import PATIENT_VIEW
@@ -248,7 +247,7 @@ def test_a_configured_host_name_that_resolves_to_the_metadata_address_is_not_con
         asked.append(host)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
 
-    monkeypatch.setattr(core.outbound, "_getaddrinfo", poisoned)
+    monkeypatch.setattr(socket, "getaddrinfo", poisoned)
     allow = AllowList.of(["http://pacs.hospital.test:8042/dicom-web"])  # a name: only its answer tells
     base = allow.check("http://pacs.hospital.test:8042/dicom-web")
     with pytest.raises(NotAllowedError, match=r"resolves to 169\.254\.169\.254"):
