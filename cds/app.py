@@ -344,8 +344,9 @@ class FastJsonProvider(DefaultJSONProvider):
     carries whole draft orders, so JSON is a large share of a hook's CPU time; orjson does it several times
     faster. The results are the same JSON: values orjson does not handle the way Flask does (datetimes,
     dataclasses, anything exotic) go through Flask's own ``default`` hook, and input orjson refuses but the
-    standard library reads (integers beyond 64 bits, ``NaN``) falls back to the standard library. Keys are
-    kept in insertion order, as ``sort_keys = False`` asks.
+    standard library reads (integers beyond 64 bits, ``NaN``) falls back to the standard library; nesting too
+    deep for either is malformed JSON (a 400), not a crash. Keys are kept in insertion order, as
+    ``sort_keys = False`` asks.
     """
 
     _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
@@ -355,7 +356,10 @@ class FastJsonProvider(DefaultJSONProvider):
         try:
             return orjson.loads(s)
         except orjson.JSONDecodeError:
-            return super().loads(s, **kwargs)
+            try:
+                return super().loads(s, **kwargs)
+            except RecursionError:  # nesting orjson refused too (over 1024 levels): malformed, not a crash
+                raise ValueError("JSON nested too deeply") from None
 
     def response(self, *args: Any, **kwargs: Any) -> SansioResponse:
         obj = self._prepare_response_obj(args, kwargs)

@@ -23,7 +23,7 @@ import ipaddress
 import socket
 import sys
 from collections.abc import Callable, Generator, Iterator
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urljoin
 
 import requests
@@ -38,7 +38,6 @@ from core.errors import NotAllowedError
 from core.limits import too_large
 
 MAX_REDIRECTS = 5
-_SessionT = TypeVar("_SessionT", bound=requests.Session)
 
 
 def _checked_addresses(host: str, port: int) -> list[tuple[Any, ...]]:
@@ -219,13 +218,3 @@ def limit_body(limit: int, *, what: str, limit_name: str) -> Callable[..., reque
         return response
 
     return hook
-
-
-def guard_session(session: _SessionT) -> _SessionT:
-    """Apply the address guard to a session built by a library (authlib's ``OAuth2Session``) and make it follow no
-    redirect at all: such sessions POST credentials, which a 307 would carry to wherever it points."""
-    adapter = _GuardedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.max_redirects = 0  # requests raises TooManyRedirects instead of following the first one
-    return session

@@ -25,7 +25,14 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from core.errors import ImageDataError
 from core.limits import DEFAULT_LIMITS, InputLimits
-from dicom_io.header import check_image_size, header_int
+from dicom_io.header import (
+    CONVERSION_ERRORS,
+    check_image_size,
+    header_floats,
+    header_int,
+    instance_uid,
+    read_header,
+)
 from models.base import ImageInput
 
 PROJECTION_ATTRIBUTES = (
@@ -45,6 +52,27 @@ PROJECTION_ATTRIBUTES = (
 )
 """Attributes copied into :attr:`ImageInput.attributes`: acquisition facts and UIDs, never PHI."""
 
+HEADER_KEYWORDS = (
+    *PROJECTION_ATTRIBUTES,
+    "SOPInstanceUID",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "PresentationLUTShape",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+)
+"""The header elements read here: read once up front, so a damaged one is refused in one place."""
+
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -52,7 +80,8 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 def presentation_intensity(dataset: Dataset, *, limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Decoded pixels as float32 presentation values (higher = brighter), shape ``(rows, columns)``; the
     header's claimed size is checked against ``limits`` before anything is decoded."""
-    uid = str(dataset.get("SOPInstanceUID", "unknown"))
+    uid = instance_uid(dataset)
+    read_header(dataset, HEADER_KEYWORDS, f"Instance {uid}")
     if header_int(dataset, "NumberOfFrames", 1, f"Instance {uid}") > 1:
         raise ImageDataError(
             f"Instance {uid} is a multi-frame object; a single projection image was expected.",
@@ -69,7 +98,13 @@ def presentation_intensity(dataset: Dataset, *, limits: InputLimits = DEFAULT_LI
         ) from exc
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _GREY:
-        values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset).astype(np.float32)
+        try:
+            values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset).astype(np.float32)
+        except CONVERSION_ERRORS as exc:  # a rescale, LUT or window that cannot be applied as written
+            raise ImageDataError(
+                f"Instance {uid}: its rescale or window values cannot be applied ({type(exc).__name__}).",
+                remedy="The header is damaged; re-send the instance from the modality or the PACS.",
+            ) from exc
         inverse = photometric == "MONOCHROME1"
         if str(dataset.get("PresentationLUTShape", "")).upper() == "INVERSE":
             inverse = not inverse
@@ -88,15 +123,20 @@ def presentation_intensity(dataset: Dataset, *, limits: InputLimits = DEFAULT_LI
             f"Instance {uid} decoded to shape {values.shape}; a 2-D image was expected.",
             remedy="Send a single-frame projection radiograph.",
         )
+    if not np.isfinite(values).all():  # an infinite rescale slope or window: no analyzer can read such an image
+        raise ImageDataError(
+            f"Instance {uid}: its rescale or window values turn the pixels into non-finite numbers.",
+            remedy="The header is damaged; re-send the instance from the modality or the PACS.",
+        )
     return values
 
 
 def pixel_spacing_mm(dataset: Dataset) -> tuple[tuple[float, float], str]:
     """Row and column spacing and where they came from (``patient``, ``detector`` or ``unknown``)."""
     for keyword, source in (("PixelSpacing", "patient"), ("ImagerPixelSpacing", "detector")):
-        value = dataset.get(keyword)
-        if value is not None and len(value) == 2:
-            row, column = float(value[0]), float(value[1])
+        value = header_floats(dataset, keyword, 2, f"Instance {instance_uid(dataset)}")
+        if value is not None:
+            row, column = value
             if row > 0 and column > 0:
                 return (row, column), source
     return (1.0, 1.0), "unknown"

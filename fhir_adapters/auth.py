@@ -26,7 +26,6 @@ from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
 from joserfc import jwk
 
 from core.errors import ConfigurationError
-from core.outbound import guard_session, outbound_session
 from fhir_adapters.errors import FhirError, FhirUnauthorized, raise_for_fhir_status, unavailable
 
 log = logging.getLogger(__name__)
@@ -150,10 +149,8 @@ class ClientSecretAuth(_CachedClientCredentials):
         self._method = method
 
     def _session(self) -> OAuth2Session:
-        return guard_session(
-            OAuth2Session(
-                self.client_id, self._client_secret, token_endpoint_auth_method=self._method, scope=self.scope
-            )
+        return OAuth2Session(
+            self.client_id, self._client_secret, token_endpoint_auth_method=self._method, scope=self.scope
         )
 
 
@@ -237,8 +234,8 @@ class BackendServicesAuth(_CachedClientCredentials):
         return signer.sign(_AssertionParty(self.client_id, self._key), self.token_url)
 
     def _session(self) -> OAuth2Session:
-        session = guard_session(
-            OAuth2Session(self.client_id, self._key, token_endpoint_auth_method="private_key_jwt", scope=self.scope)
+        session = OAuth2Session(
+            self.client_id, self._key, token_endpoint_auth_method="private_key_jwt", scope=self.scope
         )
         session.register_client_auth_method(_SmartPrivateKeyJWT(self.token_url, alg=self.algorithm, kid=self.kid))
         return session
@@ -258,23 +255,18 @@ def discover_token_endpoint(fhir_base: str, session: requests.Session | None = N
     Reads ``{fhir_base}/.well-known/smart-configuration`` (SMART App Launch 2) and falls back to the
     CapabilityStatement's ``oauth-uris`` security extension, which older servers publish instead.
     """
-    http = session or outbound_session()
+    http = session or requests.Session()
     base = fhir_base.rstrip("/")
     what = "SMART configuration discovery"
     try:
         response = http.get(
-            f"{base}/.well-known/smart-configuration",
-            headers={"Accept": "application/json"},
-            timeout=timeout,
-            allow_redirects=False,
+            f"{base}/.well-known/smart-configuration", headers={"Accept": "application/json"}, timeout=timeout
         )
         if response.status_code == 200:
             endpoint = _json_dict(response).get("token_endpoint")
             if isinstance(endpoint, str) and endpoint:
                 return endpoint
-        response = http.get(
-            f"{base}/metadata", headers={"Accept": "application/fhir+json"}, timeout=timeout, allow_redirects=False
-        )
+        response = http.get(f"{base}/metadata", headers={"Accept": "application/fhir+json"}, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise unavailable(exc, what=what) from None
     raise_for_fhir_status(response, what="read CapabilityStatement")

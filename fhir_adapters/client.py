@@ -47,6 +47,7 @@ from fhir_adapters.errors import (
     raise_for_fhir_status,
     unavailable,
 )
+from fhir_adapters.fhirjson import element, items
 
 log = logging.getLogger(__name__)
 
@@ -294,13 +295,12 @@ class FhirClient:
         bundle = self.search_bundle(resource_type, params)
         seen: set[str] = set()
         while True:
-            for entry in bundle.get("entry", []):
+            for entry in map(element, items(bundle.get("entry"))):
                 resource = entry.get("resource")
-                if isinstance(resource, dict) and (entry.get("search") or {}).get("mode", "match") == "match":
+                if isinstance(resource, dict) and element(entry.get("search")).get("mode", "match") == "match":
                     yield resource
-            next_url = next(
-                (link.get("url") for link in bundle.get("link", []) if link.get("relation") == "next"), None
-            )
+            links = map(element, items(bundle.get("link")))
+            next_url = next((link.get("url") for link in links if link.get("relation") == "next"), None)
             if not isinstance(next_url, str) or not next_url or next_url in seen:
                 return
             seen.add(next_url)
@@ -387,13 +387,13 @@ class FhirClient:
         result = self._json(response, what=what)
         if result.get("resourceType") != "Bundle" or result.get("type") != "transaction-response":
             raise FhirError(f"FHIR {what} did not answer with a transaction-response.", status=response.status_code)
-        answered = result.get("entry", [])
+        answered = items(result.get("entry"))
         if len(answered) != len(entries):
             raise FhirError(
                 f"FHIR {what} answered {len(answered)} entries for {len(entries)}.", status=response.status_code
             )
-        for index, (sent, entry) in enumerate(zip(entries, answered, strict=True)):
-            status_line = str((entry.get("response") or {}).get("status", ""))
+        for index, (sent, entry) in enumerate(zip(entries, map(element, answered), strict=True)):
+            status_line = str(element(entry.get("response")).get("status", ""))
             code = status_line.split(" ", 1)[0]
             if not code.isdigit():
                 raise FhirError(f"FHIR {what}: entry {index} has no response status.", status=response.status_code)
@@ -401,6 +401,6 @@ class FhirClient:
                 request = sent.get("request") or {}
                 target = str(request.get("url", "?")).split("?", 1)[0]  # the query may name a patient identifier
                 entry_what = f"{what}, entry {index} ({request.get('method', '?')} {target})"
-                outcome = (entry.get("response") or {}).get("outcome")
+                outcome = element(entry.get("response")).get("outcome")
                 raise fhir_error_for(int(code), what=entry_what, body=outcome if isinstance(outcome, dict) else None)
         return result

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from cds.app import create_app
 from cds.services import AI_REPORTS_KEY, IMAGING_STUDIES_KEY, PATIENT_VIEW
@@ -165,7 +165,7 @@ def test_a_search_whose_next_links_never_end_is_refused_at_the_page_limit() -> N
         return Reply(headers={"Content-Type": "application/fhir+json"}, body=json.dumps(bundle).encode())
 
     with hostile_server(next_page) as ehr:
-        found = []
+        found: list[dict[str, object]] = []
         with pytest.raises(LimitExceededError, match=r"100 pages allowed \(limits\.fhir_search_pages\)"):
             found.extend(FhirClient(f"{ehr.url}/fhir").search("ImagingStudy"))
     assert len(ehr.seen) == DEFAULT_LIMITS.fhir_search_pages  # a partial list is never passed off as the whole
@@ -231,8 +231,8 @@ def _tiny_instance() -> bytes:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6"
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "1.2.3.4.5.6"
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.4.5.6")
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, UID("1.2.3.4.5.6")
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.4", "CT"
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)

@@ -24,9 +24,7 @@ from cds.services import PATIENT_VIEW
 from core.allowlist import AllowList, canonical_url
 from core.errors import ConfigurationError, ImageDataError, NotAllowedError, StudyError
 from dicom_io.dicomweb import fetch_series
-from fhir_adapters.auth import discover_token_endpoint
 from fhir_adapters.client import FhirClient
-from fhir_adapters.errors import FhirError
 from fhir_adapters.study import ENDPOINT_CONNECTION_TYPE_SYSTEM, resolve_dicomweb_base, select_series
 from models.base import SeriesRequirements
 from tests.cds_support import EHR_ISS, EhrKeys, jwks_server, make_config, recording_listener
@@ -200,16 +198,6 @@ def test_a_pacs_redirect_within_its_own_base_is_followed() -> None:
     with hostile_server(script) as pacs, pytest.raises(ImageDataError, match="series has no instances"):
         list(fetch_series(f"{pacs.url}/dicom-web", "1.2.3", "1.2.3.4", timeout=5))
     assert pacs.paths == ["/dicom-web/studies/1.2.3/series/1.2.3.4", "/dicom-web/studies/1.2.3/series/1.2.3.4?moved=1"]
-
-
-def test_smart_discovery_does_not_follow_a_redirect() -> None:
-    with (
-        recording_listener() as (elsewhere, connections),
-        hostile_server(lambda seen: Reply(302, {"Location": f"{elsewhere}{seen.path}"})) as ehr,
-        pytest.raises(FhirError),
-    ):
-        discover_token_endpoint(f"{ehr.url}/fhir", timeout=5)
-    assert connections == []
 
 
 # ---------------------------------------------------------------- addresses no request may go to
