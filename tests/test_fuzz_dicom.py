@@ -36,6 +36,8 @@ from dicom_io.projection import projection_input
 from dicom_io.volume import Volume, assemble_volume
 from tests.fuzz_support import fuzz, hostile_files
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # pydicom warns about the damage: expected
+
 CROP = 64
 GEOMETRY_AND_PIXELS = [
     "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
