@@ -8,7 +8,8 @@ already in the EHR, while a clinician waits.
 Status codes: 401 unauthenticated (generic body), 404 unknown service, 400 malformed request, 403 a
 ``fhirServer`` outside the allow-list (a trust failure, not missing data: a trusted client should never name
 an untrusted server, and answering 412 would invite it to retry the same request), 412 data needed but
-neither prefetched nor fetchable.
+neither prefetched nor fetchable, 413 a body larger than ``limits.cds_request_bytes`` (the caller is
+authenticated first, from the headers alone, so an anonymous caller cannot make the service read a body).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import orjson
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider, _default
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.response import Response as SansioResponse
 
 from cds.cards import (
@@ -47,6 +49,7 @@ from cds.services import (
     discovery_document,
 )
 from core.errors import ImagingCdsError, NotAllowedError
+from core.limits import too_large
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError, FhirUnauthorized
 from fhir_adapters.results import AiFinding, extract_findings
@@ -176,7 +179,7 @@ def _fetcher(service: CdsHooksService, body: Mapping[str, Any]) -> Fetch | None:
     server = body.get("fhirServer")
     if not server:
         return None
-    service.config.fhir_allow_list.check(server, what="fhirServer")
+    server = service.config.fhir_allow_list.check(server, what="fhirServer")  # the canonical URL is what is called
     auth = body.get("fhirAuthorization")
     token = RequestToken(auth["access_token"]) if isinstance(auth, Mapping) else None
     client = FhirClient(
@@ -185,6 +188,7 @@ def _fetcher(service: CdsHooksService, body: Mapping[str, Any]) -> Fetch | None:
         timeout=service.config.fhir_timeout_s,
         retries=1,  # a clinician is waiting: no backoff sleeps inside a hook
         allow_list=service.config.fhir_allow_list,
+        limits=service.config.limits,
     )
 
     def fetch(resource_type: str, params: list[tuple[str, str]]) -> dict[str, Any]:
@@ -250,6 +254,12 @@ def _enqueue(service: CdsHooksService, study: str) -> str | None:
 def cds_blueprint() -> Blueprint:
     """The CDS Hooks endpoints; the app must hold a :class:`CdsHooksService` under ``extensions``."""
     bp = Blueprint("cds_hooks", __name__)
+
+    @bp.app_errorhandler(RequestEntityTooLarge)
+    def too_large_body(exc: RequestEntityTooLarge) -> Any:
+        limit = _service().config.limits.cds_request_bytes
+        error = too_large("The request body", "cds_request_bytes", limit)
+        return _error(413, "request_too_large", str(error))
 
     @bp.after_request
     def add_cors(response: Response) -> Response:
@@ -334,8 +344,9 @@ class FastJsonProvider(DefaultJSONProvider):
     carries whole draft orders, so JSON is a large share of a hook's CPU time; orjson does it several times
     faster. The results are the same JSON: values orjson does not handle the way Flask does (datetimes,
     dataclasses, anything exotic) go through Flask's own ``default`` hook, and input orjson refuses but the
-    standard library reads (integers beyond 64 bits, ``NaN``) falls back to the standard library. Keys are
-    kept in insertion order, as ``sort_keys = False`` asks.
+    standard library reads (integers beyond 64 bits, ``NaN``) falls back to the standard library; nesting too
+    deep for either is malformed JSON (a 400), not a crash. Keys are kept in insertion order, as
+    ``sort_keys = False`` asks.
     """
 
     _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
@@ -345,7 +356,10 @@ class FastJsonProvider(DefaultJSONProvider):
         try:
             return orjson.loads(s)
         except orjson.JSONDecodeError:
-            return super().loads(s, **kwargs)
+            try:
+                return super().loads(s, **kwargs)
+            except RecursionError:  # nesting orjson refused too (over 1024 levels): malformed, not a crash
+                raise ValueError("JSON nested too deeply") from None
 
     def response(self, *args: Any, **kwargs: Any) -> SansioResponse:
         obj = self._prepare_response_obj(args, kwargs)
@@ -361,6 +375,7 @@ def create_app(
 ) -> Flask:
     """A Flask app serving the CDS Hooks endpoints; nothing is read or started before this is called."""
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.limits.cds_request_bytes  # also stops a chunked body while it streams
     app.json = FastJsonProvider(app)  # keeps keys in insertion order (sort_keys = False)
     app.extensions[EXTENSION_KEY] = CdsHooksService(
         config=config,

@@ -15,6 +15,7 @@ from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
+from core.limits import DEFAULT_LIMITS, InputLimits
 
 EnqueueAnalysis = Callable[[str], "str | None"]
 """Queue a background analysis of ``"ImagingStudy/<id>"``; return the job id, or ``None`` if nothing was queued.
@@ -88,7 +89,8 @@ class CdsConfig:
     JWT ``aud`` must equal the invoked endpoint under it. It is configured, never derived from the request's
     ``Host`` header, which the caller controls. ``fhir_allow_list`` lists the FHIR servers a hook's
     ``fhirServer`` may name. ``app_launch_url`` is the SMART app's launch URL for card links;
-    ``model_card_base_url`` is where ``/models/<analyzer>`` model cards are published.
+    ``model_card_base_url`` is where ``/models/<analyzer>`` model cards are published. ``limits`` bounds the
+    request body (``cds_request_bytes``), a ``jku``'s JWK Set and the answers of a ``fhirServer``.
     """
 
     public_base_url: str
@@ -105,6 +107,7 @@ class CdsConfig:
     max_jwt_lifetime_s: int = 300
     clock_skew_s: int = 60
     jwks_cache_s: float = 300.0
+    limits: InputLimits = DEFAULT_LIMITS
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

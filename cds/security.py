@@ -5,9 +5,12 @@ The CDS client signs a short-lived JWT with its private key; this module checks,
 present; its header names an asymmetric algorithm the issuer is configured for (never ``none``, never HMAC,
 which would let anyone holding the *public* key sign - the "algorithm confusion" attack) and a ``kid``; its
 ``iss`` is a configured trusted client; the keys come from that client's configured JWK Set, or from the
-``jku`` URL in the header only when that URL is on the client's own jku allow-list (checked before any
-request); the signature; ``aud`` equals the endpoint being invoked; ``exp`` (not expired, not more than
-``max_jwt_lifetime_s`` ahead), ``iat`` (not in the future); and ``jti`` was not seen before.
+``jku`` URL in the header only when that URL, in canonical form (:func:`core.allowlist.canonical_url`: a
+``jku`` of ``{allowed}/../elsewhere`` is not under ``{allowed}``), is on the client's own jku allow-list
+(checked before any request; the canonical URL is what is fetched, without following redirects, and the set is
+refused while it streams in once it passes ``limits.jwks_bytes``); the signature; ``aud`` (a string or a list
+of strings) equals the endpoint being invoked; ``exp`` (not expired, not more than ``max_jwt_lifetime_s``
+ahead), ``iat`` (not in the future); and ``jti`` was not seen before.
 
 Every failure raises :class:`AuthenticationError`. Its ``reason`` is for the service's own log (never the
 token); callers answer a generic 401, because telling an attacker *which* check failed helps them.
@@ -34,10 +37,11 @@ from joserfc.jwk import Key, KeySet
 
 from cds.config import CdsConfig, TrustedClient
 from core.allowlist import AllowList
-from core.errors import NotAllowedError
+from core.errors import LimitExceededError, NotAllowedError
+from core.limits import DEFAULT_LIMITS
+from core.outbound import limit_body, outbound_session
 
 _MAX_TOKEN_CHARS = 16_384
-_MAX_JWKS_BYTES = 256 * 1024
 _MIN_REFETCH_S = 10.0
 
 
@@ -90,10 +94,18 @@ class JwksFetcher:
     so a stream of tokens with random ``kid`` values cannot turn this service into a request amplifier.
     """
 
-    def __init__(self, *, ttl_s: float, timeout_s: float, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: float,
+        timeout_s: float,
+        session: requests.Session | None = None,
+        max_bytes: int = DEFAULT_LIMITS.jwks_bytes,
+    ) -> None:
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
-        self._session = session or requests.Session()
+        self._session = session or outbound_session()
+        self._limit_body = limit_body(max_bytes, what="The JWK Set at a jku", limit_name="jwks_bytes")
         self._cache: dict[str, _CachedKeys] = {}
         self._lock = threading.Lock()
 
@@ -114,11 +126,15 @@ class JwksFetcher:
     def _fetch(self, url: str) -> KeySet:
         try:
             response = self._session.get(
-                url, timeout=self._timeout_s, allow_redirects=False, headers={"Accept": "application/json"}
+                url,
+                timeout=self._timeout_s,
+                allow_redirects=False,
+                headers={"Accept": "application/json"},
+                hooks={"response": self._limit_body},
             )
-        except requests.RequestException as exc:
+        except (requests.RequestException, NotAllowedError, LimitExceededError) as exc:
             raise AuthenticationError(f"JWKS at jku could not be fetched ({type(exc).__name__})") from exc
-        if response.status_code != 200 or len(response.content) > _MAX_JWKS_BYTES:
+        if response.status_code != 200:
             raise AuthenticationError(f"JWKS at jku answered HTTP {response.status_code}")
         return _import_key_set(response.content)
 
@@ -159,7 +175,9 @@ class JwtVerifier:
     ) -> None:
         self._config = config
         self._replay = replay_cache or JtiCache(clock)
-        self._fetcher = jwks_fetcher or JwksFetcher(ttl_s=config.jwks_cache_s, timeout_s=config.fhir_timeout_s)
+        self._fetcher = jwks_fetcher or JwksFetcher(
+            ttl_s=config.jwks_cache_s, timeout_s=config.fhir_timeout_s, max_bytes=config.limits.jwks_bytes
+        )
         self._clock = clock
         # Static key sets are parsed once here, so a bad file fails at start-up, not on the first hook call.
         self._static: dict[str, KeySet] = {}
@@ -229,10 +247,10 @@ class JwtVerifier:
             if not isinstance(jku, str) or not client.jku_allow_list:
                 raise AuthenticationError("jku given but this client has no jku allow-list")
             try:
-                self._jku_allow[client.iss].check(jku, what="jku")
+                url = self._jku_allow[client.iss].check(jku, what="jku")
             except NotAllowedError as exc:
                 raise AuthenticationError("jku is not on the client's allow-list") from exc
-            return self._fetcher.keys(jku, kid)
+            return self._fetcher.keys(url, kid)
         static = self._static.get(client.iss)
         if static is None:
             raise AuthenticationError("no jku and no configured JWK Set for this client")
@@ -259,7 +277,9 @@ class JwtVerifier:
         except JoseError as exc:
             raise AuthenticationError(f"claims rejected ({type(exc).__name__})") from exc
         aud = claims["aud"]
-        offered = {aud} if isinstance(aud, str) else set(aud)
+        offered = [aud] if isinstance(aud, str) else aud
+        if not isinstance(offered, list) or not all(isinstance(a, str) for a in offered):
+            raise AuthenticationError("aud is neither a string nor a list of strings")
         if not {a.rstrip("/") for a in offered} & {a.rstrip("/") for a in audiences}:
             raise AuthenticationError("aud is not this endpoint")
         exp, iat = claims["exp"], claims["iat"]

@@ -61,3 +61,17 @@ class UnsuitableInputError(ImagingCdsError):
     """An analyzer was given an image it was not built for (wrong modality, body part, view)."""
 
     http_status = 422
+
+
+class LimitExceededError(ImagingCdsError):
+    """An input is larger than a configured limit (:class:`core.limits.InputLimits`).
+
+    ``limit`` names the setting (``limits.cds_request_bytes``...), so an administrator who expects such inputs
+    knows what to raise; the refusal happens before the input is read in full or anything is allocated for it.
+    """
+
+    http_status = 413
+
+    def __init__(self, message: str, *, limit: str, remedy: str = "") -> None:
+        super().__init__(message, remedy=remedy or f"If such inputs are expected, an administrator can raise {limit}.")
+        self.limit = limit

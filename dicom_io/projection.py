@@ -24,6 +24,15 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from core.errors import ImageDataError
+from core.limits import DEFAULT_LIMITS, InputLimits
+from dicom_io.header import (
+    CONVERSION_ERRORS,
+    check_image_size,
+    header_floats,
+    header_int,
+    instance_uid,
+    read_header,
+)
 from models.base import ImageInput
 
 PROJECTION_ATTRIBUTES = (
@@ -43,18 +52,42 @@ PROJECTION_ATTRIBUTES = (
 )
 """Attributes copied into :attr:`ImageInput.attributes`: acquisition facts and UIDs, never PHI."""
 
+HEADER_KEYWORDS = (
+    *PROJECTION_ATTRIBUTES,
+    "SOPInstanceUID",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "PresentationLUTShape",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+)
+"""The header elements read here: read once up front, so a damaged one is refused in one place."""
+
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def presentation_intensity(dataset: Dataset) -> np.ndarray:
-    """Decoded pixels as float32 presentation values (higher = brighter), shape ``(rows, columns)``."""
-    uid = str(dataset.get("SOPInstanceUID", "unknown"))
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+def presentation_intensity(dataset: Dataset, *, limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decoded pixels as float32 presentation values (higher = brighter), shape ``(rows, columns)``; the
+    header's claimed size is checked against ``limits`` before anything is decoded."""
+    uid = instance_uid(dataset)
+    read_header(dataset, HEADER_KEYWORDS, f"Instance {uid}")
+    if header_int(dataset, "NumberOfFrames", 1, f"Instance {uid}") > 1:
         raise ImageDataError(
             f"Instance {uid} is a multi-frame object; a single projection image was expected.",
             remedy="Send the single-frame radiograph (one image per instance).",
         )
+    check_image_size(dataset, label=f"Instance {uid}", limits=limits)
     try:
         stored = dataset.pixel_array
     except Exception as exc:  # pydicom raises plain errors for a missing decoder or corrupt data
@@ -65,7 +98,13 @@ def presentation_intensity(dataset: Dataset) -> np.ndarray:
         ) from exc
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _GREY:
-        values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset).astype(np.float32)
+        try:
+            values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset).astype(np.float32)
+        except CONVERSION_ERRORS as exc:  # a rescale, LUT or window that cannot be applied as written
+            raise ImageDataError(
+                f"Instance {uid}: its rescale or window values cannot be applied ({type(exc).__name__}).",
+                remedy="The header is damaged; re-send the instance from the modality or the PACS.",
+            ) from exc
         inverse = photometric == "MONOCHROME1"
         if str(dataset.get("PresentationLUTShape", "")).upper() == "INVERSE":
             inverse = not inverse
@@ -84,23 +123,28 @@ def presentation_intensity(dataset: Dataset) -> np.ndarray:
             f"Instance {uid} decoded to shape {values.shape}; a 2-D image was expected.",
             remedy="Send a single-frame projection radiograph.",
         )
+    if not np.isfinite(values).all():  # an infinite rescale slope or window: no analyzer can read such an image
+        raise ImageDataError(
+            f"Instance {uid}: its rescale or window values turn the pixels into non-finite numbers.",
+            remedy="The header is damaged; re-send the instance from the modality or the PACS.",
+        )
     return values
 
 
 def pixel_spacing_mm(dataset: Dataset) -> tuple[tuple[float, float], str]:
     """Row and column spacing and where they came from (``patient``, ``detector`` or ``unknown``)."""
     for keyword, source in (("PixelSpacing", "patient"), ("ImagerPixelSpacing", "detector")):
-        value = dataset.get(keyword)
-        if value is not None and len(value) == 2:
-            row, column = float(value[0]), float(value[1])
+        value = header_floats(dataset, keyword, 2, f"Instance {instance_uid(dataset)}")
+        if value is not None:
+            row, column = value
             if row > 0 and column > 0:
                 return (row, column), source
     return (1.0, 1.0), "unknown"
 
 
-def projection_input(dataset: Dataset) -> ImageInput:
+def projection_input(dataset: Dataset, *, limits: InputLimits = DEFAULT_LIMITS) -> ImageInput:
     """The analyzer input for one projection image (see the module docstring for each step)."""
-    array = presentation_intensity(dataset)
+    array = presentation_intensity(dataset, limits=limits)
     spacing, source = pixel_spacing_mm(dataset)
     attributes = {k: str(dataset.get(k)) for k in PROJECTION_ATTRIBUTES if dataset.get(k) not in (None, "")}
     attributes["SpacingSource"] = source

@@ -32,6 +32,18 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from core.errors import ImageDataError
+from core.limits import DEFAULT_LIMITS, InputLimits
+from dicom_io.header import (
+    CONVERSION_ERRORS,
+    FLOAT32_BYTES,
+    check_decoded_bytes,
+    check_image_size,
+    header_float,
+    header_floats,
+    header_int,
+    instance_uid,
+    read_header,
+)
 from models.base import ImageInput
 
 NON_IDENTIFYING_ATTRIBUTES = (
@@ -55,6 +67,21 @@ SPACING_TOLERANCE_MM = 0.1
 SPACING_TOLERANCE_FRACTION = 0.01
 MISSING_SLICE_FACTOR = 1.5
 TILT_TOLERANCE_PIXELS = 0.1  # in-plane drift across the whole stack below this is rounding, not tilt
+HEADER_KEYWORDS = (
+    *REQUIRED_UIDS,
+    *NON_IDENTIFYING_ATTRIBUTES,
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "GantryDetectorTilt",
+)
+"""The header elements assembly reads: read once up front, so a damaged one is refused in one place."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,7 +161,7 @@ def _check_identity(datasets: Sequence[Dataset], label: str, expected_series_uid
             f"{label}: {len(repeated)} instance(s) were received more than once (e.g. SOP Instance {repeated[0]}).",
             remedy="Remove the duplicate instances from the PACS or fetch the series again.",
         )
-    multi_frame = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    multi_frame = [ds for ds in datasets if header_int(ds, "NumberOfFrames", 1, label) > 1]
     if multi_frame:
         raise ImageDataError(
             f"{label}: multi-frame (enhanced) images are not supported yet.",
@@ -144,18 +171,18 @@ def _check_identity(datasets: Sequence[Dataset], label: str, expected_series_uid
 
 
 def _float_list(ds: Dataset, keyword: str, count: int, label: str) -> np.ndarray:
-    value = ds.get(keyword)
-    if value is None or len(value) != count:
+    value = header_floats(ds, keyword, count, label)
+    if value is None:
         raise ImageDataError(
-            f"{label}: SOP Instance {ds.get('SOPInstanceUID', '?')} has no valid {keyword}; slice geometry unknown.",
+            f"{label}: SOP Instance {instance_uid(ds)} has no valid {keyword}; slice geometry unknown.",
             remedy="This looks like a secondary capture or a damaged export; choose an original axial series.",
         )
-    return np.asarray([float(v) for v in value], dtype=float)
+    return np.asarray(value, dtype=float)
 
 
 def _check_plane(datasets: Sequence[Dataset], label: str) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Rows, columns, pixel spacing (row, column) and orientation shared by every slice, or a refusal."""
-    grids = Counter((int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for ds in datasets)
+    grids = Counter((header_int(ds, "Rows", 0, label), header_int(ds, "Columns", 0, label)) for ds in datasets)
     if len(grids) > 1:
         raise ImageDataError(
             f"{label}: slices have different sizes ({', '.join(f'{r}x{c}' for r, c in grids)}).",
@@ -217,11 +244,11 @@ def _decode_into(ds: Dataset, out: np.ndarray, label: str) -> None:
 
     try:
         raw = pixel_array(ds)
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:  # pydicom's decoders
+    except (*CONVERSION_ERRORS, RuntimeError, AttributeError) as exc:  # what pydicom's decoders raise on damaged data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         raise ImageDataError(
-            f"{label}: pixels of SOP Instance {ds.get('SOPInstanceUID', '?')} could not be decoded "
+            f"{label}: pixels of SOP Instance {instance_uid(ds)} could not be decoded "
             f"(transfer syntax {name}: {type(exc).__name__}).",
             remedy="Install the pylibjpeg plugins for compressed data, or ask the PACS for Explicit VR Little Endian.",
         ) from exc
@@ -230,8 +257,8 @@ def _decode_into(ds: Dataset, out: np.ndarray, label: str) -> None:
             f"{label}: SOP Instance {ds.get('SOPInstanceUID', '?')} decodes to {raw.shape}, not {out.shape}.",
             remedy="Only single-frame greyscale slices can be stacked; choose a greyscale cross-sectional series.",
         )
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = header_float(ds, "RescaleSlope", 1.0, label) or 1.0
+    intercept = header_float(ds, "RescaleIntercept", 0.0, label)
     if slope == 1.0:  # the usual CT case: one pass, same float32 values as multiplying by 1 first
         np.add(raw, np.float32(intercept), out=out, dtype=np.float32, casting="unsafe")
         return
@@ -239,14 +266,21 @@ def _decode_into(ds: Dataset, out: np.ndarray, label: str) -> None:
     out += np.float32(intercept)
 
 
-def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | None = None) -> Volume:
+def assemble_volume(
+    datasets: Iterable[Dataset], *, expected_series_uid: str | None = None, limits: InputLimits = DEFAULT_LIMITS
+) -> Volume:
     """Check, sort and decode the slices of one series into a :class:`Volume` (see the module docstring).
+
+    Each slice's claimed size is checked against ``limits.image_pixels`` and the whole float32 volume (grown by a
+    tilt correction) against ``limits.decoded_bytes`` before it is allocated.
 
     Memory: the datasets are held once (as received), the float32 volume is preallocated and filled slice by
     slice; a gantry-tilt correction reads each decoded slice from a one-slice buffer. Measured with tracemalloc: fetch
     plus assembly of the 61-slice chest CT peaks at 2.0x the decoded volume, the tilt path at 1.7x (target: 3x).
     """
     slices = list(datasets)
+    for ds in slices:
+        read_header(ds, HEADER_KEYWORDS, f"Series {expected_series_uid or '(being assembled)'}")
     label = _series_label(slices, expected_series_uid)
     if not slices:
         raise ImageDataError(f"{label}: series has no instances.", remedy="Check the series in the PACS.")
@@ -258,6 +292,8 @@ def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | N
             remedy="Choose a cross-sectional series with the full stack of slices.",
         )
     rows, columns, pixel_spacing, orientation = _check_plane(slices, label)
+    for ds in slices:
+        check_image_size(ds, label=label, limits=limits)
     row_direction = orientation[:3] / np.linalg.norm(orientation[:3])  # along a row: increasing column index
     column_direction = orientation[3:] / np.linalg.norm(orientation[3:])  # down a column: increasing row index
     normal = np.cross(row_direction, column_direction)
@@ -296,6 +332,9 @@ def assemble_volume(datasets: Iterable[Dataset], *, expected_series_uid: str | N
     else:
         out_rows, out_columns = rows, columns
 
+    check_decoded_bytes(
+        len(slices) * out_rows * out_columns * FLOAT32_BYTES, what=f"{label}: the volume", limits=limits
+    )
     array = np.empty((len(slices), out_rows, out_columns), dtype=np.float32)
     if tilted:
         from scipy.ndimage import affine_transform

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import requests
 
 from core.errors import ConfigurationError
+from core.outbound import outbound_session
 from fhir_adapters.smart import (
     ClientCredentials,
     SigningAlgorithm,
@@ -87,7 +88,7 @@ class _CachedClientCredentials:
 
     def _fetch_locked(self) -> None:
         started = time.monotonic()
-        with requests.Session() as http:
+        with outbound_session() as http:
             token = request_token(
                 self.token_url,
                 {"grant_type": "client_credentials", "scope": self.scope},
@@ -173,7 +174,7 @@ def discover_token_endpoint(fhir_base: str, session: requests.Session | None = N
     Any grant the server offers is accepted here (a backend-services-only server is fine); the caller asks
     for ``client_credentials`` and the token endpoint answers whether that is allowed.
     """
-    server = discover(fhir_base, session or requests.Session(), timeout=timeout)
+    server = discover(fhir_base, session or outbound_session(), timeout=timeout)
     if server is None:
         raise ConfigurationError(
             f"The FHIR server {fhir_base.rstrip('/')} advertises no SMART token endpoint.",

@@ -14,8 +14,13 @@ Design points an integrator should know:
   Callers that build non-idempotent transactions must pass ``retry=False``.
 * The bearer token goes only to URLs under ``base_url``; a 401 makes the client drop its token, fetch a
   fresh one and try once more. Other origins (a ``next`` link or an absolute reference elsewhere) are
-  refused unless the :class:`~core.allowlist.AllowList` allows them, and even then get no token.
+  refused unless the :class:`~core.allowlist.AllowList` allows them, and even then get no token. "Under"
+  is judged on the URL's canonical form (:func:`core.allowlist.canonical_url`: ``{base}/../admin`` is not
+  under ``base``), and that canonical form is what is sent.
 * Redirects are not followed (see :func:`~fhir_adapters.errors.raise_for_fhir_status`).
+* Inputs are bounded (:class:`core.limits.InputLimits`): a response body is refused while it streams in once it
+  passes ``fhir_response_bytes``, and a search that would follow more than ``fhir_search_pages`` pages is
+  refused rather than silently cut short (a partial list of studies would look complete).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from urllib.parse import urlsplit
 import orjson
 import requests
 
-from core.allowlist import AllowList
+from core.allowlist import AllowList, canonical_url
 from core.errors import NotAllowedError
+from core.limits import DEFAULT_LIMITS, InputLimits, too_large
+from core.outbound import limit_body, outbound_session
 from fhir_adapters.auth import TokenProvider
 from fhir_adapters.errors import (
     FhirError,
@@ -40,14 +47,13 @@ from fhir_adapters.errors import (
     raise_for_fhir_status,
     unavailable,
 )
+from fhir_adapters.fhirjson import element, items
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 MAX_BACKOFF_S = 10.0
 MAX_RETRY_AFTER_S = 30.0
-MAX_SEARCH_PAGES = 1000
-"""A safety stop for servers whose ``next`` links never end."""
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -74,7 +80,8 @@ class FhirClient:
     ``retries`` is the number of attempts in all for a request that fails in a retryable way (5xx,
     timeout, connection error): ``retries=3`` means the first try and at most two more, waiting
     ``backoff``, ``2*backoff``... seconds in between. ``allow_list`` names other servers the client may
-    follow references and ``next`` links to; ``base_url`` itself is always allowed.
+    follow references and ``next`` links to; ``base_url`` itself is always allowed. ``limits`` bounds what the
+    server's answers may hold. Without a ``session``, one from :func:`core.outbound.outbound_session` is used.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class FhirClient:
         backoff: float = 0.3,
         session: requests.Session | None = None,
         allow_list: AllowList | None = None,
+        limits: InputLimits = DEFAULT_LIMITS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         if allow_list is not None:
@@ -96,8 +104,14 @@ class FhirClient:
         self.timeout = timeout
         self.retries = max(1, int(retries))
         self.backoff = max(0.0, float(backoff))
-        self.session = session or requests.Session()
+        self.session = session or outbound_session()
         self.allow_list = allow_list
+        self.limits = limits
+        self._limit_body = limit_body(
+            limits.fhir_response_bytes,
+            what=f"An answer of the FHIR server {self.base_url}",
+            limit_name="fhir_response_bytes",
+        )
 
     def __repr__(self) -> str:
         return f"FhirClient(base_url={self.base_url!r})"
@@ -105,7 +119,8 @@ class FhirClient:
     # ------------------------------------------------------------------ URLs
 
     def is_own_url(self, url: str) -> bool:
-        """Whether ``url`` lies under this client's ``base_url`` (same origin and path prefix)."""
+        """Whether ``url``, in canonical form, lies under this client's ``base_url`` (same origin and path
+        prefix): only then does it get the bearer token."""
         return self._own_base.allows(url)
 
     def check_url(self, url: str, *, what: str) -> str:
@@ -114,7 +129,7 @@ class FhirClient:
         Raises :class:`~core.errors.NotAllowedError` before any request is made otherwise.
         """
         if self.is_own_url(url):
-            return url
+            return canonical_url(url).geturl()
         if self.allow_list is None:
             raise NotAllowedError(
                 f"{what} points outside the FHIR server {self.base_url}; refused.",
@@ -161,9 +176,11 @@ class FhirClient:
     ) -> requests.Response:
         """Send one FHIR request with auth, retries and error mapping; return the successful response.
 
-        ``url`` must already have passed :meth:`check_url`. ``retry=False`` sends it once (a plain create);
-        a 401 is still retried once with a fresh token, because the server refused it before acting.
+        ``url`` must already have passed :meth:`check_url`; it is sent in the canonical form that check judged.
+        ``retry=False`` sends it once (a plain create); a 401 is still retried once with a fresh token, because
+        the server refused it before acting.
         """
+        url = canonical_url(url).geturl()
         attempts = self.retries if retry else 1
         send_token = self.auth is not None and self.is_own_url(url)
         data = orjson.dumps(body) if body is not None else None  # UTF-8 JSON; fast for bundles carrying images
@@ -186,6 +203,7 @@ class FhirClient:
                     headers=request_headers,
                     timeout=self.timeout,
                     allow_redirects=False,
+                    hooks={"response": self._limit_body},
                 )
                 if response.status_code == 401 and send_token and not refreshed and self.auth is not None:
                     log.info("FHIR %s answered 401; fetching a fresh token and trying once more", what)
@@ -271,25 +289,32 @@ class FhirClient:
         """Yield every matching resource, following ``next`` links page by page.
 
         Only ``search.mode = match`` entries are yielded (``_include``d resources are for
-        :meth:`search_bundle`). A ``next`` link to another origin is refused unless allow-listed.
+        :meth:`search_bundle`). A ``next`` link to another origin is refused unless allow-listed, and a search
+        with more than ``limits.fhir_search_pages`` pages is refused when the next page would pass the limit.
         """
         bundle = self.search_bundle(resource_type, params)
         seen: set[str] = set()
-        for _ in range(MAX_SEARCH_PAGES):
-            for entry in bundle.get("entry", []):
+        while True:
+            for entry in map(element, items(bundle.get("entry"))):
                 resource = entry.get("resource")
-                if isinstance(resource, dict) and (entry.get("search") or {}).get("mode", "match") == "match":
+                if isinstance(resource, dict) and element(entry.get("search")).get("mode", "match") == "match":
                     yield resource
-            next_url = next(
-                (link.get("url") for link in bundle.get("link", []) if link.get("relation") == "next"), None
-            )
-            if not next_url or next_url in seen:
+            links = map(element, items(bundle.get("link")))
+            next_url = next((link.get("url") for link in links if link.get("relation") == "next"), None)
+            if not isinstance(next_url, str) or not next_url or next_url in seen:
                 return
             seen.add(next_url)
+            if len(seen) >= self.limits.fhir_search_pages:
+                raise too_large(
+                    f"The FHIR search for {resource_type} at {self.base_url}",
+                    "fhir_search_pages",
+                    self.limits.fhir_search_pages,
+                    unit="pages",
+                    remedy="Narrow the search, or have an administrator raise limits.fhir_search_pages.",
+                )
             what = f"search {resource_type} (page {len(seen) + 1})"
-            self.check_url(next_url, what=f"The 'next' link of {what}")
+            next_url = self.check_url(next_url, what=f"The 'next' link of {what}")
             bundle = self._json(self.request("GET", next_url, what=what), what=what)
-        log.warning("search %s stopped after %d pages", resource_type, MAX_SEARCH_PAGES)
 
     def create(self, resource: Mapping[str, Any], *, if_none_exist: str | None = None) -> dict[str, Any]:
         """Create a resource; with ``if_none_exist`` (a search query) only if no match exists.
@@ -362,13 +387,13 @@ class FhirClient:
         result = self._json(response, what=what)
         if result.get("resourceType") != "Bundle" or result.get("type") != "transaction-response":
             raise FhirError(f"FHIR {what} did not answer with a transaction-response.", status=response.status_code)
-        answered = result.get("entry", [])
+        answered = items(result.get("entry"))
         if len(answered) != len(entries):
             raise FhirError(
                 f"FHIR {what} answered {len(answered)} entries for {len(entries)}.", status=response.status_code
             )
-        for index, (sent, entry) in enumerate(zip(entries, answered, strict=True)):
-            status_line = str((entry.get("response") or {}).get("status", ""))
+        for index, (sent, entry) in enumerate(zip(entries, map(element, answered), strict=True)):
+            status_line = str(element(entry.get("response")).get("status", ""))
             code = status_line.split(" ", 1)[0]
             if not code.isdigit():
                 raise FhirError(f"FHIR {what}: entry {index} has no response status.", status=response.status_code)
@@ -376,6 +401,6 @@ class FhirClient:
                 request = sent.get("request") or {}
                 target = str(request.get("url", "?")).split("?", 1)[0]  # the query may name a patient identifier
                 entry_what = f"{what}, entry {index} ({request.get('method', '?')} {target})"
-                outcome = (entry.get("response") or {}).get("outcome")
+                outcome = element(entry.get("response")).get("outcome")
                 raise fhir_error_for(int(code), what=entry_what, body=outcome if isinstance(outcome, dict) else None)
         return result

@@ -7,24 +7,25 @@ The decisions are pure functions on FHIR R4 dicts (:func:`study_uid`, :func:`sel
 
 Every refusal is a :class:`~core.errors.StudyError` that names the ImagingStudy by id, the series by
 UID and what is missing, so an integrator can fix the EHR data; messages never quote free text (series
-descriptions may carry more than a protocol name).
+descriptions may carry more than a protocol name). Elements are read with :mod:`fhir_adapters.fhirjson`: one of
+the wrong JSON type reads as absent, so damaged EHR data ends in such a refusal, never in an exception.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import NotAllowedError, StudyError
+from core.uids import is_dicom_uid
 from fhir_adapters.client import FhirClient
+from fhir_adapters.fhirjson import element, items, reference
 from models.base import SeriesRequirements
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 ENDPOINT_CONNECTION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 WADO_RS = "dicom-wado-rs"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # DICOM Body Part Examined terms (PS3.16 CID 4031) and their SNOMED CT codes: an EHR's ImagingStudy often codes
 # series.bodySite in SNOMED ("51185008") where an analyzer names the DICOM term ("CHEST").
@@ -58,7 +59,8 @@ class SeriesChoice:
 
 
 def _study_label(imaging_study: dict[str, Any]) -> str:
-    return f"ImagingStudy/{imaging_study.get('id') or '(no id)'}"
+    study_id = imaging_study.get("id")
+    return f"ImagingStudy/{study_id[:64] if isinstance(study_id, str) and study_id else '(no id)'}"
 
 
 def study_uid(imaging_study: dict[str, Any]) -> str:
@@ -66,12 +68,12 @@ def study_uid(imaging_study: dict[str, Any]) -> str:
 
     The UID is what the PACS knows the study by; without it there is nothing to retrieve.
     """
-    for identifier in imaging_study.get("identifier", []):
+    for identifier in map(element, items(imaging_study.get("identifier"))):
         if identifier.get("system") != DICOM_UID_SYSTEM:
             continue
         value = str(identifier.get("value", "")).strip()
         uid = value.removeprefix("urn:oid:")
-        if _UID.match(uid) and len(uid) <= 64:
+        if is_dicom_uid(uid):
             return uid
         raise StudyError(
             f"{_study_label(imaging_study)} has a DICOM UID identifier that is not a valid UID.",
@@ -111,7 +113,7 @@ def _endpoint_problem(endpoint: dict[str, Any]) -> str | None:
 def _load_endpoint(client: FhirClient, imaging_study: dict[str, Any], reference: str) -> dict[str, Any]:
     if reference.startswith("#"):
         wanted = reference[1:]
-        for contained in imaging_study.get("contained", []):
+        for contained in map(element, items(imaging_study.get("contained"))):
             if contained.get("resourceType") == "Endpoint" and contained.get("id") == wanted:
                 return dict(contained)
         raise StudyError(
@@ -143,8 +145,8 @@ def resolve_dicomweb_base(
     requests (and a PACS token) anywhere.
     """
     label = _study_label(imaging_study)
-    series_uid = series.get("uid") or "(no UID)"
-    references = series.get("endpoint") or imaging_study.get("endpoint") or []
+    series_uid = series.get("uid") if is_dicom_uid(series.get("uid")) else "(no UID)"
+    references = items(series.get("endpoint")) or items(imaging_study.get("endpoint"))
     if not references:
         raise StudyError(
             f"{label} has no endpoint for series {series_uid}, so its images cannot be located.",
@@ -152,14 +154,14 @@ def resolve_dicomweb_base(
         )
     problems: list[str] = []
     for ref in references:
-        reference = str((ref or {}).get("reference") or "")
-        if not reference:
+        target = reference(ref)
+        if not target:
             problems.append("an endpoint without a reference")
             continue
-        endpoint = _load_endpoint(client, imaging_study, reference)
+        endpoint = _load_endpoint(client, imaging_study, target)
         problem = _endpoint_problem(endpoint)
         if problem is not None:
-            problems.append(f"Endpoint {reference}: {problem}")
+            problems.append(f"Endpoint {target[:80]}: {problem}")
             continue
         address = str(endpoint["address"]).strip().rstrip("/")
         checker = allow_list or client.allow_list
@@ -168,7 +170,7 @@ def resolve_dicomweb_base(
                 f"The DICOMweb address of {label} cannot be checked: no allow-list is configured.",
                 remedy="Configure the PACS DICOMweb base URLs this service may retrieve images from.",
             )
-        return checker.check(address, what=f"The DICOMweb endpoint of {label}")
+        return checker.check(address, what=f"The DICOMweb endpoint of {label}").rstrip("/")  # the form checked
     raise StudyError(
         f"{label} has no usable DICOMweb endpoint for series {series_uid}: " + "; ".join(problems) + ".",
         remedy=f"Give it an active Endpoint with connectionType {WADO_RS} "
@@ -181,14 +183,14 @@ def resolve_dicomweb_base(
 
 def _instance_count(series: dict[str, Any]) -> int:
     count = series.get("numberOfInstances")
-    if isinstance(count, int) and count >= 0:
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
         return count
-    return len(series.get("instance", []))
+    return len(items(series.get("instance")))
 
 
 def _modality(series: dict[str, Any]) -> str:
-    modality = series.get("modality") or {}
-    return str(modality.get("code") or "").upper()
+    code = element(series.get("modality")).get("code")
+    return code.upper() if isinstance(code, str) else ""
 
 
 def _body_site_terms(series: dict[str, Any]) -> list[str]:
@@ -229,6 +231,8 @@ def _rejection(series: dict[str, Any], requirements: SeriesRequirements) -> str 
     wanted = "/".join(m.upper() for m in requirements.modalities)
     if not series.get("uid"):
         return "a series has no Series Instance UID"
+    if not is_dicom_uid(series["uid"]):
+        return f"a series has a Series Instance UID that is not a valid DICOM UID ({str(series['uid'])[:70]!r})"
     if modality not in {m.upper() for m in requirements.modalities}:
         return f"series {uid} is {modality or 'of unknown modality'}, the analyzer needs {wanted}"
     count = _instance_count(series)
@@ -252,7 +256,7 @@ def select_series(imaging_study: dict[str, Any], requirements: SeriesRequirement
             f"{label} has status {imaging_study['status']}; it is not analysed.",
             remedy="Order the analysis on a valid study.",
         )
-    all_series = [s for s in imaging_study.get("series", []) if isinstance(s, dict)]
+    all_series = [s for s in items(imaging_study.get("series")) if isinstance(s, dict)]
     if not all_series:
         raise StudyError(f"{label} lists no series.", remedy="The EHR's ImagingStudy should list its series.")
     candidates: list[tuple[tuple[int, int, int, int, int], dict[str, Any]]] = []

@@ -219,8 +219,7 @@ def _print_outcome(summary: dict[str, Any]) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import requests
-
+    from core.outbound import outbound_session
     from fhir_adapters.client import FhirClient
     from pipeline.handler import StudyAnalysisHandler, analysis_params
     from pipeline.memory import LoadedAnalyzers
@@ -232,7 +231,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         )
     loaded = LoadedAnalyzers(freeze=False)  # one analysis, then the process ends: nothing to keep from the collector
     loaded.get(args.analyzer)  # an unknown name or a failed weights check fails here, before any request to the EHR
-    session = requests.Session()
+    session = outbound_session()
     client = FhirClient(args.fhir_base, auth=_auth_from_args(args, session), session=session)
     handler = StudyAnalysisHandler(
         client_for=lambda params: client,

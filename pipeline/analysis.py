@@ -22,6 +22,7 @@ from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import StudyError
+from core.limits import DEFAULT_LIMITS, InputLimits, too_large
 from dicom_io.dicomweb import fetch_series
 from dicom_io.volume import assemble_volume
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
@@ -115,14 +116,24 @@ def device_info(analyzer: Analyzer, *, card_base_url: str | None) -> DeviceInfo:
     )
 
 
-def load_image(choice: SeriesChoice, *, expected_modality_projection: bool) -> tuple[ImageInput, tuple[str, ...]]:
-    """Fetch the chosen series over WADO-RS and turn it into the analyzer's input.
+def load_image(
+    choice: SeriesChoice, *, expected_modality_projection: bool, limits: InputLimits = DEFAULT_LIMITS
+) -> tuple[ImageInput, tuple[str, ...]]:
+    """Fetch the chosen series over WADO-RS and turn it into the analyzer's input, within ``limits``.
 
     Cross-sectional series (CT, MR, PT) become a checked volume; projection images (CR, DX, MG, US) are
     analysed one image at a time, the first instance of the series.
     """
+    if choice.instance_count > limits.instances_per_series:  # the EHR says so: refuse before asking the PACS
+        raise too_large(
+            f"Series {choice.series_uid}", "instances_per_series", limits.instances_per_series, unit="instances"
+        )
     datasets = fetch_series(
-        choice.dicomweb_base, choice.study_uid, choice.series_uid, expected_instances=choice.instance_count or None
+        choice.dicomweb_base,
+        choice.study_uid,
+        choice.series_uid,
+        limits=limits,
+        expected_instances=choice.instance_count or None,
     )
     if expected_modality_projection:
         from dicom_io.projection import projection_input
@@ -130,8 +141,8 @@ def load_image(choice: SeriesChoice, *, expected_modality_projection: bool) -> t
         first = next(iter(datasets), None)
         if first is None:
             raise StudyError(f"Series {choice.series_uid} returned no images.", remedy="Check the series in the PACS.")
-        return projection_input(first), ()
-    volume = assemble_volume(datasets, expected_series_uid=choice.series_uid)
+        return projection_input(first, limits=limits), ()
+    volume = assemble_volume(datasets, expected_series_uid=choice.series_uid, limits=limits)
     return volume.to_image_input(), volume.corrections
 
 
@@ -145,13 +156,14 @@ def analyze_study(
     progress: ProgressCallback = _no_progress,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     keep_filed: bool = False,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> AnalysisOutcome:
     """Analyse one ImagingStudy with ``analyzer`` and file the findings in the EHR in one transaction.
 
     Re-running with the same study, series and analyzer version writes nothing new: every resource is
     created conditionally on a deterministic identifier. Any failure before the transaction writes nothing.
     ``keep_filed`` asks the EHR to answer with the filed resources as they now stand (``AnalysisOutcome.filed``),
-    for a caller that shows them next.
+    for a caller that shows them next. ``limits`` bounds what the PACS may send (see :class:`core.limits.InputLimits`).
     """
     timings = StepTimings()
     progress(0.0, "reading the ImagingStudy")
@@ -166,7 +178,7 @@ def analyze_study(
     progress(0.1, f"fetching {choice.instance_count} images of series {choice.series_uid}")
     projection = set(analyzer.requirements.modalities) <= PROJECTION_MODALITIES
     with timings.step("fetch_decode"):
-        image, corrections = load_image(choice, expected_modality_projection=projection)
+        image, corrections = load_image(choice, expected_modality_projection=projection, limits=limits)
 
     if getattr(analyzer, "uses_patient_context", False):
         with timings.step("read_patient"):

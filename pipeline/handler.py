@@ -27,6 +27,7 @@ from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError, StudyError, UnsuitableInputError
+from core.limits import DEFAULT_LIMITS, InputLimits
 from fhir_adapters.client import FhirClient
 from pipeline.analysis import AnalysisOutcome, ProgressCallback, analyze_study
 from pipeline.memory import LoadedAnalyzers
@@ -78,6 +79,7 @@ class StudyAnalysisHandler:
     loaded: LoadedAnalyzers = field(default_factory=LoadedAnalyzers)
     keep_filed: bool = False
     on_outcome: OutcomeSink | None = None
+    limits: InputLimits = DEFAULT_LIMITS
 
     def analyses(
         self, params: Mapping[str, Any], report: ProgressCallback
@@ -104,6 +106,7 @@ class StudyAnalysisHandler:
                     card_base_url=self.card_base_url,
                     progress=report,
                     keep_filed=self.keep_filed,
+                    limits=self.limits,
                 )
             except (StudyError, UnsuitableInputError) as exc:
                 if not skip_unsuitable:

@@ -20,6 +20,8 @@ hold them. Example (YAML)::
       {broker_url: "redis://127.0.0.1:6379/0", soft_time_limit_s: 900, hard_time_limit_s: 960,
        max_memory_per_child_mb: 4096, max_attempts: 3}
     logging: {format: json, level: INFO}                        # optional: text (default) or json
+    limits:                                                     # optional: input size limits (core.limits)
+      {cds_request_bytes: 8388608, instances_per_series: 5000}  # any field of InputLimits; others keep defaults
 
 ``backend`` without credentials (``{fhir_base: ..., auth: none}``) talks to an open FHIR server: development only.
 Without ``jobs`` analyses run on threads inside ``serve``; with ``jobs.broker_url`` ``serve`` only queues them and
@@ -41,6 +43,7 @@ import yaml
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
+from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
 from pipeline.celery_engine import EngineSettings
 
@@ -55,6 +58,7 @@ _TOP_LEVEL_KEYS = (
     "secure_cookies",
     "jobs",
     "logging",
+    "limits",
 )
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -95,6 +99,7 @@ class Settings:
     """The Celery engine's settings; ``None``: analyses run on threads inside ``serve``."""
     log_format: str = "text"
     log_level: str = "INFO"
+    limits: InputLimits = DEFAULT_LIMITS
 
     @property
     def base_url(self) -> str:
@@ -144,6 +149,7 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
         jobs=_parse_jobs(raw.get("jobs"), source),
         log_format=log_format,
         log_level=log_level,
+        limits=_limits(raw.get("limits"), source),
     )
 
 
@@ -206,6 +212,14 @@ def _parse_logging(raw: Mapping[str, Any], source: str) -> tuple[str, str]:
     if level not in _LOG_LEVELS:
         raise ConfigurationError(f"{source}: logging.level must be one of {', '.join(_LOG_LEVELS)}, not {level!r}.")
     return log_format, level
+
+
+def _limits(raw: Any, source: str) -> InputLimits:
+    if raw is None:
+        return DEFAULT_LIMITS
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{source}: 'limits' must be a mapping of limit names to numbers.")
+    return InputLimits.from_mapping(raw, source=source)
 
 
 def load_settings(path: Path) -> Settings:

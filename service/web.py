@@ -26,13 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import requests
 from flask import Flask
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
 from core.errors import ConfigurationError
+from core.outbound import outbound_session
 from pipeline.celery_engine import CeleryJobRunner
 from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
 from pipeline.jobs import EmbeddedJobRunner, JobRunner, SqliteJobStore
@@ -87,7 +87,7 @@ def backend_client(settings: Settings) -> Any:
 
     backend = settings.backend
     assert backend is not None
-    session = requests.Session()
+    session = outbound_session()
     auth = None
     if backend.client_id is not None:
         assert backend.private_key_file is not None and backend.kid is not None
@@ -101,7 +101,7 @@ def backend_client(settings: Settings) -> Any:
             kid=backend.kid,
             algorithm=backend.algorithm,  # type: ignore[arg-type]
         )
-    return FhirClient(backend.fhir_base, auth=auth, session=session, timeout=backend.timeout_s)
+    return FhirClient(backend.fhir_base, auth=auth, session=session, timeout=backend.timeout_s, limits=settings.limits)
 
 
 def smart_app_config(settings: Settings) -> Any:
@@ -114,6 +114,7 @@ def smart_app_config(settings: Settings) -> Any:
         dicomweb_allow_list=settings.dicomweb_allow,
         secure_cookies=settings.secure_cookies,
         card_base_url=settings.base_url,
+        limits=settings.limits,
     )
 
 
@@ -129,6 +130,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, SqliteJob
         client_for=lambda params: client,
         dicomweb_allow_list=settings.dicomweb_allow,
         card_base_url=settings.base_url,
+        limits=settings.limits,
     )
     store = SqliteJobStore(settings.data_dir / "background-jobs.sqlite")
     return EmbeddedJobRunner(store, {ANALYZE_STUDY: handler}, max_workers=1), store
@@ -186,6 +188,7 @@ def create_server_app(settings: Settings) -> Any:
             model_card_base_url=settings.base_url,
             feedback_db=settings.data_dir / "cds-feedback.sqlite",
             enqueue_analysis=enqueue,
+            limits=settings.limits,
         )
     )
     cds_app.register_blueprint(models_blueprint)

@@ -58,7 +58,10 @@ def worker_handlers(settings: Settings) -> dict[str, JobHandler]:
         return backend
 
     handler = StudyAnalysisHandler(
-        client_for=client_for, dicomweb_allow_list=settings.dicomweb_allow, card_base_url=settings.base_url
+        client_for=client_for,
+        dicomweb_allow_list=settings.dicomweb_allow,
+        card_base_url=settings.base_url,
+        limits=settings.limits,
     )
     return {ANALYZE_STUDY: handler}
 

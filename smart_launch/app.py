@@ -48,6 +48,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from core.errors import ImagingCdsError
+from core.outbound import outbound_session
 from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
@@ -107,7 +108,7 @@ class SmartApp:
     sessions: SessionStore
     job_store: SqliteJobStore | None
     reviews: ReviewLog
-    http: requests.Session = field(default_factory=requests.Session)
+    http: requests.Session = field(default_factory=outbound_session)
     recent: RecentReads = field(default_factory=RecentReads)
     loaded: LoadedAnalyzers = field(default_factory=LoadedAnalyzers)
     _analyzer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -130,6 +131,7 @@ class SmartApp:
             loaded=self.loaded,
             keep_filed=True,
             on_outcome=self.keep_outcome,
+            limits=self.config.limits,
         )
         self.jobs = EmbeddedJobRunner(self.job_store, {ANALYZE_STUDY: handler}, max_workers=self.config.job_workers)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
+from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
@@ -34,6 +35,7 @@ class SmartAppConfig:
       model card's address (``{card_base_url}/models/<name>``); the screen links ``/models/<name>``.
     * ``frame_ancestors``: origins allowed to embed the app in a frame (an EHR that opens apps in an
       iframe); none by default.
+    * ``limits``: how large the EHR's answers and the PACS's images may be (:class:`core.limits.InputLimits`).
     """
 
     clients: tuple[ClientRegistration, ...]
@@ -46,6 +48,7 @@ class SmartAppConfig:
     http_timeout_s: float = 30.0
     job_workers: int = 1
     frame_ancestors: tuple[str, ...] = ()
+    limits: InputLimits = DEFAULT_LIMITS
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 
 from core.allowlist import AllowList
+from core.outbound import outbound_session
 from fhir_adapters.client import FhirClient
 from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
@@ -42,7 +43,7 @@ class LaunchClients:
 
     config: SmartAppConfig
     sessions: SessionStore
-    http: requests.Session = field(default_factory=requests.Session)
+    http: requests.Session = field(default_factory=outbound_session)
 
     def refresher(self, state: AuthorizationState) -> TokenSet:
         """Refresh a session's access token with the registration of the EHR that issued it."""
@@ -66,8 +67,9 @@ class LaunchClients:
             state.fhir_base,
             auth=self.token_provider(session_id),
             timeout=self.config.http_timeout_s,
-            session=requests.Session(),
+            session=outbound_session(),
             allow_list=AllowList.of([state.fhir_base]),
+            limits=self.config.limits,
         )
 
     def client_for_job(self, params: Mapping[str, Any]) -> FhirClient:
