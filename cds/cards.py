@@ -173,6 +173,19 @@ def fit_summary(text: str, limit: int = SUMMARY_MAX_CHARS) -> str:
     return cut + "…"
 
 
+def mid_sentence(display: str) -> str:
+    """A category's display as it reads inside a sentence: "No emphysema by CT densitometry (LAA-950 < 5%)" becomes
+    "no emphysema by CT densitometry (LAA-950 < 5%)".
+
+    Only a capitalised ordinary first word loses its capital; acronyms, units and codes ("CT", "LAA-950", "L1",
+    "HU") keep the category's own spelling, because lower-casing them changes what they say.
+    """
+    first, _, rest = display.partition(" ")
+    if len(first) > 1 and first[0].isupper() and first[1:].isalpha() and first[1:].islower():
+        return first[0].lower() + first[1:] + (f" {rest}" if rest else "")
+    return display
+
+
 def analyzer_title(name: str) -> str:
     info = ANALYZERS.get(name)
     return info.title if info else name
@@ -267,10 +280,10 @@ def patient_view_cards(
         elif pending:
             summary = (
                 f"{title}: {len(pending)} AI result{'s' if len(pending) != 1 else ''} awaiting review; "
-                f"latest {pending[0].category_display.lower()} ({_date(pending[0])})"
+                f"latest {mid_sentence(pending[0].category_display)} ({_date(pending[0])})"
             )
         else:
-            summary = f"{title}: {newest.category_display.lower()} (AI, signed {_date(newest)})"
+            summary = f"{title}: {mid_sentence(newest.category_display)} (AI, signed {_date(newest)})"
         lines = [f"**{title}** - AI results for this patient:", "", *(_finding_line(f) for f in items), ""]
         if steps:
             lines.extend(["**Suggested next steps (guidelines, for the clinician to decide):**", ""])
@@ -349,7 +362,7 @@ def dxa_proposal(order: ImagingOrder, finding: AiFinding, *, patient_id: str, us
         "reasonReference": [{"reference": finding.report_reference}],
         "note": [
             {
-                "text": f"Proposed after an AI finding of {finding.category_display.lower()} "
+                "text": f"Proposed after an AI finding of {mid_sentence(finding.category_display)} "
                 f"({finding.report_reference}, {_status_phrase(finding)}). {DXA_RULE}"
             }
         ],
@@ -388,7 +401,7 @@ def order_finding_cards(
                 continue
             title = analyzer_title(analyzer)
             summary = (
-                f"Prior AI finding: {finding.category_display.lower()} "
+                f"Prior AI finding: {mid_sentence(finding.category_display)} "
                 f"({title}, {_date(finding)}, {_status_phrase(finding)})"
             )
             because = ", ".join(sorted(order.regions | order.modalities))

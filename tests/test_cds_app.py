@@ -23,7 +23,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from cds.app import create_app
-from cds.cards import OVERRIDE_REASON_SYSTEM, SUMMARY_MAX_CHARS
+from cds.cards import OVERRIDE_REASON_SYSTEM, SUMMARY_MAX_CHARS, mid_sentence
 from cds.prefetch import PrefetchUnavailableError, resolve_prefetch
 from cds.services import AI_REPORTS_KEY, IMAGING_STUDIES_KEY, ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, SERVICES
 from devtools.servers import FhirServer
@@ -190,6 +190,20 @@ def test_discovery_lists_the_three_hooks_with_prefetch_templates(client: FlaskCl
 # ---------------------------------------------------------------- patient-view
 
 
+@pytest.mark.parametrize(
+    ("display", "in_a_sentence"),
+    [
+        ("No emphysema by CT densitometry (LAA-950 < 5%)", "no emphysema by CT densitometry (LAA-950 < 5%)"),
+        ("Osteoporosis likely (<= 110 HU)", "osteoporosis likely (<= 110 HU)"),
+        ("CT not assessable", "CT not assessable"),  # an acronym keeps its capitals
+        ("L1 not identified", "L1 not identified"),
+        ("Pneumonia", "pneumonia"),
+    ],
+)
+def test_a_category_keeps_its_own_capitalisation_inside_a_card_sentence(display: str, in_a_sentence: str) -> None:
+    assert mid_sentence(display) == in_a_sentence
+
+
 def _check_patient_view_cards(cards: list[dict[str, Any]], patient: Patient) -> None:
     assert len(cards) == 2
     for card in cards:
@@ -197,7 +211,8 @@ def _check_patient_view_cards(cards: list[dict[str, Any]], patient: Patient) -> 
     cards_by = by_analyzer(cards)
     emphysema, bone = cards_by["ct-emphysema"], cards_by["ct-bone"]
     # The emphysema result awaits review: the summary says so, with the category.
-    assert "awaiting review" in emphysema["summary"] and "moderate emphysema" in emphysema["summary"]
+    # The category as written, in the sentence: only its capitalised first word is lower-cased, not "LAA-950".
+    assert "awaiting review; latest moderate emphysema (LAA-950 10-20%)" in emphysema["summary"]
     assert emphysema["indicator"] == "warning"
     assert emphysema["source"] == {
         "label": "imaging-cds ct-emphysema",
@@ -219,7 +234,7 @@ def _check_patient_view_cards(cards: list[dict[str, Any]], patient: Patient) -> 
     assert {r["code"] for r in emphysema["overrideReasons"]} >= {"disagree-with-ai", "not-relevant"}
     assert all(r["system"] == OVERRIDE_REASON_SYSTEM for r in emphysema["overrideReasons"])
     # The bone result was signed by a clinician: a notable signed finding, with its HU value.
-    assert "signed 2025-06-01" in bone["summary"] and "osteoporosis" in bone["summary"].lower()
+    assert "signed 2025-06-01" in bone["summary"] and "osteoporosis likely (L1 <= 100 HU)" in bone["summary"]
     assert "attenuation 86 HU" in bone["detail"]
     assert bone["indicator"] == "warning"
 
@@ -360,7 +375,7 @@ def test_order_select_chest_ct_brings_prior_findings_with_valid_suggestions(
             for action in suggestion["actions"]:
                 assert_valid_r4(action["resource"])
     emphysema = cards["ct-emphysema"]
-    assert emphysema["summary"].startswith("Prior AI finding: moderate emphysema")
+    assert emphysema["summary"].startswith("Prior AI finding: moderate emphysema (LAA-950 10-20%)")
     assert "awaiting clinician review" in emphysema["summary"]
     (update,) = emphysema["suggestions"]
     action = update["actions"][0]
