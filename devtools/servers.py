@@ -1,6 +1,8 @@
 """Start the real third-party servers the demo and the tests run against, on loopback, in temp dirs.
 
-* FHIR R4: ``sekmet-fhir`` in its own virtual environment (its pins differ from ours), as a subprocess.
+* FHIR R4: ``sekmet-fhir`` in its own virtual environment (its pins differ from ours), as a subprocess; and
+  Medplum's FHIR engine (``@medplum/fhir-router`` from npm, in ``devtools/medplum``) behind the project's small
+  Node HTTP wrapper, a second server with other limits (8 entries per conditional transaction, 1 MB bodies).
 * PACS: Orthanc with its DICOMweb plugin (Debian packages ``orthanc`` and ``orthanc-dicomweb``).
 * Redis (Debian ``redis-server``) where a queue needs it.
 
@@ -26,6 +28,7 @@ from typing import Any
 import requests
 
 from core.errors import ConfigurationError
+from core.options import look_up_option
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -161,6 +164,8 @@ class FhirServer:
     token_url: str | None
     data_dir: Path
     log: Path
+    kind: str = "sekmet"
+    """Which server software: ``sekmet`` or ``medplum`` (see :data:`FHIR_SERVER_KINDS`)."""
 
 
 @contextmanager
@@ -213,6 +218,64 @@ def fhir_server(
         _stop(process)
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+MEDPLUM_DIR = PROJECT_ROOT / "devtools" / "medplum"
+
+
+def medplum_command() -> list[str]:
+    """``node server.mjs`` of the Medplum wrapper, once ``npm install`` has put Medplum's packages beside it."""
+    node = shutil.which("node")
+    if node is None or not (MEDPLUM_DIR / "node_modules" / "@medplum" / "fhir-router").is_dir():
+        raise ConfigurationError(
+            "The Medplum FHIR test server is not installed (Node.js and the @medplum packages).",
+            remedy="Run scripts/setup.sh, or: cd devtools/medplum && npm ci",
+        )
+    return [node, str(MEDPLUM_DIR / "server.mjs")]
+
+
+@contextmanager
+def medplum_server(
+    workdir: Path | None = None, *, max_json_bytes: int | None = None, timeout: float = 60.0
+) -> Iterator[FhirServer]:
+    """Run Medplum's FHIR engine (in-memory store, so every start is a fresh server) on a free loopback port.
+
+    It keeps Medplum's own limits: a transaction holding conditional creates takes at most 8 entries, and request
+    bodies stop at ``max_json_bytes`` (Medplum's default, 1 MiB, unless given).
+    """
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="imaging-cds-medplum-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/fhir"
+    argv = [*medplum_command(), "--port", str(port), "--base-path", "/fhir"]
+    if max_json_bytes is not None:
+        argv += ["--max-json-bytes", str(max_json_bytes)]
+    process = ManagedProcess(
+        argv,
+        cwd=MEDPLUM_DIR,
+        log=root / "medplum.log",
+        what="The FHIR server (Medplum)",
+        is_up=lambda: _answers(f"{base_url}/metadata"),
+    )
+    try:
+        process.start(timeout)
+        yield FhirServer(base_url=base_url, token_url=None, data_dir=root, log=process.log, kind="medplum")
+    finally:
+        process.stop()
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+FHIR_SERVER_KINDS = ("sekmet", "medplum")
+
+
+@contextmanager
+def fhir_server_of_kind(kind: str) -> Iterator[FhirServer]:
+    """A fresh open FHIR server of ``kind`` (one of :data:`FHIR_SERVER_KINDS`): what tests run against both."""
+    starters = {"sekmet": fhir_server, "medplum": medplum_server}
+    with look_up_option(kind, starters, what="FHIR server kind")() as server:
+        yield server
 
 
 @dataclass(frozen=True)

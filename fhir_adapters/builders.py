@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import html
 import math
 import re
@@ -40,7 +41,7 @@ from urllib.parse import quote
 
 from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters import constants, terminology
-from fhir_adapters.validation import validate_bundle
+from fhir_adapters.validation import validate_bundle, validate_resource
 from models.base import AnalysisResult, Explanation, Measurement, probability_percent
 
 # Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).
@@ -293,6 +294,64 @@ def _media(
         ],
     }
     return media
+
+
+def _analysis_identifier_of(resource: Mapping[str, Any]) -> str:
+    for identifier in resource.get("identifier") or []:
+        if identifier.get("system") == constants.ANALYSIS_IDENTIFIER_SYSTEM and identifier.get("value"):
+            return str(identifier["value"])
+    raise ConfigurationError(
+        f"The {resource.get('resourceType')} carries no analysis identifier.",
+        remedy="Pass a resource built by build_results_bundle.",
+    )
+
+
+def media_image_binary(media: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``Binary`` that carries a key image when its ``Media`` is too large to carry it inline.
+
+    Servers and the proxies before them cap request bodies (the SMART reference launcher at 1 MB, Medplum's JSON
+    body limit at 1 MB), and a report with several key images can pass that in one request. The Binary holds the
+    same PNG, carries the AI label like its Media, and names the patient in ``securityContext`` so a server
+    controls access to it as to the patient's data. Its id derives from the Media's analysis identifier: writing
+    it again (a re-run, a retry) replaces the same Binary on a server that allows update-as-create.
+    """
+    content = media.get("content") or {}
+    if media.get("resourceType") != "Media" or not content.get("data"):
+        raise ConfigurationError(
+            "Only a Media that carries its image inline can give it to a Binary.",
+            remedy="Pass a Media built by build_results_bundle.",
+        )
+    binary: dict[str, Any] = {
+        "resourceType": "Binary",
+        "id": _uuid_for(f"{_analysis_identifier_of(media)}/binary"),
+        "meta": _security(),
+        "contentType": content.get("contentType", "image/png"),
+        "securityContext": {"reference": media["subject"]["reference"]},
+        "data": content["data"],
+    }
+    validate_resource(binary)
+    return binary
+
+
+def media_with_image_at(media: Mapping[str, Any], binary_reference: str) -> dict[str, Any]:
+    """The ``Media`` with its image in the Binary at ``binary_reference`` (``Binary/<id>``) instead of inline.
+
+    ``content.url`` is a relative reference, resolved against the FHIR server's base like any reference (R4
+    Attachment.url); ``size`` and ``hash`` (base64 SHA-1, as R4 specifies) let a reader check it got the image
+    the report was written with.
+    """
+    content = dict(media.get("content") or {})
+    png = base64.b64decode(str(content.pop("data", "")))
+    if not png:
+        raise ConfigurationError(
+            "The Media carries no inline image to move to a Binary.", remedy="Pass the Media as built."
+        )
+    content["url"] = binary_reference
+    content["size"] = len(png)
+    content["hash"] = base64.b64encode(hashlib.sha1(png, usedforsecurity=False).digest()).decode("ascii")
+    moved = {**copy.deepcopy(dict(media)), "content": content}
+    validate_resource(moved)
+    return moved
 
 
 def _conclusion(result: AnalysisResult) -> str:

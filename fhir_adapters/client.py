@@ -322,6 +322,19 @@ class FhirClient:
         Returns the stored resource (the existing one when the condition matched). Only a conditional
         create is retried on 5xx/timeouts; a plain one is sent once, to never create duplicates.
         """
+        return self._create(resource, if_none_exist)[0]
+
+    def conditional_create(self, resource: Mapping[str, Any], if_none_exist: str) -> tuple[dict[str, Any], bool]:
+        """Create ``resource`` unless a resource matches the search ``if_none_exist``: ``(stored, created)``.
+
+        ``created`` is False when the server answered with the match it already held (``200``, not ``201``), so
+        a caller can tell a first filing from a re-run. Retried like every idempotent request.
+        """
+        if not if_none_exist:
+            raise FhirInvalid("A conditional create needs its search query.", remedy="Pass the If-None-Exist query.")
+        return self._create(resource, if_none_exist)
+
+    def _create(self, resource: Mapping[str, Any], if_none_exist: str | None) -> tuple[dict[str, Any], bool]:
         resource_type = str(resource.get("resourceType", ""))
         _check_type_and_id(resource_type)
         what = f"create {resource_type}"
@@ -336,7 +349,7 @@ class FhirClient:
             headers=headers,
             retry=bool(if_none_exist),
         )
-        return self._stored(response, what=what)
+        return self._stored(response, what=what), response.status_code == 201
 
     def update(self, resource: Mapping[str, Any]) -> dict[str, Any]:
         """Create or replace a resource at its own id (``PUT [type]/[id]``); idempotent, so retried."""

@@ -80,6 +80,12 @@ class FhirInvalid(FhirError):  # noqa: N818 - names follow HTTP/FHIR wording
     http_status = 422
 
 
+class FhirRequestTooLarge(FhirError):  # noqa: N818 - names follow HTTP/FHIR wording
+    """413, or a request the writer will not send: larger than the server (or a proxy before it) accepts."""
+
+    http_status = 413
+
+
 class FhirServerError(FhirError):
     """5xx: the server failed; the same request may succeed later."""
 
@@ -138,6 +144,7 @@ _BY_STATUS: dict[int, tuple[type[FhirError], str]] = {
     409: (FhirConflict, "Read the current version and retry the change against it."),
     410: (FhirNotFound, "The resource was deleted on the server; use a current one."),
     412: (FhirConflict, "The condition matched more than one resource, or the version changed; narrow it."),
+    413: (FhirRequestTooLarge, "Lower the writer's max_request_bytes for this FHIR server to what it accepts."),
     422: (FhirInvalid, "Correct the resource; the server's OperationOutcome says what it rejected."),
 }
 

@@ -8,7 +8,7 @@ Each arrow of the data flow happens in one place, and this module only strings t
     dicom_io.volume.assemble_volume     datasets                 ->  checked, sorted HU volume
     models.<analyzer>.analyze              ImageInput               ->  AnalysisResult
     fhir_adapters.builders                 AnalysisResult           ->  one transaction Bundle
-    fhir_adapters.client.transaction       Bundle                   ->  the EHR (idempotent)
+    fhir_adapters.writer.write_results     Bundle                   ->  the EHR, as it takes it (idempotent)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bun
 from fhir_adapters.client import FhirClient
 from fhir_adapters.patient import read_patient_context
 from fhir_adapters.study import SeriesChoice, choose_series
+from fhir_adapters.writer import CAPABILITIES, CapabilityCache, WriteSettings, write_results
 from models.base import AnalysisResult, Analyzer, ImageInput
 
 ProgressCallback = Callable[[float, str], None]
@@ -68,8 +69,12 @@ class AnalysisOutcome:
     corrections: tuple[str, ...]
     timings: dict[str, float]
     filed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """With ``keep_filed``: the resources as the EHR answered the transaction with them, by ``Type/id`` (empty
-    when the server left them out of its answer)."""
+    """With ``keep_filed``: the resources as the EHR answered the writes with them, by ``Type/id`` (empty when
+    the server left them out of its answer)."""
+    write_strategy: str = "transaction"
+    """How the results went to the EHR: ``transaction`` or ``ordered`` (see :mod:`fhir_adapters.writer`)."""
+    write_reason: str = ""
+    images_as_binary: int = 0
 
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary (no PHI: resource ids and DICOM UIDs only)."""
@@ -100,6 +105,11 @@ class AnalysisOutcome:
             "diagnosticReport": self.diagnostic_report,
             "written": list(self.written),
             "alreadyPresent": self.already_present,
+            "write": {
+                "strategy": self.write_strategy,
+                "reason": self.write_reason,
+                "imagesAsBinary": self.images_as_binary,
+            },
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -157,13 +167,18 @@ def analyze_study(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     keep_filed: bool = False,
     limits: InputLimits = DEFAULT_LIMITS,
+    write_settings: WriteSettings | None = None,
+    capabilities: CapabilityCache = CAPABILITIES,
 ) -> AnalysisOutcome:
-    """Analyse one ImagingStudy with ``analyzer`` and file the findings in the EHR in one transaction.
+    """Analyse one ImagingStudy with ``analyzer`` and file the findings in the EHR.
 
+    The findings go in one transaction where the EHR takes it, else in ordered writes with the report last
+    (:func:`fhir_adapters.writer.write_results`, by the EHR's CapabilityStatement and ``write_settings``).
     Re-running with the same study, series and analyzer version writes nothing new: every resource is
-    created conditionally on a deterministic identifier. Any failure before the transaction writes nothing.
-    ``keep_filed`` asks the EHR to answer with the filed resources as they now stand (``AnalysisOutcome.filed``),
-    for a caller that shows them next. ``limits`` bounds what the PACS may send (see :class:`core.limits.InputLimits`).
+    created conditionally on a deterministic identifier; a re-run after a failed write completes it. Any failure
+    before the write-back writes nothing. ``keep_filed`` asks the EHR to answer with the filed resources as they
+    now stand (``AnalysisOutcome.filed``), for a caller that shows them next. ``limits`` bounds what the PACS
+    may send (see :class:`core.limits.InputLimits`).
     """
     timings = StepTimings()
     progress(0.0, "reading the ImagingStudy")
@@ -203,46 +218,21 @@ def analyze_study(
     with timings.step("build_bundle"):
         bundle = build_results_bundle(target, result, device_info(analyzer, card_base_url=card_base_url), issued=now())
     with timings.step("write_back"):
-        response = client.transaction(bundle, representation=keep_filed)
-    written, report, already_present = _written_resources(bundle, response)
-    filed = _filed_resources(response) if keep_filed else {}
+        filed = write_results(
+            client, bundle, settings=write_settings, capabilities=capabilities, representation=keep_filed
+        )
     progress(1.0, "done")
     return AnalysisOutcome(
         imaging_study=f"ImagingStudy/{study['id']}",
         series=choice,
         result=result,
-        diagnostic_report=report,
-        written=written,
-        already_present=already_present,
+        diagnostic_report=filed.report,
+        written=filed.written,
+        already_present=not filed.report_created,
         corrections=tuple(corrections),
         timings=dict(timings.seconds),
-        filed=filed,
+        filed=filed.filed,
+        write_strategy=filed.strategy,
+        write_reason=filed.reason,
+        images_as_binary=filed.images_as_binary,
     )
-
-
-def _filed_resources(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The resources a transaction-response carries, by ``Type/id``."""
-    filed: dict[str, dict[str, Any]] = {}
-    for entry in response.get("entry", []):
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict) and resource.get("resourceType") and resource.get("id"):
-            filed[f"{resource['resourceType']}/{resource['id']}"] = resource
-    return filed
-
-
-def _written_resources(bundle: dict[str, Any], response: dict[str, Any]) -> tuple[tuple[str, ...], str, bool]:
-    """Pair request entries with response entries: which resources were created, which already existed."""
-    written: list[str] = []
-    report = ""
-    created_any_report = False
-    for request_entry, response_entry in zip(bundle.get("entry", []), response.get("entry", []), strict=False):
-        answer = response_entry.get("response", {})
-        location = str(answer.get("location", ""))
-        reference = "/".join(location.split("/_history")[0].split("/")[-2:]) if location else ""
-        resource_type = request_entry.get("resource", {}).get("resourceType", "")
-        if resource_type == "DiagnosticReport":
-            report = reference
-            created_any_report = str(answer.get("status", "")).startswith("201")
-        if reference:
-            written.append(reference)
-    return tuple(written), report, not created_any_report

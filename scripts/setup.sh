@@ -3,6 +3,7 @@
 #   - Debian packages: Orthanc + its DICOMweb plugin (the PACS), redis-server, chromium (browser tests), wrk (benchmarks)
 #   - .venv      : the project (torch 2.13.0 CPU build pinned first, then the package with its test extras)
 #   - .venv-fhir : the sekmet-fhir R4 server in its own venv (its pins differ from ours)
+#   - devtools/medplum/node_modules : Medplum's FHIR engine (npm, the versions locked in package-lock.json)
 # Where something cannot be installed (no apt, not root) it stops and says exactly what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
@@ -56,5 +59,10 @@ if [ ! -x .venv-fhir/bin/sekmet ]; then
   echo "setup: installing the sekmet-fhir R4 server in .venv-fhir"
   "$PYTHON" -m venv .venv-fhir
   .venv-fhir/bin/pip install -q --disable-pip-version-check "sekmet-fhir==0.1.1"
+fi
+medplum=devtools/medplum
+if [ ! -d "$medplum/node_modules/@medplum/fhir-router" ] || [ "$medplum/package-lock.json" -nt "$medplum/node_modules/.package-lock.json" ]; then
+  echo "setup: installing Medplum's FHIR engine (npm) in $medplum"
+  (cd "$medplum" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "setup: ready"
