@@ -34,6 +34,7 @@ from devtools.servers import OrthancServer, fhir_server, orthanc_server
 from fhir_adapters.builders import conditional_create_entry, identifier_query
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import CANONICAL_BASE
+from fhir_adapters.images import media_png
 from fhir_adapters.terminology import unit_label
 from models.registry import get_analyzer
 from pipeline.analysis import AnalysisOutcome, analyze_study
@@ -156,7 +157,8 @@ def write_outputs(client: FhirClient, outcome: AnalysisOutcome, folder: Path) ->
 
 
 def write_report_files(client: FhirClient, report_ref: str, summary: dict[str, Any], folder: Path) -> list[Path]:
-    """Save ``summary`` and the report ``report_ref`` with its key images, as the EHR holds them."""
+    """Save ``summary`` and the report ``report_ref`` with its key images, as the EHR holds them (inline in their
+    Media, or in a Binary)."""
     folder.mkdir(parents=True, exist_ok=True)
     report_type, report_id = report_ref.split("/")
     report = client.read(report_type, report_id)
@@ -171,7 +173,7 @@ def write_report_files(client: FhirClient, report_ref: str, summary: dict[str, A
         media_type, media_id = item["link"]["reference"].split("/")
         media = client.read(media_type, media_id)
         path = folder / f"key-image-{number}.png"
-        path.write_bytes(base64.b64decode(media["content"]["data"]))
+        path.write_bytes(media_png(client, media))  # inline, or in the Binary the Media points at
         written.append(path)
     return written
 

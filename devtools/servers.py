@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,7 +273,10 @@ FHIR_SERVER_KINDS = ("sekmet", "medplum")
 @contextmanager
 def fhir_server_of_kind(kind: str) -> Iterator[FhirServer]:
     """A fresh open FHIR server of ``kind`` (one of :data:`FHIR_SERVER_KINDS`): what tests run against both."""
-    starters = {"sekmet": fhir_server, "medplum": medplum_server}
+    starters: dict[str, Callable[[], AbstractContextManager[FhirServer]]] = {
+        "sekmet": fhir_server,
+        "medplum": medplum_server,
+    }
     with look_up_option(kind, starters, what="FHIR server kind")() as server:
         yield server
 

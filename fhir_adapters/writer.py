@@ -24,9 +24,11 @@ strategies, chosen by :func:`plan_write`:
     deterministic identifier, or a ``PUT`` to a deterministic id), so a retry after a failure at any step
     completes the same result and duplicates nothing.
 
-With either, a key image too large for the request limit goes to a ``Binary`` written first and referenced
-from its ``Media`` (:func:`~fhir_adapters.builders.media_image_binary`), and where the server cannot create the
-Provenance at its deterministic id it is written last, conditionally on its target and agent.
+A transaction larger than the server's request limit sends its largest key images ahead, each as a ``Binary``
+referenced from its ``Media`` (:func:`~fhir_adapters.builders.media_image_binary`), until it fits; in ordered
+writes each image already travels alone. Every request is checked against the limit before the first is sent.
+Where the server cannot create the Provenance at its deterministic id, it is written last, conditionally on its
+target and agent.
 """
 
 from __future__ import annotations
@@ -276,6 +278,16 @@ def _media_without_image(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {**entry, "resource": media_with_image_at(entry["resource"], f"Binary/{'0' * 64}")}
 
 
+def _check_size(resource: Mapping[str, Any], max_bytes: int) -> None:
+    size = _size(resource)
+    if size > max_bytes:
+        raise FhirRequestTooLarge(
+            f"The {resource.get('resourceType')} of this result is {size} bytes, more than the {max_bytes} bytes "
+            "the FHIR server is configured to accept in one request.",
+            remedy="Raise max_request_bytes for this server if it (and every proxy before it) accepts more.",
+        )
+
+
 def plan_write(bundle: Mapping[str, Any], capabilities: ServerCapabilities, settings: WriteSettings) -> WritePlan:
     """Choose the strategy and the images that go to Binary for ``bundle`` on a server with ``capabilities``."""
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, Mapping)]
@@ -326,8 +338,15 @@ def plan_write(bundle: Mapping[str, Any], capabilities: ServerCapabilities, sett
             largest = media.pop(0)
             binary_media.add(str(largest["fullUrl"]))
             sendable[str(largest["fullUrl"])] = _media_without_image(largest)
-    if strategy == "ordered":
-        binary_media = {str(e["fullUrl"]) for e in entries if _is_inline_media(e) and _size(e["resource"]) > max_bytes}
+    # Every request must fit, checked before the first is sent: a result is filed whole or not at all. In ordered
+    # writes each image already travels alone in its Media, so a Binary (the same bytes) would be no smaller.
+    for entry in entries:
+        resource = entry["resource"]
+        if str(entry.get("fullUrl")) in binary_media:
+            resource = media_image_binary(resource)
+        elif strategy == "transaction":
+            continue
+        _check_size(resource, max_bytes)
     return WritePlan(strategy, reason, frozenset(binary_media), provenance_in_transaction, max_bytes)
 
 
@@ -399,16 +418,6 @@ def _reference_of(resource: Mapping[str, Any]) -> str:
 
 def _search_pairs(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query, keep_blank_values=True)
-
-
-def _check_size(resource: Mapping[str, Any], max_bytes: int) -> None:
-    size = _size(resource)
-    if size > max_bytes:
-        raise FhirRequestTooLarge(
-            f"The {resource.get('resourceType')} of this result is {size} bytes, more than the {max_bytes} bytes "
-            "the FHIR server is configured to accept in one request; nothing more was sent.",
-            remedy="Raise max_request_bytes for this server if it (and every proxy before it) accepts more.",
-        )
 
 
 def _file_media_image(client: FhirClient, server: ServerCapabilities, entry: Mapping[str, Any], max_bytes: int) -> str:

@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--analyzer", default="ct-emphysema", help="analyzer name (see 'imaging-cds analyzers')")
     analyze.add_argument("--card-base-url", help="public base URL where model cards are served (/models/<name>)")
     analyze.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    analyze.add_argument(
+        "--write-strategy",
+        choices=("auto", "transaction", "ordered"),
+        default="auto",
+        help="how to file the results: one transaction, ordered writes, or decided from the server (default)",
+    )
+    analyze.add_argument(
+        "--max-transaction-entries", type=int, help="most entries the FHIR server takes in one transaction"
+    )
+    analyze.add_argument(
+        "--max-request-bytes", type=int, help="largest request body the FHIR server (and any proxy) accepts"
+    )
     _add_fhir_options(analyze)
 
     demo = sub.add_parser("demo", help="local FHIR server + Orthanc + real sample studies, analysed end to end")
@@ -216,11 +228,13 @@ def _print_outcome(summary: dict[str, Any]) -> None:
         print(f"  corrected: {correction}")
     state = "already in the EHR (nothing new written)" if summary["alreadyPresent"] else "written to the EHR"
     print(f"  {summary['diagnosticReport']} {state} (preliminary: awaits clinician review)")
+    print(f"  how: {summary['write']['reason']}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from core.outbound import outbound_session
     from fhir_adapters.client import FhirClient
+    from fhir_adapters.writer import ServerWriteSettings, WriteSettings
     from pipeline.handler import StudyAnalysisHandler, analysis_params
     from pipeline.memory import LoadedAnalyzers
 
@@ -233,11 +247,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     loaded.get(args.analyzer)  # an unknown name or a failed weights check fails here, before any request to the EHR
     session = outbound_session()
     client = FhirClient(args.fhir_base, auth=_auth_from_args(args, session), session=session)
+    write = WriteSettings(args.write_strategy, args.max_transaction_entries, args.max_request_bytes)
     handler = StudyAnalysisHandler(
         client_for=lambda params: client,
         dicomweb_allow_list=_dicomweb_allow_list(args),
         card_base_url=args.card_base_url,
         loaded=loaded,
+        write_settings=ServerWriteSettings(default=write),
     )
     [outcome], _ = handler.analyses(analysis_params(args.imaging_study, [args.analyzer]), lambda p, s: None)
     summary = outcome.summary()

@@ -29,6 +29,7 @@ from core.allowlist import AllowList
 from core.errors import ConfigurationError, StudyError, UnsuitableInputError
 from core.limits import DEFAULT_LIMITS, InputLimits
 from fhir_adapters.client import FhirClient
+from fhir_adapters.writer import ServerWriteSettings
 from pipeline.analysis import AnalysisOutcome, ProgressCallback, analyze_study
 from pipeline.memory import LoadedAnalyzers
 from pipeline.telemetry import ANALYSIS_SECONDS
@@ -65,6 +66,7 @@ def outcome_summary(outcome: AnalysisOutcome) -> dict[str, Any]:
         "diagnosticReport": outcome.diagnostic_report,
         "media": [ref.split("/", 1)[1] for ref in outcome.written if ref.startswith("Media/")],
         "alreadyPresent": outcome.already_present,
+        "writeStrategy": outcome.write_strategy,
         "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
     }
 
@@ -80,6 +82,8 @@ class StudyAnalysisHandler:
     keep_filed: bool = False
     on_outcome: OutcomeSink | None = None
     limits: InputLimits = DEFAULT_LIMITS
+    write_settings: ServerWriteSettings = field(default_factory=ServerWriteSettings)
+    """How results are written to each FHIR server (see :mod:`fhir_adapters.writer`)."""
 
     def analyses(
         self, params: Mapping[str, Any], report: ProgressCallback
@@ -107,6 +111,7 @@ class StudyAnalysisHandler:
                     progress=report,
                     keep_filed=self.keep_filed,
                     limits=self.limits,
+                    write_settings=self.write_settings.for_server(client.base_url),
                 )
             except (StudyError, UnsuitableInputError) as exc:
                 if not skip_unsuitable:

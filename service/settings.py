@@ -16,12 +16,19 @@ hold them. Example (YAML)::
     backend:                                                    # optional: background analyses on order-sign
       {fhir_base: https://ehr.hospital.example/fhir, client_id: imaging-cds-system,
        private_key_file: /etc/imaging-cds/system-key.pem, kid: sys-1, algorithm: RS384}
+    fhir_write:                                                 # optional: how results are written, per server
+      - {fhir_base: https://ehr.hospital.example/fhir, strategy: auto, max_transaction_entries: 50,
+         max_request_bytes: 1000000}
     jobs:                                                       # optional: analyses on Celery workers
       {broker_url: "redis://127.0.0.1:6379/0", soft_time_limit_s: 900, hard_time_limit_s: 960,
        max_memory_per_child_mb: 4096, max_attempts: 3}
     logging: {format: json, level: INFO}                        # optional: text (default) or json
     limits:                                                     # optional: input size limits (core.limits)
       {cds_request_bytes: 8388608, instances_per_series: 5000}  # any field of InputLimits; others keep defaults
+
+``fhir_write`` is rarely needed: the writer reads each server's CapabilityStatement and knows Medplum's limits;
+name a server there when a proxy before it caps requests lower, or its transactions take fewer entries (see
+:class:`fhir_adapters.writer.WriteSettings`).
 
 ``backend`` without credentials (``{fhir_base: ..., auth: none}``) talks to an open FHIR server: development only.
 Without ``jobs`` analyses run on threads inside ``serve``; with ``jobs.broker_url`` ``serve`` only queues them and
@@ -35,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ from core.allowlist import AllowList
 from core.errors import ConfigurationError
 from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
+from fhir_adapters.writer import ServerWriteSettings, WriteSettings
 from pipeline.celery_engine import EngineSettings
 
 _TOP_LEVEL_KEYS = (
@@ -56,6 +64,7 @@ _TOP_LEVEL_KEYS = (
     "smart_clients",
     "backend",
     "secure_cookies",
+    "fhir_write",
     "jobs",
     "logging",
     "limits",
@@ -79,7 +88,7 @@ class BackendClient:
     """Seconds to wait for each answer of the FHIR server (a slower one is retried, then the job retried)."""
     scope: str = (
         "system/ImagingStudy.rs system/Endpoint.rs system/DiagnosticReport.cru system/Observation.cr "
-        "system/Media.c system/Device.cr system/Provenance.cu"
+        "system/Media.crs system/Binary.cru system/Device.cr system/Provenance.cu"
     )
 
 
@@ -97,6 +106,8 @@ class Settings:
     secure_cookies: bool
     jobs: EngineSettings | None = None
     """The Celery engine's settings; ``None``: analyses run on threads inside ``serve``."""
+    fhir_write: ServerWriteSettings = field(default_factory=ServerWriteSettings)
+    """How results are written to each FHIR server; unnamed servers: decided from their CapabilityStatement."""
     log_format: str = "text"
     log_level: str = "INFO"
     limits: InputLimits = DEFAULT_LIMITS
@@ -147,6 +158,7 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
         backend=_parse_backend(raw.get("backend"), source),
         secure_cookies=bool(raw.get("secure_cookies", public.startswith("https://"))),
         jobs=_parse_jobs(raw.get("jobs"), source),
+        fhir_write=_parse_fhir_write(raw.get("fhir_write"), source),
         log_format=log_format,
         log_level=log_level,
         limits=_limits(raw.get("limits"), source),
@@ -173,6 +185,24 @@ def _parse_backend(raw: Mapping[str, Any] | None, source: str) -> BackendClient 
         algorithm=str(raw.get("algorithm", "RS384")),
         token_url=raw.get("token_url"),
     )
+
+
+def _parse_fhir_write(raw: Any, source: str) -> ServerWriteSettings:
+    if not raw:
+        return ServerWriteSettings()
+    if not isinstance(raw, list) or not all(isinstance(entry, Mapping) for entry in raw):
+        raise ConfigurationError(
+            f"{source}: 'fhir_write' must be a list of settings, one per FHIR server.",
+            remedy="Write each as {fhir_base: URL, strategy: ..., max_request_bytes: ...}.",
+        )
+    servers: dict[str, WriteSettings] = {}
+    for index, entry in enumerate(raw):
+        where = f"{source} fhir_write[{index}]"
+        base = str(_require(entry, "fhir_base", where)).rstrip("/")
+        if base in servers:
+            raise ConfigurationError(f"{where}: {base} is named twice.", remedy="Keep one entry per FHIR server.")
+        servers[base] = WriteSettings.from_mapping({k: v for k, v in entry.items() if k != "fhir_base"}, source=where)
+    return ServerWriteSettings(servers)
 
 
 def _parse_jobs(raw: Mapping[str, Any] | None, source: str) -> EngineSettings | None:

@@ -115,6 +115,7 @@ def smart_app_config(settings: Settings) -> Any:
         secure_cookies=settings.secure_cookies,
         card_base_url=settings.base_url,
         limits=settings.limits,
+        write_settings=settings.fhir_write,
     )
 
 
@@ -131,6 +132,7 @@ def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, SqliteJob
         dicomweb_allow_list=settings.dicomweb_allow,
         card_base_url=settings.base_url,
         limits=settings.limits,
+        write_settings=settings.fhir_write,
     )
     store = SqliteJobStore(settings.data_dir / "background-jobs.sqlite")
     return EmbeddedJobRunner(store, {ANALYZE_STUDY: handler}, max_workers=1), store

@@ -62,6 +62,7 @@ def worker_handlers(settings: Settings) -> dict[str, JobHandler]:
         dicomweb_allow_list=settings.dicomweb_allow,
         card_base_url=settings.base_url,
         limits=settings.limits,
+        write_settings=settings.fhir_write,
     )
     return {ANALYZE_STUDY: handler}
 

@@ -19,8 +19,6 @@ Errors show the project error's message and remedy, never a stack trace, and log
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import logging
 import secrets
@@ -54,6 +52,7 @@ from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
 from fhir_adapters.fhirjson import relative_reference
+from fhir_adapters.images import media_png
 from fhir_adapters.results import is_ai_report
 from fhir_adapters.validation import validate_bundle
 from models.base import Analyzer
@@ -132,6 +131,7 @@ class SmartApp:
             keep_filed=True,
             on_outcome=self.keep_outcome,
             limits=self.config.limits,
+            write_settings=self.config.write_settings,
         )
         self.jobs = EmbeddedJobRunner(self.job_store, {ANALYZE_STUDY: handler}, max_workers=self.config.job_workers)
 
@@ -787,7 +787,8 @@ def report(report_id: str) -> Any:
 
 @bp.get("/media/<media_id>")
 def media(media_id: str) -> Any:
-    """An explanation image, read from the EHR's Media with the session's token and served as PNG bytes.
+    """An explanation image, read from the EHR's Media (and the Binary it points at, for an image too large to
+    travel inline) with the session's token and served as PNG bytes.
 
     Right after this session's analysis filed it, the PNG comes from what the analysis kept (see
     :meth:`SmartApp._keep_explanations`) instead of a second trip to the EHR.
@@ -797,14 +798,12 @@ def media(media_id: str) -> Any:
     kept = smart_app().recent.get(session_id, f"png:Media/{media_id}") if state.granted.allows("Media", "r") else None
     if isinstance(kept, bytes):
         return Response(kept, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
-    resource = smart_app().fhir_client(session_id, state).read("Media", media_id)
+    client = smart_app().fhir_client(session_id, state)
+    resource = client.read("Media", media_id)
     _check_same_patient(resource, state)
-    content = resource.get("content") or {}
-    if content.get("contentType") != "image/png" or not content.get("data"):
-        abort(404)
     try:
-        png = base64.b64decode(str(content["data"]), validate=True)
-    except (binascii.Error, ValueError):
+        png = media_png(client, resource)  # inline, or in the Binary the Media points at
+    except FhirNotFound:
         abort(404)
     return Response(png, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
 

@@ -15,6 +15,7 @@ from core.allowlist import AllowList
 from core.errors import ConfigurationError
 from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
+from fhir_adapters.writer import ServerWriteSettings
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
 
@@ -36,6 +37,8 @@ class SmartAppConfig:
     * ``frame_ancestors``: origins allowed to embed the app in a frame (an EHR that opens apps in an
       iframe); none by default.
     * ``limits``: how large the EHR's answers and the PACS's images may be (:class:`core.limits.InputLimits`).
+    * ``write_settings``: how results are written to each EHR's FHIR server (strategy, limits); by default
+      decided from its CapabilityStatement (:mod:`fhir_adapters.writer`).
     """
 
     clients: tuple[ClientRegistration, ...]
@@ -49,6 +52,7 @@ class SmartAppConfig:
     job_workers: int = 1
     frame_ancestors: tuple[str, ...] = ()
     limits: InputLimits = DEFAULT_LIMITS
+    write_settings: ServerWriteSettings = field(default_factory=ServerWriteSettings)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

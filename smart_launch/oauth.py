@@ -73,7 +73,8 @@ APP_NEEDS: tuple[tuple[str, str], ...] = (
     ("Endpoint", "r"),
     ("DiagnosticReport", "crus"),
     ("Observation", "crs"),
-    ("Media", "cr"),
+    ("Media", "crs"),  # "s": the writer looks for a filed key image before writing its Binary again
+    ("Binary", "cru"),  # key images too large to travel inline (fhir_adapters.writer); PUT at their id is "u"
     ("Provenance", "cu"),
     ("Device", "crs"),
 )

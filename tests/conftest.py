@@ -1,4 +1,4 @@
-"""Shared fixtures: the real servers (sekmet-fhir, Orthanc) started once per test session on loopback.
+"""Shared fixtures: the real servers (sekmet-fhir, Medplum's FHIR engine, Orthanc) started once per test session.
 
 Tests that need a clean server state create their own resources with fresh identifiers, so one server per
 session is enough and keeps the suite fast on a 2-core machine.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.allowlist import AllowList
-from devtools.servers import FhirServer, OrthancServer, fhir_server, orthanc_server
+from devtools.servers import FhirServer, OrthancServer, fhir_server, medplum_server, orthanc_server
 
 DATA = Path(__file__).parent / "data"
 
@@ -26,6 +26,13 @@ def data_dir() -> Path:
 def fhir_base() -> Iterator[FhirServer]:
     """A real sekmet-fhir R4 server, open (no auth), strict inbound validation."""
     with fhir_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def medplum() -> Iterator[FhirServer]:
+    """Medplum's FHIR engine (npm ``@medplum/fhir-router``, in-memory) with Medplum's default limits."""
+    with medplum_server() as server:
         yield server
 
 

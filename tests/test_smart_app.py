@@ -17,12 +17,16 @@ import pytest
 import requests
 from joserfc.jwk import RSAKey
 
+from core.allowlist import AllowList
 from devtools.demo import LoadedStudy, load_sample_study
 from devtools.samples import SAMPLES
 from devtools.sandbox.dev import RunningApp, serve_app_with_sandbox
 from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters import constants, terminology
 from fhir_adapters.client import FhirClient
+from fhir_adapters.writer import WriteSettings
+from models.registry import get_analyzer
+from pipeline.analysis import analyze_study
 from smart_launch.app import SESSION_COOKIE
 from smart_launch.oauth import GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
@@ -228,6 +232,30 @@ def test_without_javascript_analysis_then_rejection_as_not_needed_is_filed_and_c
     assert stored["status"] == "cancelled"
     assert "Duplicate request" in stored["conclusion"]
     assert public_app.ext.reviews.figures()["ct-emphysema"].rejected >= 1
+
+
+def test_key_images_filed_as_binary_are_shown_from_the_ehr(
+    public_app: RunningApp, fhir: FhirClient, orthanc: OrthancServer, allow: AllowList, practitioner: str
+) -> None:
+    # Filed under a request limit the three key images do not fit: some travel as Binary (issue 24).
+    study = load_sample_study(fhir, orthanc, SAMPLES["lung2"], copy=2403)
+    outcome = analyze_study(
+        fhir,
+        study.imaging_study,
+        get_analyzer("ct-emphysema"),
+        dicomweb_allow_list=allow,
+        write_settings=WriteSettings(max_request_bytes=400_000),
+    )
+    assert outcome.images_as_binary >= 1
+    report = fhir.read_reference(outcome.diagnostic_report)
+    browser: requests.Session = launch_over_http(public_app, study, practitioner).session  # type: ignore[attr-defined]
+    page = browser.get(f"{public_app.url}/reports/{report['id']}", timeout=60)
+    media_ids = re.findall(r'src="/media/([^"]+)"', page.text)
+    assert media_ids == [m["link"]["reference"].split("/")[1] for m in report["media"]]
+    # Read through the sandbox EHR with the clinician's token (Binary.r, guarded by its securityContext).
+    shown = [browser.get(f"{public_app.url}/media/{media_id}", timeout=60) for media_id in media_ids]
+    assert all(r.status_code == 200 and r.headers["Content-Type"] == "image/png" for r in shown)
+    assert [r.content for r in shown] == [e.png for e in outcome.result.explanations]
 
 
 def test_the_study_pages_script_starts_the_analysis_and_follows_it_without_the_progress_page(

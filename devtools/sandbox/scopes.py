@@ -71,7 +71,8 @@ PATIENT_SEARCH_PARAM: dict[str, str] = {
 }
 
 #: Elements whose Patient reference places a resource in a patient's compartment (checked on reads/writes).
-PATIENT_REFERENCE_ELEMENTS = ("subject", "patient", "for", "beneficiary", "target")
+PATIENT_REFERENCE_ELEMENTS = ("subject", "patient", "for", "beneficiary", "target", "securityContext")
+"""``securityContext``: a Binary is guarded as the resource it names (R4), the patient for a key image."""
 
 
 @dataclass(frozen=True)
