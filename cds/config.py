@@ -34,8 +34,9 @@ class TrustedClient:
     """A CDS client (an EHR) this service answers, identified by the JWT ``iss`` it signs with.
 
     Its public keys come from ``jwks`` (a JWK Set given by value), ``jwks_file`` (the same, read once when the
-    app is created) or a ``jku`` URL in the JWT header, which is honoured only when it starts with one of
-    ``jku_allow_list``. ``algorithms`` limits the JWS algorithms accepted from this client.
+    app is created) or a ``jku`` URL in the JWT header, which is fetched only when the configured set holds no key
+    for the token's ``kid`` and the URL starts with one of ``jku_allow_list``. ``algorithms`` limits the JWS
+    algorithms accepted from this client.
     """
 
     iss: str

@@ -4,13 +4,17 @@ A hook request makes this service read patient data and answer with advice, so i
 The CDS client signs a short-lived JWT with its private key; this module checks, in order: a bearer token is
 present; its header names an asymmetric algorithm the issuer is configured for (never ``none``, never HMAC,
 which would let anyone holding the *public* key sign - the "algorithm confusion" attack) and a ``kid``; its
-``iss`` is a configured trusted client; the keys come from that client's configured JWK Set, or from the
-``jku`` URL in the header only when that URL, in canonical form (:func:`core.allowlist.canonical_url`: a
-``jku`` of ``{allowed}/../elsewhere`` is not under ``{allowed}``), is on the client's own jku allow-list
-(checked before any request; the canonical URL is what is fetched, without following redirects, and the set is
-refused while it streams in once it passes ``limits.jwks_bytes``); the signature; ``aud`` (a string or a list
-of strings) equals the endpoint being invoked; ``exp`` (not expired, not more than ``max_jwt_lifetime_s``
-ahead), ``iat`` (not in the future); and ``jti`` was not seen before.
+``iss`` is a configured trusted client; the key is the one with the token's ``kid`` in that client's configured
+JWK Set (by value or file) whenever the set holds it - whatever ``jku`` the header also names, which is then
+never fetched - and otherwise comes from the ``jku`` URL in the header only when that URL, in canonical form
+(:func:`core.allowlist.canonical_url`: a ``jku`` of ``{allowed}/../elsewhere`` is not under ``{allowed}``), is
+on the client's own jku allow-list (checked before any request; the canonical URL is what is fetched, without
+following redirects, and the set is refused while it streams in once it passes ``limits.jwks_bytes``); nothing
+else is ever fetched. CDS Hooks lets a client share its keys out of band or publish them at a ``jku``, and the
+official sandbox names its public ``jku`` on every request: a service configured with the sandbox's key by
+value must verify with it, not refuse the token for the ``jku`` it will not fetch. Then the signature; ``aud``
+(a string or a list of strings) equals the endpoint being invoked; ``exp`` (not expired, not more than
+``max_jwt_lifetime_s`` ahead), ``iat`` (not in the future); and ``jti`` was not seen before.
 
 Every failure raises :class:`AuthenticationError`. Its ``reason`` is for the service's own log (never the
 token); callers answer a generic 401, because telling an attacker *which* check failed helps them.
@@ -242,29 +246,38 @@ class JwtVerifier:
         return claims
 
     def _keys_for(self, client: TrustedClient, header: dict[str, Any], kid: str) -> Key | KeySet:
+        static = self._static.get(client.iss)
+        if static is not None:
+            key = self._configured_key(client, static, kid, str(header.get("alg")))
+            if key is not None:
+                return key  # the configured key for this kid: a jku in the header is not needed, never fetched
         jku = header.get("jku")
         if jku is not None:
             if not isinstance(jku, str) or not client.jku_allow_list:
-                raise AuthenticationError("jku given but this client has no jku allow-list")
+                raise AuthenticationError("kid not in the configured keys, and this client has no jku allow-list")
             try:
                 url = self._jku_allow[client.iss].check(jku, what="jku")
             except NotAllowedError as exc:
                 raise AuthenticationError("jku is not on the client's allow-list") from exc
             return self._fetcher.keys(url, kid)
-        static = self._static.get(client.iss)
         if static is None:
             raise AuthenticationError("no jku and no configured JWK Set for this client")
-        # Memoise joserfc's own choice of key for this (iss, kid, alg) - the same lookup, with the same "alg"
-        # and "use": "sig" filters, that it does when given the set - so it is not repeated per request. A kid
-        # with no matching key is not memoised: the set is passed on, joserfc refuses it, and the caller
-        # answers the same generic 401. The memo is bounded by the configured keys times their algorithms.
-        memo = (client.iss, kid, str(header.get("alg")))
+        return static  # no key for this kid: joserfc refuses, and the caller answers the same generic 401
+
+    def _configured_key(self, client: TrustedClient, static: KeySet, kid: str, alg: str) -> Key | None:
+        """The key of the configured set for ``kid`` and ``alg`` (``None`` when it holds none).
+
+        Memoises joserfc's own choice of key for this (iss, kid, alg) - the same lookup, with the same "alg" and
+        "use": "sig" filters, that it does when given the set - so it is not repeated per request. A kid with no
+        matching key is not memoised; the memo is bounded by the configured keys times their algorithms.
+        """
+        memo = (client.iss, kid, alg)
         key = self._static_by_kid.get(memo)
         if key is None:
             try:
-                key = static.get_by_kid(kid, {"alg": memo[2], "use": "sig"})
+                key = static.get_by_kid(kid, {"alg": alg, "use": "sig"})
             except (JoseError, ValueError):
-                return static
+                return None
             self._static_by_kid[memo] = key
         return key
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from cds.app import create_app
@@ -163,13 +164,18 @@ def test_jku_on_the_allow_list_is_fetched_and_trusted(tmp_path: Path, keys: EhrK
         assert_refused(without_jku)
 
 
-def test_jku_off_the_allow_list_is_refused_without_a_request(tmp_path: Path, keys: EhrKeys) -> None:
+def test_jku_off_the_allow_list_is_never_fetched(tmp_path: Path, keys: EhrKeys) -> None:
+    stranger = EhrKeys()  # keys nobody configured
     with recording_listener() as (url, connections):
         client = TrustedClient(iss=EHR_ISS, jwks=keys.public_jwks(), jku_allow_list=("https://keys.ehr.example.org",))
         app = create_app(make_config(tmp_path, keys, "http://127.0.0.1:9/fhir", client=client))
-        assert_refused(send(app.test_client(), keys.sign(PATH, header={"jku": f"{url}/jwks.json"})))
+        # The configured key for the token's kid verifies it; the off-list jku it also names is not needed.
+        assert send(app.test_client(), keys.sign(PATH, header={"jku": f"{url}/jwks.json"})).status_code == 200
+        # A kid the configured set lacks could only come from its jku, which is off the list: refused.
+        unknown = {"jku": f"{url}/jwks.json", "kid": "stranger-es384"}
+        assert_refused(send(app.test_client(), stranger.sign(PATH, header=unknown)))
         static_only = create_app(make_config(tmp_path / "b", keys, "http://127.0.0.1:9/fhir"))
-        assert_refused(send(static_only.test_client(), keys.sign(PATH, header={"jku": f"{url}/jwks.json"})))
+        assert_refused(send(static_only.test_client(), stranger.sign(PATH, header=unknown)))
     assert connections == []
 
 
@@ -197,3 +203,88 @@ def test_a_key_published_for_encryption_or_another_alg_does_not_verify_signature
         app = create_app(make_config(tmp_path, keys, "http://127.0.0.1:9/fhir", client=client)).test_client()
         for _ in range(2):  # refused on first use and on every later one
             assert_refused(send(app, keys.sign(PATH, alg="RS384")))
+
+
+# ---------------------------------------------------------------- the official CDS Hooks sandbox's request shape
+
+SANDBOX_ISS = "https://sandbox.cds-hooks.org"
+SANDBOX_KID = "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f"  # the kid of its published key pair
+SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"  # unreachable from here, and never fetched
+
+
+@pytest.fixture(scope="module")
+def sandbox_key() -> ECKey:
+    """Stands in for the sandbox's private key (its public half is what a deployment configures)."""
+    return ECKey.generate_key("P-384", parameters={"kid": SANDBOX_KID})
+
+
+def sandbox_token(key: ECKey, path: str, *, kid: str = SANDBOX_KID, jku: str = SANDBOX_JKU) -> str:
+    """A JWT shaped as the sandbox signs every request, discovery included (cds-hooks/sandbox, jwt-generator.js):
+    ES384, its kid and its public jku in the header; iss, aud, exp (+300 s), iat and jti; no sub."""
+    now = int(time.time())
+    header = {"alg": "ES384", "typ": "JWT", "kid": kid, "jku": jku}
+    body = {"iss": SANDBOX_ISS, "aud": CDS_BASE + path, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())}
+    return jwt.encode(header, body, key, algorithms=["ES384"])
+
+
+def _sandbox_client(tmp_path: Path, keys: EhrKeys, client: TrustedClient) -> FlaskClient:
+    return create_app(make_config(tmp_path, keys, "http://127.0.0.1:9/fhir", client=client)).test_client()
+
+
+@pytest.mark.parametrize("configured", ["by value", "by file"])
+def test_the_sandboxs_requests_verify_with_its_key_configured_by_value_or_file(
+    tmp_path: Path, keys: EhrKeys, sandbox_key: ECKey, configured: str
+) -> None:
+    public = {"keys": [sandbox_key.as_dict(private=False)]}
+    if configured == "by value":
+        trusted = TrustedClient(iss=SANDBOX_ISS, jwks=public, algorithms=("ES384",))
+    else:
+        (tmp_path / "sandbox-jwks.json").write_text(json.dumps(public))
+        trusted = TrustedClient(iss=SANDBOX_ISS, jwks_file=tmp_path / "sandbox-jwks.json", algorithms=("ES384",))
+    app = _sandbox_client(tmp_path, keys, trusted)
+    discovery = app.get(
+        "/cds-services", headers={"Authorization": f"Bearer {sandbox_token(sandbox_key, '/cds-services')}"}
+    )
+    assert discovery.status_code == 200 and discovery.get_json()["services"]
+    hook = send(app, sandbox_token(sandbox_key, PATH))
+    assert hook.status_code == 200 and "cards" in hook.get_json()
+    # The sandbox's key does not make any other signer the sandbox.
+    assert_refused(send(app, sandbox_token(ECKey.generate_key("P-384"), PATH)))
+
+
+def test_an_off_list_jku_serving_the_signers_keys_is_never_fetched(
+    tmp_path: Path, keys: EhrKeys, sandbox_key: ECKey
+) -> None:
+    attacker = ECKey.generate_key("P-384", parameters={"kid": "attacker"})
+    # The loopback server would hand over exactly the keys that verify the attacker's tokens, if it were asked.
+    with jwks_server({"keys": [attacker.as_dict(private=False)]}) as (url, requested):
+        trusted = TrustedClient(
+            iss=SANDBOX_ISS,
+            jwks={"keys": [sandbox_key.as_dict(private=False)]},
+            jku_allow_list=("https://sandbox.cds-hooks.org/.well-known/",),
+            algorithms=("ES384",),
+        )
+        app = _sandbox_client(tmp_path, keys, trusted)
+        assert send(app, sandbox_token(sandbox_key, PATH, jku=url)).status_code == 200  # the configured key
+        assert_refused(send(app, sandbox_token(attacker, PATH, kid="attacker", jku=url)))  # unknown kid, off list
+        assert_refused(send(app, sandbox_token(attacker, PATH, jku=url)))  # the sandbox's kid, another key
+        assert_refused(send(app, sandbox_token(attacker, PATH, kid="attacker")))  # the listed jku: unreachable
+    assert requested == []
+
+
+def test_an_allow_listed_jku_is_fetched_only_for_a_kid_the_configured_keys_lack(
+    tmp_path: Path, keys: EhrKeys, sandbox_key: ECKey
+) -> None:
+    rotated = ECKey.generate_key("P-384", parameters={"kid": "rotated"})  # published after the set was configured
+    with jwks_server({"keys": [rotated.as_dict(private=False)]}) as (url, requested):
+        trusted = TrustedClient(
+            iss=SANDBOX_ISS,
+            jwks={"keys": [sandbox_key.as_dict(private=False)]},
+            jku_allow_list=(url.rsplit("/", 1)[0],),
+            algorithms=("ES384",),
+        )
+        app = _sandbox_client(tmp_path, keys, trusted)
+        assert send(app, sandbox_token(sandbox_key, PATH, jku=url)).status_code == 200
+        assert requested == []  # the configured key was enough
+        assert send(app, sandbox_token(rotated, PATH, kid="rotated", jku=url)).status_code == 200
+        assert requested == ["/jwks.json"]
