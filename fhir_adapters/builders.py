@@ -22,6 +22,9 @@ security label AIAST in ``meta.security``. The Device (a description of software
 (written by this service about the AI) are not AI assertions and carry none.
 
 Every resource and the bundle are validated against the R4 JSON schema before they are returned.
+
+How the bundle reaches a server (as one transaction, or as ordered writes with the report last; images inline or
+in a ``Binary`` given by :func:`media_image_binary`) is :mod:`fhir_adapters.writer`'s choice, per server.
 """
 
 from __future__ import annotations

@@ -401,6 +401,11 @@ def write_results(
             binaries.append(binary)
     writer = _Transaction(client, server, plan) if plan.strategy == "transaction" else _Ordered(client, server, plan)
     writer.write(entries, representation=representation)
+    if not writer.report:
+        raise FhirError(
+            f"The FHIR server {client.base_url} answered the results without the DiagnosticReport's location.",
+            remedy="Check that the server returns Location (or the resource) for each write.",
+        )
     return FiledResults(
         strategy=plan.strategy,
         reason=plan.reason,
