@@ -338,14 +338,15 @@ def plan_write(bundle: Mapping[str, Any], capabilities: ServerCapabilities, sett
             largest = media.pop(0)
             binary_media.add(str(largest["fullUrl"]))
             sendable[str(largest["fullUrl"])] = _media_without_image(largest)
-    # Every request must fit, checked before the first is sent: a result is filed whole or not at all. In ordered
-    # writes each image already travels alone in its Media, so a Binary (the same bytes) would be no smaller.
+    # Every request must fit, checked before the first is sent, so a result too large to file is refused before
+    # any part of it is written. In ordered writes each image already travels alone in its Media, so a Binary (the
+    # same bytes) would be no smaller.
     for entry in entries:
         resource = entry["resource"]
         if str(entry.get("fullUrl")) in binary_media:
             resource = media_image_binary(resource)
-        elif strategy == "transaction":
-            continue
+        elif strategy == "transaction" and entry in in_transaction:
+            continue  # travels in the transaction, whose size is checked above
         _check_size(resource, max_bytes)
     return WritePlan(strategy, reason, frozenset(binary_media), provenance_in_transaction, max_bytes)
 
