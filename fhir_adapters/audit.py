@@ -38,7 +38,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import urlencode
@@ -428,11 +428,9 @@ class AuditTrail:
     actor: Actor
     source: AuditSource
     request_id: str | None = None
-    _recorded: int = field(default=0, repr=False)
 
     def record(self, event: Mapping[str, Any]) -> None:
         self.sink.record(event)
-        self._recorded += 1
 
     def rest(self, interaction: Interaction, server: str, **kwargs: Any) -> None:
         self.record(
@@ -448,10 +446,6 @@ class AuditTrail:
 
     def dicom_transfer(self, **kwargs: Any) -> None:
         self.record(dicom_transfer_event(actor=self.actor, source=self.source, request_id=self.request_id, **kwargs))
-
-    @property
-    def recorded_count(self) -> int:
-        return self._recorded
 
 
 class AuditedFhirClient(FhirClient):

@@ -123,6 +123,7 @@ def test_resources_of_one_shape_pass_or_fail_alike_so_volume_resources_are_check
         )  # fmt: skip
 
     first, second = event("Patient/1"), event("Patient/abc-2")
+    first["id"], second["id"] = "0c4f0e1e-0000-4000-8000-000000000001", "9d1a2b3c-1111-4111-8111-111111111112"
     assert _shape(first) == _shape(second)  # different patients and ids, one shape
     validate_resource_by_shape(first)
     validate_resource_by_shape(second)
