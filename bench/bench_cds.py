@@ -22,6 +22,15 @@ What it does, in one run:
    every hook takes before any card work, verifying the CDS client's JWT and parsing the JSON body. Its ratio
    to the floor is the part of the 2x budget those steps take; what remains is the budget for the findings,
    the cards and recording them.
+6. The cost of trust, in the same rounds: the same two hooks served by the same code configured as deployed,
+   each next to the hooks above (whose replay cache is the in-process one and which record no audit):
+   ``+jti SQLite`` (the replay cache shared by the workers in a SQLite file, the default), ``+jti Redis`` (shared
+   through a real redis-server), ``+audit`` (SQLite replay cache plus an AuditEvent per hook committed to the
+   outbox: the request path's cost; this driver sends the outbox to the FHIR server after the run) and
+   ``+audit sent`` (the same, with the drainer thread of each worker sending to a real FHIR server during the
+   run, as ``serve`` does; on this 2-core machine that server's CPU competes too, so this row overstates a
+   deployment whose audit repository runs elsewhere). The next run starts once the outbox is empty. Printed
+   as p99 and CPU ratios to the same hook without them (goal: p99 within 1.1x).
 
 On a shared 2-core machine the load generator competes with the server: compare the ratios, not the
 absolute numbers.
@@ -30,6 +39,7 @@ absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -55,26 +65,52 @@ CHECKED = "floor+JWT+parse"  # the context row's name: the floor plus the JWT ch
 # ---------------------------------------------------------------- WSGI side (imported by gunicorn workers)
 
 
+TRUST_VARIANTS = {"+jti SQLite": "/sqlite", "+jti Redis": "/redis", "+audit": "/audited", "+audit sent": "/sent"}
+"""Mount points of the same CDS app configured as deployed (see step 6 of the module docstring)."""
+
+
 def bench_app() -> Any:
     """The app gunicorn serves: the CDS blueprint plus ``POST /floor``, a trivial JSON endpoint, and
-    ``POST /floor-checked``, the same after verifying a CDS client JWT and parsing the body as the hooks do."""
+    ``POST /floor-checked``, the same after verifying a CDS client JWT and parsing the body as the hooks do; and
+    under each of :data:`TRUST_VARIANTS` the CDS app with that replay cache and auditing."""
     from flask import jsonify, request
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
     from cds.app import EXTENSION_KEY, create_app
     from cds.config import CdsConfig, TrustedClient
+    from cds.security import JtiCache, JwtVerifier
     from core.allowlist import AllowList
+    from fhir_adapters.client import FhirClient
+    from pipeline.audit import audit_recorder
 
     setup = json.loads(Path(os.environ[SETUP_ENV]).read_text())
-    config = CdsConfig(
-        public_base_url=CDS_BASE,
-        trusted_clients=(TrustedClient(iss=EHR_ISS, jwks=setup["jwks"]),),
-        fhir_allow_list=AllowList.of(["http://127.0.0.1:9/fhir"]),
-        app_launch_url="https://app.bench.example.org/launch",
-        model_card_base_url="https://imaging-cds.bench.example.org",
-        feedback_db=Path(setup["feedback_db"]),
-        require_jwt_for_discovery=False,
-    )
-    app = create_app(config)
+    work = Path(setup["workdir"])
+
+    def config(name: str, **trust: Any) -> CdsConfig:
+        # One public base for all: a token's aud names the hook, so one token file serves every variant, and each
+        # variant's own replay cache sees each token once.
+        (work / name).mkdir(exist_ok=True)
+        return CdsConfig(
+            public_base_url=CDS_BASE,
+            trusted_clients=(TrustedClient(iss=EHR_ISS, jwks=setup["jwks"]),),
+            fhir_allow_list=AllowList.of(["http://127.0.0.1:9/fhir"]),
+            app_launch_url="https://app.bench.example.org/launch",
+            model_card_base_url="https://imaging-cds.bench.example.org",
+            feedback_db=work / name / "fb.db",
+            require_jwt_for_discovery=False,
+            **trust,
+        )
+
+    plain = config("plain")
+    app = create_app(plain, verifier=JwtVerifier(plain, replay_cache=JtiCache()))
+    recorded = audit_recorder(work / "audited", site="bench", destination=None)
+    sent = audit_recorder(work / "sent", site="bench", destination=FhirClient(setup["audit_fhir"], retries=1))
+    mounts = {
+        TRUST_VARIANTS["+jti SQLite"]: create_app(config("sqlite")),
+        TRUST_VARIANTS["+jti Redis"]: create_app(config("redis", replay_cache=setup["redis"])),
+        TRUST_VARIANTS["+audit"]: create_app(config("audited", audit=recorded)),
+        TRUST_VARIANTS["+audit sent"]: create_app(config("sent", audit=sent)),
+    }
 
     @app.post("/floor")
     def floor() -> Any:
@@ -92,17 +128,16 @@ def bench_app() -> Any:
 
     gc.collect()
     gc.freeze()  # objects from start-up stay out of the collector's generations: fewer p99 GC pauses
-    return app
+    return DispatcherMiddleware(app, mounts)
 
 
 # ---------------------------------------------------------------- driver side
 
 
-def _prepare_data(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _prepare_data(base: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Real AI results in a real FHIR server -> the hook bodies an EHR would send."""
     sys.path.insert(0, str(ROOT))
     from cds.services import ORDER_SELECT, PATIENT_VIEW
-    from devtools.servers import fhir_server
     from tests.cds_support import (
         bone_result,
         create_patient,
@@ -113,39 +148,37 @@ def _prepare_data(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         sign_off,
     )
 
-    with fhir_server(workdir / "fhir") as server:
-        base = server.base_url
-        patient = create_patient(base)
-        for started in ("2025-06-01T09:30:00Z", "2024-05-02T10:00:00Z"):
-            study = create_study(base, patient, started=started)
-            post_result(base, patient, study, emphysema_result(12.4), started=started)
-            sign_off(base, post_result(base, patient, study, bone_result(86.0), started=started))
-        patient_view = {
-            "hook": "patient-view",
-            "hookInstance": str(uuid.uuid4()),
-            "context": {"patientId": patient, "userId": "Practitioner/bench"},
-            "prefetch": prefetch_for(base, PATIENT_VIEW, patient),
-        }
-        order = {
-            "resourceType": "ServiceRequest",
-            "id": "draft-chest-ct",
-            "status": "draft",
-            "intent": "order",
-            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
-            "subject": {"reference": f"Patient/{patient}"},
-        }
-        order_select = {
-            "hook": "order-select",
-            "hookInstance": str(uuid.uuid4()),
-            "context": {
-                "patientId": patient,
-                "userId": "Practitioner/bench",
-                "selections": ["ServiceRequest/draft-chest-ct"],
-                "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": order}]},
-            },
-            "prefetch": prefetch_for(base, ORDER_SELECT, patient),
-        }
+    patient = create_patient(base)
+    for started in ("2025-06-01T09:30:00Z", "2024-05-02T10:00:00Z"):
+        study = create_study(base, patient, started=started)
+        post_result(base, patient, study, emphysema_result(12.4), started=started)
+        sign_off(base, post_result(base, patient, study, bone_result(86.0), started=started))
+    patient_view = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"patientId": patient, "userId": "Practitioner/bench"},
+        "prefetch": prefetch_for(base, PATIENT_VIEW, patient),
+    }
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "draft-chest-ct",
+        "status": "draft",
+        "intent": "order",
+        "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
+    order_select = {
+        "hook": "order-select",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {
+            "patientId": patient,
+            "userId": "Practitioner/bench",
+            "selections": ["ServiceRequest/draft-chest-ct"],
+            "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": order}]},
+        },
+        "prefetch": prefetch_for(base, ORDER_SELECT, patient),
+    }
     return patient_view, order_select
 
 
@@ -254,9 +287,16 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _wait_for_empty(outbox: Any, timeout_s: float = 120.0) -> None:
+    """Wait until the drainers have sent every AuditEvent of the last run (or give up after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while outbox.pending() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def _row(name: str, r: dict[str, Any]) -> str:
     latency = f"{r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['p99_ms']:>8.2f}"
-    return f"{name:<22} {latency} {r['rps']:>9.0f} {r['error_count']:>7d} {r.get('cpu_ms', float('nan')):>11.2f}"
+    return f"{name:<26} {latency} {r['rps']:>9.0f} {r['error_count']:>7d} {r.get('cpu_ms', float('nan')):>11.2f}"
 
 
 def main() -> None:
@@ -271,23 +311,43 @@ def main() -> None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk).")
     from joserfc.jwk import ECKey, RSAKey
 
-    from devtools.servers import free_port
+    from devtools.servers import fhir_server, free_port, redis_server
+    from fhir_adapters.client import FhirClient
+    from pipeline.audit import OUTBOX_FILE, AuditDrainer, AuditOutbox, FhirAuditDelivery
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-cds-"))
+    servers = contextlib.ExitStack()
+    try:
+        fhir = servers.enter_context(fhir_server(workdir / "fhir"))
+        redis = servers.enter_context(redis_server())
+    except BaseException:
+        servers.close()
+        raise
     key = (
         RSAKey.generate_key(2048, parameters={"kid": "bench"})
         if args.alg == "RS384"
         else ECKey.generate_key("P-384", parameters={"kid": "bench"})
     )
     print("preparing data in a real FHIR server ...", flush=True)
-    patient_view, order_select = _prepare_data(workdir)
+    try:
+        patient_view, order_select = _prepare_data(fhir.base_url)
+    except BaseException:
+        servers.close()
+        raise
     bodies = {"patient-view": workdir / "patient_view.json", "order-select": workdir / "order_select.json"}
     bodies[CHECKED] = bodies["patient-view"]
     bodies["patient-view"].write_text(json.dumps(patient_view))
     bodies["order-select"].write_text(json.dumps(order_select))
     setup = workdir / "setup.json"
     setup.write_text(
-        json.dumps({"jwks": {"keys": [key.as_dict(private=False)]}, "feedback_db": str(workdir / "fb.db")})
+        json.dumps(
+            {
+                "jwks": {"keys": [key.as_dict(private=False)]},
+                "workdir": str(workdir),
+                "audit_fhir": fhir.base_url,
+                "redis": redis.url,
+            }
+        )
     )
     script = workdir / "post.lua"
     script.write_text(_LUA)
@@ -337,17 +397,34 @@ def main() -> None:
             ("order-select", "/cds-services/imaging-ai-order-select"),
             (CHECKED, FLOOR_CHECKED),  # context, not judged
         )
+        hooks = [name for name, _ in signed if name != CHECKED]
+        trust = {f"{hook} {variant}": (hook, mount) for hook in hooks for variant, mount in TRUST_VARIANTS.items()}
         runs: dict[str, list[dict[str, Any]]] = {"floor": [], **{name: [] for name, _ in signed}}
+        runs.update({name: [] for name in trust})
+        recorded = AuditOutbox(workdir / "audited" / OUTBOX_FILE)
+        sender = AuditDrainer(recorded, FhirAuditDelivery(FhirClient(fhir.base_url)))
+        sent = AuditOutbox(workdir / "sent" / OUTBOX_FILE)
         for round_number in range(1, args.rounds + 1):
             for name, path in signed:
                 # One token per request, and a hook cannot outrun the floor (the same stack and body, plus work), so
                 # the floor's best rate bounds the tokens a run can use: too few would turn the run's tail into
                 # replays, refused with 401 and counted as the service's errors. Made per round: they expire.
+                # Each trust variant has its own replay cache, so it takes the same tokens once more.
                 tokens = workdir / f"{name}.tokens"
                 _tokens(tokens, int(floor_rps * args.duration * 1.1) + 500, key, args.alg, CDS_BASE + path)
                 runs[name].append(
                     _measured(server.pid, f"{base}{path}", bodies[name], tokens, chosen, args.duration, script)
                 )
+                for variant, (hook, mount) in trust.items():
+                    if hook != name:
+                        continue
+                    runs[variant].append(
+                        _measured(
+                            server.pid, f"{base}{mount}{path}", bodies[name], tokens, chosen, args.duration, script
+                        )
+                    )
+                    sender.drain_once()  # +audit: sent by this driver between runs, off the measurement
+                    _wait_for_empty(sent)  # +audit sent: what the drainers still send must not load the next run
             runs["floor"].append(
                 _measured(server.pid, f"{base}/floor", bodies["patient-view"], None, chosen, args.duration, script)
             )
@@ -367,10 +444,23 @@ def main() -> None:
             f"{args.workers} gunicorn sync workers, JWT {args.alg}; "
             f"medians of {args.rounds} rounds of {args.duration:g} s each"
         )
-        print(f"{'':<22} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>7} {'srv CPU ms':>11}")
+        print(f"{'':<26} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>7} {'srv CPU ms':>11}")
         print(_row("floor (trivial Flask)", floor))
         for name, r in medians.items():
-            print(_row(name, r))
+            if name not in trust:
+                print(_row(name, r))
+        for variant, (hook, _) in trust.items():
+            r, without = medians.pop(variant), medians[hook]
+            print(_row(variant, r))
+            met = r["p99_ms"] <= 1.1 * without["p99_ms"] and r["error_count"] == 0
+            print(
+                f"  {variant}: p99 {r['p99_ms'] / without['p99_ms']:.2f}x, p50 {r['p50_ms'] / without['p50_ms']:.2f}x, "
+                f"CPU per request {r['cpu_ms'] / without['cpu_ms']:.2f}x the same hook without; "
+                f"goal p99 <= 1.1x: {'met' if met else 'NOT met'}"
+            )
+        stored = requests.get(f"{fhir.base_url}/AuditEvent", params={"_summary": "count"}, timeout=30).json()
+        left = recorded.pending() + sent.pending()
+        print(f"AuditEvents stored in the FHIR server: {stored.get('total')} (left in the outboxes: {left})")
         checked = medians.pop(CHECKED)
         print(
             f"{CHECKED} (context, not judged): p99 {checked['p99_ms'] / floor['p99_ms']:.2f}x floor, "
@@ -390,6 +480,7 @@ def main() -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
+        servers.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -5,6 +5,12 @@ This module only adapts HTTP to the pure parts: :mod:`cds.security` (who is call
 (what to tell the clinician). It never imports torch or touches images: a hook answers from AI results
 already in the EHR, while a clinician waits.
 
+Each hook call that reaches patient data is recorded as an AuditEvent (:func:`fhir_adapters.audit.cds_hook_event`:
+the CDS client by its ``iss`` and address, the clinician of ``userId``, the patient, the prefetch, the AI reports
+the cards were built from, the outcome), and each search on ``fhirServer`` as one more; recording is one local
+commit to the outbox (:mod:`pipeline.audit`), so the answer never waits for the audit repository. A replayed JWT
+is refused across restarts and processes (:mod:`cds.replay`).
+
 Status codes: 401 unauthenticated (generic body), 404 unknown service, 400 malformed request, 403 a
 ``fhirServer`` outside the allow-list (a trust failure, not missing data: a trusted client should never name
 an untrusted server, and answering 412 would invite it to retry the same request), 412 data needed but
@@ -21,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider, _default
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.response import Response as SansioResponse
@@ -37,7 +43,8 @@ from cds.config import CdsConfig
 from cds.feedback import FeedbackStore, parse_feedback
 from cds.fhirjson import bundle_problem, bundle_resources
 from cds.orders import imaging_orders, studies_for_order
-from cds.prefetch import Fetch, HookRequestError, PrefetchUnavailableError, resolve_prefetch
+from cds.prefetch import Fetch, HookRequestError, PrefetchUnavailableError, render_template, resolve_prefetch
+from cds.replay import replay_cache_for
 from cds.security import AuthenticationError, JwtVerifier
 from cds.services import (
     AI_REPORTS_KEY,
@@ -50,6 +57,7 @@ from cds.services import (
 )
 from core.errors import ImagingCdsError, NotAllowedError
 from core.limits import too_large
+from fhir_adapters.audit import Actor, Outcome, cds_hook_event, failure_of
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError, FhirUnauthorized
 from fhir_adapters.results import AiFinding, extract_findings
@@ -175,21 +183,30 @@ def _check_hook_request(definition: ServiceDefinition, body: Any) -> dict[str, A
 
 
 def _fetcher(service: CdsHooksService, body: Mapping[str, Any]) -> Fetch | None:
-    """A search function on the hook's ``fhirServer``; the allow-list is checked here, before any request."""
+    """A search function on the hook's ``fhirServer``; the allow-list is checked here, before any request.
+
+    With auditing, each search is recorded with this service as the client, for the hook's ``userId``.
+    """
     server = body.get("fhirServer")
     if not server:
         return None
     server = service.config.fhir_allow_list.check(server, what="fhirServer")  # the canonical URL is what is called
     auth = body.get("fhirAuthorization")
     token = RequestToken(auth["access_token"]) if isinstance(auth, Mapping) else None
-    client = FhirClient(
-        server,
-        auth=token,
-        timeout=service.config.fhir_timeout_s,
-        retries=1,  # a clinician is waiting: no backoff sleeps inside a hook
-        allow_list=service.config.fhir_allow_list,
-        limits=service.config.limits,
-    )
+    options: dict[str, Any] = {
+        "auth": token,
+        "timeout": service.config.fhir_timeout_s,
+        "retries": 1,  # a clinician is waiting: no backoff sleeps inside a hook
+        "allow_list": service.config.fhir_allow_list,
+        "limits": service.config.limits,
+    }
+    audit = service.config.audit
+    if audit is None:
+        client = FhirClient(server, **options)
+    else:
+        user = body["context"].get("userId")
+        actor = Actor(service.config.base_url, audit.source.site, user if isinstance(user, str) else None)
+        client = audit.client(server, actor, request_id=str(body.get("hookInstance", ""))[:64] or None, **options)
 
     def fetch(resource_type: str, params: list[tuple[str, str]]) -> dict[str, Any]:
         try:
@@ -209,11 +226,13 @@ def _analysed_studies(findings: list[AiFinding]) -> set[str]:
 
 
 def _cards_for(service: CdsHooksService, definition: ServiceDefinition, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The hook's cards; the AI reports they were built from are kept on ``g`` for the audit record."""
     context = body["context"]
     fetch = _fetcher(service, body)
     data = resolve_prefetch(definition.prefetch, body.get("prefetch"), context, fetch)
     patient_id = context["patientId"]
     findings = extract_findings(bundle_resources(data.get(AI_REPORTS_KEY)), patient_id=patient_id)
+    g.cds_reports = [f.report_reference for f in findings]
     studies = [r for r in bundle_resources(data.get(IMAGING_STUDIES_KEY)) if r.get("resourceType") == "ImagingStudy"]
     settings = service.card_settings()
     user_id = context.get("userId") if isinstance(context.get("userId"), str) else None
@@ -249,6 +268,47 @@ def _enqueue(service: CdsHooksService, study: str) -> str | None:
     except Exception:  # the queue is optional: a failure must not fail the hook, and the card then promises nothing
         log.exception("queueing the analysis of %s failed", study)
         return None
+
+
+def _audit_hook(
+    service: CdsHooksService,
+    definition: ServiceDefinition,
+    body: Any,
+    claims: Mapping[str, Any],
+    error: ImagingCdsError | None,
+) -> None:
+    """Record the hook call as an AuditEvent (a call whose body named no patient reached no patient data)."""
+    audit = service.config.audit
+    context = body.get("context") if isinstance(body, Mapping) else None
+    if audit is None or not isinstance(context, Mapping) or not isinstance(context.get("patientId"), str):
+        return
+    try:
+        prefetch = {key: render_template(template, context) for key, template in definition.prefetch.items()}
+    except ImagingCdsError:
+        prefetch = {}
+    user = context.get("userId")
+    outcome: Outcome = "0"
+    failure = None
+    if error is not None:
+        outcome, failure = failure_of(error)
+        outcome = "4" if 400 <= error.http_status < 500 else outcome
+    audit.record(
+        cds_hook_event(
+            hook=definition.hook,
+            service_url=f"{service.config.base_url}/cds-services/{definition.id}",
+            client=Actor(
+                str(claims.get("iss")), request.remote_addr or "unknown", user if isinstance(user, str) else None
+            ),
+            source=audit.source,
+            patient=f"Patient/{context['patientId']}",
+            prefetch=prefetch,
+            reports=g.get("cds_reports", ()) if error is None else (),
+            hook_instance=str(body.get("hookInstance", ""))[:64] or None,
+            fetched_from=str(body["fhirServer"]) if body.get("fhirServer") and "prefetch" not in body else None,
+            outcome=outcome,
+            failure=failure,
+        )
+    )
 
 
 def cds_blueprint() -> Blueprint:
@@ -296,21 +356,25 @@ def cds_blueprint() -> Blueprint:
             return Response(status=204)
         service = _service()
         try:
-            _authenticate(service, f"/cds-services/{service_id}")
+            claims = _authenticate(service, f"/cds-services/{service_id}")
         except AuthenticationError as exc:
             log.warning("hook call to %s refused: %s", service_id[:64], exc.reason)
             return _unauthorized()
         definition = SERVICES.get(service_id)
         if definition is None:
             return _error(404, "unknown_service", "No CDS service with this id; see GET /cds-services.")
+        body: Any = None
         try:
             body = _check_hook_request(definition, request.get_json(silent=True))
             cards = _cards_for(service, definition, body)
         except NotAllowedError as exc:
             log.warning("hook %s refused: fhirServer not on the allow-list", definition.id)
+            _audit_hook(service, definition, body, claims, exc)
             return _error(403, "fhir_server_not_allowed", str(exc))
         except ImagingCdsError as exc:
+            _audit_hook(service, definition, body, claims, exc)
             return _error(exc.http_status, type(exc).__name__, str(exc))
+        _audit_hook(service, definition, body, claims, None)  # committed before the answer leaves
         service.feedback.record_issued_later(definition.id, cards)  # off the request path; see FeedbackStore
         log.info("hook %s instance %s: %d card(s)", definition.id, str(body.get("hookInstance"))[:64], len(cards))
         return jsonify({"cards": cards})
@@ -379,7 +443,8 @@ def create_app(
     app.json = FastJsonProvider(app)  # keeps keys in insertion order (sort_keys = False)
     app.extensions[EXTENSION_KEY] = CdsHooksService(
         config=config,
-        verifier=verifier or JwtVerifier(config),
+        verifier=verifier
+        or JwtVerifier(config, replay_cache=replay_cache_for(config.replay_cache, config.feedback_db.parent)),
         feedback=feedback or FeedbackStore(config.feedback_db),
     )
     app.register_blueprint(cds_blueprint())

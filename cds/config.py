@@ -16,6 +16,7 @@ from typing import Any
 from core.allowlist import AllowList
 from core.errors import ConfigurationError
 from core.limits import DEFAULT_LIMITS, InputLimits
+from pipeline.audit import AuditRecorder
 
 EnqueueAnalysis = Callable[[str], "str | None"]
 """Queue a background analysis of ``"ImagingStudy/<id>"``; return the job id, or ``None`` if nothing was queued.
@@ -92,6 +93,11 @@ class CdsConfig:
     ``fhirServer`` may name. ``app_launch_url`` is the SMART app's launch URL for card links;
     ``model_card_base_url`` is where ``/models/<analyzer>`` model cards are published. ``limits`` bounds the
     request body (``cds_request_bytes``), a ``jku``'s JWK Set and the answers of a ``fhirServer``.
+
+    ``replay_cache`` says where the JWT ids already used are kept: ``None`` or ``"sqlite"`` in a file beside
+    ``feedback_db`` (survives restarts; shared by the processes of one host), or a ``redis://`` URL (shared by
+    several hosts); see :mod:`cds.replay`. ``audit`` records each hook's access to patient data
+    (:class:`pipeline.audit.AuditRecorder`); ``None`` records nothing.
     """
 
     public_base_url: str
@@ -109,6 +115,8 @@ class CdsConfig:
     clock_skew_s: int = 60
     jwks_cache_s: float = 300.0
     limits: InputLimits = DEFAULT_LIMITS
+    replay_cache: str | None = None
+    audit: AuditRecorder | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ImagingCdsError
+from core.statefiles import connect_private_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,6 @@ class FeedbackStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._queue: queue.Queue[list[IssuedRow]] = queue.Queue(maxsize=ISSUED_QUEUE_MAX)
         self._writer: threading.Thread | None = None
@@ -205,9 +205,7 @@ class FeedbackStore:
         # A connection must not cross a fork (gunicorn --preload builds the app in the master): reopen per pid.
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = connect_private_sqlite(self.path)  # 0600 in a 0700 folder, WAL
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn

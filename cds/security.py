@@ -19,9 +19,9 @@ value must verify with it, not refuse the token for the ``jku`` it will not fetc
 Every failure raises :class:`AuthenticationError`. Its ``reason`` is for the service's own log (never the
 token); callers answer a generic 401, because telling an attacker *which* check failed helps them.
 
-Replay cache caveat: :class:`JtiCache` is per process. Under a multi-process server (gunicorn with N workers)
-a replayed token could reach another worker within its (at most five-minute) lifetime. Deployments that need
-cross-process replay protection pass a shared implementation of :class:`ReplayCache` (Redis ``SET NX EX``).
+Replay cache: :class:`JtiCache` lives in one process's memory, so a restart forgets it and other workers never
+see it; :func:`cds.app.create_app` therefore uses a shared one (:mod:`cds.replay`: SQLite in the deployment's
+``data_dir`` by default, Redis when configured), and :class:`JtiCache` is for a verifier built on its own.
 """
 
 from __future__ import annotations

@@ -256,7 +256,7 @@ def _start_engine(stack: ExitStack, fhir_base: str, dicomweb: str, output: Path)
     """Redis, the clinician app on the engine, and one worker node (the app's registration in its settings)."""
     from devtools.sandbox.dev import CLIENT_ID, serve_app_with_sandbox
     from devtools.servers import redis_server
-    from devtools.workers import worker_node, write_settings
+    from devtools.workers import deployment_keyring, worker_node, write_settings
     from service.settings import load_settings
     from service.web import celery_runner
 
@@ -269,7 +269,10 @@ def _start_engine(stack: ExitStack, fhir_base: str, dicomweb: str, output: Path)
         "log_format": "text",
     }
     runner = celery_runner(load_settings(write_settings(state, **common)))
-    app = stack.enter_context(serve_app_with_sandbox(fhir_base, state / "data" / "app", dicomweb, job_runner=runner))
+    keyring = deployment_keyring(state)  # the worker opens the app's sessions with the same key
+    app = stack.enter_context(
+        serve_app_with_sandbox(fhir_base, state / "data" / "app", dicomweb, job_runner=runner, keyring=keyring)
+    )
     registration = {"fhir_base": app.sandbox.fhir_base, "client_id": CLIENT_ID, "redirect_uri": app.redirect_uri}
     settings = write_settings(state, **common, extra={"smart_clients": [registration]})
     print(f"  Redis       : {redis.url}  (job broker)")

@@ -2,14 +2,17 @@
 
 A node is started exactly as an administrator starts one (``python -m imaging_cds.cli worker --config``), from a
 deployment settings file that :func:`write_settings` writes for local servers (an open FHIR server, the local
-Orthanc and Redis). :class:`WorkerNode` knows its child processes, so a fault-injection test can kill the one
-that runs an analysis, by process id.
+Orthanc and Redis, a state key made for the deployment: :func:`deployment_keyring` gives the in-process app the
+same key, so a worker opens the sessions the app sealed). :class:`WorkerNode` knows its child processes, so a
+fault-injection test can kill the one that runs an analysis, by process id.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,7 +23,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.sealing import Keyring, KeySource
 from devtools.servers import PROJECT_ROOT
+
+STATE_KEY_FILE = "state.key"
+
+
+def deployment_keyring(root: Path) -> Keyring:
+    """The state key of the deployment :func:`write_settings` wrote under ``root`` (made on first use)."""
+    return Keyring.from_sources(KeySource(file=_state_key_file(root)))
+
+
+def _state_key_file(root: Path) -> Path:
+    path = root / STATE_KEY_FILE
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+    return path
 
 
 def write_settings(
@@ -42,6 +63,7 @@ def write_settings(
         "backend": {"fhir_base": fhir_base, "auth": "none", "timeout_s": backend_timeout_s},
         "jobs": {"broker_url": broker_url, **(jobs or {})},
         "logging": {"format": log_format, "level": "INFO"},
+        "state_key": {"file": str(_state_key_file(root))},
         **(extra or {}),
     }
     root.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,10 @@ Messages describe the problem without echoing the offending value: values may be
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Mapping
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
@@ -194,3 +197,76 @@ def validate_bundle(bundle: Mapping[str, Any]) -> None:
                 problems.extend(_resource_problems(entry["resource"], f"$.entry[{index}].resource"))
     if problems:
         _raise(f"Bundle ({bundle.get('type', 'no type')})", problems)
+
+
+# ---------------------------------------------------------------------------------------------- by shape
+
+_SHAPE_CACHE_SIZE = 4096
+_valid_shapes: OrderedDict[Hashable, None] = OrderedDict()
+_shapes_lock = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _primitive_patterns() -> tuple[re.Pattern[str], ...]:
+    """Every pattern the R4 schema's primitive types use (id, code, instant, uri, string, ...)."""
+    definitions = load_schema()["definitions"]
+    return tuple(re.compile(d["pattern"]) for d in definitions.values() if isinstance(d.get("pattern"), str))
+
+
+@lru_cache(maxsize=1)
+def _enum_values() -> frozenset[str]:
+    """Every value any enum of the R4 schema lists (the required value sets it spells out)."""
+    found: set[str] = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, Mapping):
+            if isinstance(node.get("enum"), list):
+                found.update(v for v in node["enum"] if isinstance(v, str))
+            for item in node.values():
+                collect(item)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(load_schema()["definitions"])
+    return frozenset(found)
+
+
+def _shape(value: Any) -> Hashable:
+    """What the schema can tell apart in ``value``: its structure; a string that some enum of the schema lists, as
+    it is; any other string only by which primitive patterns it matches (the schema constrains nothing else)."""
+    if isinstance(value, Mapping):
+        return tuple((key, _shape(item)) for key, item in sorted(value.items()))
+    if isinstance(value, list):
+        return ("[", *(_shape(item) for item in value))
+    if isinstance(value, str):
+        return _string_shape(value)
+    return (type(value).__name__, value)
+
+
+@lru_cache(maxsize=65_536)
+def _string_shape(value: str) -> Hashable:
+    """A string's part of a shape; remembered, since most strings of a kind of resource (systems, codes,
+    displays, server URLs) recur in every one of them."""
+    if value in _enum_values():
+        return value
+    return ("s", sum(1 << n for n, pattern in enumerate(_primitive_patterns()) if pattern.search(value)))
+
+
+def validate_resource_by_shape(resource: Mapping[str, Any]) -> None:
+    """:func:`validate_resource` for resources made in volume (AuditEvents), where it would cost more than the
+    request they record: a resource whose shape (see :func:`_shape`) passed before is not checked again.
+
+    Two resources of one shape pass or fail alike: the R4 JSON schema constrains strings only by the primitive
+    type patterns and by enums, and both are part of the shape (a string in no enum fails every enum alike).
+    """
+    shape = _shape(resource)
+    with _shapes_lock:
+        if shape in _valid_shapes:
+            _valid_shapes.move_to_end(shape)
+            return
+    validate_resource(resource)
+    with _shapes_lock:
+        _valid_shapes[shape] = None
+        while len(_valid_shapes) > _SHAPE_CACHE_SIZE:
+            _valid_shapes.popitem(last=False)

@@ -1,4 +1,5 @@
-"""The ``imaging-cds`` command line: ``analyze``, ``demo``, ``serve``, ``worker``, ``analyzers``, ``evaluate``.
+"""The ``imaging-cds`` command line: ``analyze``, ``demo``, ``serve``, ``worker``, ``analyzers``, ``evaluate``,
+``deidentify``.
 
 Every failure the project anticipates ends with one line on stderr naming what was wrong and what to do,
 and a non-zero exit status; never a stack trace (``--debug`` shows one).
@@ -149,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch intra-op threads (default 1: one study at a time)",
     )
+
+    deidentify = sub.add_parser(
+        "deidentify",
+        help="export DICOM de-identified (PS3.15 Annex E Basic Profile, longitudinal dates modified), checked",
+    )
+    deidentify.add_argument("inputs", nargs="+", type=Path, help="DICOM files, or folders holding them")
+    deidentify.add_argument("--output", type=Path, required=True, help="new folder for the export (must not exist)")
+    key = deidentify.add_mutually_exclusive_group()
+    key.add_argument(
+        "--key-file", type=Path, help="256-bit key (base64, mode 0600): same key, same pseudonyms, dates and UIDs"
+    )
+    key.add_argument("--key-env", help="environment variable holding the key (instead of --key-file)")
+    deidentify.add_argument("--json", action="store_true", help="print the export's report as JSON")
     return parser
 
 
@@ -306,6 +320,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    from core.sealing import KeySource
+    from dicom_io.deidentify import DeidentificationKey, deidentify_export
+
+    key = None
+    if args.key_file or args.key_env:
+        key = DeidentificationKey(KeySource(file=args.key_file, env=args.key_env).read())
+    report = deidentify_export(args.inputs, args.output, key=key)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
+    print(
+        f"De-identified {report.instances} instance(s) of {report.patients} patient(s), {report.studies} "
+        f"stud{'y' if report.studies == 1 else 'ies'}, {report.series} series into {report.output}"
+    )
+    print("Residual-identifier check: clean (names, identifiers, dates and instance UIDs of the source)")
+    if report.unscannable:
+        print(f"Not searchable (equal to equipment attributes the profile keeps): {', '.join(report.unscannable)}")
+    if report.skipped_not_dicom:
+        print(f"Skipped {report.skipped_not_dicom} file(s) that are not DICOM")
+    print(f"Key: {'id ' + report.key_id if report.key_given else 'random for this export (not linkable)'}")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import load_settings
     from service.web import serve
@@ -337,6 +375,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "worker": cmd_worker,
     "evaluate": cmd_evaluate,
+    "deidentify": cmd_deidentify,
 }
 
 

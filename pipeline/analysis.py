@@ -21,12 +21,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.allowlist import AllowList
-from core.errors import StudyError
+from core.errors import ImagingCdsError, StudyError
 from core.limits import DEFAULT_LIMITS, InputLimits, too_large
 from dicom_io.dicomweb import fetch_series
 from dicom_io.volume import assemble_volume
+from fhir_adapters.audit import AuditedFhirClient, failure_of
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
 from fhir_adapters.client import FhirClient
+from fhir_adapters.fhirjson import relative_reference
 from fhir_adapters.patient import read_patient_context
 from fhir_adapters.study import SeriesChoice, choose_series
 from fhir_adapters.writer import CAPABILITIES, CapabilityCache, WriteSettings, write_results
@@ -156,6 +158,29 @@ def load_image(
     return volume.to_image_input(), volume.corrections
 
 
+@contextmanager
+def _audited_retrieval(client: FhirClient, choice: SeriesChoice, *, imaging_study: str, patient: str) -> Iterator[None]:
+    """Record the images fetched from the PACS in the client's audit trail (a client without one records none):
+    the images are patient data read with the same authority as the FHIR resources around them."""
+    if not isinstance(client, AuditedFhirClient):
+        yield
+        return
+    where = {
+        "pacs": choice.dicomweb_base,
+        "patient": relative_reference(patient),
+        "imaging_study": imaging_study,
+        "study_uid": choice.study_uid,
+        "series_uid": choice.series_uid,
+    }
+    try:
+        yield
+    except ImagingCdsError as exc:
+        outcome, failure = failure_of(exc)
+        client.trail.dicom_transfer(outcome=outcome, failure=failure, **where)
+        raise
+    client.trail.dicom_transfer(**where)
+
+
 def analyze_study(
     client: FhirClient,
     imaging_study: str,
@@ -192,7 +217,10 @@ def analyze_study(
 
     progress(0.1, f"fetching {choice.instance_count} images of series {choice.series_uid}")
     projection = set(analyzer.requirements.modalities) <= PROJECTION_MODALITIES
-    with timings.step("fetch_decode"):
+    with (
+        timings.step("fetch_decode"),
+        _audited_retrieval(client, choice, imaging_study=f"ImagingStudy/{study['id']}", patient=subject),
+    ):
         image, corrections = load_image(choice, expected_modality_projection=projection, limits=limits)
 
     if getattr(analyzer, "uses_patient_context", False):

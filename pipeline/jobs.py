@@ -54,6 +54,7 @@ from typing import Any, Protocol, Self
 
 from core.errors import ConfigurationError, ImagingCdsError
 from core.options import look_up_option
+from core.statefiles import connect_private_sqlite
 
 logger = logging.getLogger(__name__)
 
@@ -376,10 +377,7 @@ class SqliteJobStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False)
-        with self._lock:
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection = connect_private_sqlite(self.path)  # 0600, WAL
         with self._transaction() as db:  # several processes may open a new file at once
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)

@@ -35,6 +35,19 @@ Without ``jobs`` analyses run on threads inside ``serve``; with ``jobs.broker_ur
 ``imaging-cds worker --config <the same file>`` runs them (see :class:`pipeline.celery_engine.EngineSettings`
 for every ``jobs`` key and its default). ``serve`` and its workers share ``data_dir`` (the job records, and the
 clinician app's sessions that app analyses run with).
+    state_key:                                                  # seals sessions at rest (AES-256-GCM)
+      file: /etc/imaging-cds/state.key                          # or env: IMAGING_CDS_STATE_KEY
+      previous: [{file: /etc/imaging-cds/state-2025.key}]       # still opened, never used to seal (rotation)
+    audit:                                                      # where AuditEvents go (BALP; via a local outbox)
+      {fhir_base: https://ehr.hospital.example/fhir, auth: backend}   # auth: backend (default) or none
+    cds_replay: redis://cache.hospital.internal:6379/0          # optional: JWT replay cache shared by hosts
+    frame_ancestors: [https://ehr.hospital.example]             # optional: EHRs that may embed the app
+
+``state_key`` is required when ``smart_clients`` are configured: the clinicians' tokens are never stored in
+readable form (``serve`` and its workers must be given the same key). ``audit`` defaults to the ``backend``'s FHIR
+server and credentials (it asks for ``system/AuditEvent.cu``); with neither, ``serve`` refuses to start, because
+every access to patient data must be recorded somewhere. ``cds_replay`` defaults to a SQLite file in ``data_dir``
+(enough for one host).
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from core.allowlist import AllowList
 from core.errors import ConfigurationError
 from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
+from core.sealing import Keyring, KeySource
 from fhir_adapters.writer import ServerWriteSettings, WriteSettings
 from pipeline.celery_engine import EngineSettings
 
@@ -68,6 +82,10 @@ _TOP_LEVEL_KEYS = (
     "jobs",
     "logging",
     "limits",
+    "state_key",
+    "audit",
+    "cds_replay",
+    "frame_ancestors",
 )
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -93,6 +111,26 @@ class BackendClient:
 
 
 @dataclass(frozen=True)
+class StateKey:
+    """The key that seals secrets at rest, and the previous keys still accepted while a rotation completes."""
+
+    current: KeySource
+    previous: tuple[KeySource, ...] = ()
+
+    def keyring(self) -> Keyring:
+        return Keyring.from_sources(self.current, self.previous)
+
+
+@dataclass(frozen=True)
+class AuditDestination:
+    """Where the audit outbox sends AuditEvents: a FHIR server, with the backend client's token or none."""
+
+    fhir_base: str
+    auth: str = "backend"
+    site: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """A validated deployment file (see the module docstring for the format)."""
 
@@ -111,6 +149,10 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     limits: InputLimits = DEFAULT_LIMITS
+    state_key: StateKey | None = None
+    audit: AuditDestination | None = None
+    cds_replay: str | None = None
+    frame_ancestors: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -148,6 +190,7 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
     if not public.startswith(("http://", "https://")):
         raise ConfigurationError(f"{source}: public_base_url must be an absolute http(s) URL.")
     log_format, log_level = _parse_logging(raw.get("logging") or {}, source)
+    backend = _parse_backend(raw.get("backend"), source)
     return Settings(
         public_base_url=public,
         data_dir=Path(str(_require(raw, "data_dir", source))),
@@ -155,13 +198,17 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "settings") -> Setti
         fhir_allow=AllowList.of(raw.get("fhir_allow", [])),
         cds_clients=tuple(raw.get("cds_clients", [])),
         smart_clients=tuple(raw.get("smart_clients", [])),
-        backend=_parse_backend(raw.get("backend"), source),
+        backend=backend,
         secure_cookies=bool(raw.get("secure_cookies", public.startswith("https://"))),
         jobs=_parse_jobs(raw.get("jobs"), source),
         fhir_write=_parse_fhir_write(raw.get("fhir_write"), source),
         log_format=log_format,
         log_level=log_level,
         limits=_limits(raw.get("limits"), source),
+        state_key=_state_key(raw.get("state_key"), source),
+        audit=_audit(raw.get("audit"), backend, source),
+        cds_replay=str(raw["cds_replay"]) if raw.get("cds_replay") else None,
+        frame_ancestors=_origins(raw.get("frame_ancestors"), source),
     )
 
 
@@ -250,6 +297,52 @@ def _limits(raw: Any, source: str) -> InputLimits:
     if not isinstance(raw, Mapping):
         raise ConfigurationError(f"{source}: 'limits' must be a mapping of limit names to numbers.")
     return InputLimits.from_mapping(raw, source=source)
+
+
+def _state_key(raw: Any, source: str) -> StateKey | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{source}: state_key must be a mapping with 'file' or 'env'.")
+    previous = raw.get("previous") or []
+    if not isinstance(previous, list):
+        raise ConfigurationError(f"{source}: state_key.previous must be a list of {{file: ...}} or {{env: ...}}.")
+    current = KeySource.from_mapping({k: v for k, v in raw.items() if k != "previous"}, where=f"{source}: state_key")
+    return StateKey(current, tuple(KeySource.from_mapping(p, where=f"{source}: state_key.previous") for p in previous))
+
+
+def _audit(raw: Any, backend: BackendClient | None, source: str) -> AuditDestination | None:
+    if raw is None:
+        if backend is None:
+            return None
+        return AuditDestination(backend.fhir_base, "backend" if backend.client_id else "none")
+    if not isinstance(raw, Mapping) or set(raw) - {"fhir_base", "auth", "site"}:
+        raise ConfigurationError(
+            f"{source}: audit must be a mapping with fhir_base, and optionally auth (backend or none) and site."
+        )
+    auth = str(raw.get("auth", "backend" if backend is not None and backend.client_id else "none"))
+    if auth not in ("backend", "none"):
+        raise ConfigurationError(f"{source}: audit.auth must be 'backend' or 'none', not {auth!r}.")
+    if auth == "backend" and (backend is None or not backend.client_id):
+        raise ConfigurationError(
+            f"{source}: audit.auth is 'backend' but no backend client with credentials is configured.",
+            remedy="Configure 'backend' (its credentials send the AuditEvents), or set audit.auth: none.",
+        )
+    fhir_base = str(raw.get("fhir_base") or (backend.fhir_base if backend else ""))
+    if not fhir_base.startswith(("http://", "https://")):
+        raise ConfigurationError(f"{source}: audit.fhir_base must be the audit repository's FHIR base URL.")
+    return AuditDestination(fhir_base, auth, str(raw["site"]) if raw.get("site") else None)
+
+
+def _origins(raw: Any, source: str) -> tuple[str, ...]:
+    origins = tuple(str(o) for o in (raw or []))
+    for origin in origins:
+        if not origin.startswith("https://") or origin.count("/") != 2:
+            raise ConfigurationError(
+                f"{source}: frame_ancestors entry {origin!r} is not an https origin.",
+                remedy="Give origins only, for example https://ehr.hospital.example (no path).",
+            )
+    return origins
 
 
 def load_settings(path: Path) -> Settings:

@@ -16,7 +16,11 @@ run on one of two engines, chosen by the settings:
 * Celery (``jobs.broker_url``): this process only records and publishes jobs, in one store shared with the workers
   (``data_dir/jobs.sqlite``); ``imaging-cds worker`` runs them (:mod:`service.worker`), so no analysis runs here.
 
-One process (threads, not worker processes) keeps the JWT replay cache whole: see ``serve``.
+Trust wiring, in one place: ``data_dir`` is made ``0700`` and every state file in it ``0600``; the clinician
+app's sessions are sealed with the ``state_key`` (workers are given the same); the CDS JWT replay cache lives in
+``data_dir`` (or Redis, ``cds_replay``), so it survives restarts and is shared by every process; and every access
+to patient data by the app, the CDS service and the analyses (here or on a worker) is recorded in the audit
+outbox in ``data_dir``, which drainer threads (here and in the workers) send to the audit repository.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
@@ -33,6 +38,9 @@ from cds.app import create_app as create_cds_app
 from cds.config import CdsConfig, TrustedClient
 from core.errors import ConfigurationError
 from core.outbound import outbound_session
+from core.statefiles import private_directory
+from fhir_adapters.audit import Actor
+from pipeline.audit import AuditRecorder, audit_recorder
 from pipeline.celery_engine import CeleryJobRunner
 from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler, analysis_params
 from pipeline.jobs import EmbeddedJobRunner, JobRunner, SqliteJobStore
@@ -40,6 +48,9 @@ from service.model_cards import models_blueprint
 from service.observability import Dependencies, RequestMetrics, install_operations, label_routes
 from service.openapi import openapi_document
 from service.settings import Settings, secret_from_env
+
+AUDIT_SCOPE = "system/AuditEvent.cu"
+"""What the audit drainer asks the repository for: writing AuditEvents (``PUT AuditEvent/<id>``), nothing else."""
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +90,53 @@ def job_store_path(settings: Settings) -> Path:
     return settings.data_dir / "jobs.sqlite"
 
 
-def backend_client(settings: Settings) -> Any:
+def require_state_key(settings: Settings) -> None:
+    """Refuse to serve (or run a worker for) the clinician app without the key that seals its sessions at rest."""
+    if settings.smart_clients and settings.state_key is None:
+        raise ConfigurationError(
+            "The clinician app is configured but no state_key seals its sessions (the clinicians' tokens) at rest.",
+            remedy="Make a key (head -c 32 /dev/urandom | base64 > state.key; chmod 600 state.key) and add "
+            "'state_key: {file: <path>}' to the settings (serve and its workers need the same key).",
+        )
+
+
+def deployment_audit(settings: Settings) -> AuditRecorder:
+    """The deployment's audit outbox in ``data_dir``, with a drainer sending it to the configured repository (every
+    process of the deployment records into the one outbox and helps drain it; leases keep them from colliding)."""
+    from fhir_adapters.auth import backend_services_auth
+    from fhir_adapters.client import FhirClient
+
+    destination = settings.audit
+    if destination is None:
+        raise ConfigurationError(
+            "No audit repository is configured, and every access to patient data must be recorded.",
+            remedy="Add 'audit: {fhir_base: <FHIR server>, auth: backend|none}' or a 'backend' client to the settings.",
+        )
+    session = outbound_session()
+    auth = None
+    if destination.auth == "backend":
+        backend = settings.backend
+        assert backend is not None and backend.client_id is not None  # checked when the settings were parsed
+        assert backend.private_key_file is not None and backend.kid is not None
+        auth = backend_services_auth(
+            backend.fhir_base,
+            backend.client_id,
+            scope=AUDIT_SCOPE,
+            session=session,
+            token_url=backend.token_url,
+            private_key=backend.private_key_file.read_text(),
+            kid=backend.kid,
+            algorithm=backend.algorithm,  # type: ignore[arg-type]
+        )
+    client = FhirClient(destination.fhir_base, auth=auth, session=session, retries=1, limits=settings.limits)
+    site = destination.site or urlsplit(settings.base_url).hostname or settings.base_url
+    return audit_recorder(settings.data_dir, site=site, destination=client)
+
+
+def backend_client(settings: Settings, audit: AuditRecorder | None = None) -> Any:
     """The FHIR client of analyses no clinician launched (order-sign), with the SMART Backend Services credentials
-    of the settings, or none for an open development server (``backend: {auth: none}``)."""
+    of the settings, or none for an open development server (``backend: {auth: none}``); with ``audit``, each of
+    its interactions is recorded for the backend client."""
     from fhir_adapters.auth import backend_services_auth
     from fhir_adapters.client import FhirClient
 
@@ -101,11 +156,16 @@ def backend_client(settings: Settings) -> Any:
             kid=backend.kid,
             algorithm=backend.algorithm,  # type: ignore[arg-type]
         )
-    return FhirClient(backend.fhir_base, auth=auth, session=session, timeout=backend.timeout_s, limits=settings.limits)
+    options: dict[str, Any] = {"auth": auth, "session": session, "timeout": backend.timeout_s}
+    options["limits"] = settings.limits
+    if audit is None:
+        return FhirClient(backend.fhir_base, **options)
+    actor = Actor(backend.client_id or "imaging-cds (backend, no credentials)", audit.source.site)
+    return audit.client(backend.fhir_base, actor, **options)
 
 
-def smart_app_config(settings: Settings) -> Any:
-    """The clinician app's configuration: the same in ``serve`` and in a worker (its session store's path)."""
+def smart_app_config(settings: Settings, audit: AuditRecorder | None = None) -> Any:
+    """The clinician app's configuration: the same in ``serve`` and in a worker (its session store's path and key)."""
     from smart_launch.config import SmartAppConfig
 
     return SmartAppConfig(
@@ -116,6 +176,9 @@ def smart_app_config(settings: Settings) -> Any:
         card_base_url=settings.base_url,
         limits=settings.limits,
         write_settings=settings.fhir_write,
+        keyring=settings.state_key.keyring() if settings.state_key else None,
+        frame_ancestors=settings.frame_ancestors,
+        audit=audit,
     )
 
 
@@ -124,9 +187,9 @@ def order_sign_params(imaging_study: str) -> tuple[dict[str, Any], str]:
     return analysis_params(imaging_study, BACKGROUND_ANALYZERS, skip_unsuitable=True), f"order-sign|{imaging_study}"
 
 
-def _background_runner(settings: Settings) -> tuple[EmbeddedJobRunner, SqliteJobStore]:
+def _background_runner(settings: Settings, audit: AuditRecorder) -> tuple[EmbeddedJobRunner, SqliteJobStore]:
     """The embedded job runner for analyses queued by order-sign."""
-    client = backend_client(settings)
+    client = backend_client(settings, audit)
     handler = StudyAnalysisHandler(
         client_for=lambda params: client,
         dicomweb_allow_list=settings.dicomweb_allow,
@@ -162,16 +225,20 @@ def _dependencies(settings: Settings) -> Dependencies:
 
 def create_server_app(settings: Settings) -> Any:
     """Build the WSGI application for ``settings`` (nothing starts or is read before this is called)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(settings.data_dir)
     if not settings.cds_clients:
         raise ConfigurationError("No CDS clients are configured.", remedy="Add cds_clients to the settings file.")
+    require_state_key(settings)
+    audit = deployment_audit(settings)
+    if audit.drainer is not None:
+        audit.drainer.start()
     stores: list[Any] = []
     engine_runner = celery_runner(settings) if settings.jobs is not None else None
     background: JobRunner | None = engine_runner
     if engine_runner is not None:
         stores.append(engine_runner.store)
     elif settings.backend is not None:
-        background, background_store = _background_runner(settings)
+        background, background_store = _background_runner(settings, audit)
         stores.append(background_store)
     enqueue = None
     if settings.backend is not None and background is not None:
@@ -191,6 +258,8 @@ def create_server_app(settings: Settings) -> Any:
             feedback_db=settings.data_dir / "cds-feedback.sqlite",
             enqueue_analysis=enqueue,
             limits=settings.limits,
+            replay_cache=settings.cds_replay,
+            audit=audit,
         )
     )
     cds_app.register_blueprint(models_blueprint)
@@ -200,7 +269,7 @@ def create_server_app(settings: Settings) -> Any:
         from smart_launch.app import EXTENSION_KEY as SMART_KEY
         from smart_launch.app import create_app as create_smart_app
 
-        smart_app = create_smart_app(smart_app_config(settings), job_runner=engine_runner)
+        smart_app = create_smart_app(smart_app_config(settings, audit), job_runner=engine_runner)
         if engine_runner is None:
             stores.append(smart_app.extensions[SMART_KEY].job_store)
         label_routes(smart_app)

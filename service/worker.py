@@ -27,19 +27,21 @@ from pipeline.handler import ANALYZE_STUDY, StudyAnalysisHandler
 from pipeline.jobs import JobHandler, LeasedJobStore, SqliteJobStore
 from service.logs import configure_logging
 from service.settings import Settings
-from service.web import backend_client, job_store_path, smart_app_config
+from service.web import backend_client, deployment_audit, job_store_path, require_state_key, smart_app_config
 
 log = logging.getLogger(__name__)
 
 
 def worker_handlers(settings: Settings) -> dict[str, JobHandler]:
     """The handlers a worker runs, by job kind: the one analysis handler, with the client each job needs."""
-    backend = backend_client(settings) if settings.backend is not None else None
+    require_state_key(settings)
+    audit = deployment_audit(settings)  # a worker's accesses are recorded in the deployment's outbox too
+    backend = backend_client(settings, audit) if settings.backend is not None else None
     launches = None
     if settings.smart_clients:
         from smart_launch.launch_clients import LaunchClients, open_session_store
 
-        config = smart_app_config(settings)
+        config = smart_app_config(settings, audit)
         launches = LaunchClients(config, open_session_store(config))
 
     def client_for(params: Mapping[str, Any]) -> Any:

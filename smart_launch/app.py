@@ -11,10 +11,16 @@ This module adapts HTTP to the pure parts and nothing more:
 * :mod:`smart_launch.reviews` - the acceptance figures.
 
 Security in one place: every response carries a strict Content-Security-Policy (scripts and styles from this
-app's static files only) and ``Cache-Control: no-store``; every state-changing request is a POST with the
-session's CSRF token; the session cookie is HttpOnly, SameSite=Lax and Secure unless configured for loopback
-tests; tokens stay in the server-side session and reach the FHIR server only as an ``Authorization`` header.
-Errors show the project error's message and remedy, never a stack trace, and logs name resource ids only.
+app's static files only; ``frame-ancestors`` as configured) and ``Cache-Control: no-store``; every
+state-changing request is a POST with the session's CSRF token; the session cookie is HttpOnly, SameSite=Lax,
+Secure and ``__Host-``-prefixed (bound to this host, path ``/``) unless configured for loopback tests over
+http; tokens stay in the server-side session (sealed at rest, :mod:`smart_launch.session`) and reach the FHIR
+server only as an ``Authorization`` header. ``GET /launch`` needs no sign-in, so it is bounded: an ``iss`` that
+is not a registered EHR is refused before any request, discovery is cached per EHR, each client address may
+start ``launches_per_minute`` launches, and nothing is stored on the server until the EHR has authorised the
+launch (the pending launch is a sealed cookie). Each access to patient data, by a page or an analysis job, is
+recorded as an AuditEvent with the launching clinician as the user (:mod:`fhir_adapters.audit`). Errors show
+the project error's message and remedy, never a stack trace, and logs name resource ids only.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hmac
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +41,7 @@ from flask import (
     Flask,
     Response,
     abort,
+    after_this_request,
     current_app,
     g,
     jsonify,
@@ -47,6 +55,9 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from core.errors import ImagingCdsError
 from core.outbound import outbound_session
+from core.ratelimit import RateLimitedError, RateLimiter
+from core.sealing import Keyring
+from core.statefiles import private_directory
 from fhir_adapters.builders import build_signoff_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
@@ -65,7 +76,14 @@ from smart_launch.config import SmartAppConfig
 from smart_launch.launch_clients import LaunchClients, open_session_store
 from smart_launch.oauth import SmartLaunchError, TokenSet
 from smart_launch.reviews import ReviewLog
-from smart_launch.session import AuthorizationState, RecentReads, SessionStore, SessionTokenProvider
+from smart_launch.session import (
+    SESSION_LIFETIME_WHILE_AUTHORIZING_S,
+    AuthorizationState,
+    PendingLaunch,
+    RecentReads,
+    SessionStore,
+    SessionTokenProvider,
+)
 from smart_launch.views import (
     AnalyzerChoice,
     PatientBanner,
@@ -83,6 +101,10 @@ log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "imaging_cds.smart"
 SESSION_COOKIE = "imaging_cds_sid"
+LAUNCH_COOKIE = "imaging_cds_launch"
+SECURE_PREFIX = "__Host-"
+"""Over HTTPS cookies are named ``__Host-...``: the browser then keeps them only if Secure, without Domain and with
+path ``/``, so no sibling subdomain can set or shadow the session."""
 ANALYZER_RETRY_S = 60.0
 REJECTION_KINDS = ("entered-in-error", "cancelled")
 STATIC_MAX_AGE_S = 600
@@ -116,8 +138,15 @@ class SmartApp:
     run on an embedded runner over ``job_store``, in this process."""
     jobs: JobRunner = field(init=False)
     clients: LaunchClients = field(init=False)
+    launch_limit: RateLimiter = field(init=False)
+    _discovered: dict[str, tuple[float, oauth.SmartConfiguration]] = field(default_factory=dict)
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.sessions.keyring
 
     def __post_init__(self) -> None:
+        self.launch_limit = RateLimiter(self.config.launches_per_minute, 60.0)
         self.clients = LaunchClients(self.config, self.sessions, self.http)
         if self.job_runner is not None:
             self.jobs = self.job_runner
@@ -154,8 +183,20 @@ class SmartApp:
         return resource
 
     def fhir_client(self, session_id: str, state: AuthorizationState) -> FhirClient:
-        """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session."""
+        """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session, with each
+        access recorded for the launch's clinician (see :meth:`LaunchClients.fhir_client`)."""
         return self.clients.fhir_client(session_id, state)
+
+    def discovery(self, client: oauth.ClientRegistration) -> oauth.SmartConfiguration:
+        """The registered EHR's SMART configuration, discovered at most once per ``discovery_cache_s``: a flood
+        of launches does not become a flood of requests to the EHR."""
+        base = client.fhir_base.rstrip("/")
+        found = self._discovered.get(base)
+        if found is not None and time.monotonic() - found[0] < self.config.discovery_cache_s:
+            return found[1]
+        smart = oauth.discover(base, self.http, timeout=self.config.http_timeout_s)
+        self._discovered[base] = (time.monotonic(), smart)
+        return smart
 
     # ------------------------------------------------------------------ analyzers
 
@@ -253,11 +294,13 @@ def smart_app() -> SmartApp:
 
 
 def create_app(config: SmartAppConfig, *, job_runner: JobRunner | None = None) -> Flask:
-    """Build the clinician app for ``config``; state files live under ``config.data_dir``.
+    """Build the clinician app for ``config``; state files live under ``config.data_dir`` (made ``0700``).
 
     ``job_runner``: the deployment's job engine (``serve`` with a broker); by default analyses run in this process.
     """
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(config.data_dir)
+    if config.keyring is None:
+        log.warning("No state key configured: sessions are sealed with a key of this process only (tests, demo)")
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=secrets.token_bytes(32),  # Flask's own cookie session is not used; this only guards misuse
@@ -293,12 +336,33 @@ class Current:
 
 
 def current() -> Current:
+    """The request's session, looked up once; its id is passed on as the store's key (:class:`SessionKey`)."""
     if "smart_current" not in g:
-        session_id = request.cookies.get(SESSION_COOKIE)
-        state = smart_app().sessions.get(session_id) if session_id else None
-        g.smart_current = Current(session_id if state else None, state)
+        session_id = request.cookies.get(cookie_name(SESSION_COOKIE))
+        key = smart_app().sessions.key(session_id) if session_id else None
+        state = smart_app().sessions.get(key) if key else None
+        g.smart_current = Current(key if state else None, state)
     found: Current = g.smart_current
     return found
+
+
+def cookie_name(base: str) -> str:
+    """``base``, with the ``__Host-`` prefix when cookies are Secure (served over HTTPS)."""
+    return f"{SECURE_PREFIX}{base}" if smart_app().config.secure_cookies else base
+
+
+def _cookie_options() -> dict[str, Any]:
+    """Attributes of every cookie the app sets. Embedded in an EHR's frame (``frame_ancestors``) over HTTPS, the
+    cookies are ``SameSite=None; Partitioned`` (kept per embedding site), or the frame would never see them."""
+    config = smart_app().config
+    embedded = bool(config.frame_ancestors) and config.secure_cookies
+    return {
+        "httponly": True,
+        "samesite": "None" if embedded else "Lax",
+        "secure": config.secure_cookies,
+        "partitioned": embedded,
+        "path": "/",
+    }
 
 
 def require_session() -> tuple[str, AuthorizationState]:
@@ -322,13 +386,22 @@ def check_csrf(state: AuthorizationState) -> None:
 
 def set_session_cookie(response: WerkzeugResponse, session_id: str) -> None:
     response.set_cookie(
-        SESSION_COOKIE,
+        cookie_name(SESSION_COOKIE),
         session_id,
-        httponly=True,
-        samesite="Lax",
-        secure=smart_app().config.secure_cookies,
-        path="/",
         max_age=int(smart_app().config.session_lifetime_s),
+        **_cookie_options(),
+    )
+
+
+def clear_cookie(response: WerkzeugResponse, base: str) -> None:
+    options = _cookie_options()
+    response.delete_cookie(
+        cookie_name(base),
+        path="/",
+        secure=options["secure"],
+        httponly=True,
+        samesite=options["samesite"],
+        partitioned=options["partitioned"],
     )
 
 
@@ -338,6 +411,12 @@ def content_security_policy(frame_ancestors: tuple[str, ...]) -> str:
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
         f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
     )
+
+
+@bp.before_app_request
+def request_id() -> None:
+    """An id for this request, recorded with each access it makes (the audit's transaction entity)."""
+    g.request_id = str(uuid.uuid4())
 
 
 @bp.after_app_request
@@ -371,8 +450,14 @@ def error_page(exc: ImagingCdsError) -> Any:
     status = exc.http_status if 400 <= exc.http_status < 600 else 500
     if wants_json():
         body = {"error": type(exc).__name__, "title": _error_title(exc), "message": exc.message, "remedy": exc.remedy}
-        return jsonify(body), status
-    return render("error.html", status, title=_error_title(exc), message=exc.message, remedy=exc.remedy)
+        answer: Any = jsonify(body), status
+    else:
+        answer = render("error.html", status, title=_error_title(exc), message=exc.message, remedy=exc.remedy)
+    if isinstance(exc, RateLimitedError):
+        response = current_app.make_response(answer)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    return answer
 
 
 def _error_title(exc: ImagingCdsError) -> str:
@@ -380,6 +465,8 @@ def _error_title(exc: ImagingCdsError) -> str:
         return "Access not granted"
     if isinstance(exc, SmartLaunchError):
         return "The launch could not be completed"
+    if isinstance(exc, RateLimitedError):
+        return "Too many launches"
     if isinstance(exc, FhirForbidden):
         return "The EHR did not allow this"
     if isinstance(exc, FhirUnauthorized):
@@ -413,68 +500,82 @@ def handle_unexpected(exc: Exception) -> Any:
 
 @bp.get("/launch")
 def launch() -> Any:
-    """EHR launch (``iss`` + ``launch``) or standalone launch (``iss`` alone); without ``iss``, the chooser page."""
+    """EHR launch (``iss`` + ``launch``) or standalone launch (``iss`` alone); without ``iss``, the chooser page.
+
+    Anyone may call this without signing in, so it does the least it can: the client's launch budget is
+    checked, an ``iss`` that is not a registered EHR is refused before any request is made, the EHR's SMART
+    configuration comes from the discovery cache, and nothing is stored on the server: what the callback
+    needs travels in a sealed, ten-minute cookie (:class:`PendingLaunch`).
+    """
+    ext = smart_app()
+    ext.launch_limit.check(request.remote_addr or "unknown", what="launches")
     iss = request.args.get("iss", "").strip()
     launch_id = request.args.get("launch", "").strip() or None
     if not iss:
-        return render("launch.html", registrations=smart_app().config.clients)
-    ext = smart_app()
+        return render("launch.html", registrations=ext.config.clients)
     client = ext.config.registration_for(iss)
-    smart = oauth.discover(client.fhir_base.rstrip("/"), ext.http, timeout=ext.config.http_timeout_s)
+    smart = ext.discovery(client)
     pkce = oauth.new_pkce()
     scope = oauth.scope_request(smart, standalone=launch_id is None)
-    state = AuthorizationState(
-        smart=smart.to_json(),
+    pending = PendingLaunch(
+        fhir_base=client.fhir_base.rstrip("/"),
         client_id=client.client_id,
-        standalone=launch_id is None,
         oauth_state=oauth.new_state(),
         code_verifier=pkce.verifier,
         requested_scope=scope,
+        standalone=launch_id is None,
     )
-    old = request.cookies.get(SESSION_COOKIE)
-    if old:
-        ext.sessions.delete(old)  # a new launch replaces the browser's previous one (and its tokens)
-        ext.recent.forget_session(old)
-    session_id = ext.sessions.create(state)
-    assert state.oauth_state is not None
-    target = oauth.authorization_url(smart, client, scope=scope, state=state.oauth_state, pkce=pkce, launch=launch_id)
+    target = oauth.authorization_url(smart, client, scope=scope, state=pending.oauth_state, pkce=pkce, launch=launch_id)
     log.info("Starting %s launch for client %s", "standalone" if launch_id is None else "EHR", client.client_id)
     response = redirect(target, code=302)
-    set_session_cookie(response, session_id)
+    response.set_cookie(
+        cookie_name(LAUNCH_COOKIE),
+        pending.seal(ext.keyring),
+        max_age=SESSION_LIFETIME_WHILE_AUTHORIZING_S,
+        **_cookie_options(),
+    )
     return response
 
 
 @bp.get("/callback")
 def callback() -> Any:
-    """The redirect URI: check ``state`` against this browser's session, trade the code, verify the id_token."""
+    """The redirect URI: check ``state`` against this browser's pending launch, trade the code, verify the
+    id_token, and only then store a session (under a fresh id: an id planted in the browser is worth nothing).
+
+    The pending launch is single use: its cookie is cleared by this answer, whatever it is.
+    """
     ext = smart_app()
-    session_id = request.cookies.get(SESSION_COOKIE)
-    state = ext.sessions.get(session_id) if session_id else None
-    pending = state.oauth_state if state is not None and state.phase == "authorizing" else None
-    oauth.check_state(pending, request.args.get("state"))
-    assert session_id is not None and state is not None
+
+    @after_this_request
+    def forget_pending(response: Response) -> Response:
+        clear_cookie(response, LAUNCH_COOKIE)
+        return response
+
+    pending = PendingLaunch.open(request.cookies.get(cookie_name(LAUNCH_COOKIE)), ext.keyring)
+    oauth.check_state(pending.oauth_state if pending is not None else None, request.args.get("state"))
+    assert pending is not None
     error = request.args.get("error")
     if error:
-        ext.sessions.delete(session_id)
         raise oauth.authorization_error(error, request.args.get("error_description"))
     code = request.args.get("code", "")
-    if not code or state.code_verifier is None:
+    if not code:
         raise SmartLaunchError("The EHR's answer has no authorization code.", remedy="Launch the app again.")
-    client = ext.config.registration_for(state.fhir_base)
-    smart = state.smart_configuration
-    # The state is single use: whatever happens next, this answer cannot be replayed against this session.
-    verifier = state.code_verifier
-    state.oauth_state = None
-    state.code_verifier = None
-    ext.sessions.put(session_id, state)
+    client = ext.config.registration_for(pending.fhir_base)
+    smart = ext.discovery(client)
     tokens = oauth.exchange_code(
         smart,
         client,
         code=code,
-        code_verifier=verifier,
-        requested_scope=state.requested_scope,
+        code_verifier=pending.code_verifier,
+        requested_scope=pending.requested_scope,
         http=ext.http,
         timeout=ext.config.http_timeout_s,
+    )
+    state = AuthorizationState(
+        smart=smart.to_json(),
+        client_id=client.client_id,
+        standalone=pending.standalone,
+        requested_scope=pending.requested_scope,
     )
     state.apply_tokens(tokens)
     if tokens.id_token:
@@ -490,9 +591,10 @@ def callback() -> Any:
             remedy="Launch the app from a patient's chart, or pick a patient when the EHR asks.",
         )
     state.phase = "authorized"
-    # A fresh session id after login: an id planted in the browser before the launch is worth nothing now.
-    ext.sessions.delete(session_id)
-    ext.recent.forget_session(session_id)
+    old = request.cookies.get(cookie_name(SESSION_COOKIE))
+    if old:  # this launch replaces the browser's previous one (and its tokens)
+        ext.sessions.delete(old)
+        ext.recent.forget_session(ext.sessions.key(old))
     new_id = ext.sessions.create(state)
     log.info("Launch authorised for client %s (%d scopes granted)", client.client_id, len(state.granted.scopes))
     study = next(
@@ -518,7 +620,7 @@ def logout() -> Any:
         smart_app().sessions.delete(found.session_id)
         smart_app().recent.forget_session(found.session_id)
     response = redirect(url_for("smart.launch"), code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    clear_cookie(response, SESSION_COOKIE)
     return response
 
 
@@ -632,7 +734,9 @@ def analyze(study_id: str) -> Any:
     record = ext.jobs.submit(
         ANALYZE_STUDY,
         analysis_params(imaging_study, [name], fhir_base=state.fhir_base, launch_ref=state.job_ref),
-        dedupe_key=f"{state.fhir_base}|{imaging_study}|{name}",
+        # One job per launch: a second clinician pressing Analyze on the same study gets an analysis of their own,
+        # run with their own token (the job finds its session by launch_ref), never a share of the first one's.
+        dedupe_key=f"{state.job_ref}|{imaging_study}|{name}",
     )
     with ext.sessions.locked(session_id):
         fresh = ext.sessions.get(session_id)
@@ -848,6 +952,7 @@ def review(report_id: str) -> Any:
         view.version,
         "accepted" if accepted else "rejected",
         rejection_kind=None if accepted else kind,  # type: ignore[arg-type]
+        reviewer=state.fhir_user,
     )
     log.info("Review of DiagnosticReport/%s recorded: %s", report_id, "accepted" if accepted else "rejected")
     outcome = "accepted" if accepted else "rejected"

@@ -15,7 +15,9 @@ from core.allowlist import AllowList
 from core.errors import ConfigurationError
 from core.limits import DEFAULT_LIMITS, InputLimits
 from core.options import did_you_mean
+from core.sealing import Keyring
 from fhir_adapters.writer import ServerWriteSettings
+from pipeline.audit import AuditRecorder
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
 
@@ -35,10 +37,18 @@ class SmartAppConfig:
     * ``card_base_url``: absolute base URL of this app, written into the Device of each result as the
       model card's address (``{card_base_url}/models/<name>``); the screen links ``/models/<name>``.
     * ``frame_ancestors``: origins allowed to embed the app in a frame (an EHR that opens apps in an
-      iframe); none by default.
+      iframe); none by default. With secure cookies, naming any also makes the cookies usable inside the EHR's
+      frame (``SameSite=None; Partitioned``); every form still carries its CSRF token.
     * ``limits``: how large the EHR's answers and the PACS's images may be (:class:`core.limits.InputLimits`).
     * ``write_settings``: how results are written to each EHR's FHIR server (strategy, limits); by default
       decided from its CapabilityStatement (:mod:`fhir_adapters.writer`).
+    * ``keyring``: the key(s) sessions and pending launches are sealed with (:class:`core.sealing.Keyring`, from
+      the deployment's ``state_key``); ``None`` makes a key for this process only, so sessions do not survive a
+      restart and other processes cannot read them: for tests and the demo.
+    * ``launches_per_minute``: how many launches one client address may start per minute.
+    * ``discovery_cache_s``: how long an EHR's SMART configuration is reused before it is discovered again.
+    * ``audit``: where the app records each access to patient data (:class:`pipeline.audit.AuditRecorder`);
+      ``None`` records nothing (tests of other things).
     """
 
     clients: tuple[ClientRegistration, ...]
@@ -53,6 +63,10 @@ class SmartAppConfig:
     frame_ancestors: tuple[str, ...] = ()
     limits: InputLimits = DEFAULT_LIMITS
     write_settings: ServerWriteSettings = field(default_factory=ServerWriteSettings)
+    keyring: Keyring | None = None
+    launches_per_minute: int = 30
+    discovery_cache_s: float = 300.0
+    audit: AuditRecorder | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -8,9 +8,10 @@ engine's worker process (``imaging-cds worker``), which cannot reach the web pro
 
 The session store is where the seam is. Today it is the SQLite file :func:`open_session_store` opens under the
 app's ``data_dir``, which the web process and the workers share by path (one machine, or a shared volume).
-Token refreshes of one session are serialised by a lock inside one process only; a store shared by several
-processes must also serialise them across processes (a rotating refresh token spent twice ends the session),
-which is the shared session store's job.
+Token refreshes of one session are serialised across processes by the store's per-session lease
+(:meth:`smart_launch.session.SessionStore.locked`), so a rotating refresh token is never spent twice; every process
+opens the store with the deployment's ``state_key`` (``config.keyring``), which seals the sessions at rest. Each
+client's interactions are recorded in the deployment's audit outbox for the launch's clinician.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+from flask import g, has_request_context, request
 
 from core.allowlist import AllowList
 from core.outbound import outbound_session
+from fhir_adapters.audit import Actor
 from fhir_adapters.client import FhirClient
 from smart_launch import oauth
 from smart_launch.config import SmartAppConfig
@@ -34,7 +37,7 @@ SESSION_FILE = "smart-sessions.sqlite"
 
 def open_session_store(config: SmartAppConfig) -> SessionStore:
     """The app's session store: the same one for every process of a deployment that is given ``config``."""
-    return SessionStore(config.data_dir / SESSION_FILE, max_age_s=config.session_lifetime_s)
+    return SessionStore(config.data_dir / SESSION_FILE, keyring=config.keyring, max_age_s=config.session_lifetime_s)
 
 
 @dataclass
@@ -62,15 +65,25 @@ class LaunchClients:
         return SessionTokenProvider(self.sessions, session_id, self.refresher)
 
     def fhir_client(self, session_id: str, state: AuthorizationState) -> FhirClient:
-        """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session."""
-        return FhirClient(
-            state.fhir_base,
-            auth=self.token_provider(session_id),
-            timeout=self.config.http_timeout_s,
-            session=outbound_session(),
-            allow_list=AllowList.of([state.fhir_base]),
-            limits=self.config.limits,
-        )
+        """A FHIR client for the session's EHR whose token comes from (and is refreshed in) the session.
+
+        With auditing configured, each of its interactions is recorded for the launch's client and clinician,
+        from the browser's address for a page, or this deployment's site for an analysis job (a worker included).
+        """
+        options: dict[str, Any] = {
+            "auth": self.token_provider(session_id),
+            "timeout": self.config.http_timeout_s,
+            "session": outbound_session(),
+            "allow_list": AllowList.of([state.fhir_base]),
+            "limits": self.config.limits,
+        }
+        audit = self.config.audit
+        if audit is None:
+            return FhirClient(state.fhir_base, **options)
+        in_page = has_request_context()
+        actor = Actor(state.client_id, (request.remote_addr if in_page else None) or audit.source.site, state.fhir_user)
+        request_id = g.get("request_id") if in_page else None
+        return audit.client(state.fhir_base, actor, request_id=request_id, **options)
 
     def client_for_job(self, params: Mapping[str, Any]) -> FhirClient:
         """The FHIR client an analysis job runs with: the launching session's, found by the job's launch reference.

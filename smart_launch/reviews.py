@@ -1,18 +1,20 @@
 """Clinicians' review decisions on AI results, kept for the assessment figures (acceptance rate per analyzer).
 
 The EHR holds the authoritative record of each sign-off (the DiagnosticReport's status and its Provenance);
-this small SQLite table only counts decisions so the project can report how often clinicians accept each
-analyzer's results. It stores resource ids, analyzer names and decision codes: no patient data.
+this small SQLite table counts decisions so the project can report how often clinicians accept each analyzer's
+results, and says who decided (the reviewer's ``Practitioner`` reference, from the launch's ``fhirUser``). It
+stores resource ids, analyzer names and decision codes: no patient data.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
+
+from core.statefiles import connect_private_sqlite
 
 Decision = Literal["accepted", "rejected"]
 RejectionKind = Literal["entered-in-error", "cancelled"]
@@ -25,6 +27,7 @@ CREATE TABLE IF NOT EXISTS reviews (
     decision TEXT NOT NULL CHECK (decision IN ('accepted', 'rejected')),
     rejection_kind TEXT,
     reviewed_at TEXT NOT NULL,
+    reviewer TEXT,
     PRIMARY KEY (report, decision, reviewed_at)
 );
 """
@@ -54,9 +57,12 @@ class ReviewLog:
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = str(path)
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        self._connection = connect_private_sqlite(self.path, wal=False)
         with self._lock:
             self._connection.executescript(_SCHEMA)
+            columns = {row[1] for row in self._connection.execute("PRAGMA table_info(reviews)")}
+            if "reviewer" not in columns:  # a log written before reviewers were recorded
+                self._connection.execute("ALTER TABLE reviews ADD COLUMN reviewer TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -71,15 +77,25 @@ class ReviewLog:
         *,
         rejection_kind: RejectionKind | None = None,
         when: datetime | None = None,
+        reviewer: str | None = None,
     ) -> None:
-        """Count one decision on ``report`` (``DiagnosticReport/<id>``)."""
+        """Count one decision on ``report`` (``DiagnosticReport/<id>``) by ``reviewer`` (``Practitioner/<id>``)."""
         at = (when or datetime.now(UTC)).astimezone(UTC).isoformat()
         with self._lock:
             self._connection.execute(
-                "INSERT OR IGNORE INTO reviews (report, analyzer, version, decision, rejection_kind, reviewed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (report, analyzer, version, decision, rejection_kind if decision == "rejected" else None, at),
+                "INSERT OR IGNORE INTO reviews"
+                " (report, analyzer, version, decision, rejection_kind, reviewed_at, reviewer)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (report, analyzer, version, decision, rejection_kind if decision == "rejected" else None, at, reviewer),
             )
+
+    def decisions(self, report: str) -> list[tuple[str, str | None, str]]:
+        """``(decision, reviewer, reviewed_at)`` of each decision on ``report``, oldest first."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT decision, reviewer, reviewed_at FROM reviews WHERE report = ? ORDER BY reviewed_at", (report,)
+            ).fetchall()
+        return [(str(d), r, str(t)) for d, r, t in rows]
 
     def figures(self) -> dict[str, AnalyzerFigures]:
         """Acceptance figures per analyzer name, counting each report's latest decision only."""

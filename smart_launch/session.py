@@ -1,20 +1,24 @@
 """The authorisation state of one browser session, kept on the server; the browser holds only an opaque id.
 
 One serialisable object, :class:`AuthorizationState`, holds everything a launch produced: the discovered
-endpoints, the pending ``state`` and PKCE verifier while the user is at the EHR's consent screen, then the tokens,
-the granted scopes, the launch context (patient, encounter, fhirContext, banner) and the verified ``fhirUser``.
-:class:`SessionStore` keeps these objects in SQLite under a random 256-bit session id; that id is all the
-session cookie carries, so a token never reaches a page, a URL or the browser's storage.
+endpoints, the tokens, the granted scopes, the launch context (patient, encounter, fhirContext, banner) and the
+verified ``fhirUser``. :class:`SessionStore` keeps these objects sealed (AES-GCM) in SQLite under the hash of a
+random 256-bit session id; that id is all the session cookie carries, so a token never reaches a page, a URL or
+the browser's storage, nor the state file in readable form. Before the EHR has authorised the launch nothing is
+stored: the ``state`` and PKCE verifier travel in a sealed cookie (:class:`PendingLaunch`).
 
 :class:`SessionTokenProvider` lets a :class:`fhir_adapters.client.FhirClient` (and a background analysis job)
 use a session's access token, refreshing it shortly before it expires; refreshes of one session are
-serialised by a per-session lock so a page request and a running job never spend a rotating refresh token
-twice.
+serialised by a per-session lease, across threads and processes, so a page request and a running job never
+spend a rotating refresh token twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -25,8 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from core.errors import ImagingCdsError
+from core.sealing import Keyring, SealedValueError
+from core.statefiles import connect_private_sqlite
 from fhir_adapters.errors import FhirUnauthorized
 from smart_launch.oauth import GrantedScopes, SmartConfiguration, TokenSet, refresh_margin
+
+log = logging.getLogger(__name__)
 
 Phase = Literal["authorizing", "authorized"]
 
@@ -36,7 +45,10 @@ DEFAULT_SESSION_LIFETIME_S = 8 * 3600
 
 @dataclass
 class AuthorizationState:
-    """Everything one launch established. Plain fields only, so it round-trips through JSON unchanged."""
+    """Everything one authorised launch established. Plain fields only, so it round-trips through JSON unchanged.
+
+    It exists from the code exchange on (a launch still at the EHR's consent screen is a :class:`PendingLaunch`).
+    """
 
     smart: dict[str, Any]
     client_id: str
@@ -45,9 +57,6 @@ class AuthorizationState:
     created_at: float = field(default_factory=time.time)
     csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     job_ref: str = field(default_factory=lambda: secrets.token_urlsafe(16))
-    # While the user is at the EHR's authorization screen:
-    oauth_state: str | None = field(default=None, repr=False)
-    code_verifier: str | None = field(default=None, repr=False)
     requested_scope: str = ""
     # After the code exchange:
     access_token: str | None = field(default=None, repr=False)
@@ -114,100 +123,302 @@ class AuthorizationState:
         )
 
 
+SESSION_LIFETIME_WHILE_AUTHORIZING_S = 600
+"""A launch waiting at the EHR's consent screen is pending for ten minutes at most (the pending launch cookie's
+lifetime); after that the clinician starts it again."""
+
+SWEEP_INTERVAL_S = 60.0
+REFRESH_LEASE_S = 60.0
+"""How long one process may hold a session's refresh lease: longer than a token request may take (its timeout
+is 30 s), so a lease is only taken over from a process that died while holding it."""
+REFRESH_WAIT_S = 45.0
+_SEALED_CONTEXT = "smart-session:"
+_PENDING_CONTEXT = "smart-pending-launch"
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS smart_sessions (
-    id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS smart_sessions_sealed (
+    key TEXT PRIMARY KEY,
     job_ref TEXT NOT NULL,
-    data TEXT NOT NULL,
+    sealed TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS smart_sessions_by_job_ref ON smart_sessions (job_ref);
+CREATE INDEX IF NOT EXISTS smart_sessions_sealed_by_job_ref ON smart_sessions_sealed (job_ref);
+CREATE INDEX IF NOT EXISTS smart_sessions_sealed_by_created ON smart_sessions_sealed (created_at);
+CREATE TABLE IF NOT EXISTS smart_session_leases (
+    key TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL
+);
 """
 
 
-class SessionStore:
-    """Authorisation states by session id, in one SQLite file (or ``:memory:``), safe across threads.
+class SessionKey(str):
+    """What the store keys a session by: the SHA-256 of its id, so the file never holds a usable session cookie.
 
-    Sessions older than ``max_age_s`` are treated as gone (and removed): a stolen session id stops working
-    after a shift even if never logged out. Token values are stored in the file, which must therefore be
-    readable by the service only, like any credential store.
+    Code that already looked a session up (a page, a job found by its launch reference) passes this key on; a
+    plain string is always taken for a session id and hashed, so a cookie holding a key read from the file
+    opens nothing.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, session_id: str) -> SessionKey:
+        if isinstance(session_id, SessionKey):
+            return session_id
+        return cls(hashlib.sha256(session_id.encode("utf-8")).hexdigest())
+
+
+class SessionBusyError(ImagingCdsError):
+    """Another request (in this or another process) has been refreshing this session's token for too long."""
+
+    http_status = 503
+
+
+class SessionStore:
+    """Authorisation states by session id, in one SQLite file (or ``:memory:``), shared by threads and processes.
+
+    What the file holds, and what it does not:
+
+    * each state is sealed (:class:`core.sealing.Keyring`, AES-GCM) and bound to its row, so neither a token,
+      nor the PKCE verifier, nor the patient of a launch can be read from the file or a backup of it;
+    * rows are keyed by a SHA-256 of the session id: the cookie's value is not in the file either;
+    * deleted rows are overwritten (``secure_delete``), and a file left by a release that stored states in
+      plain text is emptied of them when opened;
+    * the file is ``0600`` in a ``0700`` folder (:mod:`core.statefiles`).
+
+    Several processes may share the file (``serve`` and job workers given the same ``data_dir``, on one host):
+    every statement is atomic in SQLite, each process opens its own connection (also after a fork), and a token
+    refresh takes a per-session lease row (:meth:`locked`) so that two processes never spend one rotating refresh
+    token twice. Sessions older than ``max_age_s`` are gone (a stolen session id stops working after a shift),
+    and expired rows are swept at most once a minute by whichever process writes.
     """
 
     def __init__(
         self,
         path: str | Path = ":memory:",
         *,
+        keyring: Keyring | None = None,
         max_age_s: float = DEFAULT_SESSION_LIFETIME_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.path = str(path)
         self.max_age_s = max_age_s
+        self.keyring = keyring or Keyring.ephemeral()
         self._clock = clock
         self._lock = threading.Lock()
         self._session_locks: dict[str, threading.Lock] = {}
-        self._connection = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+        self._holder = f"{os.getpid()}:{secrets.token_hex(8)}"
+        self._pid = os.getpid()
+        self._next_sweep = 0.0
+        self._connection = self._open()
         with self._lock:
-            if str(path) != ":memory:":
-                self._connection.execute("PRAGMA journal_mode=WAL")
-                # WAL with NORMAL sync survives an app crash; a power cut may lose the last writes, which only
-                # means signing in again. It spares an fsync on each page that updates the session.
-                self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._connection.executescript(_SCHEMA)
+            self._forget_plain_text_sessions()
+
+    def _open(self) -> sqlite3.Connection:
+        connection = connect_private_sqlite(self.path)
+        connection.execute("PRAGMA secure_delete=ON")
+        connection.executescript(_SCHEMA)
+        return connection
+
+    def _db(self) -> sqlite3.Connection:
+        """This process's connection (a connection must not cross a fork: a forked worker opens its own)."""
+        if self._pid != os.getpid():
+            self._connection = self._open()
+            self._pid = os.getpid()
+            self._holder = f"{os.getpid()}:{secrets.token_hex(8)}"
+            self._session_locks = {}
+        return self._connection
+
+    def _forget_plain_text_sessions(self) -> None:
+        """Earlier releases kept states, tokens included, in plain text (table ``smart_sessions``): drop them and
+        rewrite the file so no page of it still holds them (those clinicians launch the app again)."""
+        db = self._db()
+        found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'smart_sessions'").fetchone()
+        if found:
+            db.execute("DROP TABLE smart_sessions")
+            db.execute("VACUUM")
+            if self.path != ":memory:":
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self._lock:
             self._connection.close()
 
+    def key(self, session_id: str) -> SessionKey:
+        """The key of the session whose id (the cookie's value) is ``session_id``."""
+        return SessionKey.of(session_id)
+
+    def _seal(self, key: str, state: AuthorizationState) -> str:
+        return self.keyring.seal(state.to_json().encode("utf-8"), context=_SEALED_CONTEXT + key)
+
     def create(self, state: AuthorizationState) -> str:
         """Store ``state`` under a new random id and return the id (the only thing the cookie will hold)."""
         session_id = secrets.token_urlsafe(32)
+        key = SessionKey.of(session_id)
         now = self._clock()
+        sealed = self._seal(key, state)
         with self._lock:
-            self._connection.execute(
-                "INSERT INTO smart_sessions (id, job_ref, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (session_id, state.job_ref, state.to_json(), now, now),
+            self._sweep(now)
+            self._db().execute(
+                "INSERT INTO smart_sessions_sealed (key, job_ref, sealed, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key, state.job_ref, sealed, now, now),
             )
         return session_id
+
+    def _sweep(self, now: float) -> None:
+        """Remove expired sessions and abandoned leases (caller holds ``_lock``); at most once a minute."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL_S
+        db = self._db()
+        db.execute("DELETE FROM smart_sessions_sealed WHERE created_at < ?", (now - self.max_age_s,))
+        db.execute("DELETE FROM smart_session_leases WHERE until < ?", (now,))
+
+    def sweep(self) -> None:
+        """Remove expired sessions now (``create`` also does, at most once a minute)."""
+        with self._lock:
+            self._next_sweep = 0.0
+            self._sweep(self._clock())
+
+    def count(self) -> int:
+        """How many sessions the file holds (expired ones not yet swept included)."""
+        with self._lock:
+            row = self._db().execute("SELECT COUNT(*) FROM smart_sessions_sealed").fetchone()
+        return int(row[0])
 
     def get(self, session_id: str | None) -> AuthorizationState | None:
         if not session_id:
             return None
+        key = SessionKey.of(session_id)
         with self._lock:
-            row = self._connection.execute(
-                "SELECT data, created_at FROM smart_sessions WHERE id = ?", (session_id,)
-            ).fetchone()
+            row = (
+                self._db()
+                .execute("SELECT sealed, created_at FROM smart_sessions_sealed WHERE key = ?", (key,))
+                .fetchone()
+            )
         if row is None:
             return None
         if self._clock() - float(row[1]) > self.max_age_s:
             self.delete(session_id)
             return None
-        return AuthorizationState.from_json(row[0])
+        try:
+            plain = self.keyring.open(row[0], context=_SEALED_CONTEXT + key)
+        except SealedValueError:
+            # Not deleted: a process given the wrong key must not end the sessions of those that have the right one;
+            # an unreadable session expires and is swept like any other.
+            log.warning("A session could not be unsealed (another key, or the file was altered); treated as ended")
+            return None
+        state = AuthorizationState.from_json(plain.decode("utf-8"))
+        if not self.keyring.sealed_with_current(row[0]):
+            # Re-sealed with the current key, so the previous key can be retired; only if nobody wrote the row
+            # meanwhile (a refresh in another process must never be undone by this).
+            with self._lock:
+                self._db().execute(
+                    "UPDATE smart_sessions_sealed SET sealed = ? WHERE key = ? AND sealed = ?",
+                    (self._seal(key, state), key, row[0]),
+                )
+        return state
 
     def put(self, session_id: str, state: AuthorizationState) -> None:
+        key = SessionKey.of(session_id)
+        sealed = self._seal(key, state)
         with self._lock:
-            self._connection.execute(
-                "UPDATE smart_sessions SET data = ?, job_ref = ?, updated_at = ? WHERE id = ?",
-                (state.to_json(), state.job_ref, self._clock(), session_id),
+            self._db().execute(
+                "UPDATE smart_sessions_sealed SET sealed = ?, job_ref = ?, updated_at = ? WHERE key = ?",
+                (sealed, state.job_ref, self._clock(), key),
             )
 
     def delete(self, session_id: str) -> None:
+        key = SessionKey.of(session_id)
         with self._lock:
-            self._connection.execute("DELETE FROM smart_sessions WHERE id = ?", (session_id,))
-            self._session_locks.pop(session_id, None)
+            self._db().execute("DELETE FROM smart_sessions_sealed WHERE key = ?", (key,))
+            self._session_locks.pop(key, None)
 
-    def session_for_job_ref(self, job_ref: str) -> str | None:
-        """The session id that submitted jobs under ``job_ref`` (jobs carry the ref, never the session id)."""
+    def session_for_job_ref(self, job_ref: str) -> SessionKey | None:
+        """The key of the session that submitted jobs under ``job_ref`` (jobs carry the ref, never the session)."""
         with self._lock:
-            row = self._connection.execute("SELECT id FROM smart_sessions WHERE job_ref = ?", (job_ref,)).fetchone()
-        return str(row[0]) if row else None
+            row = self._db().execute("SELECT key FROM smart_sessions_sealed WHERE job_ref = ?", (job_ref,)).fetchone()
+        return SessionKey(row[0]) if row else None
 
     @contextmanager
     def locked(self, session_id: str) -> Iterator[None]:
-        """Hold the session's own lock (token refresh, read-modify-write of its state)."""
+        """Hold the session's lock in this process and its lease across processes (token refresh,
+        read-modify-write of its state). Waits up to 45 s for another holder, then :class:`SessionBusyError`."""
+        key = SessionKey.of(session_id)
         with self._lock:
-            lock = self._session_locks.setdefault(session_id, threading.Lock())
+            lock = self._session_locks.setdefault(key, threading.Lock())
         with lock:
-            yield
+            self._take_lease(key)
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._db().execute(
+                        "DELETE FROM smart_session_leases WHERE key = ? AND holder = ?", (key, self._holder)
+                    )
+
+    def _take_lease(self, key: str) -> None:
+        deadline = time.monotonic() + REFRESH_WAIT_S
+        while True:
+            now = self._clock()
+            with self._lock:
+                taken = (
+                    self._db()
+                    .execute(
+                        "INSERT INTO smart_session_leases (key, holder, until) VALUES (?, ?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, until = excluded.until "
+                        "WHERE smart_session_leases.until < ?",
+                        (key, self._holder, now + REFRESH_LEASE_S, now),
+                    )
+                    .rowcount
+                )
+            if taken:
+                return
+            if time.monotonic() > deadline:
+                raise SessionBusyError(
+                    "Another request of this launch has been renewing its access to the EHR for too long.",
+                    remedy="Try again in a minute; if it keeps happening, launch the app again from the EHR.",
+                )
+            time.sleep(0.05)
+
+
+@dataclass
+class PendingLaunch:
+    """A launch waiting at the EHR's authorization screen, kept sealed in the browser, not on the server.
+
+    Until the EHR sends the browser back with a code, the app has nothing to store: the ``state`` to check and
+    the PKCE verifier to send travel in a sealed, short-lived cookie (:meth:`seal`), so an unauthenticated
+    ``GET /launch`` writes nothing and a flood of them fills no table.
+    """
+
+    fhir_base: str
+    client_id: str
+    oauth_state: str = field(repr=False)
+    code_verifier: str = field(repr=False)
+    requested_scope: str
+    standalone: bool
+    created_at: float = field(default_factory=time.time)
+
+    def seal(self, keyring: Keyring) -> str:
+        return keyring.seal(json.dumps(asdict(self)).encode("utf-8"), context=_PENDING_CONTEXT)
+
+    @classmethod
+    def open(cls, sealed: str | None, keyring: Keyring, *, now: float | None = None) -> PendingLaunch | None:
+        """The pending launch in a cookie, or ``None`` when there is none, it is not genuine, or it expired."""
+        if not sealed:
+            return None
+        try:
+            data = json.loads(keyring.open(sealed, context=_PENDING_CONTEXT))
+            pending = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except (SealedValueError, ValueError, KeyError, TypeError):
+            return None
+        current = time.time() if now is None else now
+        if not 0 <= current - pending.created_at <= SESSION_LIFETIME_WHILE_AUTHORIZING_S:
+            return None
+        return pending
 
 
 Refresher = Callable[[AuthorizationState], TokenSet]
@@ -239,8 +450,12 @@ class SessionTokenProvider:
         return "SessionTokenProvider(<session redacted>)"
 
     def authorization_header(self) -> str:
+        state = self._store.get(self._session_id)
+        if state is not None and state.authorized and not state.refresh_due(self._clock()):
+            assert state.access_token is not None
+            return f"Bearer {state.access_token}"  # the common case: no lease taken, nothing written
         with self._store.locked(self._session_id):
-            state = self._store.get(self._session_id)
+            state = self._store.get(self._session_id)  # again: another holder may have refreshed it meanwhile
             if state is None or not state.authorized:
                 raise FhirUnauthorized(
                     "The SMART session has ended, so the EHR cannot be read or written for it.",

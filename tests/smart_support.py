@@ -6,16 +6,18 @@ authorization server and a scope-enforcing proxy), and the Flask app served by w
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import requests
 
 if TYPE_CHECKING:
     from devtools.demo import LoadedStudy
     from devtools.sandbox.dev import RunningApp
+    from fhir_adapters.client import FhirClient
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -52,3 +54,33 @@ def launch_over_http(app: RunningApp, chest_ct: LoadedStudy, practitioner: str, 
     )
     answer.session = browser  # type: ignore[attr-defined]
     return answer
+
+
+def audit_events(app: RunningApp, fhir: FhirClient, patient: str) -> list[dict[str, Any]]:
+    """The AuditEvents about ``patient`` in the real FHIR server, once the app's outbox has been sent there."""
+    app.audit.drainer.drain_once()  # type: ignore[union-attr]
+    assert app.audit.outbox.pending() == 0 and not app.audit.outbox.refused()
+    return list(fhir.search("AuditEvent", {"patient": patient, "_count": "500"}))
+
+
+def profile_of(event: dict[str, Any]) -> str | None:
+    """The BALP profile an AuditEvent claims (``PatientRead``...), or ``None``."""
+    profiles = event.get("meta", {}).get("profile", [])
+    return profiles[0].rsplit(".", 1)[-1] if profiles else None
+
+
+def entity_of(event: dict[str, Any]) -> str | None:
+    """What an AuditEvent is about: its data entity's reference, its query (``GET Type``), else its patient."""
+    for entity in event.get("entity", []):
+        if entity.get("role", {}).get("code") in ("3", "4") and "reference" in entity.get("what", {}):
+            return str(entity["what"]["reference"])
+        if "query" in entity:
+            return base64.b64decode(entity["query"]).decode().split("?", 1)[0]
+    return next(
+        (str(e["what"]["reference"]) for e in event.get("entity", []) if e.get("role", {}).get("code") == "1"), None
+    )
+
+
+def app_pacs(app: RunningApp) -> str:
+    """The PACS the app may fetch from (the DICOMweb prefix it was configured with)."""
+    return str(app.ext.config.dicomweb_allow_list.prefixes[0]).rstrip("/")

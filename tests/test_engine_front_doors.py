@@ -20,7 +20,7 @@ from devtools.demo import load_sample_study
 from devtools.samples import SAMPLES
 from devtools.sandbox.dev import CLIENT_ID, serve_app_with_sandbox
 from devtools.servers import FhirServer, OrthancServer, RedisServer, redis_server
-from devtools.workers import worker_node
+from devtools.workers import deployment_keyring, worker_node
 from fhir_adapters.client import FhirClient
 from pipeline.jobs import JobState
 from service.settings import load_settings
@@ -45,7 +45,11 @@ def test_a_clinicians_analysis_runs_on_a_worker_with_the_token_of_her_launch(
     runner = celery_runner(load_settings(write_settings(tmp_path, **common)))  # serve's side: records, publishes
 
     with serve_app_with_sandbox(
-        fhir_base.base_url, tmp_path / "data" / "app", orthanc.dicomweb_url, job_runner=runner
+        fhir_base.base_url,
+        tmp_path / "data" / "app",
+        orthanc.dicomweb_url,
+        job_runner=runner,
+        keyring=deployment_keyring(tmp_path),  # the worker opens the sealed session with the deployment's key
     ) as app:
         registration = {"fhir_base": app.sandbox.fhir_base, "client_id": CLIENT_ID, "redirect_uri": app.redirect_uri}
         settings = write_settings(tmp_path, **common, extra={"smart_clients": [registration]})

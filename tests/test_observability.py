@@ -25,6 +25,7 @@ from service.logs import configure_logging, redact
 from service.settings import parse_settings
 from service.web import create_server_app
 from tests.cds_support import CDS_BASE, EHR_ISS, EhrKeys, create_patient, prefetch_for
+from tests.serve_support import write_state_key
 
 PATIENT_VIEW = "imaging-ai-patient-view"
 
@@ -49,6 +50,7 @@ def _settings(tmp_path: Path, keys: EhrKeys, *, fhir: str, pacs: str, broker: st
         "cds_clients": [{"iss": EHR_ISS, "jwks": keys.public_jwks()}],
         "smart_clients": [{"fhir_base": fhir, "client_id": "imaging-cds"}],
         "backend": {"fhir_base": fhir, "auth": "none"},
+        "state_key": {"file": str(write_state_key(tmp_path))},
         **extra,
     }
     if broker is not None:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from joserfc import jwk, jwt
+from joserfc import jwk
 
 from devtools.servers import FhirServer, OrthancServer, free_port
-
-EHR_ISS = "https://ehr.example.org"
+from tests.serve_support import base_settings, cds_jwt, serving, write_state_key
 
 
 @pytest.fixture(scope="module")
@@ -29,54 +26,25 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, ehr_key: jwk.ECKey, fhir_base: FhirServer, orthanc: OrthancServer
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("serve")
-    (root / "ehr-jwks.json").write_text(json.dumps({"keys": [ehr_key.as_dict(private=False)]}))
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    settings = {
-        "public_base_url": base,
-        "data_dir": str(root / "data"),
-        "dicomweb_allow": [orthanc.dicomweb_url],
-        "fhir_allow": [fhir_base.base_url],
-        "cds_clients": [{"iss": EHR_ISS, "jwks_file": str(root / "ehr-jwks.json")}],
-        "smart_clients": [{"fhir_base": fhir_base.base_url, "client_id": "imaging-cds"}],
-    }
-    config = root / "settings.yaml"
-    config.write_text(json.dumps(settings))  # JSON is YAML
-    log = (root / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imaging_cds.cli", "serve", "--config", str(config), "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    settings = base_settings(
+        root,
+        port,
+        ehr_key,
+        dicomweb_allow=[orthanc.dicomweb_url],
+        fhir_allow=[fhir_base.base_url],
+        smart_clients=[{"fhir_base": fhir_base.base_url, "client_id": "imaging-cds"}],
+        state_key={"file": str(write_state_key(root))},
+        audit={"fhir_base": fhir_base.base_url, "auth": "none"},
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(f"{base}/models/", timeout=1)
-                break
-            except requests.RequestException:
-                assert process.poll() is None, (root / "serve.log").read_text()
-                assert time.monotonic() < deadline, "imaging-cds serve did not start"
-                time.sleep(0.2)
-        yield base
-        assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text(), "serve must not load torch"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
+    with serving(settings, root, port) as running:
+        yield running.base
+        maps = Path(f"/proc/{running.process.pid}/maps").read_text()
+        assert "libtorch" not in maps, "serve must not load torch"
 
 
 def _cds_jwt(key: jwk.ECKey, audience: str) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": EHR_ISS,
-        "sub": "ehr-client",
-        "aud": audience,
-        "exp": now + 60,
-        "iat": now,
-        "jti": str(uuid.uuid4()),
-    }
-    return jwt.encode({"alg": "ES384", "kid": "ehr-1", "typ": "JWT"}, claims, key, algorithms=["ES384"])
+    return cds_jwt(key, audience)
 
 
 def test_discovery_needs_a_trusted_ehr_and_lists_the_three_hooks(server: str, ehr_key: jwk.ECKey) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from flask.testing import FlaskClient
 from joserfc.jwk import RSAKey
 
 from core.allowlist import AllowList
@@ -27,8 +28,9 @@ from fhir_adapters.client import FhirClient
 from fhir_adapters.writer import WriteSettings
 from models.registry import get_analyzer
 from pipeline.analysis import analyze_study
-from smart_launch.app import SESSION_COOKIE
-from smart_launch.oauth import GrantedScopes
+from smart_launch.app import SESSION_COOKIE, create_app
+from smart_launch.config import SmartAppConfig
+from smart_launch.oauth import ClientRegistration, GrantedScopes
 from smart_launch.reviews import ReviewLog, review_figures
 from smart_launch.session import AuthorizationState, RecentReads, SessionStore
 from smart_launch.views import (
@@ -443,3 +445,108 @@ def test_the_result_screen_gives_the_model_probability_with_its_unit(key: str, q
     }
     view = report_view(report, [observation])
     assert view.probability == shown and view.findings == ()
+
+
+# ---------------------------------------------------------------------------------------------- bounded launches
+
+
+def test_the_launch_endpoint_hammered_stores_nothing_and_asks_the_ehr_at_most_once(
+    fhir_base: FhirServer, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    with serve_app_with_sandbox(fhir_base.base_url, tmp_path, orthanc.dicomweb_url, launches_per_minute=10_000) as app:
+        outbound: list[str] = []
+        app.ext.http.hooks["response"].append(lambda response, *args, **kwargs: outbound.append(response.url))
+        anyone = requests.Session()  # nobody signed in: no cookie, no launch context the EHR issued
+        for n in range(150):
+            refused = anyone.get(app.launch_url, params={"iss": f"http://127.0.0.1:9/fhir/{n}", "launch": "x"})
+            assert refused.status_code == 400 and "not registered" in refused.text
+        assert outbound == []  # an unregistered iss is refused before any request
+        for n in range(150):
+            started = anyone.get(
+                app.launch_url, params={"iss": app.sandbox.fhir_base, "launch": f"l{n}"}, allow_redirects=False
+            )
+            assert started.status_code == 302 and started.headers["Location"].startswith(app.sandbox.base_url)
+        assert len(outbound) == 1 and outbound[0].endswith("/.well-known/smart-configuration")  # discovered once
+        assert app.ext.sessions.count() == 0  # a launch is stored only once the EHR has authorised it
+        assert app.ext.job_store.list(limit=None) == () and app.audit.outbox.pending() == 0
+
+
+def test_each_client_address_may_start_only_so_many_launches_a_minute(
+    fhir_base: FhirServer, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    with serve_app_with_sandbox(fhir_base.base_url, tmp_path, orthanc.dicomweb_url, launches_per_minute=5) as app:
+        answers = [requests.get(app.launch_url, params={"iss": "https://x.example/fhir"}) for _ in range(7)]
+        assert [a.status_code for a in answers] == [400] * 5 + [429] * 2
+        assert answers[-1].headers["Retry-After"] == "60" and "Too many launches" in answers[-1].text
+
+
+def _https_app(app: RunningApp, tmp_path: Path, **settings: object) -> FlaskClient:
+    """The app as deployed behind HTTPS (Secure cookies), registered with the running sandbox EHR."""
+    registration = ClientRegistration(
+        fhir_base=app.sandbox.fhir_base, client_id="imaging-cds-clinician", redirect_uri="https://app.example/callback"
+    )
+    config = SmartAppConfig(
+        clients=(registration,),
+        data_dir=tmp_path / "https-app",
+        dicomweb_allow_list=AllowList.of(["https://pacs.example/dicom-web"]),
+        **settings,  # type: ignore[arg-type]
+    )
+    return create_app(config).test_client()
+
+
+def test_over_https_cookies_are_host_prefixed_and_an_embedding_ehr_can_use_them(
+    public_app: RunningApp, tmp_path: Path
+) -> None:
+    plain = _https_app(public_app, tmp_path)
+    answer = plain.get("/launch", query_string={"iss": public_app.sandbox.fhir_base}, base_url="https://app.example")
+    cookie = answer.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-imaging_cds_launch=")  # the browser keeps it only if Secure, Path=/, no Domain
+    assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie and "SameSite=Lax" in cookie
+    assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+    # A cookie without the prefix (set by a sibling subdomain over http, say) is not this app's launch.
+    forged = plain.application.test_client().get(  # a browser that holds only the unprefixed cookie
+        "/callback",
+        query_string={"state": "s", "code": "c"},
+        base_url="https://app.example",
+        headers={"Cookie": "imaging_cds_launch=anything"},
+    )
+    assert forged.status_code == 400 and "no SMART launch in progress" in forged.text
+
+    embedded = _https_app(public_app, tmp_path / "embedded", frame_ancestors=("https://ehr.example",))
+    answer = embedded.get("/launch", query_string={"iss": public_app.sandbox.fhir_base}, base_url="https://app.example")
+    assert "frame-ancestors https://ehr.example" in answer.headers["Content-Security-Policy"]
+    cookie = answer.headers["Set-Cookie"]
+    assert "SameSite=None" in cookie and "Partitioned" in cookie and "Secure" in cookie  # usable in the EHR's frame
+
+
+# ---------------------------------------------------------------------------------------------- one job per user
+
+
+def test_two_clinicians_analysing_one_study_each_run_their_own_job_with_their_own_token(
+    public_app: RunningApp, fhir: FhirClient, chest_ct: LoadedStudy, practitioner: str
+) -> None:
+    second = f"Practitioner/{fhir.create(practitioner_resource('Second reader'))['id']}"
+    study_id = chest_ct.imaging_study.split("/")[1]
+    jobs: dict[str, str] = {}
+    for who in (practitioner, second):
+        browser: requests.Session = launch_over_http(public_app, chest_ct, who).session  # type: ignore[attr-defined]
+        token = _csrf(browser.get(f"{public_app.url}/studies/{study_id}", timeout=120))
+        started = browser.post(
+            f"{public_app.url}/studies/{study_id}/analyze",
+            data={"analyzer": "ct-emphysema", "csrf_token": token},
+            allow_redirects=False,
+        )
+        assert started.status_code == 303
+        jobs[who] = started.headers["Location"].rsplit("/", 1)[1]
+    assert jobs[practitioner] != jobs[second]  # the second Analyze did not join the first clinician's job
+    for who, job_id in jobs.items():
+        record = public_app.ext.jobs.wait(job_id, timeout=300)
+        assert record.state.value == "done", record.error
+        session = public_app.ext.sessions.session_for_job_ref(str(record.params["launch_ref"]))
+        state = public_app.ext.sessions.get(session) if session else None
+        assert state is not None and state.fhir_user == who  # the job ran with its own clinician's session
+    # Each job's accesses (its ImagingStudy read and its image retrieval) were made, and recorded, as its clinician.
+    public_app.audit.drainer.drain_once()  # type: ignore[union-attr]
+    events = list(fhir.search("AuditEvent", {"patient": chest_ct.patient, "type": "110104", "_count": "500"}))
+    retrieved_by = {a["who"].get("reference") for e in events for a in e["agent"] if a.get("requestor")}
+    assert {practitioner, second} <= retrieved_by

@@ -8,7 +8,9 @@ Screenshots of the main screens are saved under ``artifacts/screenshots/`` at 12
 
 from __future__ import annotations
 
+import json
 import re
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,19 @@ from devtools.demo import LoadedStudy, load_sample_study
 from devtools.samples import SAMPLES
 from devtools.sandbox.dev import RunningApp, serve_app_with_sandbox
 from devtools.servers import FhirServer, OrthancServer
+from fhir_adapters.audit import recorded_now
 from fhir_adapters.client import FhirClient
-from tests.smart_support import CHROMIUM_ARGS, SCREENSHOTS, practitioner_resource
+from fhir_adapters.validation import validate_resource
+from smart_launch.session import PendingLaunch
+from tests.smart_support import (
+    CHROMIUM_ARGS,
+    SCREENSHOTS,
+    app_pacs,
+    audit_events,
+    entity_of,
+    practitioner_resource,
+    profile_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +134,7 @@ def ehr_launch_approved(page: Page, app: RunningApp, chest_ct: LoadedStudy, prac
 def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_practitioner(
     page: Page, app: RunningApp, chest_ct: LoadedStudy, practitioner: str, fhir: FhirClient
 ) -> None:
+    started = recorded_now()
     ehr_launch_approved(page, app, chest_ct, practitioner)
     assert page.url.rstrip("/") == app.url
     assert "Demo patient lung2" in page.inner_text(".patient-banner")
@@ -157,10 +171,10 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     assert "version" in page.inner_text(".facts")
     assert page.get_attribute("a[href^='/models/']", "href") == "/models/ct-emphysema"
     html = page.content()
-    session_state = next(iter(app.ext.sessions._connection.execute("SELECT data FROM smart_sessions")))[0]
-    assert "access_token" in session_state  # it is there, server-side ...
-    token = re.search(r'"access_token": "([^"]+)"', session_state)
-    assert token is not None and token.group(1) not in html  # ... and never in the page
+    session_id = next(c["value"] for c in page.context.cookies() if c["name"] == "imaging_cds_sid")
+    state = app.ext.sessions.get(session_id)
+    assert state is not None and state.access_token and state.refresh_token  # the server holds them ...
+    assert state.access_token not in html  # ... and never shows them in the page
     screenshot(page, "03-result")
 
     report_id = page.url.rsplit("/", 1)[1]
@@ -191,6 +205,41 @@ def test_ehr_launch_analyze_accept_files_a_final_report_signed_by_the_launching_
     assert any(a["who"]["reference"] == practitioner for p in provenance for a in p["agent"])
     figures = app.ext.reviews.figures()
     assert figures["ct-emphysema"].accepted >= 1
+    assert app.ext.reviews.decisions(f"DiagnosticReport/{report_id}")[-1][:2] == ("accepted", practitioner)
+
+    # Secrets at rest: after the whole flow no state file holds the tokens or the session cookie, readable by
+    # the service's account only (files 0600, their folder 0700).
+    state = app.ext.sessions.get(session_id)
+    assert state is not None and state.access_token and state.refresh_token
+    secrets_in_use = [state.access_token, state.refresh_token, session_id]
+    data_dir = app.ext.config.data_dir
+    files = [f for f in data_dir.rglob("*") if f.is_file()]
+    assert {"smart-sessions.sqlite", "smart-jobs.sqlite", "reviews.sqlite", "audit-outbox.sqlite"} <= {
+        f.name for f in files
+    }
+    for file in files:
+        content = file.read_bytes()
+        assert not [s for s in secrets_in_use if s.encode() in content], f"a secret is readable in {file.name}"
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, f"{file.name} is {file.stat().st_mode:o}"
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+
+    # Audit: the launch, the list, the study, the analysis and the sign-off each left their BALP AuditEvents in
+    # the EHR's FHIR server, all for this practitioner, none carrying the patient's name.
+    # (Other tests of this session read the same demo patient: only what this test's clinician did is checked.)
+    events = [e for e in audit_events(app, fhir, chest_ct.patient) if e["recorded"] >= started]
+    for event in events:
+        validate_resource(event)
+        assert any(a.get("who", {}).get("reference") == practitioner for a in event["agent"]), event["id"]
+        assert "Demo patient" not in json.dumps(event)
+    made = {(profile_of(e), entity_of(e)) for e in events}
+    study_ref, report_ref = chest_ct.imaging_study, f"DiagnosticReport/{report_id}"
+    assert ("PatientRead", chest_ct.patient) in made  # the banner
+    assert ("PatientQuery", "GET ImagingStudy") in made  # the study list
+    assert ("PatientRead", study_ref) in made  # the study page, and the analysis reading it again
+    assert ("PatientRead", report_ref) in made  # the result page, read before the sign-off
+    assert ("PatientUpdate", report_ref) in made  # the sign-off
+    transfers = [e for e in events if e["type"]["code"] == "110104"]  # the images fetched from the PACS
+    assert transfers and transfers[0]["agent"][1]["network"]["address"].rstrip("/") == app_pacs(app)
 
 
 def test_a_result_whose_images_cannot_be_loaded_is_still_shown(
@@ -297,11 +346,11 @@ def test_pkce_verifier_mismatch_is_rejected(
     page.click("#approve")
     page.wait_for_selector("text=held by the test")
     page.unroute(DECISION)
-    session_id = next(c["value"] for c in page.context.cookies() if c["name"] == "imaging_cds_sid")
-    state = app.ext.sessions.get(session_id)
-    assert state is not None and state.code_verifier
-    state.code_verifier = state.code_verifier[::-1]  # the verifier no longer matches the challenge sent
-    app.ext.sessions.put(session_id, state)
+    cookie = next(c for c in page.context.cookies() if c["name"] == "imaging_cds_launch")
+    pending = PendingLaunch.open(cookie["value"], app.ext.keyring)  # only the app's key opens the pending launch
+    assert pending is not None and pending.code_verifier
+    pending.code_verifier = pending.code_verifier[::-1]  # the verifier no longer matches the challenge sent
+    page.context.add_cookies([{**cookie, "value": pending.seal(app.ext.keyring)}])  # type: ignore[list-item]
     page.goto(captured[0])
     message = page.inner_text("[role=alert]")
     assert "invalid_grant" in message and "PKCE code verifier did not match" in message

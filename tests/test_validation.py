@@ -108,3 +108,26 @@ def test_shipped_codesystems_are_valid_r4(name: str) -> None:
     assert codesystem["url"].startswith("http://imaging-cds.org/fhir/CodeSystem/")
     # Round-trips as plain JSON: what a terminology server would be sent.
     assert json.loads(json.dumps(codesystem)) == codesystem
+
+
+def test_resources_of_one_shape_pass_or_fail_alike_so_volume_resources_are_checked_once_per_shape() -> None:
+    """AuditEvents are made per request; checking each one fully would cost more than the request it records."""
+    from fhir_adapters.audit import Actor, AuditSource, rest_event
+    from fhir_adapters.validation import _shape, validate_resource_by_shape
+
+    def event(patient: str, recorded: str = "2026-01-02T03:04:05.678Z") -> dict[str, Any]:
+        actor = Actor("imaging-cds", "10.0.0.1", "Practitioner/1")
+        return rest_event(
+            "read", actor=actor, server="https://ehr/fhir", source=AuditSource("site"), patient=patient,
+            data="ImagingStudy/7", recorded=recorded,
+        )  # fmt: skip
+
+    first, second = event("Patient/1"), event("Patient/abc-2")
+    first["id"], second["id"] = "0c4f0e1e-0000-4000-8000-000000000001", "9d1a2b3c-1111-4111-8111-111111111112"
+    assert _shape(first) == _shape(second)  # different patients and ids, one shape
+    validate_resource_by_shape(first)
+    validate_resource_by_shape(second)
+    for broken in ({**first, "outcome": "maybe"}, {**first, "action": "X"}, event("Patient/1", "2026-13-40T00:00:00Z")):
+        assert _shape(broken) != _shape(first)  # an enum or a pattern that differs is another shape ...
+        with pytest.raises(ResourceValidationError):  # ... checked, and refused
+            validate_resource_by_shape(broken)

@@ -2,7 +2,8 @@
 
 ``serve_app_with_sandbox`` starts the sandbox EHR (an authlib SMART authorization server and a scope-enforcing
 proxy in front of a real FHIR server), registers the app's exact redirect URI with it, and serves the app (with
-the model-card pages it links to) from werkzeug in a background thread.
+the model-card pages it links to) from werkzeug in a background thread. The app records each access to patient
+data in its audit outbox, which is sent to the real FHIR server behind the sandbox (where the EHR keeps it).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from core.allowlist import AllowList
+from core.sealing import Keyring
 from devtools.sandbox.app import QuietRequestHandler, SandboxHandle, run_sandbox
 from devtools.sandbox.config import SandboxClient, SandboxConfig
 from devtools.servers import free_port
+from fhir_adapters.client import FhirClient
+from pipeline.audit import AuditRecorder, audit_recorder
 from pipeline.jobs import JobRunner
 from service.model_cards import models_blueprint
 from smart_launch.app import EXTENSION_KEY, SmartApp, create_app
@@ -43,6 +47,12 @@ class RunningApp:
         return ext
 
     @property
+    def audit(self) -> AuditRecorder:
+        audit = self.ext.config.audit
+        assert audit is not None
+        return audit
+
+    @property
     def launch_url(self) -> str:
         return f"{self.url}/launch"
 
@@ -63,6 +73,8 @@ def serve_app_with_sandbox(
     confidential_secret: str | None = None,
     confidential_jwks: dict[str, object] | None = None,
     job_runner: JobRunner | None = None,
+    keyring: Keyring | None = None,
+    launches_per_minute: int = 30,
 ) -> Iterator[RunningApp]:
     """Start a sandbox EHR (registering the app's exact redirect URI) and the app registered with it.
 
@@ -93,6 +105,7 @@ def serve_app_with_sandbox(
             redirect_uri=f"{url}/callback",
             **(registration_overrides or {}),  # type: ignore[arg-type]
         )
+        audit = audit_recorder(data_dir, site="127.0.0.1", destination=FhirClient(fhir_upstream, retries=1))
         flask_app = create_app(
             SmartAppConfig(
                 clients=(registration,),
@@ -100,6 +113,9 @@ def serve_app_with_sandbox(
                 dicomweb_allow_list=AllowList.of([dicomweb_prefix]),
                 secure_cookies=False,  # loopback over http; production keeps Secure cookies
                 card_base_url=url,
+                keyring=keyring,
+                launches_per_minute=launches_per_minute,
+                audit=audit,
             ),
             job_runner=job_runner,
         )
@@ -114,3 +130,5 @@ def serve_app_with_sandbox(
             thread.join(timeout=10)
             server.server_close()
             flask_app.extensions[EXTENSION_KEY].close()
+            if audit.drainer is not None:
+                audit.drainer.stop(drain=True)
