@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from core.errors import UnsuitableInputError
@@ -78,8 +77,8 @@ Hippocampal volume measurements using magnetic resonance imaging in normal young
 1995;5:95-100); a volume outside it is flagged for review."""
 
 MIN_RECOGNISED_ML = 0.5
-"""Below this the network found no hippocampus in the crop (a third of the smallest normal adult volume above):
-the crop shows something else, and nothing is reported."""
+"""Below this the network found no hippocampus in the crop (under a third of the smallest normal adult volume
+above): the crop shows something else, and nothing is reported."""
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
@@ -164,7 +163,6 @@ class HippocampusSegmentation:
     side: str  # "right" or "left"
     side_source: str  # how the side was known
     geometry: CropGeometry
-    input_shape: tuple[int, ...]
 
     @property
     def volumes_ml(self) -> dict[str, float]:
@@ -187,10 +185,11 @@ class HippocampusAnalyzer:
     name = "mr-hippocampus"
     version = "1.0.0"
     title = "Hippocampal volumetry on brain MRI (MSD-trained 3-D UNet, UK Biobank nomogram)"
+    # The crop is the series to analyse: its description ranks it first; a body-part match would rank the whole-
+    # brain T1 it was cut from above it (derived crops seldom record BodyPartExamined), so body parts only filter.
     requirements = SeriesRequirements(
         modalities=("MR",),
-        body_parts=("BRAIN", "HEAD"),
-        description_keywords=("hippocrop", "hippocampus", "hippo", "t1", "mprage"),
+        description_keywords=("hippocrop", "hippocampus", "hippo"),
         excluded_description_keywords=("localizer", "localiser", "scout", "survey", "rcbv", "perfusion", "dwi"),
         accepted_body_parts=BRAIN_BODY_PARTS,
     )
@@ -277,7 +276,7 @@ class HippocampusAnalyzer:
         crop = to_network_frame(np.asarray(image.array, dtype=np.float32), geometry, mirror=side == "left")
         crop = resample_to(crop, geometry.spacing, NETWORK_VOXEL_MM, order=1)
         labels = self._segmenter.segment(crop)
-        return HippocampusSegmentation(crop, labels, side, side_source, geometry, tuple(image.array.shape))
+        return HippocampusSegmentation(crop, labels, side, side_source, geometry)
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
         return self.report(image, self.segment(image))
@@ -307,7 +306,7 @@ class HippocampusAnalyzer:
                 f"The crop is tilted {segmentation.geometry.obliquity:.0f} degrees from the patient's axes; the "
                 "training crops were not."
             )
-        normative = compare(volumes["total"], image.patient, side)
+        normative = compare(round(volumes["total"], 2), image.patient, side)
         measurements = self._measurements(volumes, side, normative)
         category, conclusion = self._categorise(volumes["total"], side, normative, image)
         explanations = _key_images(segmentation, volumes, normative)
@@ -324,8 +323,8 @@ class HippocampusAnalyzer:
     def _measurements(
         self, volumes: dict[str, float], side: str, normative: NormativeComparison
     ) -> tuple[Measurement, ...]:
-        # mL with 2 decimals: 10 uL, a hundredth of the voxel-count resolution's smallest meaningful step (1 uL
-        # voxels), and well inside the segmentation's own agreement with the experts (see the card)
+        # mL to 2 decimals (10 voxels of 1 mm3): finer than the segmentation's agreement with the experts (see the
+        # card); the nomogram is compared with this filed value, so value, reference range and category agree
         total = round(volumes["total"], 2)
         total_measurement = Measurement(
             f"{side}_hippocampus_volume_ml",
@@ -337,19 +336,11 @@ class HippocampusAnalyzer:
             total_measurement = replace(
                 total_measurement,
                 interpretation="L" if normative.below_fifth else "N",
-                reference_low=round(normative.fifth_percentile_ml, 2),
+                reference_low=normative.fifth_percentile_ml,
                 note=f"Normal range from the 5th percentile for age and sex, {NOMOGRAM_NAME}.",
             )
-        measurements = [
-            Measurement(
-                f"{side}_hippocampus_{name}_volume_ml",
-                f"{side.capitalize()} {name} hippocampal volume",
-                round(volumes[name], 2),
-                "mL",
-            )
-            for name in LABELS.values()
-        ]
-        measurements.append(total_measurement)
+        # the total and its percentile first: a card or an order note shows the first values of a report
+        measurements = [total_measurement]
         if normative.applies and normative.percentile is not None:
             measurements.append(
                 Measurement(
@@ -362,6 +353,15 @@ class HippocampusAnalyzer:
                     note=f"{NOMOGRAM_CITATION}. Methods differ: see the model card.",
                 )
             )
+        measurements += [
+            Measurement(
+                f"{side}_hippocampus_{name}_volume_ml",
+                f"{side.capitalize()} {name} hippocampal volume",
+                round(volumes[name], 2),
+                "mL",
+            )
+            for name in LABELS.values()
+        ]
         return tuple(measurements)
 
     def _categorise(
@@ -416,21 +416,31 @@ _KEY_IMAGE_MIN_WIDTH = 480
 """Pixels; a 35 mm crop is enlarged to at least this width so the outlines and the caption are readable."""
 
 
-def _section_png(gray: np.ndarray, labels: np.ndarray, caption: str) -> bytes:
-    """One 1-mm section, grey 1st-99.5th percentile window, each label outlined in its colour, enlarged."""
+def _inner_border(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (pixels beyond the image count as outside)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[[0, -1], :] = False
+    inner[:, [0, -1]] = False
+    return mask & ~inner
+
+
+def _section_rgb(gray: np.ndarray, labels: np.ndarray, caption: str) -> np.ndarray:
+    """One 1-mm section, grey 1st-99.5th percentile window, enlarged with each voxel a square (what was measured
+    is what is shown), each label outlined two pixels wide in its colour, captioned."""
     low, high = np.percentile(gray, [1.0, 99.5])
     image = render.window(gray, (low + high) / 2.0, max(float(high - low), 1e-6))
-    height, width = image.shape
-    zoom = max(8, math.ceil(_KEY_IMAGE_MIN_WIDTH / width))
-    canvas = Image.fromarray(image).resize((width * zoom, height * zoom), Image.Resampling.BILINEAR)
-    rgb = np.asarray(canvas.convert("RGB")).copy()
+    zoom = max(8, math.ceil(_KEY_IMAGE_MIN_WIDTH / image.shape[1]))
+    rgb = render.to_rgb(np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1))
     for value, colour in _LABEL_COLOURS.items():
-        mask = np.asarray(
-            Image.fromarray((labels == value).astype(np.uint8) * 255).resize(canvas.size, Image.Resampling.NEAREST)
-        ).astype(bool)
-        rgb = render.outline(rgb, mask, colour)
-        rgb = render.outline(rgb, ndimage.binary_erosion(mask), colour)  # two pixels wide: visible when printed
-    return render.to_png(render.label(rgb, caption, font_size=12))
+        mask = np.repeat(np.repeat(labels == value, zoom, axis=0), zoom, axis=1)
+        border = _inner_border(mask)
+        border |= _inner_border(mask & ~border)  # two pixels wide: still visible when printed
+        rgb[border] = colour
+    return render.label(rgb, caption, font_size=12)
 
 
 def _key_images(
@@ -443,7 +453,7 @@ def _key_images(
     """
     image, labels = segmentation.image, segmentation.labels
     centre = [round(float(c.mean())) for c in np.nonzero(labels > 0)]
-    legend = "Outlines: yellow anterior, cyan posterior hippocampus."
+    legend = "Outlines: yellow anterior, cyan posterior hippocampus; squares: 1 mm voxels."
     coronal_image = np.flipud(np.fliplr(image[:, centre[1], :].T))  # superior up, patient right on the left
     coronal_labels = np.flipud(np.fliplr(labels[:, centre[1], :].T))
     sagittal_image = np.flipud(np.fliplr(image[centre[0], :, :].T))  # superior up, anterior on the left
@@ -454,23 +464,25 @@ def _key_images(
         f"{side.capitalize()}: anterior {volumes['anterior']:.2f} mL, posterior {volumes['posterior']:.2f} mL,\n"
         f"total {volumes['total']:.2f} mL" + (f", {normative.position}" if normative.applies else "") + f".{mirrored}"
     )
+    coronal_caption = f"Coronal, superior up, patient right on the viewer's left.\n{legend}\n{summary}"
+    sagittal_caption = f"Sagittal, superior up, anterior on the left.\n{legend}\n{summary}"
+    coronal_png, sagittal_png = render.to_pngs(
+        [
+            _section_rgb(coronal_image, coronal_labels, coronal_caption),
+            _section_rgb(sagittal_image, sagittal_labels, sagittal_caption),
+        ]
+    )
     return (
         Explanation(
             title="Coronal section through the hippocampus with the segmentation outlined",
             kind="overlay",
-            png=_section_png(
-                coronal_image,
-                coronal_labels,
-                f"Coronal, superior up, patient right on the viewer's left.\n{legend}\n{summary}",
-            ),
+            png=coronal_png,
             slice_index=centre[1],
         ),
         Explanation(
             title="Sagittal section through the hippocampus with the segmentation outlined",
             kind="overlay",
-            png=_section_png(
-                sagittal_image, sagittal_labels, f"Sagittal, superior up, anterior on the left.\n{legend}\n{summary}"
-            ),
+            png=sagittal_png,
             slice_index=centre[0],
         ),
     )

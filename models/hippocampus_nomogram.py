@@ -20,6 +20,7 @@ borrowing a chart. Limits a reader must know (also on the model card):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 from statistics import NormalDist
@@ -72,7 +73,8 @@ class NormativeComparison:
 
     ``percentile`` is ``None`` outside the chart's 2.5th-97.5th range (``position`` then says "below the 2.5th
     percentile" or "above the 97.5th percentile") and when no reference applies (``reason``).
-    ``fifth_percentile_ml`` is the volume at the 5th percentile for this age: the lower limit of the normal range.
+    ``fifth_percentile_ml`` is the volume at the 5th percentile for this age (mL, 2 decimals, rounded up): the lower
+    limit of the normal range; ``below_fifth`` compares the volume as given (the filed value) with it.
     """
 
     applies: bool
@@ -108,13 +110,14 @@ def percentile_of(volume_mm3: float, age: float) -> tuple[float | None, str]:
             z_low, z_high = normal.inv_cdf(low / 100.0), normal.inv_cdf(high / 100.0)
             fraction = (volume_mm3 - curves[low]) / (curves[high] - curves[low]) if curves[high] > curves[low] else 0.0
             percentile = 100.0 * normal.cdf(z_low + fraction * (z_high - z_low))
-            return percentile, f"at the {_ordinal(round(percentile))} percentile"
+            shown = round(percentile) if percentile >= 10.0 else round(percentile, 1)  # 4.6th, not "5th" below 5
+            return percentile, f"at the {_ordinal(shown)} percentile"
     raise AssertionError("unreachable: the curves are ordered")  # pragma: no cover
 
 
 def _ordinal(value: float) -> str:
     text = f"{value:g}"
-    if text.endswith(("11", "12", "13")) or not text.endswith(("1", "2", "3")):
+    if "." in text or text.endswith(("11", "12", "13")) or not text.endswith(("1", "2", "3")):
         return text + "th"
     return text + {"1": "st", "2": "nd", "3": "rd"}[text[-1]]
 
@@ -136,13 +139,15 @@ def compare(volume_ml: float, patient: PatientContext, side: str) -> NormativeCo
             False, f"the nomogram covers ages {AGES[0]}-{AGES[-1]}; the patient is {patient.age_years}"
         )
     curves = _curves_at(patient.age_years)
-    volume_mm3 = 1000.0 * volume_ml
-    percentile, position = percentile_of(volume_mm3, patient.age_years)
+    # The lower limit of normal as filed (mL, 2 decimals), rounded up so that a volume filed at or above it is at or
+    # above the 5th-percentile curve: the filed value, its reference range and the category always agree.
+    fifth_ml = math.ceil(curves[ATROPHY_PERCENTILE] / 10.0) / 100.0
+    percentile, position = percentile_of(1000.0 * volume_ml, patient.age_years)
     return NormativeComparison(
         True,
         percentile=percentile,
         position=position,
-        below_fifth=volume_mm3 < curves[ATROPHY_PERCENTILE],
-        fifth_percentile_ml=curves[ATROPHY_PERCENTILE] / 1000.0,
+        below_fifth=volume_ml < fifth_ml,
+        fifth_percentile_ml=fifth_ml,
         median_ml=curves[50.0] / 1000.0,
     )
