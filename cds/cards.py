@@ -83,6 +83,7 @@ ANALYZERS: dict[str, AnalyzerInfo] = {
     "cxr-pneumonia": AnalyzerInfo("Chest X-ray pneumonia", frozenset({"XR", "CT"}), frozenset({"chest"})),
     "us-breast": AnalyzerInfo("Breast ultrasound lesion", frozenset({"US", "MG", "MR"}), frozenset({"breast"})),
     "ct-heart": AnalyzerInfo("CT heart and great vessels", frozenset({"CT"}), frozenset({"chest", "heart"})),
+    "mr-hippocampus": AnalyzerInfo("MR hippocampal volumetry", frozenset({"MR"}), frozenset({"head"})),
 }
 
 HEART_ANALYZER = "ct-heart"

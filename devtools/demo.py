@@ -51,6 +51,7 @@ DEMO_RUNS: tuple[tuple[str, str], ...] = (
     ("lung2", "ct-bone"),
     ("abdomen", "ct-bone"),
     ("rsna-cxr", "cxr-pneumonia"),
+    ("hippocrop-1", "mr-hippocampus"),
 )
 DEMO_PRACTITIONER_SYSTEM = f"{CANONICAL_BASE}/sid/demo-practitioner"
 

@@ -15,7 +15,11 @@ Datasets:
   the analyzer's own reduction undoes exactly, and wrapped as an :class:`ImageInput` of the analyzer's
   modality (the output says so);
 * a folder with ``labels.csv`` (columns ``file,label``): each ``file`` is a DICOM projection image, or a
-  folder holding one DICOM series (a volume), read exactly as the pipeline reads them.
+  folder holding one DICOM series (a volume), read exactly as the pipeline reads them;
+* a segmentation set in the Medical Segmentation Decathlon layout (``images/`` and ``labels/`` of NIfTI files),
+  for analyzers that segment (``mr-hippocampus``): Dice per label against the expert labels and agreement of the
+  volumes (Bland-Altman bias and 95% limits of agreement), with bootstrap CIs over subjects, on the split the
+  model card names (``--split validation``).
 
 Live figures, when their stores exist: CDS Hooks feedback (accepted / overridden per analyzer, from
 :mod:`cds.feedback`) and clinician review acceptance (from :func:`smart_launch.reviews.review_figures`).
@@ -351,6 +355,221 @@ def assess(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Segmentation sets: Dice and volume agreement
+
+
+@dataclass(frozen=True)
+class SegmentationCase:
+    """One crop with its expert labels (on the image's own array) and the subject it belongs to."""
+
+    case_id: str
+    subject: int
+    image: ImageInput
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class SegmentationDataset:
+    name: str
+    description: str
+    size: int
+    cases: Iterable[SegmentationCase]
+
+
+SEGMENTATION_SPLITS = ("validation", "training", "all")
+
+
+def is_segmentation_set(path: Path) -> bool:
+    return path.is_dir() and (path / "images").is_dir() and (path / "labels").is_dir()
+
+
+def nifti_image_input(array: np.ndarray, affine: np.ndarray, modality: str) -> ImageInput:
+    """A NIfTI volume as an analyzer input: the array as stored, voxel sizes and the LPS direction of each axis.
+
+    NIfTI affines map voxels to RAS; DICOM, and :attr:`ImageInput.direction`, use LPS (x and y change sign).
+    """
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    axes = lps / spacing
+    direction = tuple((float(axes[0, k]), float(axes[1, k]), float(axes[2, k])) for k in range(3))
+    return ImageInput(
+        array=np.asarray(array, dtype=np.float32),
+        spacing=tuple(float(v) for v in spacing),
+        modality=modality,
+        attributes={"Modality": modality},
+        direction=direction,
+    )
+
+
+def load_msd_hippocampus(folder: Path, split: str) -> SegmentationDataset:
+    """The MSD Task04 hippocampus crops of one split, the subject split of the model's training script."""
+    from models.training.train_hippocampus import labelled_case_ids, read_case, subject_of, subject_split
+
+    if split not in SEGMENTATION_SPLITS:
+        raise ConfigurationError(
+            f"Segmentation set {folder.name} has no split {split!r}.",
+            remedy=f"Choose one of: {', '.join(SEGMENTATION_SPLITS)} (validation: the model card's held-out subjects).",
+        )
+    case_ids = labelled_case_ids(folder)
+    if not case_ids:
+        raise ConfigurationError(
+            f"Segmentation set {folder} holds no image with a label of the same name.",
+            remedy="Give the folder that holds images/ and labels/ (NIfTI, MSD layout).",
+        )
+    validation = set(subject_split(case_ids))
+    chosen = {
+        "validation": [c for c in case_ids if c in validation],
+        "training": [c for c in case_ids if c not in validation],
+        "all": case_ids,
+    }[split]
+
+    def cases() -> Iterator[SegmentationCase]:
+        for case_id in chosen:
+            case = read_case(folder, case_id)
+            yield SegmentationCase(
+                str(case_id), subject_of(case_id), nifti_image_input(case.image, case.affine, "MR"), case.labels
+            )
+
+    subjects = len({subject_of(c) for c in chosen})
+    description = (
+        f"{folder.name}, split {split}: {len(chosen)} expert-labelled crops of {subjects} subjects "
+        "(NIfTI, MSD layout; subjects as in the training script)"
+    )
+    return SegmentationDataset(f"{folder.name} ({split})", description, len(chosen), cases())
+
+
+@dataclass
+class SegmentationAssessment:
+    """Dice and volume agreement of a segmenting analyzer; ``as_dict`` is the JSON written for the card."""
+
+    analyzer: str
+    version: str
+    dataset: str
+    dataset_description: str
+    figures: dict[str, dict[str, float]]
+    rows: list[dict[str, float]]
+    seconds_per_study: np.ndarray
+    refused: Counter[str] = field(default_factory=Counter)
+    torch_threads: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        times = self.seconds_per_study
+        return {
+            "analyzer": {"name": self.analyzer, "version": self.version},
+            "dataset": {"name": self.dataset, "description": self.dataset_description},
+            "cases": {
+                "scored": len(self.rows),
+                "refused_by_input_guard": int(sum(self.refused.values())),
+                "refusal_reasons": dict(self.refused),
+            },
+            "figures": self.figures,
+            "per_case": self.rows,
+            "analysis_seconds_per_study": {
+                "mean": float(times.mean()) if times.size else None,
+                "p95": float(np.percentile(times, 95)) if times.size else None,
+                "torch_threads": self.torch_threads,
+                "note": "check_input + segmentation + findings on this machine, key images included",
+            },
+            "bootstrap": {
+                "samples": metrics.DEFAULT_BOOTSTRAP_SAMPLES,
+                "seed": metrics.DEFAULT_SEED,
+                "interval": "percentile 95%, resampling subjects",
+            },
+        }
+
+
+def assess_segmentation(
+    analyzer: Analyzer, dataset: SegmentationDataset, *, limit: int | None = None
+) -> SegmentationAssessment:
+    """Run every crop through ``check_input``, the analyzer's segmentation and its findings, as ``analyze`` does,
+    and score the segmentation against the expert labels in the network's frame."""
+    from models.hippocampus_net import case_figures, summarise_figures
+
+    segment = getattr(analyzer, "segment", None)
+    report = getattr(analyzer, "report", None)
+    if segment is None or report is None:
+        raise ConfigurationError(
+            f"{analyzer.name} does not segment, and {dataset.name} is a segmentation set.",
+            remedy="Assess it on a labelled classification set (an .npz or a folder with labels.csv).",
+        )
+    rows: list[dict[str, float]] = []
+    subjects: list[int] = []
+    seconds: list[float] = []
+    refused: Counter[str] = Counter()
+    for count, case in enumerate(dataset.cases):
+        if limit is not None and count >= limit:
+            break
+        started = time.perf_counter()
+        try:
+            analyzer.check_input(case.image)
+            segmentation = segment(case.image)
+            report(case.image, segmentation)
+        except UnsuitableInputError as exc:
+            refused[exc.message[:160]] += 1
+            continue
+        seconds.append(time.perf_counter() - started)
+        reference = segmentation.network_frame(case.labels)
+        rows.append({"case": float(case.case_id), **case_figures(reference, segmentation.labels)})
+        subjects.append(case.subject)
+    if not rows:
+        raise ConfigurationError(
+            f"{analyzer.name} accepted none of the {dataset.size} cases of {dataset.name}"
+            + (f" (refused: {', '.join(refused)})" if refused else "")
+            + ".",
+            remedy="Assess the analyzer on data of the kind its model card lists under inputs accepted.",
+        )
+    return SegmentationAssessment(
+        analyzer=analyzer.name,
+        version=analyzer.version,
+        dataset=dataset.name,
+        dataset_description=dataset.description,
+        figures=summarise_figures(rows, subjects),
+        rows=rows,
+        seconds_per_study=np.asarray(seconds),
+        refused=refused,
+    )
+
+
+SEGMENTATION_FIGURES = (
+    ("dice_anterior", "Dice, anterior hippocampus"),
+    ("dice_posterior", "Dice, posterior hippocampus"),
+    ("dice_mean", "Dice, mean of the two labels"),
+    ("dice_whole", "Dice, whole hippocampus"),
+    ("total_volume_ml_bias", "Total volume bias (model - expert), mL"),
+    ("total_volume_ml_lower_limit_of_agreement", "  lower 95% limit of agreement, mL"),
+    ("total_volume_ml_upper_limit_of_agreement", "  upper 95% limit of agreement, mL"),
+    ("anterior_volume_ml_bias", "Anterior volume bias, mL"),
+    ("posterior_volume_ml_bias", "Posterior volume bias, mL"),
+)
+
+
+def format_segmentation_table(assessment: SegmentationAssessment) -> str:
+    data = assessment.as_dict()
+    lines = [
+        f"Assessment of {assessment.analyzer} {assessment.version}",
+        f"Data: {assessment.dataset_description}.",
+        f"Crops scored: {data['cases']['scored']}; refused by the input guard: "
+        f"{data['cases']['refused_by_input_guard']}.",
+    ]
+    for reason, count in assessment.refused.most_common(3):
+        lines.append(f"  refused {count}x: {reason}")
+    lines += ["", f"{'Figure':<46}{'Value':>9}   95% confidence interval"]
+    for key, label in SEGMENTATION_FIGURES:
+        f = assessment.figures[key]
+        lines.append(f"{label:<46}{f['value']:>9.3f}   {f['ci95_low']:.3f} to {f['ci95_high']:.3f}")
+    timing = data["analysis_seconds_per_study"]
+    if timing["mean"] is not None:
+        lines.append(
+            f"Analysis time per crop on this machine: mean {1000 * timing['mean']:.0f} ms, p95 "
+            f"{1000 * timing['p95']:.0f} ms (input check, segmentation and findings, key images included"
+            + (f"; torch threads {assessment.torch_threads}" if assessment.torch_threads else "")
+            + ")."
+        )
+    lines.append("Intervals: percentile bootstrap over subjects (a subject's crops drawn together), 2000 resamples.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Live figures from clinical use
 
 
@@ -413,8 +632,10 @@ def _format(value: float, percent: bool) -> str:
     return f"{100.0 * value:.1f} %" if percent else f"{value:.3f}"
 
 
-def format_table(assessment: Assessment) -> str:
+def format_table(assessment: Assessment | SegmentationAssessment) -> str:
     """The plain-text assessment table (what ``imaging-cds evaluate`` prints)."""
+    if isinstance(assessment, SegmentationAssessment):
+        return format_segmentation_table(assessment)
     data = assessment.as_dict()
     cases = data["cases"]
     lines = [
@@ -481,14 +702,14 @@ def evaluate(
     analyzer_name: str,
     dataset_path: Path,
     *,
-    split: str = "test",
+    split: str | None = None,
     positive_label: int | None = None,
     feedback_db: Path | None = None,
     review_db: Path | None = None,
     json_out: Path | None = None,
     limit: int | None = None,
     torch_threads: int | None = 1,
-) -> Assessment:
+) -> Assessment | SegmentationAssessment:
     """Build the analyzer through the registry (card and weights checked), assess it, attach live figures.
 
     ``torch_threads`` (default 1) is set before the run when the analyzer uses torch: one study at a time
@@ -507,7 +728,14 @@ def evaluate(
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         threads = torch.get_num_threads()
-    dataset = load_dataset(dataset_path, split, analyzer, positive_label)
+    if is_segmentation_set(dataset_path):
+        dataset_split = load_msd_hippocampus(dataset_path, split or "validation")
+        segmentation = assess_segmentation(analyzer, dataset_split, limit=limit)
+        segmentation.torch_threads = threads
+        if json_out is not None:
+            json_out.write_text(json.dumps(segmentation.as_dict(), indent=2) + "\n", encoding="utf-8")
+        return segmentation
+    dataset = load_dataset(dataset_path, split or "test", analyzer, positive_label)
     live = live_figures(analyzer.name, feedback_db, review_db)  # a wrong path fails before the long run
     assessment = assess(analyzer, dataset, limit=limit)
     assessment.live = live

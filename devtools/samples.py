@@ -15,6 +15,7 @@ NRRD files say which space they use; NIfTI affines are RAS and are converted by 
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ BODY_SITE_SNOMED: dict[str, tuple[str, str]] = {
     "CHEST": ("51185008", "Thoracic structure"),
     "ABDOMEN": ("818983003", "Abdomen"),
     "HEAD": ("69536005", "Head structure"),
+    "BRAIN": ("12738006", "Brain structure"),
 }
 """DICOM BodyPartExamined -> SNOMED CT body structure (DICOM PS3.16 Annex L), for ImagingStudy.series.bodySite."""
 
@@ -116,6 +118,22 @@ SAMPLES: dict[str, SampleStudy] = {
             patient_name="REMOVED",
             description="Head CT (GE), gantry tilt 18.5 deg, uneven gaps (as shipped)",
             licence="BSD-2, GitHub neurolabusc/dcm_qa_ct In/GE; scan courtesy of Aliza Medical Imaging",
+        ),
+        *(
+            SampleStudy(
+                name=f"hippocrop-{n}",
+                source=f"mr/hippocrop/{folder}",
+                body_part="BRAIN",
+                patient_id=f"DEMO-HIPPOCROP-{n}",
+                patient_name=f"Demo^Hippocrop{n}",
+                description=f"Brain MRI hippocampal crop (HippoCrop), 1 mm, TCIA {patient}",
+                licence="TCIA Brain-Tumor-Progression, CC BY 3.0; via GitHub udacity/nd320-c3-3d-imaging-starter",
+            )
+            for n, folder, patient in (
+                (1, "Study1_13_HCropVolume", "PGBM-002"),
+                (2, "Study2_14_HCropVolume", "PGBM-006"),
+                (3, "Study3_11_HCropVolume", "PGBM-003"),
+            )
         ),
         SampleStudy(
             name="abdomen-dicom-no-uids",
@@ -302,6 +320,34 @@ def load_sample(name: str) -> list[Dataset]:
     if sample.source.endswith((".nii", ".nii.gz")):
         return ct_series_from_nifti(sample.path, name=name)
     return read_dicom_folder(sample.path)
+
+
+def with_new_uids(datasets: Iterable[Dataset], *, namespace: str) -> list[Dataset]:
+    """Copies of ``datasets`` whose Study, Series, SOP Instance and Frame of Reference UIDs are replaced, the same
+    way for the same ``namespace`` every time, and differently for another one.
+
+    A test or benchmark that stores a shared sample under its own namespace gets its own study in the PACS and
+    its own ImagingStudy in the EHR, so what other tests did with the same sample never changes what it sees.
+    Pixels and every other attribute are unchanged.
+    """
+    mapped: dict[str, UID] = {}
+
+    def new(uid: object) -> UID:
+        key = str(uid)
+        if key not in mapped:
+            mapped[key] = generate_uid(entropy_srcs=["imaging-cds-relabel", namespace, key])
+        return mapped[key]
+
+    copies = []
+    for original in datasets:
+        ds = copy.deepcopy(original)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if ds.get(keyword):
+                setattr(ds, keyword, new(ds.get(keyword)))
+        if getattr(ds, "file_meta", None) is not None and ds.get("SOPInstanceUID"):
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        copies.append(ds)
+    return copies
 
 
 def dataset_bytes(ds: Dataset) -> bytes:

@@ -1,4 +1,4 @@
-"""DICOM slices -> one checked, sorted volume in Hounsfield units, or a clear refusal.
+"""DICOM slices -> one checked, sorted volume (Hounsfield units for CT), or a clear refusal.
 
 An analyzer trusts the array and the spacing it is given: a lesion volume is voxel count times voxel volume, an
 emphysema score is a fraction of voxels. So every geometric assumption is checked here, once, and each problem
@@ -18,6 +18,11 @@ in a documented way that is recorded in :attr:`Volume.corrections` (and reported
 
 Slices are sorted by the projection of ImagePositionPatient on the slice normal (never by InstanceNumber), so
 that array index 0 is the most inferior slice for axial series.
+
+MR is assembled the same way, with the same checks: its values are the stored values after any modality rescale
+(RescaleSlope/Intercept), in the scanner's arbitrary units, never Hounsfield units; an MR analyzer normalises
+them itself. Whatever plane an MR series was acquired in, :attr:`Volume.direction` says which patient direction
+each array axis runs along (carried into :attr:`models.base.ImageInput.direction`).
 """
 
 from __future__ import annotations
@@ -57,8 +62,11 @@ NON_IDENTIFYING_ATTRIBUTES = (
     "PhotometricInterpretation",
     "StudyInstanceUID",
     "SeriesInstanceUID",
+    "Laterality",
+    "ImageLaterality",
 )
-"""DICOM attributes copied into :attr:`Volume.attributes`: acquisition facts, never names, IDs or dates."""
+"""DICOM attributes copied into :attr:`Volume.attributes`: acquisition facts, never names, IDs or dates.
+``Laterality`` says which side a series of a paired structure shows (a crop of one hippocampus)."""
 
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines are DS strings, often rounded to 4-6 decimals
@@ -111,11 +119,13 @@ class Volume:
         return np.asarray(self.origin) + steps @ self.direction
 
     def to_image_input(self) -> ImageInput:
+        rows = [tuple(float(v) for v in axis) for axis in self.direction]
         return ImageInput(
             array=self.array,
             spacing=self.spacing,
             modality=self.attributes.get("Modality", ""),
             attributes=dict(self.attributes),
+            direction=tuple((r[0], r[1], r[2]) for r in rows),
         )
 
 

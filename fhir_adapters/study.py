@@ -13,6 +13,7 @@ the wrong JSON type reads as absent, so damaged EHR data ends in such a refusal,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,12 +221,54 @@ def _matches_body_part(series: dict[str, Any], body_parts: tuple[str, ...]) -> s
     return None
 
 
+# DICOM Body Part Examined terms (PS3.16 CID 4031) looked for, as whole words, in study and series descriptions
+# when an analyzer accepts only some body parts: a study described as "SHOULDER" is not a brain MR.
+_DESCRIBED_BODY_PARTS = frozenset(
+    {
+        *DICOM_BODY_PART_SNOMED,
+        "ANKLE", "ARM", "CSPINE", "ELBOW", "EXTREMITY", "FOOT", "HAND", "HIP", "KIDNEY", "KNEE", "LEG", "LSPINE",
+        "PROSTATE", "SHOULDER", "SPINE", "TSPINE", "WRIST",
+    }
+)  # fmt: skip
+
+
+def _named_body_parts(text: str) -> set[str]:
+    return {word for word in re.findall(r"[A-Z]+", text.upper()) if word in _DESCRIBED_BODY_PARTS}
+
+
+def _body_part_mismatch(imaging_study: dict[str, Any], series: dict[str, Any], accepted: tuple[str, ...]) -> str | None:
+    """The body part a series is said to show, when that is none of ``accepted`` (else None).
+
+    Coded ``bodySite`` first; without one, the body-part words of the series' and the study's descriptions. Only
+    the matched DICOM term is ever quoted, never the free text around it.
+    """
+    wanted = {a.upper() for a in accepted}
+    terms = [t.lower() for t in _body_site_terms(series)]
+    if terms:
+        coded = {
+            part
+            for part, snomed in DICOM_BODY_PART_SNOMED.items()
+            if any(part.lower() in t or t == snomed for t in terms)
+        }
+        if coded and not coded & wanted:
+            return sorted(coded)[0]
+        return None
+    named = _named_body_parts(str(series.get("description") or "")) | _named_body_parts(
+        str(imaging_study.get("description") or "")
+    )
+    if named and not named & wanted:
+        return sorted(named)[0]
+    return None
+
+
 def _keywords_in(description: str, keywords: tuple[str, ...]) -> list[str]:
     text = description.lower()
     return [k for k in keywords if k.lower() in text]
 
 
-def _rejection(series: dict[str, Any], requirements: SeriesRequirements) -> str | None:
+def _rejection(
+    series: dict[str, Any], requirements: SeriesRequirements, imaging_study: dict[str, Any] | None = None
+) -> str | None:
     uid = series.get("uid") or "(no UID)"
     modality = _modality(series)
     wanted = "/".join(m.upper() for m in requirements.modalities)
@@ -239,6 +282,11 @@ def _rejection(series: dict[str, Any], requirements: SeriesRequirements) -> str 
     if count < requirements.min_instances:
         image_word = "image" if count == 1 else "images"
         return f"series {uid} has {count} {image_word}, the analyzer needs at least {requirements.min_instances}"
+    if requirements.accepted_body_parts:
+        other = _body_part_mismatch(imaging_study or {}, series, requirements.accepted_body_parts)
+        if other is not None:
+            parts = "/".join(requirements.accepted_body_parts)
+            return f"series {uid} shows the {other} (by its body site or description), the analyzer reads {parts}"
     return None
 
 
@@ -262,7 +310,7 @@ def select_series(imaging_study: dict[str, Any], requirements: SeriesRequirement
     candidates: list[tuple[tuple[int, int, int, int, int], dict[str, Any]]] = []
     rejected: list[str] = []
     for position, series in enumerate(all_series):
-        reason = _rejection(series, requirements)
+        reason = _rejection(series, requirements, imaging_study)
         if reason is not None:
             rejected.append(reason)
             continue

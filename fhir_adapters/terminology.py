@@ -66,6 +66,7 @@ class Code:
 # Standard codes, each verified against HL7-published material.
 CHEST_CT = Code(LOINC, "24627-2", "Chest CT")  # FHIR R4 ServiceRequest example "di"
 BREAST_US = Code(LOINC, "24601-7", "US Breast")  # LOINC Imaging Document Codes value set
+MR_BRAIN = Code(LOINC, "24590-2", "MR Brain")  # same value set
 DIAGNOSTIC_IMAGING_STUDY = Code(LOINC, "18748-4", "Diagnostic imaging study")  # same value set
 PULMONARY_EMPHYSEMA = Code(SNOMED_CT, "87433001", "Pulmonary emphysema")
 PNEUMONIA = Code(SNOMED_CT, "233604007", "Pneumonia")
@@ -92,6 +93,8 @@ _REPORT_CODES: dict[str, Code] = {
     # study that may have more, so the generic code is the honest one.
     "cxr-pneumonia": DIAGNOSTIC_IMAGING_STUDY,
     "us-breast": BREAST_US,
+    # A hippocampal crop is part of a brain MR study.
+    "mr-hippocampus": MR_BRAIN,
 }
 
 # (analyzer, category code) -> the disorder, for abnormal categories only; "*" matches any abnormal category.

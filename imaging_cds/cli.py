@@ -122,17 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("analyzers", help="list the available analyzers")
 
     evaluate = sub.add_parser(
-        "evaluate", help="assess an analyzer on a labelled dataset: sensitivity, specificity, AUC... with 95% CIs"
+        "evaluate",
+        help="assess an analyzer on a labelled dataset: sensitivity, specificity, AUC... or Dice and volume "
+        "agreement, with 95%% CIs",
     )
     evaluate.add_argument("analyzer", help="analyzer name (see 'imaging-cds analyzers')")
     evaluate.add_argument(
         "--dataset",
         type=Path,
         required=True,
-        help="MedMNIST-style .npz, a folder of DICOM cases with labels.csv, or a QRM calcium phantom scan folder "
-        "(reference_agatston_mass.csv beside it)",
+        help="MedMNIST-style .npz, a folder of DICOM cases with labels.csv, a segmentation set (images/, labels/), "
+        "or a QRM calcium phantom scan folder (reference_agatston_mass.csv beside it)",
     )
-    evaluate.add_argument("--split", default="test", help="split of an .npz dataset (default: test)")
+    evaluate.add_argument(
+        "--split",
+        default=None,
+        help="split of an .npz dataset (default: test) or of a segmentation set (validation, training, all; "
+        "default: validation)",
+    )
     evaluate.add_argument(
         "--positive-label",
         type=int,

@@ -46,7 +46,9 @@ class ImageInput:
     one value per array axis. ``attributes`` carries non-identifying DICOM attributes an analyzer may
     check (``Modality``, ``BodyPartExamined``, ``ViewPosition``, ``PhotometricInterpretation``...).
     ``patient`` carries the age and sex the pipeline read from the EHR, for analyzers whose references depend on
-    them (normative percentiles, risk models).
+    them (normative percentiles, risk models). ``direction`` (3-D volumes from DICOM) gives, for each array axis,
+    the LPS unit vector it runs along (``dicom_io.volume.Volume.direction``), for analyzers that must know which
+    way is right, anterior or superior whatever plane the series was acquired in; ``None`` when unknown.
     """
 
     array: np.ndarray
@@ -54,6 +56,7 @@ class ImageInput:
     modality: str
     attributes: Mapping[str, str] = field(default_factory=dict)
     patient: PatientContext = field(default_factory=PatientContext)
+    direction: tuple[tuple[float, float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.spacing) != self.array.ndim:
@@ -72,7 +75,9 @@ class SeriesRequirements:
     """What a series must look like for an analyzer to accept it; used to choose a series from a study.
 
     Matching is case-insensitive. ``body_parts`` and ``description_keywords`` are hints that rank
-    candidate series; ``modalities`` and ``min_instances`` are hard requirements.
+    candidate series; ``modalities`` and ``min_instances`` are hard requirements. ``accepted_body_parts``, when
+    given, is a hard requirement too: a series whose body site, or whose study's or series' description, names
+    another body part (a shoulder MR for a brain analyzer) is not chosen.
     """
 
     modalities: tuple[str, ...]
@@ -80,6 +85,7 @@ class SeriesRequirements:
     body_parts: tuple[str, ...] = ()
     description_keywords: tuple[str, ...] = ()
     excluded_description_keywords: tuple[str, ...] = ()
+    accepted_body_parts: tuple[str, ...] = ()
 
 
 def probability_percent(probability: float) -> float:

@@ -83,6 +83,7 @@ CARD_SCHEMA: dict[str, Any] = {
                 "summary": _TEXT,
                 "figures": {"type": "object", "minProperties": 1, "additionalProperties": _ESTIMATE},
                 "operating_threshold": {"type": "number"},
+                "decision_rule": _TEXT,
                 "dataset": _TEXT,
             },
         },
@@ -94,9 +95,17 @@ CARD_SCHEMA: dict[str, Any] = {
             "properties": {"file": _TEXT, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
         },
     },
-    # A trained model must publish its figures with confidence intervals and say what it was tested on.
+    # A trained model must publish its figures with confidence intervals, say what it was tested on, and say how
+    # its output becomes a call: the probability threshold of a classifier, the rule of a segmentation.
     "if": {"required": ["weights"], "properties": {"weights": {"type": "object"}}},
-    "then": {"properties": {"validation": {"required": ["summary", "dataset", "figures", "operating_threshold"]}}},
+    "then": {
+        "properties": {
+            "validation": {
+                "required": ["summary", "dataset", "figures"],
+                "anyOf": [{"required": ["operating_threshold"]}, {"required": ["decision_rule"]}],
+            }
+        }
+    },
 }
 
 RENAME_HINTS: dict[str, tuple[str, str]] = {
@@ -117,6 +126,7 @@ _FIELD_HELP: dict[str, str] = {
     "figures": "metric -> {value, ci95_low, ci95_high}, as models.metrics.Estimate.as_dict() writes",
     "dataset": "the data set (and split) the figures were measured on",
     "operating_threshold": "the probability threshold the figures were measured at",
+    "decision_rule": "how a segmentation model's output becomes labels (argmax...), when it has no threshold",
 }
 
 
@@ -192,6 +202,11 @@ def _describe_error(error: jsonschema.ValidationError, data: Mapping[str, Any]) 
         hints = [hint for old, (new, hint) in RENAME_HINTS.items() if new == missing and not where and old in data]
         detail = "; ".join(hints) if hints else _FIELD_HELP.get(missing, "")
         return f"missing field {name!r}" + (f" ({detail})" if detail else "")
+    if error.validator == "anyOf" and where == "validation":
+        return (
+            f"missing field 'validation.operating_threshold' ({_FIELD_HELP['operating_threshold']}) or "
+            f"'validation.decision_rule' ({_FIELD_HELP['decision_rule']})"
+        )
     if error.validator == "oneOf" and where == "training_data":
         return f"field 'training_data' must be {_FIELD_HELP['training_data']}"
     return f"field {where or '(card)'!r}: {error.message}"

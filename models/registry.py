@@ -39,6 +39,7 @@ _BUILTIN: dict[str, str] = {
     "ct-heart": "models.heart:HeartAnalyzer",
     "cxr-pneumonia": "models.cxr_pneumonia:PneumoniaAnalyzer",
     "us-breast": "models.breast_us:BreastUltrasoundAnalyzer",
+    "mr-hippocampus": "models.hippocampus:HippocampusAnalyzer",
 }
 
 

@@ -99,3 +99,26 @@ def test_labels_other_than_zero_or_one_are_refused() -> None:
         metrics.roc_auc([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="3 labels but 2 scores"):
         metrics.accuracy([0, 1, 1], [0.1, 0.2], 0.5)
+
+
+def test_bland_altman_bias_and_limits_of_agreement_follow_their_definition() -> None:
+    reference = np.array([3.0, 3.2, 2.8, 3.5, 3.1, 2.9])
+    measured = reference + np.array([0.1, -0.05, 0.2, 0.0, 0.05, 0.1])
+    agreement = metrics.bland_altman(reference, measured, [1, 1, 2, 2, 3, 3])
+    differences = measured - reference
+    spread = 1.96 * differences.std(ddof=1)
+    assert agreement.bias.value == pytest.approx(differences.mean())
+    assert agreement.lower_limit.value == pytest.approx(differences.mean() - spread)
+    assert agreement.upper_limit.value == pytest.approx(differences.mean() + spread)
+    assert agreement.bias.ci_low <= agreement.bias.value <= agreement.bias.ci_high
+    assert set(agreement.as_figures("total_volume_ml")) == {
+        "total_volume_ml_bias",
+        "total_volume_ml_lower_limit_of_agreement",
+        "total_volume_ml_upper_limit_of_agreement",
+    }
+
+
+def test_the_cluster_bootstrap_draws_whole_subjects() -> None:
+    # subject 7 has three crops, subject 9 one: a resample of two subjects holds 6, 4 or 2 crops, never always 4
+    sizes = metrics.cluster_bootstrap([0.0, 0.0, 0.0, 1.0], [7, 7, 7, 9], lambda v: float(len(v)), samples=400)
+    assert (sizes.ci_low, sizes.value, sizes.ci_high) == (2.0, 4.0, 6.0)

@@ -352,6 +352,21 @@ def test_body_part_outranks_image_count_and_snomed_codes_match_dicom_terms() -> 
     assert "body part matches CHEST" in reason
 
 
+def test_a_series_shown_or_described_as_another_body_part_is_not_chosen_for_a_brain_analyzer() -> None:
+    brain = SeriesRequirements(modalities=("MR",), accepted_body_parts=("BRAIN", "HEAD"))
+    shoulder = {"id": "m", "description": "SHOULDER", "series": [series("4.1", "MR", 20)]}
+    with pytest.raises(StudyError, match=r"series 4\.1 shows the SHOULDER \(by its body site or description\), the "):
+        select_series(shoulder, brain)
+    chest = {"id": "c", "series": [series("4.2", "MR", 20, body=("51185008", "Thoracic structure"))]}
+    with pytest.raises(StudyError, match=r"series 4\.2 shows the CHEST"):
+        select_series(chest, brain)
+    # a description naming the brain as well, or no body part at all, is not a reason to refuse
+    mixed = {"id": "b", "description": "MR brain and neck", "series": [series("4.3", "MR", 20)]}
+    assert select_series(mixed, brain)[0]["uid"] == "4.3"
+    crop = {"id": "h", "series": [series("4.4", "MR", 32, description="HippoCrop")]}
+    assert select_series(crop, brain)[0]["uid"] == "4.4"
+
+
 def test_an_entered_in_error_study_is_not_analysed() -> None:
     with pytest.raises(StudyError, match="ImagingStudy/x has status entered-in-error"):
         select_series({"id": "x", "status": "entered-in-error", "series": [series("3.1", "CT", 50)]}, HEAD_CT)
