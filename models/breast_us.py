@@ -49,7 +49,7 @@ class BreastUltrasoundAnalyzer:
     """B-mode breast ultrasound image -> probability that the lesion is malignant, category, Grad-CAM."""
 
     name = "us-breast"
-    version = "1.0.1"
+    version = "1.0.2"
     title = "Breast ultrasound malignancy classifier (BreastMNIST-trained CNN ensemble)"
     requirements = SeriesRequirements(modalities=("US",), body_parts=("BREAST",), description_keywords=("BREAST",))
     card_path = CARD_DIR / "us-breast.json"

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.networks.blocks import Convolution
-from skimage.transform import resize
 from torch import nn
+
+from models.medmnist import medmnist_input
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class MedMnistCNN(nn.Module):
         """Name of the last convolutional stage, the layer Grad-CAM explains."""
         return f"features.stage{len(self.config.channels) - 1}"
 
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The globally pooled last-stage features ``(N, C)``: what the final linear layer reads."""
+        x = standardise_per_image(x) if self.config.standardise else 2.0 * x - 1.0
+        return self.features(x).mean(dim=(-2, -1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = standardise_per_image(x) if self.config.standardise else 2.0 * x - 1.0
         return self.head(self.features(x))
@@ -120,24 +126,67 @@ def standardise_per_image(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def downsample_like_medmnist(image: np.ndarray, size: int = 28) -> np.ndarray:
-    """Centre-crop to a square on the short edge, then resize to ``size`` with anti-aliasing, to [0, 1].
+@dataclass(frozen=True)
+class FeatureReference:
+    """Where the training images lie in each member's feature space, to tell how unlike them an image is.
 
-    MedMNIST built its 28x28 images this way ("we center-crop the images and resize them", MedMNIST v2 INFO),
-    so an inference image must go through the same geometry to look like the training data. Returns float32
-    scaled so the image's minimum is 0 and maximum is 1 (the scale does not matter after
-    :func:`standardise_per_image`, it only keeps values readable).
+    The Mahalanobis detector of Lee et al. (NeurIPS 2018, "A simple unified framework for detecting
+    out-of-distribution samples and adversarial attacks"): per member, the class means of the pooled features
+    of the training images and the inverse of their shared (within-class) covariance; an image's distance is
+    its Mahalanobis distance to the nearer class mean, averaged over the members. ``limit`` is the distance
+    that ``limit_percentile`` % of the validation images stay within (fitted by the training script).
     """
-    array = np.asarray(image, dtype=np.float32)
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-    rows, columns = array.shape
-    side = min(rows, columns)
-    top, left = (rows - side) // 2, (columns - side) // 2
-    square = array[top : top + side, left : left + side]
-    small = resize(square, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
-    low, high = float(small.min()), float(small.max())
-    return ((small - low) / (high - low if high > low else 1.0)).astype(np.float32)
+
+    means: torch.Tensor  # (members, 2, C)
+    precisions: torch.Tensor  # (members, C, C)
+    limit: float
+    limit_percentile: float
+
+    @classmethod
+    def fit(cls, members: Sequence[MedMnistCNN], images: torch.Tensor, labels: np.ndarray) -> FeatureReference:
+        """Class means and shared-covariance precision of each member's features over ``images`` (no limit yet)."""
+        means, precisions = [], []
+        with torch.no_grad():
+            for member in members:
+                member.eval()
+                features = member.embedding(images).double()
+                centres = torch.stack([features[torch.from_numpy(labels == c)].mean(dim=0) for c in (0, 1)])
+                within = features - centres[torch.from_numpy(labels.astype(np.int64))]
+                covariance = within.T @ within / (features.shape[0] - 2)
+                ridge = 1e-3 * float(covariance.diagonal().mean()) * torch.eye(covariance.shape[0], dtype=torch.float64)
+                means.append(centres.float())
+                precisions.append(torch.linalg.inv(covariance + ridge).float())
+        return cls(torch.stack(means), torch.stack(precisions), float("inf"), 100.0)
+
+    def distances(self, members: Sequence[MedMnistCNN], images: torch.Tensor) -> np.ndarray:
+        """Per image, the mean over members of the Mahalanobis distance to the nearer class mean."""
+        total = torch.zeros(images.shape[0], dtype=torch.float64)
+        with torch.no_grad():
+            for member, centres, precision in zip(members, self.means, self.precisions, strict=True):
+                features = member.embedding(images)
+                squared = torch.stack(
+                    [torch.einsum("nc,cd,nd->n", features - m, precision, features - m) for m in centres]
+                )
+                total += squared.min(dim=0).values.clamp_min(0.0).sqrt().double()
+        return (total / len(members)).numpy()
+
+    def with_limit(self, validation_distances: np.ndarray, percentile: float) -> FeatureReference:
+        limit = float(np.percentile(validation_distances, percentile))
+        return FeatureReference(self.means, self.precisions, limit, percentile)
+
+    def as_checkpoint(self) -> dict[str, object]:
+        return {
+            "means": self.means.clone(),
+            "precisions": self.precisions.clone(),
+            "limit": self.limit,
+            "limit_percentile": self.limit_percentile,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, object]) -> FeatureReference:
+        means, precisions = data["means"], data["precisions"]
+        assert isinstance(means, torch.Tensor) and isinstance(precisions, torch.Tensor)
+        return cls(means.float(), precisions.float(), float(str(data["limit"])), float(str(data["limit_percentile"])))
 
 
 def ensemble_from_checkpoint(checkpoint: dict[str, object]) -> CalibratedEnsemble:
@@ -177,8 +226,8 @@ def tta_logits(ensemble: CalibratedEnsemble, images: torch.Tensor, shifts: int =
 class ShippedClassifier:
     """A loaded, hash-checked ensemble with the operating point it was validated at.
 
-    ``probability`` and ``gradcam`` take one image already prepared by :func:`downsample_like_medmnist`
-    (``(28, 28)``, any intensity scale); they are the only two things the analyzers ask of a network.
+    ``probability`` and ``gradcam`` take one image already prepared by :meth:`prepare`
+    (``(28, 28)``, grey levels / 255); they are the only two things the analyzers ask of a network.
     """
 
     def __init__(self, checkpoint: dict[str, object], sha256: str) -> None:
@@ -188,28 +237,18 @@ class ShippedClassifier:
         self.tta_shifts = int(str(checkpoint.get("tta_shifts", 0)))
         self.input_size = int(str(checkpoint.get("input_size", 28)))
         self.finding = str(checkpoint.get("finding", "finding"))
-        reference = checkpoint.get("intensity_reference", (0.0, 1.0))
-        assert isinstance(reference, (list, tuple))
-        self.intensity_reference = (float(reference[0]), float(reference[1]))
+        reference = checkpoint.get("feature_reference")
+        self.feature_reference = FeatureReference.from_checkpoint(reference) if isinstance(reference, dict) else None
         self.sha256 = sha256
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """A presentation-intensity radiograph of any size -> the 28x28 [0, 1] input the ensemble was trained on.
+        """Presentation values 0..1 of a radiograph of any size -> the 28x28 input the ensemble was trained on.
 
-        Geometry as MedMNIST (:func:`downsample_like_medmnist`). Networks that standardise each image need
-        nothing more, which is why the shipped models do: training and inference then see identical intensity
-        statistics whatever the DICOM window. For a fixed-scale network the image's 1st and 99th percentiles are
-        mapped onto the training images' average ones (stored in the checkpoint); that approximation shifted
-        test-split probabilities by about 0.05 on average, which is why it is not used for the shipped models.
+        The MedMNIST recipe itself (:func:`models.medmnist.medmnist_input`): the 8-bit display image, its centre
+        square, Pillow's anti-aliased bilinear reduction, grey levels / 255 - the scale of the training images,
+        so fixed-scale and per-image standardised networks alike see what they were trained on.
         """
-        small = downsample_like_medmnist(image, self.input_size)
-        member = self.ensemble.members[0]
-        if isinstance(member, MedMnistCNN) and member.config.standardise:
-            return small  # the network standardises each image itself: any linear intensity scale gives the same
-        low, high = np.percentile(small, [1, 99])
-        target_low, target_high = self.intensity_reference
-        scale = (target_high - target_low) / (high - low) if high > low else 1.0
-        return np.clip(target_low + (small - low) * scale, 0.0, 1.0).astype(np.float32)
+        return medmnist_input(image, self.input_size)
 
     def _batch(self, image: np.ndarray) -> torch.Tensor:
         if image.shape != (self.input_size, self.input_size):
@@ -224,6 +263,14 @@ class ShippedClassifier:
 
     def probability(self, image: np.ndarray) -> float:
         return float(self.probabilities(self._batch(image)[:, 0].numpy())[0])
+
+    def feature_distance(self, image: np.ndarray) -> float | None:
+        """How unlike the training images ``image`` is to the network (:class:`FeatureReference`); None when the
+        weights carry no reference."""
+        if self.feature_reference is None:
+            return None
+        members = [m for m in self.ensemble.members if isinstance(m, MedMnistCNN)]
+        return float(self.feature_reference.distances(members, self._batch(image))[0])
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the finding's logit, averaged over the ensemble members, ``(28, 28)`` in [0, 1].
