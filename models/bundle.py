@@ -576,16 +576,14 @@ class BundleAnalyzer:
             return None
         import numpy as np
         import torch
-        from monai.visualize import GradCAM
 
+        from models.networks import grad_cam
         from models.projection_classifier import gradcam_overlay_png
 
         index = 0 if self.spec.activation == "sigmoid" else self.spec.class_names.index(self.spec.positive_class)
-        cam = GradCAM(nn_module=self._network, target_layers=self.spec.gradcam_layer)
         batch = torch.from_numpy(np.ascontiguousarray(prepared, dtype=np.float32))[None, None]
-        heat = cam(x=batch, class_idx=index).detach().numpy().reshape(prepared.shape)
-        high = float(heat.max())
-        return gradcam_overlay_png(image.array, heat / high if high > 0 else heat, caption)
+        heat = grad_cam(self._network, self.spec.gradcam_layer, batch, index)
+        return gradcam_overlay_png(image.array, heat, caption)
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
         prepared = prepare_image(image.array, self.spec.preprocessing)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
 
 from models.medmnist import medmnist_input
@@ -48,8 +47,23 @@ class NetworkConfig:
         )
 
 
+class ConvNormAct(nn.Sequential):
+    """3x3 convolution (same padding, no bias) -> batch norm -> ReLU, laid out as MONAI's ``Convolution`` block.
+
+    Same layers under the same names (``conv``, ``adn.N``, ``adn.A``) as ``monai.networks.blocks.Convolution(2, in,
+    out, kernel_size=3, act="RELU", norm="BATCH", bias=False)``, so weights trained with either load into both and
+    give the same outputs (tests/test_networks.py). Built from ``torch.nn`` alone because importing any part of
+    MONAI imports all of it (its ``__init__`` loads every submodule: several seconds), which a command-line
+    analysis of one radiograph should not pay for.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        norm_act = nn.Sequential(OrderedDict(N=nn.BatchNorm2d(out_channels), A=nn.ReLU()))
+        super().__init__(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), adn=norm_act))
+
+
 class MedMnistCNN(nn.Module):
-    """VGG-like CNN of MONAI ``Convolution`` blocks (conv -> batch norm -> ReLU), one logit out.
+    """VGG-like CNN of conv -> batch norm -> ReLU blocks (:class:`ConvNormAct`, MONAI's layout), one logit out.
 
     Intensity normalisation happens inside ``forward`` (per-image standardisation, or a fixed [0, 1] -> [-1, 1]
     map when ``standardise`` is off), so training, evaluation and the analyzers cannot disagree about it.
@@ -68,7 +82,7 @@ class MedMnistCNN(nn.Module):
             if index > 0:
                 layers.append(nn.MaxPool2d(2))
             for _ in range(self.config.convs_per_stage):
-                layers.append(Convolution(2, previous, width, kernel_size=3, act="RELU", norm="BATCH", bias=False))
+                layers.append(ConvNormAct(previous, width))
                 previous = width
             stages.append((f"stage{index}", nn.Sequential(*layers)))
         self.features = nn.Sequential(OrderedDict(stages))
@@ -273,22 +287,55 @@ class ShippedClassifier:
         return float(self.feature_reference.distances(members, self._batch(image))[0])
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the finding's logit, averaged over the ensemble members, ``(28, 28)`` in [0, 1].
+        """Grad-CAM of the finding's logit, averaged over the ensemble members, ``(28, 28)``, 1 = most evidence.
 
-        Uses ``monai.visualize.GradCAM`` on each member's last convolutional stage (7x7), upsampled by MONAI
-        to the input size. Averaging the members' maps shows what the ensemble as a whole relied on.
+        :func:`grad_cam` on each member's last convolutional stage (7x7), upsampled to the input size. Averaging the
+        members' maps shows what the ensemble as a whole relied on.
         """
-        from monai.visualize import GradCAM
-
         batch = self._batch(image)
-        maps = []
-        for member in self.ensemble.members:
-            assert isinstance(member, MedMnistCNN)
-            cam = GradCAM(nn_module=member, target_layers=member.gradcam_layer)
-            maps.append(cam(x=batch, class_idx=0).detach().numpy().reshape(self.input_size, self.input_size))
+        maps = [
+            grad_cam(member, member.gradcam_layer, batch)
+            for member in self.ensemble.members
+            if isinstance(member, MedMnistCNN)
+        ]
         mean = np.mean(maps, axis=0)
         high = float(mean.max())
         return (mean / high if high > 0 else mean).astype(np.float32)
+
+
+def grad_cam(network: nn.Module, layer: str, batch: torch.Tensor, output_index: int = 0) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., ICCV 2017) of one output of ``network`` for one image, ``(H, W)`` in 0..1.
+
+    The activations of ``layer`` are weighted by the spatial mean of the output's gradient with respect to them,
+    summed over channels, kept where positive, upsampled bilinearly to the input size and scaled so that 0 is the
+    least and 1 the most evidence for the output. (MONAI's ``GradCAM``, used before, scales its maps the other way
+    round by default - its ``default_normalizer`` maps the maximum to 0 - which made the key images highlight the
+    regions of least evidence; see tests/test_networks.py.)
+    """
+    target = network.get_submodule(layer)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured["activations"] = output
+
+    handle = target.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            network.zero_grad(set_to_none=True)
+            output = network(batch)
+            output[0, output_index].backward()
+    finally:
+        handle.remove()
+    activations = captured["activations"]
+    gradients = activations.grad
+    assert gradients is not None
+    weights = gradients.mean(dim=(-2, -1), keepdim=True)
+    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    heat = cam[0, 0].detach().numpy().astype(np.float64)
+    low, high = float(heat.min()), float(heat.max())
+    return ((heat - low) / (high - low) if high > low else np.zeros_like(heat)).astype(np.float32)
 
 
 def load_shipped_classifier(path: Path, expected_sha256: str | None = None) -> ShippedClassifier:
@@ -304,6 +351,11 @@ def load_shipped_classifier(path: Path, expected_sha256: str | None = None) -> S
 
 @lru_cache(maxsize=4)
 def _load_verified(path: Path, digest: str) -> ShippedClassifier:
+    """Load once per content. Also sets torch to one intra-op thread for the process: the only torch models the
+    project runs are these 28x28 networks, for which more threads only add synchronisation - with two threads on
+    a busy two-core machine one analysis took 1.2-6 s, with one 0.4 s. Concurrent analyses run in their own
+    threads (serve, job workers) instead."""
     from models.weights_io import load_checked
 
+    torch.set_num_threads(1)
     return ShippedClassifier(load_checked(path, digest), digest)

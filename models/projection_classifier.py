@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from skimage.transform import resize
+from PIL import Image
 
 from core.errors import UnsuitableInputError
 from models import render
@@ -162,9 +162,17 @@ def display_gray(array: np.ndarray) -> tuple[np.ndarray, float]:
     """The radiograph as uint8 for display (1st-99th percentile window), at most 512 px; returns the scale."""
     scale = min(1.0, _DISPLAY_MAX_SIDE / max(array.shape))
     shape = (max(1, round(array.shape[0] * scale)), max(1, round(array.shape[1] * scale)))
-    small = resize(np.asarray(array, dtype=np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    small = _resize(np.asarray(array, dtype=np.float32), shape)
     p1, p99 = np.percentile(small, [1, 99])
     return render.window(small, (p1 + p99) / 2.0, max(float(p99 - p1), 1e-6)), scale
+
+
+def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float32 image (anti-aliased when shrinking: Pillow's filter widens with the factor)."""
+    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
+        (shape[1], shape[0]), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float32)
 
 
 def gradcam_overlay_png(array: np.ndarray, cam28: np.ndarray, caption: str) -> bytes:
@@ -180,7 +188,7 @@ def gradcam_overlay_png(array: np.ndarray, cam28: np.ndarray, caption: str) -> b
     median, peak = float(np.median(cam28)), float(cam28.max())
     emphasised = np.clip((cam28 - median) / (peak - median), 0.0, 1.0) if peak > median else np.zeros_like(cam28)
     values = np.zeros((rows, columns), dtype=np.float32)
-    values[top : top + side, left : left + side] = resize(emphasised, (side, side), order=1, preserve_range=True)
+    values[top : top + side, left : left + side] = _resize(emphasised.astype(np.float32), (side, side))
     values[values < 0.05] = 0.0  # leave the lower half of the map uncoloured so the anatomy stays readable
     return render.to_png(render.label(render.heatmap(gray, values, alpha=0.5), caption, font_size=13))
 
