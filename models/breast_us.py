@@ -13,7 +13,6 @@ from pathlib import Path
 
 from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, ImageInput, SeriesRequirements
-from models.networks import ShippedClassifier, load_shipped_classifier
 from models.projection_classifier import (
     CARD_DIR,
     WEIGHTS_DIR,
@@ -22,6 +21,7 @@ from models.projection_classifier import (
     classify,
     matches,
 )
+from models.shipped import ShippedClassifier, load_shipped_classifier
 
 BREAST_US_WARNING = (
     "Trained only on 546 breast ultrasound images (28x28) from one hospital (Baheya Hospital, Cairo; women "

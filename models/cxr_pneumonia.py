@@ -23,7 +23,6 @@ from pathlib import Path
 
 from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, ImageInput, SeriesRequirements
-from models.networks import ShippedClassifier, load_shipped_classifier
 from models.projection_classifier import (
     CARD_DIR,
     WEIGHTS_DIR,
@@ -34,6 +33,7 @@ from models.projection_classifier import (
     crop_warning,
     matches,
 )
+from models.shipped import ShippedClassifier, load_shipped_classifier
 
 PAEDIATRIC_WARNING = (
     "Trained only on 28x28 paediatric chest radiographs (age 1-5 years) from one hospital (Guangzhou Women "

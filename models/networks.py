@@ -1,9 +1,10 @@
-"""Small MONAI networks for 28x28 MedMNIST-style binary classification, and the ensemble that ships them.
+"""Small networks for 28x28 MedMNIST-style binary classification, and the ensemble that ships them (torch).
 
 The networks are deliberately small: they must train in minutes on a 2-core CPU and the weights must stay a
 few megabytes so they can live in the repository. An :class:`CalibratedEnsemble` averages the logits of a few
 independently seeded members and divides by a temperature fitted on the validation split, so that the
-probability it returns is calibrated (see :mod:`models.metrics`).
+probability it returns is calibrated (see :mod:`models.metrics`). These torch modules train the networks and run
+them in MONAI bundles; the analyzers evaluate the same weights in numpy (:mod:`models.shipped`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-
-from models.medmnist import medmnist_input
 
 
 @dataclass(frozen=True)
@@ -237,72 +234,6 @@ def tta_logits(ensemble: CalibratedEnsemble, images: torch.Tensor, shifts: int =
     return torch.stack(outputs, dim=0).mean(dim=0)
 
 
-class ShippedClassifier:
-    """A loaded, hash-checked ensemble with the operating point it was validated at.
-
-    ``probability`` and ``gradcam`` take one image already prepared by :meth:`prepare`
-    (``(28, 28)``, grey levels / 255); they are the only two things the analyzers ask of a network.
-    """
-
-    def __init__(self, checkpoint: dict[str, object], sha256: str) -> None:
-        self.ensemble = ensemble_from_checkpoint(checkpoint)
-        self.threshold = float(str(checkpoint["threshold"]))
-        self.temperature = float(str(checkpoint["temperature"]))
-        self.tta_shifts = int(str(checkpoint.get("tta_shifts", 0)))
-        self.input_size = int(str(checkpoint.get("input_size", 28)))
-        self.finding = str(checkpoint.get("finding", "finding"))
-        reference = checkpoint.get("feature_reference")
-        self.feature_reference = FeatureReference.from_checkpoint(reference) if isinstance(reference, dict) else None
-        self.sha256 = sha256
-
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """Presentation values 0..1 of a radiograph of any size -> the 28x28 input the ensemble was trained on.
-
-        The MedMNIST recipe itself (:func:`models.medmnist.medmnist_input`): the 8-bit display image, its centre
-        square, Pillow's anti-aliased bilinear reduction, grey levels / 255 - the scale of the training images,
-        so fixed-scale and per-image standardised networks alike see what they were trained on.
-        """
-        return medmnist_input(image, self.input_size)
-
-    def _batch(self, image: np.ndarray) -> torch.Tensor:
-        if image.shape != (self.input_size, self.input_size):
-            raise ValueError(f"expected a {self.input_size}x{self.input_size} image, got {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of the finding for a ``(N, 28, 28)`` stack (with the shipped TTA)."""
-        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
-        with torch.no_grad():
-            return torch.sigmoid(tta_logits(self.ensemble, batch, self.tta_shifts)).numpy().reshape(-1)
-
-    def probability(self, image: np.ndarray) -> float:
-        return float(self.probabilities(self._batch(image)[:, 0].numpy())[0])
-
-    def feature_distance(self, image: np.ndarray) -> float | None:
-        """How unlike the training images ``image`` is to the network (:class:`FeatureReference`); None when the
-        weights carry no reference."""
-        if self.feature_reference is None:
-            return None
-        members = [m for m in self.ensemble.members if isinstance(m, MedMnistCNN)]
-        return float(self.feature_reference.distances(members, self._batch(image))[0])
-
-    def gradcam(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the finding's logit, averaged over the ensemble members, ``(28, 28)``, 1 = most evidence.
-
-        :func:`grad_cam` on each member's last convolutional stage (7x7), upsampled to the input size. Averaging the
-        members' maps shows what the ensemble as a whole relied on.
-        """
-        batch = self._batch(image)
-        maps = [
-            grad_cam(member, member.gradcam_layer, batch)
-            for member in self.ensemble.members
-            if isinstance(member, MedMnistCNN)
-        ]
-        mean = np.mean(maps, axis=0)
-        high = float(mean.max())
-        return (mean / high if high > 0 else mean).astype(np.float32)
-
-
 def grad_cam(network: nn.Module, layer: str, batch: torch.Tensor, output_index: int = 0) -> np.ndarray:
     """Grad-CAM (Selvaraju et al., ICCV 2017) of one output of ``network`` for one image, ``(H, W)`` in 0..1.
 
@@ -336,26 +267,3 @@ def grad_cam(network: nn.Module, layer: str, batch: torch.Tensor, output_index: 
     heat = cam[0, 0].detach().numpy().astype(np.float64)
     low, high = float(heat.min()), float(heat.max())
     return ((heat - low) / (high - low) if high > low else np.zeros_like(heat)).astype(np.float32)
-
-
-def load_shipped_classifier(path: Path, expected_sha256: str | None = None) -> ShippedClassifier:
-    """Hash-check a weights file (every call) and load it (once per content); a mismatch raises.
-
-    The hash is checked on every call, not cached, so a file replaced while the service runs is refused
-    at the next analysis rather than silently served from memory.
-    """
-    from models.weights_io import verify_sha256
-
-    return _load_verified(path, verify_sha256(path, expected_sha256))
-
-
-@lru_cache(maxsize=4)
-def _load_verified(path: Path, digest: str) -> ShippedClassifier:
-    """Load once per content. Also sets torch to one intra-op thread for the process: the only torch models the
-    project runs are these 28x28 networks, for which more threads only add synchronisation - with two threads on
-    a busy two-core machine one analysis took 1.2-6 s, with one 0.4 s. Concurrent analyses run in their own
-    threads (serve, job workers) instead."""
-    from models.weights_io import load_checked
-
-    torch.set_num_threads(1)
-    return ShippedClassifier(load_checked(path, digest), digest)

@@ -28,7 +28,7 @@ from models.base import (
     probability_percent,
 )
 from models.medmnist import centre_square
-from models.networks import ShippedClassifier
+from models.shipped import ShippedClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CARD_DIR = Path(__file__).resolve().parent / "cards"

@@ -21,9 +21,9 @@ from dicom_io.projection import projection_input, read_projection
 from models import metrics
 from models.base import Analyzer, ImageInput, at_or_above_threshold, filed_probabilities, filed_probability
 from models.cxr_pneumonia import PneumoniaAnalyzer
-from models.networks import load_shipped_classifier
 from models.projection_classifier import WEIGHTS_DIR
 from models.registry import get_analyzer
+from models.shipped import load_shipped_classifier
 from models.weights_io import sha256_of_file
 
 WEIGHTS = WEIGHTS_DIR / "pneumonia_cnn.pt"

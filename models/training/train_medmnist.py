@@ -38,9 +38,9 @@ from models.networks import (
     FeatureReference,
     MedMnistCNN,
     NetworkConfig,
-    ensemble_from_checkpoint,
     tta_logits,
 )
+from models.shipped import load_shipped_classifier
 from models.weights_io import load_checked, save_pinned, sha256_of_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -265,13 +265,12 @@ def build_checkpoint(
 
 
 def evaluate_checkpoint(path: Path, images: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
-    """Reload the written weights the way the analyzers do and compute the card figures on ``images``."""
-    checkpoint = load_checked(path)
-    ensemble = ensemble_from_checkpoint(checkpoint)
-    with torch.no_grad():
-        probability = torch.sigmoid(tta_logits(ensemble, images, int(checkpoint["tta_shifts"]))).numpy().reshape(-1)
+    """Reload the written weights exactly as the analyzers do (:func:`models.shipped.load_shipped_classifier`,
+    numpy) and compute the card figures on ``images``."""
+    classifier = load_shipped_classifier(path)
+    probability = classifier.probabilities(images[:, 0].numpy())
     # Scored as the analyzer calls: the probability as filed (0.1 %) against the threshold at that precision.
-    threshold = filed_probability(float(checkpoint["threshold"]))
+    threshold = filed_probability(classifier.threshold)
     figures = metrics.assess_binary(labels, filed_probabilities(probability), threshold)
     return {name: estimate.as_dict() for name, estimate in figures.items()}
 
