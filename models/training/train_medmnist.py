@@ -298,8 +298,23 @@ def update_card(
         "this threshold at that precision, and the figures are measured on that call",
         "confidence_intervals": "percentile bootstrap over test cases, 2000 resamples, seed 20231",
         "calibration": {"method": "temperature scaling on validation logits", "temperature": checkpoint["temperature"]},
-        "validation_split": {"auc": checkpoint["val_auc"], "accuracy": checkpoint["val_accuracy"]},
+        "validation_split": {
+            key: checkpoint[f"val_{key}"] for key in ("auc", "accuracy", "nll", "ece") if f"val_{key}" in checkpoint
+        },
+        "test_time_augmentation": {
+            "translation_pixels": checkpoint["tta_shifts"],
+            "rule": "+/- 1 pixel translation averaging kept only if it lowered the calibrated validation NLL",
+            "validation_nll": checkpoint.get("tta_validation_nll", {}),
+        },
     }
+    reference = checkpoint.get("feature_reference")
+    if isinstance(reference, dict):
+        card["validation"]["input_guard"] = {
+            "feature_distance_limit": float(reference["limit"]),
+            "rule": f"refuse an image whose Mahalanobis distance from the training images in the networks' feature "
+            f"space (Lee et al. 2018) exceeds that of {float(reference['limit_percentile']):g} % of the validation "
+            "images",
+        }
     card["weights"] = {"file": f"models/weights/{spec.weights_name}", "sha256": digest}
     card["targets"] = [
         {
@@ -340,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = load_checked(weights_path)
         test_images, test_labels = load_split(spec, "test")
         figures = evaluate_checkpoint(weights_path, test_images, test_labels)
-        update_card(card_path, checkpoint, sha256_of_file(weights_path), figures, None, len(test_labels))
+        log = checkpoint.get("training_log")
+        update_card(card_path, checkpoint, sha256_of_file(weights_path), figures, log, len(test_labels))
         print(f"updated {card_path}")
         return
     train, val = load_split(spec, "train"), load_split(spec, "val")
@@ -351,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         members.append(member)
         log.append(summary)
     checkpoint = build_checkpoint(spec, args.task, members, val, train)
+    checkpoint["training_log"] = log
     digest = save_pinned(checkpoint, weights_path)
     print(f"wrote {weights_path} sha256 {digest} in {time.monotonic() - started:.0f} s")
     print(f"val AUC {checkpoint['val_auc']:.4f} acc {checkpoint['val_accuracy']:.4f} T {checkpoint['temperature']:.3f}")
