@@ -97,8 +97,13 @@ def pneumonia_bundle() -> Iterator[BundleAnalyzer]:
 
 def test_evaluate_reproduces_the_card_figures_on_the_official_test_split(full_run: dict[str, Any]) -> None:
     result = full_run["json"]
-    assert result["cases"]["scored"] == 624 and result["cases"]["refused_by_input_guard"] == 0
-    assert (result["cases"]["with_finding"], result["cases"]["without_finding"]) == (390, 234)
+    cases = result["cases"]
+    assert cases["scored"] + cases["refused_by_input_guard"] == 624
+    # The feature-space guard refuses what lies beyond 99.5 % of the validation images: a handful of test images
+    # (the test split is shifted from validation), each with its reason; the rest are scored.
+    assert 0 <= cases["refused_by_input_guard"] <= 0.02 * 624
+    assert all("does not resemble the paediatric frontal chest" in reason for reason in cases["refusal_reasons"])
+    assert cases["with_finding"] <= 390 and cases["without_finding"] <= 234
     card = json.loads(CARD.read_text())
     published = card["validation"]["figures"]
     assert result["operating_threshold"] == filed_probability(card["validation"]["operating_threshold"])  # 0.678
@@ -125,7 +130,11 @@ def test_the_table_names_the_figures_clinicians_ask_for_and_the_data_they_come_f
     ):
         assert label in table
     assert "the benchmark's own 28x28 images" in table and "not clinical DICOM" in table
-    assert "Cases scored: 624 (390 with the finding, 234 without)" in table
+    cases = full_run["json"]["cases"]
+    assert (
+        f"Cases scored: {cases['scored']} ({cases['with_finding']} with the finding, {cases['without_finding']} "
+        f"without); refused by the input guard: {cases['refused_by_input_guard']}." in table
+    )
     timing = full_run["json"]["analysis_seconds_per_study"]
     assert 0 < timing["mean"] <= timing["p95"] and timing["torch_threads"] == 1
     assert "Analysis time per study on this machine: mean" in table
