@@ -151,8 +151,9 @@ class ShippedClassifier:
             padded = np.pad(batch, ((0, 0), (0, 0), (s, s), (s, s)), mode="edge")
             h, w = batch.shape[-2:]
             views = [padded[..., s + dy : s + dy + h, s + dx : s + dx + w] for dy in (-s, 0, s) for dx in (-s, 0, s)]
-        logits = [np.mean([m.logits(v) for m in self.members], axis=0) / self.temperature for v in views]
-        return np.mean(logits, axis=0)
+        stacked = np.concatenate(views)  # one pass per member over all views: the blocks are small, calls cost
+        logits = np.mean([m.logits(stacked) for m in self.members], axis=0) / self.temperature
+        return logits.reshape(len(views), batch.shape[0]).mean(axis=0)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of the finding for a ``(N, 28, 28)`` stack (with the shipped TTA)."""
