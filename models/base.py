@@ -42,7 +42,8 @@ class ImageInput:
 
     ``array`` is ``(slices, rows, columns)`` for cross-sectional series, sorted along the slice normal
     from inferior to superior (patient +z), in Hounsfield units for CT; ``(rows, columns)`` for projection
-    radiographs, already in presentation intensity (higher = brighter). ``spacing`` is in millimetres,
+    radiographs, in presentation values from 0 (black) to 1 (white) of the image's default presentation
+    (Modality LUT, VOI LUT or window, MONOCHROME1 inverted: ``dicom_io.projection``). ``spacing`` is in millimetres,
     one value per array axis. ``attributes`` carries non-identifying DICOM attributes an analyzer may
     check (``Modality``, ``BodyPartExamined``, ``ViewPosition``, ``PhotometricInterpretation``...).
     ``patient`` carries the age and sex the pipeline read from the EHR, for analyzers whose references depend on

@@ -47,9 +47,11 @@ from models.spine import (
     LevelIdentification,
     SpineTrack,
     Vertebra,
+    detection_grid,
     find_spine,
     identify_levels,
     split_vertebrae,
+    track_path,
 )
 
 PICKHARDT_SENSITIVE_HU = 160.0
@@ -132,19 +134,36 @@ class TrabecularRoi:
 
 @dataclass(frozen=True)
 class BodyHeights:
-    """Anterior, middle and posterior heights (mm) and where they were measured (for the overlay)."""
+    """Anterior, middle and posterior heights (mm) and where they were measured (for the key image).
+
+    ``sagittal`` is the mid-sagittal slab the heights were read on (slices x detection-grid rows), centred on the
+    body itself; ``rows`` are its rows of the three measuring lines and ``spans`` the (inferior, superior) end-plate
+    positions on each, in fractional slice coordinates.
+    """
 
     anterior_mm: float
     middle_mm: float
     posterior_mm: float
-    rows: tuple[float, float, float]  # detection-grid rows of the three measuring lines
-    spans: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]  # (inferior, superior) slice coords
+    rows: tuple[float, float, float]
+    spans: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+    sagittal: np.ndarray
+    column: int  # detection-grid column the slab is centred on
 
     @property
     def loss_percent(self) -> float:
         """Height loss = 1 - shortest / tallest of the three heights (wedge, biconcave or crush pattern)."""
         heights = (self.anterior_mm, self.middle_mm, self.posterior_mm)
         return 100.0 * (1.0 - min(heights) / max(heights))
+
+    @property
+    def shape(self) -> str:
+        """Genant's deformity shape named by the shortest height: anterior wedge, biconcave, or crush (posterior)."""
+        heights = {
+            "anterior wedge": self.anterior_mm,
+            "biconcave": self.middle_mm,
+            "crush (posterior)": self.posterior_mm,
+        }
+        return min(heights, key=lambda name: heights[name])
 
 
 def genant_grade(loss_percent: float) -> int:
@@ -259,57 +278,169 @@ def _body_outline(
     return body
 
 
-def measure_heights(track: SpineTrack, vertebra: Vertebra) -> BodyHeights | None:
-    """Anterior, middle and posterior heights on the mid-sagittal slab.
+HEIGHT_LINES = (0.15, 0.50, 0.85)
+"""Measuring lines at these fractions of the body depth from its anterior wall: Genant's anterior, middle and
+posterior heights, kept clear of the cortical walls (a line inside a wall follows the cortex, not the end plates)."""
 
-    Each height is measured along a vertical line at 15 %, 50 % and 85 % of the body depth: the body spans the
-    slices where attenuation is above halfway between its own median and the disc minima that bound it, with
-    linear interpolation between slices (sub-slice, but still blurred by the slice thickness). Lines are vertical
-    in the scanner frame, so heights are multiplied by the cosine of the body's tilt (from the posterior wall).
+_DISC_SEARCH_MM = 10.0
+"""How far from the disc found on the body's core the disc is looked for on each measuring line: end plates are
+tilted against the axial plane (lordosis, wedging) by up to ~25 degrees, which moves the disc by up to ~10 mm
+between the middle and the walls of a 40 mm deep body."""
+
+_FLANK_MM = 6.0
+"""A disc is a dark band with bright bone (end plates) on both sides within this distance of its centre."""
+
+
+_PEAK_MM = 10.0
+"""The end plate is the first brightness maximum walking from the disc into the body, within this distance."""
+
+
+def measure_heights(
+    volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra
+) -> BodyHeights | None:
+    """Anterior, middle and posterior heights of a vertebral body, read on a mid-sagittal slab through its centre.
+
+    The reading a radiologist makes (Genant 1993; the six points of quantitative morphometry) put on a profile:
+
+    1. the slab (+/- 5 mm) is centred on the body's own left-right centre on its mid-body axial slice, not on the
+       spine track, which follows the canal and spinous processes and can run off the body's midline;
+    2. on each measuring line (:data:`HEIGHT_LINES`, a band +/- 1.5 mm wide) the discs above and below are found
+       *on that line*, as the deepest dark band flanked by bright end plates within 10 mm of the disc found on the
+       body's core - tilted or wedge-shaped end plates put the disc several slices apart at the front and back;
+    3. each end plate's edge is where the profile, walking from the disc into the body, crosses halfway between
+       the disc and the end plate's own brightness (its first maximum): the disc-bone interface where a reader
+       puts the point, independent of how dense (or osteoporotic) the cancellous bone behind it is;
+    4. lines are vertical in the scanner frame, so heights are multiplied by the cosine of the body's tilt
+       (from its posterior wall).
+
+    Returns None when the body is incomplete or an end plate cannot be found on a line.
     """
     if not vertebra.complete:
         return None
-    a, p = vertebra.anterior_row, vertebra.posterior_row
-    lo = math.floor(vertebra.inferior_slice)
-    hi = math.ceil(vertebra.superior_slice)
-    if hi - lo < 3:
+    grid, _, px = detection_grid(volume, spacing)
+    dz = track.slice_mm
+    column = _body_centre_column(volume, spacing, track, vertebra)
+    half = max(1, round(5.0 / px))
+    sagittal = grid[:, :, max(0, column - half) : column + half + 1].mean(axis=2, dtype=np.float64)
+    nz = sagittal.shape[0]
+    search = max(1, math.ceil(_DISC_SEARCH_MM / dz))
+    lo = max(0, math.floor(vertebra.inferior_slice) - search)
+    hi = min(nz - 1, math.ceil(vertebra.superior_slice) + search)
+    if hi - lo < 4:
         return None
-    zs = np.arange(lo, hi + 1)
+    zs = np.arange(math.floor(vertebra.inferior_slice), math.ceil(vertebra.superior_slice) + 1)
     walls = track.posterior_row[zs]
     ok = np.isfinite(walls)
     tilt = 0.0
     if ok.sum() >= 3:
-        slope = np.polyfit(zs[ok] * track.slice_mm, walls[ok] * track.pixel_mm, 1)[0]
+        slope = np.polyfit(zs[ok] * dz, walls[ok] * px, 1)[0]
         tilt = math.atan(float(slope))
+    a, p = vertebra.anterior_row, vertebra.posterior_row
+    rows = tuple(a + f * (p - a) for f in HEIGHT_LINES)
+    band = max(1, round(1.5 / px))
+    reach = max(1, math.ceil(_PEAK_MM / dz))
+    window = sagittal[lo : hi + 1]
+    depth_rows = np.arange(max(band, math.floor(a)), min(sagittal.shape[1] - band, math.ceil(p) + 1))
+    discs = []
+    for expected in (vertebra.inferior_slice, vertebra.superior_slice):
+        path = _disc_across_body(window, depth_rows, round(expected) - lo, search, band, dz, px)
+        if path is None:
+            return None
+        discs.append(path)
     heights: list[float] = []
     spans: list[tuple[float, float]] = []
-    rows = (a + 0.15 * (p - a), 0.5 * (a + p), p - 0.15 * (p - a))
-    half = max(1, round(1.5 / track.pixel_mm))
     for row in rows:
         r = round(row)
-        profile = track.sagittal[lo : hi + 1, max(0, r - half) : r + half + 1].mean(axis=1).astype(np.float64)
-        inner = profile[1:-1]
-        level = 0.5 * (float(np.median(inner)) + 0.5 * (profile[0] + profile[-1]))
-        bottom = _rise(profile, 0, +1, level)
-        top = _rise(profile, len(profile) - 1, -1, level)
+        profile = window[:, max(0, r - band) : r + band + 1].mean(axis=1)
+        at = int(np.argmin(np.abs(depth_rows - r)))
+        inferior, superior = _lowest_near(profile, discs[0][at]), _lowest_near(profile, discs[1][at])
+        bottom = _end_plate_edge(profile, inferior, +1, reach)
+        top = _end_plate_edge(profile, superior, -1, reach)
+        if bottom is None or top is None or top - bottom < 2:
+            return None
         spans.append((lo + bottom, lo + top))
-        heights.append(max(0.0, (top - bottom) * track.slice_mm * math.cos(tilt)))
-    if min(heights) <= 0.0 or any(top <= bottom for bottom, top in spans):
+        heights.append((top - bottom) * dz * math.cos(tilt))
+    return BodyHeights(
+        heights[0], heights[1], heights[2], (rows[0], rows[1], rows[2]), (spans[0], spans[1], spans[2]),
+        sagittal.astype(np.float32), column,
+    )  # fmt: skip
+
+
+def _body_centre_column(
+    volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra
+) -> int:
+    """Detection-grid column of the body's left-right centre on its mid-body slice (the track's when not found)."""
+    z = vertebra.mid_slice
+    stride, px = track.stride, float(spacing[1])
+    seed_row = round((vertebra.anterior_row + 0.5 * (vertebra.posterior_row - vertebra.anterior_row)) * stride)
+    seed_col = round(float(track.column[z]) * stride)
+    body = _body_outline(
+        volume[z].astype(np.float32), vertebra.anterior_row * stride, vertebra.posterior_row * stride, seed_row,
+        seed_col, px,
+    )  # fmt: skip
+    if body.sum() * px * px < 100.0:
+        return int(track.column[z])
+    columns = np.flatnonzero(body.any(axis=0))
+    return round(0.5 * (columns[0] + columns[-1]) / stride)
+
+
+def _disc_across_body(
+    window: np.ndarray, depth_rows: np.ndarray, expected: int, search: int, band: int, dz: float, px: float
+) -> np.ndarray | None:
+    """The disc's slice on every row across the body's depth, followed as one continuous dark band.
+
+    On each row a disc is a dark sample with bright bone (end plates) on both sides within 6 mm; the band is
+    followed from front to back by dynamic programming (:func:`models.spine.track_path`), moving at most as far
+    per row as a 35-degree tilt allows. Why not the darkest point on each line alone: the basivertebral veins
+    enter the back of the body at mid-height and make a dark notch there that a single line mistakes for a disc.
+    """
+    flank = max(1, round(_FLANK_MM / dz))
+    candidates = np.arange(max(flank, expected - search), min(window.shape[0] - flank, expected + search + 1))
+    if candidates.size == 0:
         return None
-    return BodyHeights(heights[0], heights[1], heights[2], rows, (spans[0], spans[1], spans[2]))
+    score = np.zeros((depth_rows.size, candidates.size))
+    for i, r in enumerate(depth_rows):
+        profile = window[:, r - band : r + band + 1].mean(axis=1)
+        for j, z in enumerate(candidates):
+            flanks = min(profile[z - flank : z].max(), profile[z + 1 : z + 1 + flank].max())
+            score[i, j] = max(0.0, flanks - profile[z])
+    if score.max() <= 0:
+        return None
+    max_step = max(1, round(px * math.tan(math.radians(35.0)) / dz))
+    return candidates[track_path(score / score.max(), max_step, 0.05)]
 
 
-def _rise(profile: np.ndarray, start: int, step: int, level: float) -> float:
-    """Fractional index where ``profile`` first reaches ``level`` walking from the disc at ``start`` inwards."""
-    i = start
-    while 0 <= i + step < profile.size and profile[i + step] < level:
+def _lowest_near(profile: np.ndarray, z: int) -> int:
+    """The darkest sample within one slice of ``z`` (the followed band, on this line's own profile)."""
+    lo, hi = max(0, z - 1), min(profile.size, z + 2)
+    return lo + int(np.argmin(profile[lo:hi]))
+
+
+def _end_plate_edge(profile: np.ndarray, disc: int, step: int, reach: int) -> float | None:
+    """Fractional index of the disc-bone interface walking from ``disc`` by ``step``.
+
+    The end plate is the first brightness maximum that rises at least halfway to the brightest sample within
+    ``reach`` (so noise inside a thick disc is not taken for it); the interface is where the profile crosses
+    halfway between the disc and that maximum, linearly interpolated.
+    """
+    span = [disc + step * k for k in range(1, reach + 1) if 0 <= disc + step * k < profile.size]
+    if not span:
+        return None
+    floor = float(profile[disc])
+    rise = float(max(profile[i] for i in span)) - floor
+    if rise <= 0:
+        return None
+    peak = span[-1]
+    for k, i in enumerate(span):
+        following = span[k + 1] if k + 1 < len(span) else None
+        if profile[i] - floor >= 0.5 * rise and (following is None or profile[following] < profile[i]):
+            peak = i
+            break
+    level = 0.5 * (floor + float(profile[peak]))
+    i = disc
+    while profile[i + step] < level:
         i += step
-    j = i + step
-    if not 0 <= j < profile.size:
-        return float(i)
-    denom = profile[j] - profile[i]
-    frac = 0.5 if denom <= 0 else (level - profile[i]) / denom
-    return i + step * float(np.clip(frac, 0.0, 1.0))
+    return float(i + step * (level - float(profile[i])) / (float(profile[i + step]) - float(profile[i])))
 
 
 def aorta_hu(volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra) -> float:
@@ -337,7 +468,7 @@ class BoneAnalyzer:
     """Opportunistic bone density (Pickhardt L1 HU) and vertebral body height analysis of chest/abdomen CT."""
 
     name = "ct-bone"
-    version = "0.2.2"
+    version = "0.3.0"
     title = "CT opportunistic osteoporosis screening and vertebral body heights"
     requirements = SeriesRequirements(
         modalities=("CT",),
@@ -397,7 +528,8 @@ class BoneAnalyzer:
                 warnings=(levels.note,),
             )
         roi = measure_trabecular_roi(volume, spacing, track, target)
-        heights = measure_heights(track, target)
+        thin = track.slice_mm <= MAX_SLICE_MM_FOR_GRADING + 0.01
+        heights = measure_heights(volume, spacing, track, target) if thin else None
         measurements, category, conclusion = self._summarise(levels, target, roi, heights, warnings, track)
         aorta = aorta_hu(volume, spacing, track, target)
         if np.isfinite(aorta) and aorta > CONTRAST_AORTA_HU:
@@ -506,15 +638,18 @@ class BoneAnalyzer:
                     "trabecular_roi_sd_hu", "Trabecular ROI standard deviation", round(roi.sd_hu, 1), "[hnsf'U]"
                 )
             )
-        if heights is None:
-            warnings.append(f"Body heights of {target.label} not measured: its end plates are not both in view.")
-            return tuple(measurements), category, conclusion
         if track.slice_mm > MAX_SLICE_MM_FOR_GRADING + 0.01:
             # End plates are located to about one slice: on thick slices the error is as large as the height loss
             # that separates Genant grades, so the heights themselves would mislead rather than inform.
             warnings.append(
                 f"Vertebral body heights and fracture grade not reported: {track.slice_mm:.1f} mm slices locate the "
                 f"end plates only to about +/- {track.slice_mm:.0f} mm (needs <= {MAX_SLICE_MM_FOR_GRADING:.0f} mm)."
+            )
+            return tuple(measurements), category, conclusion
+        if heights is None:
+            warnings.append(
+                f"Body heights of {target.label} not measured: its end plates could not both be found on the "
+                "sagittal image (or the body is not wholly in view)."
             )
             return tuple(measurements), category, conclusion
         for key, display, value in (
@@ -536,7 +671,7 @@ class BoneAnalyzer:
                 note=GENANT_RULE,
             )
         )
-        conclusion += f" {target.label} height loss {loss:.0f}% (Genant grade {grade})."
+        conclusion += f" {target.label} height loss {loss:.0f}% ({heights.shape} shape, Genant grade {grade})."
         if grade > 0:
             warnings.append(
                 f"Possible vertebral fracture at {target.label} (Genant grade {grade}) from automated heights; "
@@ -571,43 +706,73 @@ def _sagittal_png(
     track: SpineTrack, levels: LevelIdentification, target: Vertebra, heights: BodyHeights | None
 ) -> bytes:
     """Mid-sagittal slab, superior up, anterior left, at isotropic display scale; every body outlined with its
-    label, the measured one in a double outline, its three heights as lines with end ticks."""
+    label, the measured one in a double outline. Beside it, the measured body enlarged on the slab its heights
+    were read on, with the three measuring lines from end plate to end plate, so a reader can check each."""
+    sagittal = heights.sagittal if heights is not None else track.sagittal
     scale_z = track.slice_mm / track.pixel_mm
-    zoom = max(1.0, 400.0 / max(track.sagittal.shape[1], track.slices * scale_z))
-    gray = render.window(track.sagittal, 400.0, 1800.0)
+    zoom = max(1.0, 400.0 / max(sagittal.shape[1], track.slices * scale_z))
     height = round(track.slices * scale_z * zoom)
-    width = round(track.sagittal.shape[1] * zoom)
-    canvas = (
-        Image.fromarray(gray)
-        .resize((width, height), Image.Resampling.BILINEAR)
-        .transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    )
-    canvas = canvas.convert("RGB")
+    canvas = _sagittal_canvas(sagittal, scale_z, zoom, 400.0, 1800.0)
     draw = ImageDraw.Draw(canvas)
 
     def to_xy(row: float, slice_coord: float) -> tuple[float, float]:
         return row * zoom, height - (slice_coord + 0.5) * scale_z * zoom
 
     for v in levels.vertebrae:
-        box = [to_xy(v.anterior_row, v.superior_slice), to_xy(v.posterior_row, v.inferior_slice)]
-        (x0, y0), (x1, y1) = box
+        (x0, y0), (x1, y1) = to_xy(v.anterior_row, v.superior_slice), to_xy(v.posterior_row, v.inferior_slice)
         draw.rectangle([x0, y0, x1, y1], outline=render.CYAN, width=1)
         if v is target:
             draw.rectangle([x0 - 3, y0 - 3, x1 + 3, y1 + 3], outline=render.YELLOW, width=1)
         draw.text((x1 + 6, (y0 + y1) / 2 - 6), v.label if v.level else "?", fill=render.WHITE)
-    if heights is not None:
-        for row, (bottom, top) in zip(heights.rows, heights.spans, strict=True):
-            (xa, ya), (_, yb) = to_xy(row, top), to_xy(row, bottom)
-            draw.line([xa, ya, xa, yb], fill=render.MAGENTA, width=2)
-            draw.line([xa - 3, ya, xa + 3, ya], fill=render.MAGENTA, width=1)
-            draw.line([xa - 3, yb, xa + 3, yb], fill=render.MAGENTA, width=1)
+    panels = [np.asarray(canvas)]
     caption = "Sagittal, anterior left. Boxes: vertebral bodies with level (? = unidentified)."
     if heights is not None:
+        panels.append(_heights_detail(track, target, heights))
         caption += (
-            f"\nDouble box: {target.label}; lines: heights A {heights.anterior_mm:.0f} / M {heights.middle_mm:.0f} / "
-            f"P {heights.posterior_mm:.0f} mm"
+            f"\nDouble box: {target.label}, enlarged on the right on the slab through its centre: end plate to end "
+            f"plate, heights A {heights.anterior_mm:.1f} / M {heights.middle_mm:.1f} / P {heights.posterior_mm:.1f} mm"
         )
-    return render.to_png(render.label(np.asarray(canvas), caption, font_size=12))
+    rows = max(panel.shape[0] for panel in panels)
+    padded = [np.pad(panel, ((0, rows - panel.shape[0]), (0, 8), (0, 0))) for panel in panels]
+    return render.to_png(render.label(np.concatenate(padded, axis=1), caption, font_size=12))
+
+
+def _sagittal_canvas(sagittal: np.ndarray, scale_z: float, zoom: float, level: float, width: float) -> Image.Image:
+    """A sagittal slab (slices x rows) as an RGB image, superior up, at isotropic scale times ``zoom``."""
+    gray = render.window(sagittal, level, width)
+    size = (round(sagittal.shape[1] * zoom), round(sagittal.shape[0] * scale_z * zoom))
+    image = Image.fromarray(gray).resize(size, Image.Resampling.BICUBIC).transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return image.convert("RGB")
+
+
+def _heights_detail(track: SpineTrack, target: Vertebra, heights: BodyHeights) -> np.ndarray:
+    """The measured body and its neighbouring discs, enlarged (bone window), with each measuring line drawn from
+    the inferior to the superior end-plate edge it found, end ticks, and its height."""
+    scale_z = track.slice_mm / track.pixel_mm
+    depth = target.posterior_row - target.anterior_row
+    r0 = max(0, math.floor(target.anterior_row - 0.6 * depth))
+    r1 = min(heights.sagittal.shape[1], math.ceil(target.posterior_row + 0.6 * depth))
+    margin = 0.4 * (target.superior_slice - target.inferior_slice)
+    z0 = max(0, math.floor(target.inferior_slice - margin))
+    z1 = min(heights.sagittal.shape[0], math.ceil(target.superior_slice + margin) + 1)
+    crop = heights.sagittal[z0:z1, r0:r1]
+    zoom = 360.0 / max(crop.shape[1], crop.shape[0] * scale_z)
+    canvas = _sagittal_canvas(crop, scale_z, zoom, 300.0, 1000.0)
+    draw = ImageDraw.Draw(canvas)
+    rows_px = canvas.height
+
+    def to_xy(row: float, slice_coord: float) -> tuple[float, float]:
+        return (row - r0 + 0.5) * zoom, rows_px - (slice_coord - z0 + 0.5) * scale_z * zoom
+
+    values = (heights.anterior_mm, heights.middle_mm, heights.posterior_mm)
+    for name, row, (bottom, top), value in zip("AMP", heights.rows, heights.spans, values, strict=True):
+        (x, y_top), (_, y_bottom) = to_xy(row, top), to_xy(row, bottom)
+        draw.line([x, y_top, x, y_bottom], fill=render.MAGENTA, width=2)
+        for y in (y_top, y_bottom):
+            draw.line([x - 5, y, x + 5, y], fill=render.YELLOW, width=2)
+        draw.text((x - 4, y_top - 26), name, fill=render.WHITE)
+        draw.text((x - 12, y_bottom + 6), f"{value:.1f}", fill=render.WHITE)
+    return np.asarray(canvas)
 
 
 def _axial_png(volume: np.ndarray, roi: TrabecularRoi, target: Vertebra, spacing: tuple[float, float, float]) -> bytes:

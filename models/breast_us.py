@@ -13,7 +13,6 @@ from pathlib import Path
 
 from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, ImageInput, SeriesRequirements
-from models.networks import ShippedClassifier, load_shipped_classifier
 from models.projection_classifier import (
     CARD_DIR,
     WEIGHTS_DIR,
@@ -22,6 +21,7 @@ from models.projection_classifier import (
     classify,
     matches,
 )
+from models.shipped import ShippedClassifier, load_shipped_classifier
 
 BREAST_US_WARNING = (
     "Trained only on 546 breast ultrasound images (28x28) from one hospital (Baheya Hospital, Cairo; women "
@@ -49,7 +49,7 @@ class BreastUltrasoundAnalyzer:
     """B-mode breast ultrasound image -> probability that the lesion is malignant, category, Grad-CAM."""
 
     name = "us-breast"
-    version = "1.0.1"
+    version = "1.0.2"
     title = "Breast ultrasound malignancy classifier (BreastMNIST-trained CNN ensemble)"
     requirements = SeriesRequirements(modalities=("US",), body_parts=("BREAST",), description_keywords=("BREAST",))
     card_path = CARD_DIR / "us-breast.json"

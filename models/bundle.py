@@ -8,8 +8,10 @@ never hands a bundle to ConfigParser. It reads the JSON itself and accepts a sma
 * ``network_def``: ``_target_`` from :data:`ALLOWED_NETWORKS` (``monai.networks.nets`` classifiers and the
   project's own small CNN ensemble) with literal keyword arguments; nested ``_target_`` only from the same list;
 * ``inputs``: modalities, body parts and views the analyzer accepts (the input guard);
-* ``preprocessing``: centre-square crop or none, ``spatial_size``, intensity ``min-max`` / ``standardise`` /
-  ``percentile-map`` (with literal ``percentile_map``: percentiles, targets, clip) / ``none``;
+* ``preprocessing``: centre-square crop or none, ``spatial_size``, ``resample`` (``bilinear``, the default: scikit-
+  image's anti-aliased bilinear on the presentation values; or ``medmnist``: the MedMNIST recipe of
+  :mod:`models.medmnist`, 8-bit display values reduced by Pillow, grey levels / 255), intensity ``min-max`` /
+  ``standardise`` / ``percentile-map`` (with literal ``percentile_map``: percentiles, targets, clip) / ``none``;
 * ``inference``: ``test_time_translation_pixels`` (translation averaging of the logits);
 * ``postprocessing``: ``activation`` (sigmoid or softmax), ``class_names``, ``positive_class``, ``threshold``;
 * ``explanation`` (optional): Grad-CAM on a named layer.
@@ -230,6 +232,7 @@ class BundlePreprocessing:
     crop: Literal["centre-square", "none"]
     spatial_size: tuple[int, int]
     intensity: Literal["min-max", "standardise", "percentile-map", "none"]
+    resample: Literal["bilinear", "medmnist"] = "bilinear"
     percentiles: tuple[float, float] = (1.0, 99.0)
     targets: tuple[float, float] = (0.0, 1.0)
     clip: tuple[float, float] = (0.0, 1.0)
@@ -310,12 +313,23 @@ def parse_inference(config: Any, card: ModelCard, root: Path, pins: Mapping[str,
     if not modalities:
         raise _refuse(bundle, "inputs.modalities is empty.", "List the DICOM modalities, e.g. ['CR', 'DX'].")
 
-    prep = _section(config, "preprocessing", ("crop", "spatial_size", "intensity", "percentile_map"), bundle)
+    prep = _section(
+        config, "preprocessing", ("crop", "spatial_size", "resample", "intensity", "percentile_map"), bundle
+    )
     size = _field(prep, "spatial_size", list, "preprocessing", bundle)
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 4096 for s in size):
         raise _refuse(bundle, "preprocessing.spatial_size must be two positive integers.", "E.g. [224, 224].")
     crop = prep.get("crop", "none")
     intensity = prep.get("intensity", "none")
+    resample = prep.get("resample", "bilinear")
+    medmnist_shape = crop == "centre-square" and size[0] == size[1]
+    if resample not in ("bilinear", "medmnist") or (resample == "medmnist" and not medmnist_shape):
+        raise _refuse(
+            bundle,
+            "preprocessing.resample must be 'bilinear' or 'medmnist' (the MedMNIST recipe: crop 'centre-square' "
+            "to a square spatial_size).",
+            "Use one of the supported values.",
+        )
     if crop not in ("centre-square", "none") or intensity not in ("min-max", "standardise", "percentile-map", "none"):
         raise _refuse(
             bundle,
@@ -382,7 +396,9 @@ def parse_inference(config: Any, card: ModelCard, root: Path, pins: Mapping[str,
             body_parts=tuple(str(b).upper() for b in inputs.get("body_parts", [])),
             view_positions=tuple(str(v).upper() for v in inputs.get("view_positions", [])),
         ),
-        preprocessing=BundlePreprocessing(crop=crop, spatial_size=(size[0], size[1]), intensity=intensity, **pairs),
+        preprocessing=BundlePreprocessing(
+            crop=crop, spatial_size=(size[0], size[1]), intensity=intensity, resample=resample, **pairs
+        ),
         tta_shifts=shifts,
         activation=activation,
         class_names=class_names,
@@ -442,16 +458,20 @@ def _instantiate(node: Any) -> Any:
 def prepare_image(array: np.ndarray, preprocessing: BundlePreprocessing) -> np.ndarray:
     """Crop, resize (anti-aliased when shrinking, bilinear) and normalise intensity, as the bundle declares."""
     import numpy as np
-    from skimage.transform import resize
+
+    from models.medmnist import centre_square, medmnist_input
 
     image = np.asarray(array, dtype=np.float32)
-    if preprocessing.crop == "centre-square":
-        rows, columns = image.shape
-        side = min(rows, columns)
-        top, left = (rows - side) // 2, (columns - side) // 2
-        image = image[top : top + side, left : left + side]
-    shrink = any(s > t for s, t in zip(image.shape, preprocessing.spatial_size, strict=True))
-    small = resize(image, preprocessing.spatial_size, order=1, anti_aliasing=shrink, preserve_range=True)
+    if preprocessing.resample == "medmnist":
+        small = medmnist_input(image, preprocessing.spatial_size[0])
+    else:
+        from skimage.transform import resize
+
+        if preprocessing.crop == "centre-square":
+            top, left, side = centre_square(*image.shape)
+            image = image[top : top + side, left : left + side]
+        shrink = any(s > t for s, t in zip(image.shape, preprocessing.spatial_size, strict=True))
+        small = resize(image, preprocessing.spatial_size, order=1, anti_aliasing=shrink, preserve_range=True)
     if preprocessing.intensity in ("min-max", "percentile-map"):
         low, high = float(small.min()), float(small.max())
         small = ((small - low) / (high - low if high > low else 1.0)).astype(np.float32)
@@ -556,16 +576,14 @@ class BundleAnalyzer:
             return None
         import numpy as np
         import torch
-        from monai.visualize import GradCAM
 
+        from models.networks import grad_cam
         from models.projection_classifier import gradcam_overlay_png
 
         index = 0 if self.spec.activation == "sigmoid" else self.spec.class_names.index(self.spec.positive_class)
-        cam = GradCAM(nn_module=self._network, target_layers=self.spec.gradcam_layer)
         batch = torch.from_numpy(np.ascontiguousarray(prepared, dtype=np.float32))[None, None]
-        heat = cam(x=batch, class_idx=index).detach().numpy().reshape(prepared.shape)
-        high = float(heat.max())
-        return gradcam_overlay_png(image.array, heat / high if high > 0 else heat, caption)
+        heat = grad_cam(self._network, self.spec.gradcam_layer, batch, index)
+        return gradcam_overlay_png(image.array, heat, caption)
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
         prepared = prepare_image(image.array, self.spec.preprocessing)

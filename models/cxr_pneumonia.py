@@ -4,15 +4,17 @@ The model saw 28x28 paediatric radiographs (Guangzhou Women and Children's Medic
 1-5 years; Kermany et al., Cell 2018) and nothing else. Two consequences drive this module:
 
 * the input guard refuses what the model was never shown (not CR/DX, not chest, a lateral view, an image
-  whose statistics cannot be a radiograph) instead of returning a confident number; and
+  whose statistics cannot be a radiograph, an image the network itself places far from all its training
+  images) instead of returning a confident number, and accepts every shape the training radiographs had; and
 * every result carries a warning that adult radiographs, other hospitals and other equipment are out of
   distribution: the score can then be wrong in either direction, and the calibration (fitted on paediatric
   validation images) does not hold.
 
-Preprocessing repeats how MedMNIST built the training images: centre crop on the short edge, anti-aliased
-resize to 28x28, then per-image standardisation inside the network. The probability is the temperature-scaled
-ensemble output with test-time translation averaging; the category uses the operating threshold chosen on
-the validation split. Numbers for the card come from :mod:`models.training.train_medmnist`.
+Preprocessing is the MedMNIST recipe itself (:mod:`models.medmnist`): the 8-bit display image, its centre
+square on the short edge, Pillow's anti-aliased bilinear reduction to 28x28; the network standardises each image.
+The probability is the temperature-scaled ensemble output (with test-time translation averaging when it helped
+on validation); the category uses the operating threshold chosen on the validation split. Numbers for the card
+come from :mod:`models.training.train_medmnist`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from pathlib import Path
 
 from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, ImageInput, SeriesRequirements
-from models.networks import ShippedClassifier, load_shipped_classifier
 from models.projection_classifier import (
     CARD_DIR,
     WEIGHTS_DIR,
     FindingSpec,
     check_projection_image,
+    check_resemblance,
     classify,
+    crop_warning,
     matches,
 )
+from models.shipped import ShippedClassifier, load_shipped_classifier
 
 PAEDIATRIC_WARNING = (
     "Trained only on 28x28 paediatric chest radiographs (age 1-5 years) from one hospital (Guangzhou Women "
@@ -59,7 +63,7 @@ class PneumoniaAnalyzer:
     """Frontal chest radiograph (CR/DX) -> probability of pneumonia, category and Grad-CAM key image."""
 
     name = "cxr-pneumonia"
-    version = "1.0.1"
+    version = "1.1.0"
     title = "Chest radiograph pneumonia classifier (PneumoniaMNIST-trained CNN ensemble)"
     requirements = SeriesRequirements(
         modalities=("CR", "DX"),
@@ -104,9 +108,20 @@ class PneumoniaAnalyzer:
                 remedy="Choose the frontal (PA or AP) image of the study.",
             )
         check_projection_image(image, self.name)
+        check_resemblance(
+            self._classifier,
+            image,
+            self.name,
+            trained_on="the paediatric frontal chest radiographs it was trained on",
+            remedy="Check that this is the frontal chest radiograph, shown with the lungs dark (not inverted); "
+            "otherwise choose another series.",
+        )
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
         warnings = [PAEDIATRIC_WARNING]
+        cropped = crop_warning(image, ("the lung apices or costophrenic angles", "the lateral parts of the lungs"))
+        if cropped:
+            warnings.append(cropped)
         if not image.attributes.get("ViewPosition"):
             warnings.append("ViewPosition is not recorded; the model assumes a frontal (PA/AP) view.")
         if not image.attributes.get("BodyPartExamined"):

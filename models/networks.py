@@ -1,9 +1,10 @@
-"""Small MONAI networks for 28x28 MedMNIST-style binary classification, and the ensemble that ships them.
+"""Small networks for 28x28 MedMNIST-style binary classification, and the ensemble that ships them (torch).
 
 The networks are deliberately small: they must train in minutes on a 2-core CPU and the weights must stay a
 few megabytes so they can live in the repository. An :class:`CalibratedEnsemble` averages the logits of a few
 independently seeded members and divides by a temperature fitted on the validation split, so that the
-probability it returns is calibrated (see :mod:`models.metrics`).
+probability it returns is calibrated (see :mod:`models.metrics`). These torch modules train the networks and run
+them in MONAI bundles; the analyzers evaluate the same weights in numpy (:mod:`models.shipped`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.blocks import Convolution
-from skimage.transform import resize
 from torch import nn
 
 
@@ -47,8 +44,23 @@ class NetworkConfig:
         )
 
 
+class ConvNormAct(nn.Sequential):
+    """3x3 convolution (same padding, no bias) -> batch norm -> ReLU, laid out as MONAI's ``Convolution`` block.
+
+    Same layers under the same names (``conv``, ``adn.N``, ``adn.A``) as ``monai.networks.blocks.Convolution(2, in,
+    out, kernel_size=3, act="RELU", norm="BATCH", bias=False)``, so weights trained with either load into both and
+    give the same outputs (tests/test_networks.py). Built from ``torch.nn`` alone because importing any part of
+    MONAI imports all of it (its ``__init__`` loads every submodule: several seconds), which a command-line
+    analysis of one radiograph should not pay for.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        norm_act = nn.Sequential(OrderedDict(N=nn.BatchNorm2d(out_channels), A=nn.ReLU()))
+        super().__init__(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), adn=norm_act))
+
+
 class MedMnistCNN(nn.Module):
-    """VGG-like CNN of MONAI ``Convolution`` blocks (conv -> batch norm -> ReLU), one logit out.
+    """VGG-like CNN of conv -> batch norm -> ReLU blocks (:class:`ConvNormAct`, MONAI's layout), one logit out.
 
     Intensity normalisation happens inside ``forward`` (per-image standardisation, or a fixed [0, 1] -> [-1, 1]
     map when ``standardise`` is off), so training, evaluation and the analyzers cannot disagree about it.
@@ -67,7 +79,7 @@ class MedMnistCNN(nn.Module):
             if index > 0:
                 layers.append(nn.MaxPool2d(2))
             for _ in range(self.config.convs_per_stage):
-                layers.append(Convolution(2, previous, width, kernel_size=3, act="RELU", norm="BATCH", bias=False))
+                layers.append(ConvNormAct(previous, width))
                 previous = width
             stages.append((f"stage{index}", nn.Sequential(*layers)))
         self.features = nn.Sequential(OrderedDict(stages))
@@ -79,6 +91,11 @@ class MedMnistCNN(nn.Module):
     def gradcam_layer(self) -> str:
         """Name of the last convolutional stage, the layer Grad-CAM explains."""
         return f"features.stage{len(self.config.channels) - 1}"
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The globally pooled last-stage features ``(N, C)``: what the final linear layer reads."""
+        x = standardise_per_image(x) if self.config.standardise else 2.0 * x - 1.0
+        return self.features(x).mean(dim=(-2, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = standardise_per_image(x) if self.config.standardise else 2.0 * x - 1.0
@@ -120,24 +137,67 @@ def standardise_per_image(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def downsample_like_medmnist(image: np.ndarray, size: int = 28) -> np.ndarray:
-    """Centre-crop to a square on the short edge, then resize to ``size`` with anti-aliasing, to [0, 1].
+@dataclass(frozen=True)
+class FeatureReference:
+    """Where the training images lie in each member's feature space, to tell how unlike them an image is.
 
-    MedMNIST built its 28x28 images this way ("we center-crop the images and resize them", MedMNIST v2 INFO),
-    so an inference image must go through the same geometry to look like the training data. Returns float32
-    scaled so the image's minimum is 0 and maximum is 1 (the scale does not matter after
-    :func:`standardise_per_image`, it only keeps values readable).
+    The Mahalanobis detector of Lee et al. (NeurIPS 2018, "A simple unified framework for detecting
+    out-of-distribution samples and adversarial attacks"): per member, the class means of the pooled features
+    of the training images and the inverse of their shared (within-class) covariance; an image's distance is
+    its Mahalanobis distance to the nearer class mean, averaged over the members. ``limit`` is the distance
+    that ``limit_percentile`` % of the validation images stay within (fitted by the training script).
     """
-    array = np.asarray(image, dtype=np.float32)
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-    rows, columns = array.shape
-    side = min(rows, columns)
-    top, left = (rows - side) // 2, (columns - side) // 2
-    square = array[top : top + side, left : left + side]
-    small = resize(square, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
-    low, high = float(small.min()), float(small.max())
-    return ((small - low) / (high - low if high > low else 1.0)).astype(np.float32)
+
+    means: torch.Tensor  # (members, 2, C)
+    precisions: torch.Tensor  # (members, C, C)
+    limit: float
+    limit_percentile: float
+
+    @classmethod
+    def fit(cls, members: Sequence[MedMnistCNN], images: torch.Tensor, labels: np.ndarray) -> FeatureReference:
+        """Class means and shared-covariance precision of each member's features over ``images`` (no limit yet)."""
+        means, precisions = [], []
+        with torch.no_grad():
+            for member in members:
+                member.eval()
+                features = member.embedding(images).double()
+                centres = torch.stack([features[torch.from_numpy(labels == c)].mean(dim=0) for c in (0, 1)])
+                within = features - centres[torch.from_numpy(labels.astype(np.int64))]
+                covariance = within.T @ within / (features.shape[0] - 2)
+                ridge = 1e-3 * float(covariance.diagonal().mean()) * torch.eye(covariance.shape[0], dtype=torch.float64)
+                means.append(centres.float())
+                precisions.append(torch.linalg.inv(covariance + ridge).float())
+        return cls(torch.stack(means), torch.stack(precisions), float("inf"), 100.0)
+
+    def distances(self, members: Sequence[MedMnistCNN], images: torch.Tensor) -> np.ndarray:
+        """Per image, the mean over members of the Mahalanobis distance to the nearer class mean."""
+        total = torch.zeros(images.shape[0], dtype=torch.float64)
+        with torch.no_grad():
+            for member, centres, precision in zip(members, self.means, self.precisions, strict=True):
+                features = member.embedding(images)
+                squared = torch.stack(
+                    [torch.einsum("nc,cd,nd->n", features - m, precision, features - m) for m in centres]
+                )
+                total += squared.min(dim=0).values.clamp_min(0.0).sqrt().double()
+        return (total / len(members)).numpy()
+
+    def with_limit(self, validation_distances: np.ndarray, percentile: float) -> FeatureReference:
+        limit = float(np.percentile(validation_distances, percentile))
+        return FeatureReference(self.means, self.precisions, limit, percentile)
+
+    def as_checkpoint(self) -> dict[str, object]:
+        return {
+            "means": self.means.clone(),
+            "precisions": self.precisions.clone(),
+            "limit": self.limit,
+            "limit_percentile": self.limit_percentile,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, object]) -> FeatureReference:
+        means, precisions = data["means"], data["precisions"]
+        assert isinstance(means, torch.Tensor) and isinstance(precisions, torch.Tensor)
+        return cls(means.float(), precisions.float(), float(str(data["limit"])), float(str(data["limit_percentile"])))
 
 
 def ensemble_from_checkpoint(checkpoint: dict[str, object]) -> CalibratedEnsemble:
@@ -174,89 +234,36 @@ def tta_logits(ensemble: CalibratedEnsemble, images: torch.Tensor, shifts: int =
     return torch.stack(outputs, dim=0).mean(dim=0)
 
 
-class ShippedClassifier:
-    """A loaded, hash-checked ensemble with the operating point it was validated at.
+def grad_cam(network: nn.Module, layer: str, batch: torch.Tensor, output_index: int = 0) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., ICCV 2017) of one output of ``network`` for one image, ``(H, W)`` in 0..1.
 
-    ``probability`` and ``gradcam`` take one image already prepared by :func:`downsample_like_medmnist`
-    (``(28, 28)``, any intensity scale); they are the only two things the analyzers ask of a network.
+    The activations of ``layer`` are weighted by the spatial mean of the output's gradient with respect to them,
+    summed over channels, kept where positive, upsampled bilinearly to the input size and scaled so that 0 is the
+    least and 1 the most evidence for the output. (MONAI's ``GradCAM``, used before, scales its maps the other way
+    round by default - its ``default_normalizer`` maps the maximum to 0 - which made the key images highlight the
+    regions of least evidence; see tests/test_networks.py.)
     """
+    target = network.get_submodule(layer)
+    captured: dict[str, torch.Tensor] = {}
 
-    def __init__(self, checkpoint: dict[str, object], sha256: str) -> None:
-        self.ensemble = ensemble_from_checkpoint(checkpoint)
-        self.threshold = float(str(checkpoint["threshold"]))
-        self.temperature = float(str(checkpoint["temperature"]))
-        self.tta_shifts = int(str(checkpoint.get("tta_shifts", 0)))
-        self.input_size = int(str(checkpoint.get("input_size", 28)))
-        self.finding = str(checkpoint.get("finding", "finding"))
-        reference = checkpoint.get("intensity_reference", (0.0, 1.0))
-        assert isinstance(reference, (list, tuple))
-        self.intensity_reference = (float(reference[0]), float(reference[1]))
-        self.sha256 = sha256
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured["activations"] = output
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """A presentation-intensity radiograph of any size -> the 28x28 [0, 1] input the ensemble was trained on.
-
-        Geometry as MedMNIST (:func:`downsample_like_medmnist`). Networks that standardise each image need
-        nothing more, which is why the shipped models do: training and inference then see identical intensity
-        statistics whatever the DICOM window. For a fixed-scale network the image's 1st and 99th percentiles are
-        mapped onto the training images' average ones (stored in the checkpoint); that approximation shifted
-        test-split probabilities by about 0.05 on average, which is why it is not used for the shipped models.
-        """
-        small = downsample_like_medmnist(image, self.input_size)
-        member = self.ensemble.members[0]
-        if isinstance(member, MedMnistCNN) and member.config.standardise:
-            return small  # the network standardises each image itself: any linear intensity scale gives the same
-        low, high = np.percentile(small, [1, 99])
-        target_low, target_high = self.intensity_reference
-        scale = (target_high - target_low) / (high - low) if high > low else 1.0
-        return np.clip(target_low + (small - low) * scale, 0.0, 1.0).astype(np.float32)
-
-    def _batch(self, image: np.ndarray) -> torch.Tensor:
-        if image.shape != (self.input_size, self.input_size):
-            raise ValueError(f"expected a {self.input_size}x{self.input_size} image, got {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of the finding for a ``(N, 28, 28)`` stack (with the shipped TTA)."""
-        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
-        with torch.no_grad():
-            return torch.sigmoid(tta_logits(self.ensemble, batch, self.tta_shifts)).numpy().reshape(-1)
-
-    def probability(self, image: np.ndarray) -> float:
-        return float(self.probabilities(self._batch(image)[:, 0].numpy())[0])
-
-    def gradcam(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the finding's logit, averaged over the ensemble members, ``(28, 28)`` in [0, 1].
-
-        Uses ``monai.visualize.GradCAM`` on each member's last convolutional stage (7x7), upsampled by MONAI
-        to the input size. Averaging the members' maps shows what the ensemble as a whole relied on.
-        """
-        from monai.visualize import GradCAM
-
-        batch = self._batch(image)
-        maps = []
-        for member in self.ensemble.members:
-            assert isinstance(member, MedMnistCNN)
-            cam = GradCAM(nn_module=member, target_layers=member.gradcam_layer)
-            maps.append(cam(x=batch, class_idx=0).detach().numpy().reshape(self.input_size, self.input_size))
-        mean = np.mean(maps, axis=0)
-        high = float(mean.max())
-        return (mean / high if high > 0 else mean).astype(np.float32)
-
-
-def load_shipped_classifier(path: Path, expected_sha256: str | None = None) -> ShippedClassifier:
-    """Hash-check a weights file (every call) and load it (once per content); a mismatch raises.
-
-    The hash is checked on every call, not cached, so a file replaced while the service runs is refused
-    at the next analysis rather than silently served from memory.
-    """
-    from models.weights_io import verify_sha256
-
-    return _load_verified(path, verify_sha256(path, expected_sha256))
-
-
-@lru_cache(maxsize=4)
-def _load_verified(path: Path, digest: str) -> ShippedClassifier:
-    from models.weights_io import load_checked
-
-    return ShippedClassifier(load_checked(path, digest), digest)
+    handle = target.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            network.zero_grad(set_to_none=True)
+            output = network(batch)
+            output[0, output_index].backward()
+    finally:
+        handle.remove()
+    activations = captured["activations"]
+    gradients = activations.grad
+    assert gradients is not None
+    weights = gradients.mean(dim=(-2, -1), keepdim=True)
+    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    heat = cam[0, 0].detach().numpy().astype(np.float64)
+    low, high = float(heat.min()), float(heat.max())
+    return ((heat - low) / (high - low) if high > low else np.zeros_like(heat)).astype(np.float32)

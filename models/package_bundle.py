@@ -66,24 +66,10 @@ def _figures(card: Mapping[str, Any]) -> dict[str, Any]:
     return dict(card.get("test_performance") or {})
 
 
-def _preprocessing(checkpoint: Mapping[str, Any], size: int) -> dict[str, Any]:
-    """The bundle's literal preprocessing, matching ``ShippedClassifier.prepare`` for this checkpoint.
-
-    Networks that standardise each image are blind to any linear intensity scale, so min-max is exact for them;
-    fixed-scale networks need the percentile map onto the training images' scale.
-    """
-    geometry: dict[str, Any] = {"crop": "centre-square", "spatial_size": [size, size]}
-    if checkpoint.get("network", {}).get("standardise"):
-        return {**geometry, "intensity": "min-max"}
-    return {
-        **geometry,
-        "intensity": "percentile-map",
-        "percentile_map": {
-            "percentiles": [1.0, 99.0],
-            "targets": [float(v) for v in checkpoint.get("intensity_reference", (0.0, 1.0))],
-            "clip": [0.0, 1.0],
-        },
-    }
+def _preprocessing(size: int) -> dict[str, Any]:
+    """The bundle's literal preprocessing, matching ``ShippedClassifier.prepare``: the MedMNIST recipe, whose grey
+    levels / 255 are the training images' own scale, so no further intensity mapping is needed."""
+    return {"crop": "centre-square", "spatial_size": [size, size], "resample": "medmnist", "intensity": "none"}
 
 
 def pneumonia_bundle_parts(checkpoint: Mapping[str, Any], source_card: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,7 +99,7 @@ def pneumonia_bundle_parts(checkpoint: Mapping[str, Any], source_card: Mapping[s
             "body_parts": ["CHEST", "THORAX", "LUNG"],
             "view_positions": ["PA", "AP"],
         },
-        "preprocessing": _preprocessing(checkpoint, size),
+        "preprocessing": _preprocessing(size),
         "inference": {"test_time_translation_pixels": int(checkpoint.get("tta_shifts", 0))},
         "postprocessing": {
             "activation": "sigmoid",

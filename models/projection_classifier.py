@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from skimage.transform import resize
+from PIL import Image
 
 from core.errors import UnsuitableInputError
 from models import render
@@ -27,7 +27,8 @@ from models.base import (
     highest_normal,
     probability_percent,
 )
-from models.networks import ShippedClassifier
+from models.medmnist import centre_square
+from models.shipped import ShippedClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CARD_DIR = Path(__file__).resolve().parent / "cards"
@@ -35,8 +36,13 @@ CARD_DIR = Path(__file__).resolve().parent / "cards"
 MIN_SIDE_PIXELS = 64
 """A radiograph shorter than this on any side is a thumbnail or an icon, not a diagnostic image."""
 
-MAX_ASPECT_RATIO = 1.6
-"""Long side / short side. The centre crop used in training then keeps at least 62 % of the long side."""
+MAX_ASPECT_RATIO = 3.0
+"""Long side / short side. MedMNIST centre-cropped sources of (384-2,916) x (127-2,713) pixels, the smallest
+square being 127x127 (MedMNIST v2 INFO; ``on_medmnist_plus.md``): the training radiographs themselves reached
+about 384/127 = 3.0 : 1. Beyond that the square the model sees holds less than a third of the image."""
+
+CROP_WARNING_FRACTION = 0.05
+"""Warn when the centre square leaves out more than this share of the long side on each end."""
 
 MIN_RELATIVE_CONTRAST = 0.02
 """The 1st-99th percentile spread must exceed this fraction of the full intensity range (else: blank image)."""
@@ -92,8 +98,9 @@ def check_projection_image(image: ImageInput, analyzer: str) -> ImageStatistics:
         )
     if stats.aspect_ratio > MAX_ASPECT_RATIO:
         raise UnsuitableInputError(
-            f"{analyzer}: aspect ratio {stats.aspect_ratio:.2f} is far from square (limit {MAX_ASPECT_RATIO}); "
-            "the model was trained on centre-cropped square images and would miss the image's edges.",
+            f"{analyzer}: aspect ratio {stats.aspect_ratio:.2f} is beyond that of any image the model was trained "
+            f"on (up to {MAX_ASPECT_RATIO:.1f} : 1); the centre square it reads would hold less than a third of "
+            "the image.",
             remedy="Send the full, uncropped image as acquired.",
         )
     if stats.relative_contrast < MIN_RELATIVE_CONTRAST or stats.saturated_fraction > MAX_SATURATED_FRACTION:
@@ -105,6 +112,48 @@ def check_projection_image(image: ImageInput, analyzer: str) -> ImageStatistics:
     return stats
 
 
+def crop_warning(image: ImageInput, lost_region: tuple[str, str]) -> str | None:
+    """A warning when the centre square the model reads leaves out a sizeable strip at each end of the long side.
+
+    ``lost_region`` names, for a (tall, wide) image, what the two strips may hold, e.g. lung apices and bases.
+    """
+    rows, columns = image.array.shape[:2]
+    _, _, side = centre_square(rows, columns)
+    long_side = max(rows, columns)
+    strip = (long_side - side) / 2.0 / long_side
+    if strip <= CROP_WARNING_FRACTION:
+        return None
+    ends, region = ("top and bottom", lost_region[0]) if rows > columns else ("left and right", lost_region[1])
+    return (
+        f"The model reads only the centre square of this {rows}x{columns} image: the {ends} strips ({strip:.0%} of "
+        f"the image's {'height' if rows > columns else 'width'} each) were not seen, and {region} may lie there."
+    )
+
+
+def check_resemblance(
+    classifier: ShippedClassifier, image: ImageInput, analyzer: str, *, trained_on: str, remedy: str
+) -> None:
+    """Refuse an image the network itself places far from everything it was trained on.
+
+    The distance is the Mahalanobis distance in the networks' feature space (:class:`models.networks.
+    FeatureReference`, Lee et al. 2018); the limit is the distance that 99.5 % of the validation images stay
+    within. A different body part, an inverted (negative) image or a picture that is not a radiograph lands
+    far beyond it; a real radiograph of the trained kind stays inside.
+    """
+    reference = classifier.feature_reference
+    if reference is None:
+        return
+    distance = classifier.feature_distance(classifier.prepare(image.array))
+    if distance is not None and distance > reference.limit:
+        raise UnsuitableInputError(
+            f"{analyzer}: the image does not resemble {trained_on}: its distance from them in the model's feature "
+            f"space is {distance:.1f}, beyond the {reference.limit:.1f} that {reference.limit_percentile:g} % of "
+            "the validation images stay within (a different body part or view, an inverted image, or not a "
+            "radiograph). The model's output would be meaningless.",
+            remedy=remedy,
+        )
+
+
 def matches(value: str | None, accepted: Iterable[str]) -> bool:
     return value is not None and value.strip().upper() in {a.upper() for a in accepted}
 
@@ -113,9 +162,17 @@ def display_gray(array: np.ndarray) -> tuple[np.ndarray, float]:
     """The radiograph as uint8 for display (1st-99th percentile window), at most 512 px; returns the scale."""
     scale = min(1.0, _DISPLAY_MAX_SIDE / max(array.shape))
     shape = (max(1, round(array.shape[0] * scale)), max(1, round(array.shape[1] * scale)))
-    small = resize(np.asarray(array, dtype=np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    small = _resize(np.asarray(array, dtype=np.float32), shape)
     p1, p99 = np.percentile(small, [1, 99])
     return render.window(small, (p1 + p99) / 2.0, max(float(p99 - p1), 1e-6)), scale
+
+
+def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float32 image (anti-aliased when shrinking: Pillow's filter widens with the factor)."""
+    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
+        (shape[1], shape[0]), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float32)
 
 
 def gradcam_overlay_png(array: np.ndarray, cam28: np.ndarray, caption: str) -> bytes:
@@ -126,13 +183,12 @@ def gradcam_overlay_png(array: np.ndarray, cam28: np.ndarray, caption: str) -> b
     the model saw nothing, so nothing is drawn there.
     """
     gray, _ = display_gray(array)
+    top, left, side = centre_square(*gray.shape)
     rows, columns = gray.shape
-    side = min(rows, columns)
-    top, left = (rows - side) // 2, (columns - side) // 2
     median, peak = float(np.median(cam28)), float(cam28.max())
     emphasised = np.clip((cam28 - median) / (peak - median), 0.0, 1.0) if peak > median else np.zeros_like(cam28)
     values = np.zeros((rows, columns), dtype=np.float32)
-    values[top : top + side, left : left + side] = resize(emphasised, (side, side), order=1, preserve_range=True)
+    values[top : top + side, left : left + side] = _resize(emphasised.astype(np.float32), (side, side))
     values[values < 0.05] = 0.0  # leave the lower half of the map uncoloured so the anatomy stays readable
     return render.to_png(render.label(render.heatmap(gray, values, alpha=0.5), caption, font_size=13))
 

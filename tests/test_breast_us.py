@@ -18,9 +18,9 @@ from dicom_io.projection import read_projection
 from models import metrics
 from models.base import Analyzer, at_or_above_threshold, filed_probabilities, filed_probability
 from models.breast_us import BreastUltrasoundAnalyzer
-from models.networks import load_shipped_classifier
 from models.projection_classifier import WEIGHTS_DIR
 from models.registry import get_analyzer
+from models.shipped import load_shipped_classifier
 from models.weights_io import sha256_of_file
 
 WEIGHTS = WEIGHTS_DIR / "breast_cnn.pt"

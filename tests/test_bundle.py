@@ -86,7 +86,8 @@ def test_the_bundle_gives_the_built_in_analyzers_probabilities_on_real_test_imag
         for analyzer, sink in ((pneumonia_bundle, bundle_probabilities), (built_in, built_in_probabilities)):
             analyzer.check_input(case)
             sink.append(analyzer.analyze(case).probability)
-    np.testing.assert_allclose(bundle_probabilities, built_in_probabilities, rtol=0, atol=1e-6)
+    # the bundle runs torch, the built-in analyzer numpy (models.shipped): the same function to float rounding
+    np.testing.assert_allclose(bundle_probabilities, built_in_probabilities, rtol=0, atol=1e-5)
     assert pneumonia_bundle.threshold == pytest.approx(built_in.threshold)
     # Same calls as well as same numbers: a clinician sees the same category from either.
     calls = [at_or_above_threshold(p, pneumonia_bundle.threshold) for p in bundle_probabilities]
