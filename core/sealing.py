@@ -56,7 +56,9 @@ def decode_key(text: str, *, source: str) -> bytes:
     """The 32 key bytes written base64 (standard or URL-safe alphabet) in ``text``."""
     cleaned = "".join(text.split())
     try:
-        key = base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), altchars=b"-_" if "-" in cleaned else None)
+        key = base64.b64decode(
+            cleaned + "=" * (-len(cleaned) % 4), altchars=b"-_" if ("-" in cleaned or "_" in cleaned) else None
+        )
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != KEY_BYTES:
