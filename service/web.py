@@ -55,7 +55,7 @@ AUDIT_SCOPE = "system/AuditEvent.cu"
 log = logging.getLogger(__name__)
 
 # Analyzers tried, in order, on a study queued from order-sign; those whose series rules do not fit are skipped.
-BACKGROUND_ANALYZERS = ("ct-emphysema", "ct-bone", "cxr-pneumonia")
+BACKGROUND_ANALYZERS = ("ct-emphysema", "ct-bone", "ct-heart", "cxr-pneumonia", "mr-hippocampus")
 
 
 def _trusted_client(raw: Mapping[str, Any]) -> TrustedClient:

@@ -21,7 +21,7 @@ from pipeline.audit import AuditRecorder
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
 
-DEFAULT_ANALYZERS = ("ct-emphysema", "ct-bone", "cxr-pneumonia", "us-breast")
+DEFAULT_ANALYZERS = ("ct-emphysema", "ct-bone", "ct-heart", "cxr-pneumonia", "us-breast", "mr-hippocampus")
 
 
 @dataclass(frozen=True)
