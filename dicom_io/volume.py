@@ -125,6 +125,7 @@ class Volume:
             spacing=self.spacing,
             modality=self.attributes.get("Modality", ""),
             attributes=dict(self.attributes),
+            origin=self.origin,
             direction=tuple((r[0], r[1], r[2]) for r in rows),
         )
 

@@ -5,15 +5,20 @@ This is the one place where ``models.base.AnalysisResult`` becomes FHIR. The res
 * the ``Device`` that stands for the analyzer version (identifier ``<name>@<version>``, model SHA-256, card);
 * one ``Observation`` per measurement (plus one for ``AnalysisResult.probability`` when no measurement
   already carries it), status ``preliminary``, derived from the ImagingStudy, produced by the Device;
+* one ``Observation`` per exam-level assessment (``AnalysisResult.assessments``: a guideline category, a
+  recommendation) with the coded value and the rule that gave it;
+* one ``Observation`` per finding (``AnalysisResult.findings``: a nodule, a lesion), its measurements and coded
+  attributes as components, its body site, its location in words, derived from the ImagingStudy and from the
+  Media that show it;
 * one ``Media`` per explanation image (PNG), marked as an AI explanation, not a diagnostic image;
 * the ``DiagnosticReport`` (status ``preliminary``, no performer or interpreter: the AI is neither) linking
   them, with a human-readable HTML report in ``presentedForm``;
 * a ``Provenance`` naming the Device as author of every new clinical resource, the ImagingStudy as source.
 
 Idempotency: every resource but the Provenance has an identifier derived from :func:`analysis_identifier`
-(study UID + series UID + analyzer + version) and is POSTed with ``ifNoneExist``, so re-running an analysis
-creates nothing new; the server answers with the existing resources and resolves the ``urn:uuid`` references
-to them. R4 Provenance has no identifier, so it gets a deterministic id and ``PUT Provenance/<id>``
+(study UID + series UID + analyzer + version; findings add their stable key, ``/finding/nodule-1``) and is POSTed
+with ``ifNoneExist``, so re-running an analysis creates nothing new; the server answers with the existing
+resources and resolves the ``urn:uuid`` references to them. R4 Provenance has no identifier, so it gets a deterministic id and ``PUT Provenance/<id>``
 (update-as-create): a re-run writes a new *version* of the same Provenance, never a second Provenance.
 sekmet-fhir supports both in a transaction (checked against the real server in ``tests/test_builders.py``).
 
@@ -45,7 +50,7 @@ from urllib.parse import quote
 from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters import constants, terminology
 from fhir_adapters.validation import validate_bundle, validate_resource
-from models.base import AnalysisResult, Explanation, Measurement, probability_percent
+from models.base import AnalysisResult, CodedValue, Explanation, Finding, Measurement, probability_percent
 
 # Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).
 MODEL_SHA256_IDENTIFIER_SYSTEM = f"{constants.CANONICAL_BASE}/sid/model-sha256"
@@ -244,6 +249,128 @@ def _observation(
     return observation
 
 
+def _imaging_observation(
+    target: AnalysisTarget,
+    code: dict[str, Any],
+    *,
+    identifier: str,
+    device_url: str,
+    issued: str,
+) -> dict[str, Any]:
+    """The fields every AI Observation shares, in R4 element order up to ``issued``."""
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _security(),
+        "identifier": _identifier(identifier),
+        "status": "preliminary",
+        "category": [terminology.IMAGING_CATEGORY.concept()],
+        "code": code,
+        "subject": {"reference": target.patient_reference},
+    }
+    if target.study_started:
+        observation["effectiveDateTime"] = target.study_started
+    observation["issued"] = issued
+    return observation
+
+
+def _assessment_observation(
+    target: AnalysisTarget,
+    result: AnalysisResult,
+    value: CodedValue,
+    *,
+    identifier: str,
+    device_url: str,
+    issued: str,
+) -> dict[str, Any]:
+    """An exam-level coded conclusion (a guideline category, a recommendation) with the rule that gave it."""
+    observation = _imaging_observation(
+        target,
+        terminology.finding_concept(value.key, value.display),
+        identifier=identifier,
+        device_url=device_url,
+        issued=issued,
+    )
+    observation["valueCodeableConcept"] = terminology.coded_value_concept(value)
+    observation["note"] = _measurement_note(result, f"Rule: {value.rule}" if value.rule else "")
+    observation["device"] = {"reference": device_url}
+    observation["derivedFrom"] = [{"reference": target.imaging_study_reference}]
+    return observation
+
+
+def _finding_observation(
+    target: AnalysisTarget,
+    result: AnalysisResult,
+    finding: Finding,
+    *,
+    identifier: str,
+    device_url: str,
+    issued: str,
+    media_urls: list[str],
+) -> dict[str, Any]:
+    """One finding: what it is (code), where (bodySite, and in words), its values as components."""
+    observation = _imaging_observation(
+        target,
+        terminology.finding_concept(finding.kind, finding.display),
+        identifier=identifier,
+        device_url=device_url,
+        issued=issued,
+    )
+    notes = [finding.location, finding.note]
+    observation["note"] = _measurement_note(result, " ".join(n for n in notes if n))
+    if finding.body_site is not None:
+        observation["bodySite"] = terminology.coded_value_concept(finding.body_site)
+    observation["device"] = {"reference": device_url}
+    derived = [{"reference": target.imaging_study_reference}]
+    for index in finding.explanations:
+        if not 0 <= index < len(media_urls):
+            raise ConfigurationError(
+                f"Analyzer {result.analyzer!r} finding {finding.key!r} points at explanation {index}, which "
+                f"does not exist (the result has {len(media_urls)}).",
+                remedy="Finding.explanations must index AnalysisResult.explanations.",
+            )
+        derived.append({"reference": media_urls[index]})
+    observation["derivedFrom"] = derived
+    components: list[dict[str, Any]] = []
+    for m in finding.measurements:
+        _check_measurement(result.analyzer, m)
+        component: dict[str, Any] = {
+            "code": terminology.measurement_concept(m.key, m.display),
+            "valueQuantity": terminology.quantity(m.value, m.unit),
+        }
+        if m.interpretation is not None:
+            component["interpretation"] = [terminology.interpretation_concept(m.interpretation)]
+        components.append(component)
+    for value in finding.values:
+        components.append(
+            {
+                "code": terminology.finding_concept(value.key, value.display),
+                "valueCodeableConcept": terminology.coded_value_concept(value),
+            }
+        )
+    if finding.location:
+        components.append(
+            {"code": terminology.finding_concept("location", "Location"), "valueString": finding.location}
+        )
+    observation["component"] = components
+    return observation
+
+
+def _check_keys(result: AnalysisResult) -> None:
+    """Assessment keys and finding keys must be unique: they are part of the resources' identifiers."""
+    for what, keys in (
+        ("assessment", [a.key for a in result.assessments]),
+        ("finding", [f.key for f in result.findings]),
+    ):
+        seen: set[str] = set()
+        for key in keys:
+            if key in seen:
+                raise ConfigurationError(
+                    f"Analyzer {result.analyzer!r} reported {what} {key!r} twice.",
+                    remedy=f"Each {what} key must appear once per result.",
+                )
+            seen.add(key)
+
+
 def _probability_measurement(result: AnalysisResult) -> Measurement | None:
     """A measurement for ``result.probability`` unless the analyzer already reports one (``*_probability``)."""
     if result.probability is None or any(m.key.endswith("_probability") for m in result.measurements):
@@ -390,6 +517,7 @@ def render_report_html(
         else ""
     )
     card = f' <a href="{e(device.card_url)}">Model card</a>.' if device.card_url else ""
+    extra = _assessments_html(result) + _findings_html(result)
     digest = f"<br>Model weights SHA-256: <code>{e(device.model_sha256)}</code>" if device.model_sha256 else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -401,11 +529,46 @@ def render_report_html(
         f"</p><p>Rule: {e(result.category.rule)}</p>{probability}"
         "<h2>Measurements</h2><table><thead><tr><th>Measurement</th><th>Value</th><th>Unit</th>"
         f"<th>Reference range</th><th>Interpretation</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        f"<h2>Warnings</h2><ul>{warnings}</ul>"
+        f"{extra}<h2>Warnings</h2><ul>{warnings}</ul>"
         f"<h2>Images analysed</h2><p>Study UID <code>{e(target.study_uid)}</code>, series UID "
         f"<code>{e(target.series_uid)}</code>.</p><p>Why this series: {e(target.selection_reason)}</p>"
         f"<h2>Analyzer</h2><p>{e(device.title)} ({e(device.name)}, version {e(device.version)}).{card}{digest}</p>"
         "</body></html>\n"
+    )
+
+
+def _assessments_html(result: AnalysisResult) -> str:
+    """The exam-level assessments (a guideline category, a recommendation) with their rules; empty when none."""
+    if not result.assessments:
+        return ""
+    e = html.escape
+    items = "".join(
+        f"<li><strong>{e(a.display)}</strong>: {e(a.code_display)}"
+        + (f" <br>Rule: {e(a.rule)}" if a.rule else "")
+        + "</li>"
+        for a in result.assessments
+    )
+    return f"<h2>Assessments</h2><ul>{items}</ul>"
+
+
+def _findings_html(result: AnalysisResult) -> str:
+    """One row per finding: what and where, its values, its attributes; empty when the analyzer lists none."""
+    if not result.findings:
+        return ""
+    e = html.escape
+    rows = []
+    for f in result.findings:
+        values = "; ".join(
+            f"{m.display} {_format_value(m.value)} {terminology.unit_label(m.unit)}".strip() for m in f.measurements
+        )
+        attributes = "; ".join(f"{v.display}: {v.code_display}" for v in f.values)
+        rows.append(
+            f"<tr><td>{e(f.display)}</td><td>{e(f.location)}</td><td>{e(values)}</td><td>{e(attributes)}</td>"
+            f"<td>{e(f.note)}</td></tr>"
+        )
+    return (
+        "<h2>Findings</h2><table><thead><tr><th>Finding</th><th>Location</th><th>Measurements</th>"
+        f"<th>Attributes</th><th>Note</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
@@ -473,10 +636,35 @@ def build_results_bundle(
         entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         observation_urls.append(url)
 
+    _check_keys(result)
+    media_urls = [f"urn:uuid:{_uuid_for(f'{analysis_id}/media/{n}')}" for n in range(len(result.explanations))]
+    for value in result.assessments:
+        identifier = f"{analysis_id}/assessment/{value.key}"
+        url = f"urn:uuid:{_uuid_for(identifier)}"
+        observation = _assessment_observation(
+            target, result, value, identifier=identifier, device_url=device_url, issued=issued_at
+        )
+        entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        observation_urls.append(url)
+    for finding in result.findings:
+        identifier = f"{analysis_id}/finding/{finding.key}"
+        url = f"urn:uuid:{_uuid_for(identifier)}"
+        observation = _finding_observation(
+            target,
+            result,
+            finding,
+            identifier=identifier,
+            device_url=device_url,
+            issued=issued_at,
+            media_urls=media_urls,
+        )
+        entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        observation_urls.append(url)
+
     media_links: list[dict[str, Any]] = []
     for n, explanation in enumerate(result.explanations):
         identifier = f"{analysis_id}/media/{n}"
-        url = f"urn:uuid:{_uuid_for(identifier)}"
+        url = media_urls[n]
         media = _media(target, result, explanation, identifier=identifier, device_url=device_url, issued=issued_at)
         entries.append(conditional_create_entry(url, media, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         media_links.append({"comment": explanation.title, "link": {"reference": url}})

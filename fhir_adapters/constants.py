@@ -19,6 +19,11 @@ DEVICE_IDENTIFIER_SYSTEM: Final = f"{CANONICAL_BASE}/sid/analyzer"
 MEASUREMENT_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/measurement"
 # CodeSystem for categorical conclusions; code = "<analyzer name>/<Category.code>".
 CATEGORY_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding-category"
+# CodeSystem for what a finding is and what is said about it when no standard code fits: finding kinds
+# (models.base.Finding.kind, e.g. "lung_nodule") and coded attributes (models.base.CodedValue.key, e.g. "lung_rads").
+FINDING_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding"
+# CodeSystem for the values of coded attributes; code = "<CodedValue.key>/<CodedValue.code>" (e.g. "lung_rads/4A").
+FINDING_VALUE_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding-value"
 
 # HL7 AI Transparency: security label marking content asserted by artificial intelligence.
 AI_ASSERTED_SECURITY_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"

@@ -28,10 +28,11 @@ from importlib import resources
 from typing import Any
 
 from fhir_adapters import constants
-from models.base import Category, Interpretation
+from models.base import Category, CodedValue, Interpretation
 
 SNOMED_CT = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
+RADLEX = "http://radlex.org"
 UCUM = "http://unitsofmeasure.org"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 OBSERVATION_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
@@ -72,6 +73,13 @@ PULMONARY_EMPHYSEMA = Code(SNOMED_CT, "87433001", "Pulmonary emphysema")
 PNEUMONIA = Code(SNOMED_CT, "233604007", "Pneumonia")
 OSTEOPOROSIS = Code(SNOMED_CT, "64859006", "Osteoporosis")
 OSTEOPENIA = Code(SNOMED_CT, "312894000", "Osteopenia")
+# RadLex (http://radlex.org) as used in published FHIR imaging examples and the ACR/RSNA common data elements
+# (openimagingdata "pulmonary nodule" CDE: RID50149; right lung RID1302, left lung RID1326).
+PULMONARY_NODULE = Code(RADLEX, "RID50149", "pulmonary nodule")
+# SNOMED CT observable for a Lung-RADS category, as profiled in HL7's Lithuanian lung cancer screening IG
+# (StructureDefinition lung-rads-assessment). No LOINC code for the Lung-RADS category could be verified from
+# published HL7 or LOINC material, so none is written.
+LUNG_RADS_CATEGORY = Code(SNOMED_CT, "1362105002", "Lung Imaging Reporting and Data System category")
 
 IMAGING_CATEGORY = Code(OBSERVATION_CATEGORY, "imaging", "Imaging")
 RADIOLOGY_SECTION = Code(DIAGNOSTIC_SERVICE_SECTION, "RAD", "Radiology")
@@ -95,6 +103,7 @@ _REPORT_CODES: dict[str, Code] = {
     "us-breast": BREAST_US,
     # A hippocampal crop is part of a brain MR study.
     "mr-hippocampus": MR_BRAIN,
+    "ct-lung-nodules": CHEST_CT,
 }
 
 # (analyzer, category code) -> the disorder, for abnormal categories only; "*" matches any abnormal category.
@@ -103,7 +112,16 @@ _FINDING_CODES: dict[tuple[str, str], Code] = {
     ("cxr-pneumonia", "*"): PNEUMONIA,
     ("ct-bone", "osteoporosis"): OSTEOPOROSIS,
     ("ct-bone", "osteopenia"): OSTEOPENIA,
+    ("ct-lung-nodules", "*"): PULMONARY_NODULE,
 }
+
+# Finding kinds (models.base.Finding.kind) and coded attributes (CodedValue.key) with a standard concept.
+_STANDARD_FINDING_CODES: dict[str, tuple[Code, ...]] = {
+    "lung_nodule": (PULMONARY_NODULE,),
+    "lung_rads": (LUNG_RADS_CATEGORY,),
+}
+# Code systems a CodedValue may name for its value (CodedValue.system).
+_VALUE_SYSTEMS: dict[str, str] = {"radlex": RADLEX, "snomed": SNOMED_CT, "loinc": LOINC}
 
 # Standard codings per measurement key: none verified yet (see the module docstring).
 _STANDARD_MEASUREMENT_CODES: dict[str, tuple[Code, ...]] = {}
@@ -131,7 +149,7 @@ def load_codesystem(name: str) -> dict[str, Any]:
 
 
 def codesystem_names() -> tuple[str, ...]:
-    """File stems of the shipped CodeSystems (``measurement``, ``finding-category``)."""
+    """File stems of the shipped CodeSystems (``measurement``, ``finding-category``, ``finding``, ``finding-value``)."""
     folder = resources.files("fhir_adapters").joinpath("codesystems")
     return tuple(sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json")))
 
@@ -151,6 +169,25 @@ def measurement_concept(key: str, display: str) -> dict[str, Any]:
     codings = [c.coding() for c in _STANDARD_MEASUREMENT_CODES.get(key, ())]
     codings.append(measurement_coding(key, display).coding())
     return {"coding": codings, "text": display}
+
+
+def finding_concept(key: str, display: str) -> dict[str, Any]:
+    """``Observation.code`` (or a component's code) for a finding kind or a coded attribute: standard codings when
+    known, then the project coding ``constants.FINDING_CODESYSTEM`` with the key as code."""
+    codings = [c.coding() for c in _STANDARD_FINDING_CODES.get(key, ())]
+    codings.append(Code(constants.FINDING_CODESYSTEM, key, display).coding())
+    return {"coding": codings, "text": display}
+
+
+def coded_value_concept(value: CodedValue) -> dict[str, Any]:
+    """A coded attribute's value: in its standard system when it names one, else the project code ``key/code``."""
+    system = _VALUE_SYSTEMS.get(value.system or "")
+    coding = (
+        Code(system, value.code, value.code_display)
+        if system
+        else Code(constants.FINDING_VALUE_CODESYSTEM, f"{value.key}/{value.code}", value.code_display)
+    )
+    return coding.concept(value.code_display)
 
 
 def report_code(analyzer: str) -> Code:

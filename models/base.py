@@ -47,9 +47,11 @@ class ImageInput:
     one value per array axis. ``attributes`` carries non-identifying DICOM attributes an analyzer may
     check (``Modality``, ``BodyPartExamined``, ``ViewPosition``, ``PhotometricInterpretation``...).
     ``patient`` carries the age and sex the pipeline read from the EHR, for analyzers whose references depend on
-    them (normative percentiles, risk models). ``direction`` (3-D volumes from DICOM) gives, for each array axis,
-    the LPS unit vector it runs along (``dicom_io.volume.Volume.direction``), for analyzers that must know which
-    way is right, anterior or superior whatever plane the series was acquired in; ``None`` when unknown.
+    them (normative percentiles, risk models). ``origin`` (mm, 3-D volumes from DICOM) is the LPS position of voxel
+    ``[0, 0, 0]`` and ``direction`` gives, for each array axis, the LPS unit vector it runs along
+    (``dicom_io.volume.Volume.direction``): analyzers that must know which way is right, anterior or superior
+    whatever plane the series was acquired in read ``direction``, and a finding is located in patient coordinates
+    as a radiologist's viewer would show it; ``None`` when unknown (projection images, synthetic arrays).
     """
 
     array: np.ndarray
@@ -57,6 +59,7 @@ class ImageInput:
     modality: str
     attributes: Mapping[str, str] = field(default_factory=dict)
     patient: PatientContext = field(default_factory=PatientContext)
+    origin: tuple[float, float, float] | None = None
     direction: tuple[tuple[float, float, float], ...] | None = None
 
     def __post_init__(self) -> None:
@@ -64,6 +67,15 @@ class ImageInput:
             raise ValueError(
                 f"spacing has {len(self.spacing)} values for a {self.array.ndim}-D array; give one per axis."
             )
+
+    def patient_position(self, index: tuple[float, ...]) -> tuple[float, ...] | None:
+        """LPS position (mm) of a (fractional) voxel index, or None when the geometry is not known."""
+        if self.origin is None or self.direction is None:
+            return None
+        position = np.asarray(self.origin, dtype=np.float64)
+        for step, spacing, axis in zip(index, self.spacing, self.direction, strict=True):
+            position = position + float(step) * float(spacing) * np.asarray(axis, dtype=np.float64)
+        return tuple(float(v) for v in position)
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -171,8 +183,65 @@ class Category:
 
 
 @dataclass(frozen=True)
+class CodedValue:
+    """A categorical value with its code: an assessment (a Lung-RADS category), a type, a location.
+
+    ``key`` names what is coded (stable, e.g. ``lung_rads``) and is mapped to a concept by the FHIR layer; ``code`` is
+    the value (``4A``), ``code_display`` its words; ``rule`` the published rule that gave it, cited, when there is
+    one. ``system`` names a standard code system the value belongs to when one exists (``radlex``, ``snomed``);
+    otherwise the value is a project code.
+    """
+
+    key: str
+    display: str
+    code: str
+    code_display: str
+    rule: str = ""
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lesion an analyzer lists on its own (a nodule, a fracture): written as one Observation with components.
+
+    ``key`` is stable within the result (``nodule-1``) and becomes part of the Observation's identifier, so a re-run
+    of the same analysis finds the same Observation. ``kind`` says what the finding is (``lung_nodule``) and is
+    mapped to a concept by the FHIR layer. ``measurements`` and ``values`` become the Observation's components;
+    ``location`` says in words where it is, ``body_site`` is a coded site when known. ``explanations`` are indexes
+    into :attr:`AnalysisResult.explanations` of the images that show this finding.
+    """
+
+    key: str
+    kind: str
+    display: str
+    measurements: tuple[Measurement, ...] = ()
+    values: tuple[CodedValue, ...] = ()
+    location: str = ""
+    body_site: CodedValue | None = None
+    explanations: tuple[int, ...] = ()
+    note: str = ""
+
+    def measurement(self, key: str) -> Measurement:
+        for m in self.measurements:
+            if m.key == key:
+                return m
+        raise KeyError(f"finding {self.key} has no measurement {key!r}; it has {[m.key for m in self.measurements]}")
+
+    def value(self, key: str) -> CodedValue:
+        for v in self.values:
+            if v.key == key:
+                return v
+        raise KeyError(f"finding {self.key} has no value {key!r}; it has {[v.key for v in self.values]}")
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
-    """Everything an analyzer found in one image or volume."""
+    """Everything an analyzer found in one image or volume.
+
+    ``measurements`` are the exam's numbers, ``assessments`` its coded conclusions besides the category (a
+    guideline category, a recommendation), ``findings`` the lesions listed one by one. Analyzers that report none of
+    the last two leave them empty, and their FHIR output does not change.
+    """
 
     analyzer: str
     version: str
@@ -182,6 +251,8 @@ class AnalysisResult:
     explanations: tuple[Explanation, ...] = ()
     probability: float | None = None
     warnings: tuple[str, ...] = ()
+    assessments: tuple[CodedValue, ...] = ()
+    findings: tuple[Finding, ...] = ()
 
     def measurement(self, key: str) -> Measurement:
         for m in self.measurements:

@@ -1,0 +1,176 @@
+"""Findings listed one by one (a nodule per Observation) and exam-level assessments, in the results transaction.
+
+The AnalysisResult is hand-made (the nodule analyzer is tested on real scans in test_pipeline_nodules.py); what is
+checked here is how any analyzer's findings become FHIR: one Observation per finding with its values as
+components, its body site and the key images it is derived from; one Observation per exam-level assessment; a
+report that links them; identifiers that make a re-run idempotent; and output unchanged for analyzers that list
+no findings.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import requests
+
+from core.errors import ConfigurationError
+from devtools.servers import FhirServer
+from fhir_adapters import constants
+from fhir_adapters.builders import DeviceInfo, analysis_identifier, build_results_bundle
+from fhir_adapters.validation import validate_bundle
+from models.base import AnalysisResult, Category, CodedValue, Explanation, Finding, Measurement
+from tests.test_builders import EMPHYSEMA_DEVICE, ISSUED, _png, _target, emphysema_result
+
+DEVICE = DeviceInfo("ct-lung-nodules", "1.0.0", "CT lung nodules", "ab" * 32, "https://example.org/cards/nodules")
+
+
+def nodule_result() -> AnalysisResult:
+    nodule = Finding(
+        key="nodule-1",
+        kind="lung_nodule",
+        display="Nodule 1: solid nodule, 9.3 mm mean diameter, right lung upper zone, Lung-RADS 4A: suspicious",
+        measurements=(
+            Measurement("nodule_long_axis_mm", "Long axis", 10.4, "mm"),
+            Measurement("nodule_short_axis_mm", "Short axis", 8.2, "mm"),
+            Measurement("nodule_mean_diameter_mm", "Mean diameter", 9.3, "mm"),
+            Measurement("nodule_volume_mm3", "Volume", 412.0, "mm3"),
+            Measurement("nodule_radiologist_suspicion_percent", "Suspicion", 71.3, "%", interpretation="H"),
+        ),
+        values=(
+            CodedValue("lung_rads", "Lung-RADS v2022 category", "4A", "Lung-RADS 4A: suspicious", "solid 8-<15 mm"),
+            CodedValue("nodule_type", "Nodule type", "solid", "Solid"),
+        ),
+        location="right lung, upper zone; slice 34 of 48",
+        body_site=CodedValue("body_site", "Body site", "RID1302", "Right lung", system="radlex"),
+        explanations=(0, 1),
+        note="Juxtapleural solid nodule under 10 mm: check the shape.",
+    )
+    return AnalysisResult(
+        analyzer="ct-lung-nodules",
+        version="1.0.0",
+        measurements=(Measurement("lung_nodule_count", "Lung nodules of 4 mm or more", 1.0, "1"),),
+        category=Category("lung-rads-4A", "Lung-RADS 4A: suspicious", "ACR Lung-RADS v2022", abnormal=True),
+        conclusion="1 lung nodule found; Lung-RADS 4A for the exam.",
+        explanations=(
+            Explanation("Lung nodules on a coronal MIP", "overlay", _png(), None),
+            Explanation("Nodule 1: outline and diameters", "overlay", _png(), 33),
+        ),
+        assessments=(
+            CodedValue(
+                "lung_rads", "Lung-RADS v2022 category (exam)", "4A", "Lung-RADS 4A: suspicious", "worst nodule"
+            ),
+            CodedValue("fleischner_2017", "Fleischner 2017", "single-solid-9-mm", "Consider CT at 3 months.", "rule"),
+        ),
+        findings=(nodule,),
+    )
+
+
+def _by_type(bundle: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
+    return [e for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
+
+
+def _coding(concept: dict[str, Any], system: str) -> dict[str, Any]:
+    return next(c for c in concept["coding"] if c["system"] == system)
+
+
+def test_each_finding_is_one_observation_with_components_site_and_key_images() -> None:
+    target = _target()
+    bundle = build_results_bundle(target, nodule_result(), DEVICE, issued=ISSUED)
+    analysis = analysis_identifier(target.study_uid, target.series_uid, "ct-lung-nodules", "1.0.0")
+    entry = next(
+        e
+        for e in _by_type(bundle, "Observation")
+        if e["resource"]["identifier"][0]["value"].endswith("/finding/nodule-1")
+    )
+    nodule = entry["resource"]
+    assert nodule["identifier"][0]["value"] == f"{analysis}/finding/nodule-1"
+    assert "identifier=" in entry["request"]["ifNoneExist"]
+    assert _coding(nodule["code"], "http://radlex.org")["code"] == "RID50149"
+    assert _coding(nodule["code"], constants.FINDING_CODESYSTEM)["code"] == "lung_nodule"
+    assert nodule["bodySite"]["coding"][0] == {
+        "system": "http://radlex.org",
+        "code": "RID1302",
+        "display": "Right lung",
+    }
+    components = {c["code"]["coding"][-1]["code"]: c for c in nodule["component"]}
+    assert components["nodule_mean_diameter_mm"]["valueQuantity"]["value"] == 9.3
+    assert components["nodule_volume_mm3"]["valueQuantity"]["code"] == "mm3"
+    assert components["nodule_radiologist_suspicion_percent"]["interpretation"][0]["coding"][0]["code"] == "H"
+    lung_rads = components["lung_rads"]["valueCodeableConcept"]["coding"][0]
+    assert lung_rads == {
+        "system": constants.FINDING_VALUE_CODESYSTEM,
+        "code": "lung_rads/4A",
+        "display": "Lung-RADS 4A: suspicious",
+    }
+    assert _coding(components["lung_rads"]["code"], "http://snomed.info/sct")["code"] == "1362105002"
+    assert components["location"]["valueString"] == "right lung, upper zone; slice 34 of 48"
+    media = [e["fullUrl"] for e in _by_type(bundle, "Media")]
+    assert [d["reference"] for d in nodule["derivedFrom"]] == ["ImagingStudy/is-1", *media]
+    assert nodule["status"] == "preliminary" and nodule["meta"]["security"][0]["code"] == "AIAST"
+    assert "check the shape" in nodule["note"][0]["text"]
+
+
+def test_exam_assessments_are_coded_observations_linked_from_the_report() -> None:
+    bundle = build_results_bundle(_target(), nodule_result(), DEVICE, issued=ISSUED)
+    observations = [
+        e for e in _by_type(bundle, "Observation") if "/assessment/" in e["resource"]["identifier"][0]["value"]
+    ]
+    lung_rads = next(
+        e["resource"] for e in observations if e["resource"]["identifier"][0]["value"].endswith("lung_rads")
+    )
+    assert lung_rads["valueCodeableConcept"]["coding"][0]["code"] == "lung_rads/4A"
+    assert lung_rads["note"][0]["text"] == "Rule: worst nodule"
+    [report] = [e["resource"] for e in _by_type(bundle, "DiagnosticReport")]
+    linked = {r["reference"] for r in report["result"]}
+    observation_urls = {e["fullUrl"] for e in _by_type(bundle, "Observation")}
+    assert linked == observation_urls and len(linked) == 4  # count, two assessments, one nodule
+    html = base64.b64decode(report["presentedForm"][0]["data"]).decode()
+    assert "<h2>Findings</h2>" in html and "Nodule 1: solid nodule" in html and "Rule: worst nodule" in html
+    [provenance] = [e["resource"] for e in _by_type(bundle, "Provenance")]
+    assert linked <= {t["reference"] for t in provenance["target"]}
+    validate_bundle(bundle)
+
+
+def test_analyzers_without_findings_build_exactly_what_they_built_before() -> None:
+    # Nothing about the emphysema report mentions findings or assessments; a frozen copy of its bundle (built
+    # before findings existed) guards the byte-for-byte output.
+    bundle = build_results_bundle(_target(), emphysema_result(), EMPHYSEMA_DEVICE, issued=ISSUED)
+    text = json.dumps(bundle)
+    assert "/finding/" not in text and "/assessment/" not in text and "component" not in text
+    html = base64.b64decode(_by_type(bundle, "DiagnosticReport")[0]["resource"]["presentedForm"][0]["data"]).decode()
+    assert "Findings" not in html and "Assessments" not in html
+
+
+def test_finding_keys_must_be_unique_and_key_images_must_exist() -> None:
+    result = nodule_result()
+    twice = AnalysisResult(**{**result.__dict__, "findings": result.findings * 2})
+    with pytest.raises(ConfigurationError, match="finding 'nodule-1' twice"):
+        build_results_bundle(_target(), twice, DEVICE, issued=ISSUED)
+    [finding] = result.findings
+    dangling = AnalysisResult(
+        **{**result.__dict__, "findings": (Finding(**{**finding.__dict__, "explanations": (5,)}),)}
+    )
+    with pytest.raises(ConfigurationError, match="explanation 5"):
+        build_results_bundle(_target(), dangling, DEVICE, issued=ISSUED)
+
+
+def test_findings_are_stored_and_a_rerun_creates_nothing(fhir_base: FhirServer) -> None:
+    session = requests.Session()
+    patient = session.post(f"{fhir_base.base_url}/Patient", json={"resourceType": "Patient"}, timeout=30).json()
+    target = _target(patient=f"Patient/{patient['id']}")
+    bundle = build_results_bundle(target, nodule_result(), DEVICE, issued=ISSUED)
+    first = session.post(fhir_base.base_url, json=bundle, timeout=60)
+    assert first.status_code == 200, first.text
+    assert all(e["response"]["status"].startswith("201") for e in first.json()["entry"][1:-1])
+    again = session.post(fhir_base.base_url, json=bundle, timeout=60).json()
+    assert [e["response"]["status"][:3] for e in again["entry"][1:-1]] == ["200"] * (len(bundle["entry"]) - 2)
+    found = session.get(
+        f"{fhir_base.base_url}/Observation",
+        params={"subject": f"Patient/{patient['id']}", "code": f"{constants.FINDING_CODESYSTEM}|lung_nodule"},
+        timeout=30,
+    ).json()
+    [stored] = [e["resource"] for e in found.get("entry", [])]
+    assert {d["reference"].split("/")[0] for d in stored["derivedFrom"]} == {"ImagingStudy", "Media"}
