@@ -1,0 +1,679 @@
+"""``ct-lung-nodules``: find lung nodules on chest CT, measure them as the guidelines do, and categorise them.
+
+The steps (each in its own module, each pure: a volume and its spacing in, findings out):
+
+1. lungs: :func:`models.lung.segment_lungs` (the same mask the emphysema analyzer uses);
+2. candidates: :func:`models.nodules.detect.find_candidates` (classical cues, tuned for sensitivity);
+3. false-positive reduction: the trained 3-D network (:mod:`models.nodules.network`);
+4. segmentation and measurement: :mod:`models.nodules.measure` (long/short axis, mean diameter, volume, type,
+   solid component, calcification);
+5. categories: :mod:`models.nodules.guidelines` (Lung-RADS v2022, Fleischner 2017, Brock), the radiologists'
+   suspicion model, LAA-950 from :mod:`models.emphysema` on the same lungs for the Brock model's emphysema input;
+6. explanations: per nodule an axial crop with its outline and both diameters drawn, a coronal maximum-intensity
+   projection of the lungs with the nodules numbered, and a nodule table.
+
+Juxtapleural and juxtavascular nodules: see :mod:`models.nodules.detect` (how they are found) and
+:mod:`models.nodules.measure` (how they are cut from the chest wall and from their vessels).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from core.errors import UnsuitableInputError
+from models import render
+from models.base import (
+    AnalysisResult,
+    Category,
+    CodedValue,
+    Explanation,
+    Finding,
+    ImageInput,
+    Measurement,
+    SeriesRequirements,
+    probability_percent,
+)
+from models.emphysema import EMPHYSEMA_PRESENT_PERCENT, LAA_THRESHOLD_HU, slice_thickness_mm
+from models.lung import LABEL_LEFT, LABEL_RIGHT, LungMask, segment_lungs
+from models.nodules import guidelines
+from models.nodules.detect import find_candidates
+from models.nodules.measure import NoduleMeasures, NoduleSegmentation, measure_nodule, segment_nodule
+from models.nodules.network import (
+    NoduleModels,
+    candidate_features,
+    load_nodule_models,
+    sample_patches,
+    suspicion_features,
+)
+from models.projection_classifier import WEIGHTS_DIR
+
+MIN_REPORTED_MM = 4.0
+"""Nodules under 4 mm mean diameter are not reported: detection there is unreliable, and they need no follow-up
+(Lung-RADS 2; Fleischner: no routine follow-up under 6 mm)."""
+MAX_REPORTED = 10
+"""At most this many nodules are listed, the most suspicious first (Lung-RADS category, then size)."""
+THIN_SLICE_MM = 2.5
+"""Lung-RADS asks for reconstructions of 2.5 mm or thinner (ideally 1 mm); the LIDC validation crops are 1-2.5 mm."""
+MAX_SLICE_THICKNESS_MM = 10.0
+MIN_LUNG_ML = 300.0
+MIN_SLICES = 20
+MASS_MM = 30.0
+"""Over 30 mm a lung lesion is a mass rather than a nodule (Fleischner Society glossary, Hansell DM et al.,
+Radiology 2008;246:697-722); the rules below are still applied to it and the text says "mass"."""
+
+SENSITIVITY_LIMITS = (
+    "Nodules under 4 mm are not reported; the detector was validated on LIDC nodules of 3 mm and more on 1-2.5 mm "
+    "slices, and thick slices (over 2.5 mm) hide small and ground-glass nodules; nodules broadly attached to the "
+    "mediastinum or diaphragm, and airway (endobronchial) nodules, can be missed."
+)
+
+
+@dataclass(frozen=True)
+class DetectedNodule:
+    """One reported nodule: its voxels, measures and categories (numbered from the most suspicious)."""
+
+    number: int
+    segmentation: NoduleSegmentation
+    measures: NoduleMeasures
+    nodule_probability: float
+    lung_rads: guidelines.Assessment
+    suspicion: float
+    side: str
+    zone: str
+
+
+class LungNoduleAnalyzer:
+    """Lung nodules on chest CT; see the module docstring for the method and its published rules."""
+
+    name = "ct-lung-nodules"
+    version = "1.0.0"
+    title = "CT lung nodules: detection, measurement, Lung-RADS and Fleischner categories"
+    uses_patient_context = True
+    requirements = SeriesRequirements(
+        modalities=("CT",),
+        min_instances=MIN_SLICES,
+        body_parts=("CHEST", "THORAX", "LUNG"),
+        description_keywords=("chest", "thorax", "lung"),
+        excluded_description_keywords=("scout", "localizer", "topogram"),
+    )
+
+    def __init__(self, weights: Path | None = None, expected_sha256: str | None = None) -> None:
+        self.weights = weights or WEIGHTS_DIR / "lung_nodules.pt"
+        self._models: NoduleModels = load_nodule_models(self.weights, expected_sha256)
+        self.model_sha256 = self._models.sha256
+        self._lock = threading.Lock()
+        self._cached: tuple[weakref.ref[np.ndarray], tuple[float, ...], LungMask] | None = None
+
+    @property
+    def models(self) -> NoduleModels:
+        return self._models
+
+    def check_input(self, image: ImageInput) -> None:
+        """Refuse what the analyzer was not built for, with the reason: not CT, not a volume, no lungs in view."""
+        if image.modality.upper() != "CT":
+            raise UnsuitableInputError(
+                f"{self.name} finds lung nodules on CT; this series is modality {image.modality or 'unknown'!r}.",
+                remedy="Choose an axial chest CT series of the study.",
+            )
+        if image.array.ndim != 3:
+            raise UnsuitableInputError(
+                f"{self.name} needs a CT volume (slices, rows, columns); got a {image.array.ndim}-D image.",
+                remedy="Send the whole axial series, not a single slice or a projection.",
+            )
+        if image.array.shape[0] < MIN_SLICES:
+            raise UnsuitableInputError(
+                f"{self.name} needs at least {MIN_SLICES} axial slices to cover the lungs; this series has "
+                f"{image.array.shape[0]}.",
+                remedy="Choose the full chest series rather than a partial or reformatted one.",
+            )
+        if any(s <= 0 for s in image.spacing):
+            raise UnsuitableInputError(
+                f"Voxel spacing {tuple(image.spacing)} mm is not physical.",
+                remedy="Check PixelSpacing and slice positions in the series.",
+            )
+        thickness = slice_thickness_mm(image)
+        if thickness > MAX_SLICE_THICKNESS_MM:
+            raise UnsuitableInputError(
+                f"Slices are {thickness:g} mm thick; nodules smaller than the slice thickness cannot be measured.",
+                remedy="Use a thin-section (<= 2.5 mm, ideally 1 mm) reconstruction of the chest CT.",
+            )
+        _check_hounsfield(image.array, self.name)
+        lungs = self._lungs(image)
+        lung_ml = lungs.voxel_count * image.voxel_volume_ml
+        if lung_ml < MIN_LUNG_ML:
+            raise UnsuitableInputError(
+                f"Only {lung_ml:.0f} mL of aerated lung was found in this CT (at least {MIN_LUNG_ML:.0f} mL needed): "
+                "the lungs are not in the field of view, so lung nodules cannot be looked for (a head or abdominal "
+                "CT?).",
+                remedy="Choose a chest CT series that covers the lungs.",
+            )
+
+    def analyze(self, image: ImageInput) -> AnalysisResult:
+        hu = image.array
+        spacing = (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
+        lungs = self._lungs(image)
+        if lungs.voxel_count * image.voxel_volume_ml < MIN_LUNG_ML:
+            self.check_input(image)  # raises the explanatory error
+        nodules = self._find_nodules(hu, spacing, lungs)
+        extent = lungs.slice_extent()
+        per_slice = lungs.mask.reshape(hu.shape[0], -1).sum(axis=1)
+        fully_scanned = _lungs_fully_scanned(per_slice)
+        emphysema, laa = _emphysema(hu, lungs)
+
+        facts = [_facts(n.measures) for n in nodules]
+        exam = guidelines.exam_lung_rads([n.lung_rads.code for n in nodules], lungs_fully_scanned=fully_scanned)
+        fleischner = guidelines.fleischner(facts, age_years=image.patient.age_years)
+        explanations, nodule_images = _explanations(hu, spacing, lungs, nodules)
+        findings = tuple(
+            self._finding(n, image, spacing, emphysema, laa, len(nodules), nodule_images.get(n.number, ()))
+            for n in nodules
+        )
+        warnings = _warnings(image, lungs, nodules, fully_scanned, extent)
+        abnormal = exam.code in ("3", "4A", "4B")
+        category = Category(f"lung-rads-{exam.code}", exam.display, exam.rule, abnormal=abnormal)
+        assessments = (
+            CodedValue("lung_rads", "Lung-RADS v2022 category (exam)", exam.code, exam.display, exam.rule),
+            CodedValue(
+                "fleischner_2017",
+                "Fleischner 2017 recommendation (incidental nodules)",
+                _slug(fleischner.basis),
+                fleischner.for_risk(None),
+                fleischner.basis,
+            ),
+        )
+        return AnalysisResult(
+            analyzer=self.name,
+            version=self.version,
+            measurements=(
+                Measurement(
+                    "lung_nodule_count",
+                    f"Lung nodules of {MIN_REPORTED_MM:g} mm or more",
+                    float(len(nodules)),
+                    "1",
+                    note=SENSITIVITY_LIMITS,
+                ),
+            ),
+            category=category,
+            conclusion=_conclusion(nodules, exam, fleischner),
+            explanations=tuple(explanations),
+            warnings=tuple(warnings),
+            assessments=assessments,
+            findings=findings,
+        )
+
+    def find_nodules(self, image: ImageInput) -> list[DetectedNodule]:
+        """The nodules :meth:`analyze` reports, with their voxels (for validation against labelled scans)."""
+        spacing = (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
+        return self._find_nodules(image.array, spacing, self._lungs(image))
+
+    # -----------------------------------------------------------------------------------------------------------
+
+    def _lungs(self, image: ImageInput) -> LungMask:
+        """Segment once per array: check_input and analyze on the same ImageInput share the mask."""
+        spacing = tuple(float(s) for s in image.spacing)
+        with self._lock:
+            cached = self._cached
+            if cached is not None and cached[0]() is image.array and cached[1] == spacing:
+                return cached[2]
+        lungs = segment_lungs(image.array, spacing)
+        with self._lock:
+            self._cached = (weakref.ref(image.array), spacing, lungs)
+        return lungs
+
+    def _find_nodules(
+        self, hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask
+    ) -> list[DetectedNodule]:
+        candidates = find_candidates(hu, spacing, lungs.labels, lungs.box)
+        patches = sample_patches(hu, spacing, [c.centre for c in candidates], [c.radius_mm for c in candidates])
+        features = candidate_features(
+            [c.radius_mm for c in candidates],
+            [c.lung_surround for c in candidates],
+            [c.dense_surround for c in candidates],
+        )
+        probability = self._models.nodule_probabilities(patches, features)
+        order = np.argsort(-probability, kind="stable")
+        taken = np.zeros(hu.shape, dtype=bool)
+        found: list[tuple[NoduleSegmentation, NoduleMeasures, float]] = []
+        for index in order:
+            if probability[index] < self._models.candidate_threshold:
+                break
+            candidate = candidates[int(index)]
+            if taken[candidate.centre]:
+                continue
+            nodule = segment_nodule(hu, spacing, candidate.centre, lung=lungs.mask, radius_mm=candidate.radius_mm)
+            if nodule is None:
+                continue
+            box = nodule.box()
+            if np.count_nonzero(taken[box] & nodule.mask) > 0.3 * np.count_nonzero(nodule.mask):
+                continue  # the same nodule seen from another candidate
+            measures = measure_nodule(hu, spacing, nodule, self._models.type_rule)
+            if measures.mean_diameter_mm < MIN_REPORTED_MM:
+                continue
+            taken[box] |= nodule.mask
+            found.append((nodule, measures, float(probability[index])))
+        ranked = sorted(
+            found,
+            key=lambda item: (
+                -guidelines.LUNG_RADS_ORDER.index(guidelines.lung_rads(_facts(item[1])).code),
+                -item[1].mean_diameter_mm,
+            ),
+        )[:MAX_REPORTED]
+        extent = lungs.slice_extent() or (0, hu.shape[0] - 1)
+        out = []
+        for number, (nodule, measures, p) in enumerate(ranked, start=1):
+            side, zone = _location(lungs, measures.centroid, extent)
+            out.append(
+                DetectedNodule(
+                    number=number,
+                    segmentation=nodule,
+                    measures=measures,
+                    nodule_probability=p,
+                    lung_rads=guidelines.lung_rads(_facts(measures)),
+                    suspicion=float(self._models.suspicion.probability(suspicion_features(measures))[0]),
+                    side=side,
+                    zone=zone,
+                )
+            )
+        return out
+
+    def _finding(
+        self,
+        nodule: DetectedNodule,
+        image: ImageInput,
+        spacing: tuple[float, float, float],
+        emphysema: bool | None,
+        laa: float,
+        count: int,
+        images: tuple[int, ...],
+    ) -> Finding:
+        m = nodule.measures
+        d = m.diameters
+        facts = _facts(m)
+        estimate = guidelines.brock(
+            facts,
+            age_years=image.patient.age_years,
+            sex=image.patient.sex,
+            emphysema=emphysema,
+            nodule_count=count,
+        )
+        measurements = [
+            Measurement("nodule_long_axis_mm", "Long axis (axial)", round(d.long_mm, 1), "mm"),
+            Measurement("nodule_short_axis_mm", "Short axis (axial, perpendicular)", round(d.short_mm, 1), "mm"),
+            Measurement(
+                "nodule_mean_diameter_mm",
+                "Mean diameter (Lung-RADS)",
+                d.mean_mm,
+                "mm",
+                note="Average of long and short axis on the axial slice where the long axis is longest, to 0.1 mm.",
+            ),
+            Measurement("nodule_volume_mm3", "Volume (3-D segmentation)", m.volume_mm3, "mm3"),
+            Measurement("nodule_mean_attenuation_hu", "Mean attenuation", m.mean_hu, "[hnsf'U]"),
+        ]
+        if m.solid is not None:
+            measurements.append(
+                Measurement(
+                    "nodule_solid_component_mean_diameter_mm",
+                    "Solid component mean diameter (-130 HU)",
+                    m.solid.mean_mm,
+                    "mm",
+                )
+            )
+        measurements.append(
+            Measurement(
+                "nodule_radiologist_suspicion_percent",
+                "Radiologists' suspicion model (LIDC ratings)",
+                probability_percent(nodule.suspicion),
+                "%",
+                interpretation="H" if nodule.suspicion >= self._models.suspicion_threshold else "N",
+                note="Agreement with what LIDC radiologists rated as suspicious (ratings 4-5 against 1-2); not a "
+                "pathology-proven probability of cancer.",
+            )
+        )
+        brock_note = _brock_note(estimate, laa)
+        if estimate.computed and estimate.low is not None and estimate.high is not None:
+            measurements.append(
+                Measurement(
+                    "brock_probability_low_percent",
+                    "Brock probability of cancer, lowest over unknown inputs",
+                    probability_percent(estimate.low),
+                    "%",
+                    note=brock_note,
+                )
+            )
+            measurements.append(
+                Measurement(
+                    "brock_probability_high_percent",
+                    "Brock probability of cancer, highest over unknown inputs",
+                    probability_percent(estimate.high),
+                    "%",
+                    note=brock_note,
+                )
+            )
+        attachment = (
+            "juxtapleural"
+            if nodule.segmentation.pleural_contact
+            else "juxtavascular"
+            if nodule.segmentation.vessels_detached
+            else "isolated"
+        )
+        values = [
+            CodedValue(
+                "lung_rads",
+                "Lung-RADS v2022 category",
+                nodule.lung_rads.code,
+                nodule.lung_rads.display,
+                nodule.lung_rads.rule,
+            ),
+            CodedValue("nodule_type", "Nodule type", m.nodule_type, m.nodule_type.replace("-", " ").capitalize()),
+            CodedValue(
+                "calcification",
+                "Calcification",
+                m.calcification,
+                _CALCIFICATION_WORDS[m.calcification],
+                "benign pattern (Lung-RADS category 1)" if m.benign_calcification else "",
+            ),
+            CodedValue("attachment", "Attachment", attachment, _ATTACHMENT_WORDS[attachment]),
+            CodedValue("lung_zone", "Zone", nodule.zone, f"{nodule.zone.capitalize()} zone"),
+        ]
+        if not estimate.computed:
+            values.append(CodedValue("brock", "Brock probability", "not-computed", brock_note))
+        position = image.patient_position(m.centroid)
+        where = (
+            f"{nodule.side} lung, {nodule.zone} zone; slice {d.slice_index + 1} of {image.array.shape[0]} "
+            "(from the feet)"
+        )
+        if position is not None:
+            where += f"; patient position x {position[0]:.1f}, y {position[1]:.1f}, z {position[2]:.1f} mm (DICOM LPS)"
+        notes = []
+        if attachment == "juxtapleural" and m.nodule_type == "solid" and d.mean_mm < 10.0:
+            notes.append(
+                "Juxtapleural solid nodule under 10 mm: Lung-RADS v2022 category 2 applies if its margins are smooth "
+                "and its shape oval, lentiform or triangular (a reader's judgement); the category above does not "
+                "assume it."
+            )
+        if nodule.segmentation.uncertain:
+            notes.append("The outline reached into a neighbouring structure and was cut back; check the measurement.")
+        size_word = "mass" if d.mean_mm > MASS_MM else "nodule"
+        return Finding(
+            key=f"nodule-{nodule.number}",
+            kind="lung_nodule",
+            display=(
+                f"Nodule {nodule.number}: {m.nodule_type} {size_word}, {d.mean_mm:g} mm mean diameter, "
+                f"{nodule.side} lung {nodule.zone} zone, {nodule.lung_rads.display}"
+            ),
+            measurements=tuple(measurements),
+            values=tuple(values),
+            location=where,
+            body_site=_SIDE_SITES.get(nodule.side),
+            explanations=images,
+            note=" ".join(notes),
+        )
+
+
+_CALCIFICATION_WORDS = {
+    "none": "No calcification",
+    "diffuse": "Diffuse (complete) calcification",
+    "central": "Central calcification",
+    "popcorn": "Popcorn calcification",
+    "non-benign": "Calcification in a pattern that is not benign (eccentric or stippled)",
+}
+_ATTACHMENT_WORDS = {
+    "juxtapleural": "Juxtapleural (touches the pleura)",
+    "juxtavascular": "Juxtavascular (vessels attached)",
+    "isolated": "Surrounded by lung",
+}
+_SIDE_SITES = {
+    "right": CodedValue("body_site", "Body site", "RID1302", "Right lung", system="radlex"),
+    "left": CodedValue("body_site", "Body site", "RID1326", "Left lung", system="radlex"),
+}
+
+
+def _facts(m: NoduleMeasures) -> guidelines.NoduleFacts:
+    return guidelines.NoduleFacts(
+        mean_diameter_mm=m.mean_diameter_mm,
+        long_axis_mm=m.diameters.long_mm,
+        nodule_type=m.nodule_type,
+        solid_mean_diameter_mm=m.solid_mean_diameter_mm,
+        benign_calcification=m.benign_calcification,
+    )
+
+
+def _slug(text: str) -> str:
+    words = "".join(c.lower() if c.isalnum() else "-" for c in text.split(":", 1)[-1])
+    return "-".join(w for w in words.split("-") if w)[:64] or "none"
+
+
+def _location(lungs: LungMask, centroid: tuple[float, float, float], extent: tuple[int, int]) -> tuple[str, str]:
+    """Which lung (by the lung mask's side labels, nearest lung voxel for a juxtapleural nodule) and which third."""
+    z, y, x = (round(v) for v in centroid)
+    label = int(lungs.labels[z, y, x])
+    if label == 0:
+        window = lungs.labels[z, max(y - 40, 0) : y + 41, max(x - 40, 0) : x + 41]
+        points = np.argwhere(window > 0)
+        if points.size:
+            nearest = points[int(np.argmin(((points - [min(y, 40), min(x, 40)]) ** 2).sum(axis=1)))]
+            label = int(window[nearest[0], nearest[1]])
+    if label == LABEL_RIGHT:
+        side = "right"
+    elif label == LABEL_LEFT:
+        side = "left"
+    else:  # the lungs were not told apart: columns run towards the patient's left
+        side = "right" if x < lungs.mask.shape[2] / 2 else "left"
+    first, last = extent
+    share = (z - first + 0.5) / max(last - first + 1, 1)
+    zone = "lower" if share < 1 / 3 else "middle" if share < 2 / 3 else "upper"
+    return side, zone
+
+
+def _lungs_fully_scanned(per_slice: np.ndarray) -> bool:
+    """False when lung fills the first or last slice (more than 5 % of the largest slice): it goes on beyond."""
+    peak = float(per_slice.max()) if per_slice.size else 0.0
+    return peak > 0 and per_slice[0] <= 0.05 * peak and per_slice[-1] <= 0.05 * peak
+
+
+def _emphysema(hu: np.ndarray, lungs: LungMask) -> tuple[bool | None, float]:
+    """Emphysema present by the project's own densitometry (LAA-950 >= 5 %, :mod:`models.emphysema`)."""
+    box = lungs.box
+    mask = lungs.mask[box]
+    total = int(np.count_nonzero(mask))
+    if total == 0:
+        return None, float("nan")
+    low = int(np.count_nonzero((hu[box] < LAA_THRESHOLD_HU) & mask))
+    laa = round(100.0 * low / total, 2)
+    return laa >= EMPHYSEMA_PRESENT_PERCENT, laa
+
+
+def _brock_note(estimate: guidelines.BrockEstimate, laa: float) -> str:
+    if not estimate.computed:
+        return (
+            f"Not computed: {', '.join(estimate.missing)} not known ({guidelines.BROCK_SOURCE}). Ask the EHR for the "
+            "patient's age and sex."
+        )
+    emphysema = "present" if estimate.emphysema else "absent"
+    return (
+        f"{guidelines.BROCK_SOURCE}; a range because {', '.join(estimate.unknown)} are unknown to the analyzer; "
+        f"emphysema {emphysema} by the project's LAA-950 densitometry ({laa:g} % of lung below -950 HU, cut-off 5 %)."
+    )
+
+
+def _conclusion(
+    nodules: list[DetectedNodule], exam: guidelines.Assessment, fleischner: guidelines.FleischnerAdvice
+) -> str:
+    if not nodules:
+        head = f"No lung nodules of {MIN_REPORTED_MM:g} mm or more were found. Sensitivity limits: {SENSITIVITY_LIMITS}"
+        if exam.code == "0":
+            return f"{head} {exam.display}: {exam.rule.split(': ', 1)[-1]}. {exam.management}"
+        return head
+    worst = nodules[0]
+    d = worst.measures.diameters
+    many = f"{len(nodules)} lung nodules found" if len(nodules) > 1 else "1 lung nodule found"
+    return (
+        f"{many}; most suspicious: nodule {worst.number}, {worst.measures.nodule_type}, {d.mean_mm:g} mm mean "
+        f"diameter ({d.long_mm:.1f} x {d.short_mm:.1f} mm), {worst.side} lung {worst.zone} zone. "
+        f"{exam.display} for the exam. If this is a lung cancer screening CT: {exam.management} "
+        f"If the nodules are incidental (Fleischner 2017): {fleischner.for_risk(None)}"
+    )
+
+
+def _warnings(
+    image: ImageInput,
+    lungs: LungMask,
+    nodules: list[DetectedNodule],
+    fully_scanned: bool,
+    extent: tuple[int, int] | None,
+) -> list[str]:
+    out = []
+    thickness = slice_thickness_mm(image)
+    if thickness > THIN_SLICE_MM:
+        out.append(
+            f"Slices are {thickness:g} mm thick: Lung-RADS asks for 2.5 mm or thinner, and the analyzer was validated "
+            "on 1-2.5 mm slices. Thick slices lower the sensitivity for small and ground-glass nodules and blur their "
+            "edges and solid components; diameters on one slice are less affected than volumes."
+        )
+    if not fully_scanned:
+        out.append(
+            "The lungs extend beyond the scanned range: nodules outside it cannot be found, and the exam is incomplete "
+            "for Lung-RADS."
+        )
+    if image.attributes.get("ContrastBolusAgent", "").strip():
+        out.append("Contrast-enhanced CT: enhancing nodules and vessels can look calcified above 200 HU.")
+    if not lungs.split:
+        out.append("The two lungs could not be separated; a nodule's side is taken from its column.")
+    if len(nodules) == MAX_REPORTED:
+        out.append(f"Only the {MAX_REPORTED} most suspicious nodules are listed.")
+    if image.patient.age_years is None or image.patient.sex is None:
+        out.append("The patient's age or sex was not available from the EHR: the Brock probability is not computed.")
+    return out
+
+
+def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
+    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
+    sample = np.ascontiguousarray(hu[::2, ::4, ::4])
+    air = np.count_nonzero((sample > -1100) & (sample < -900))
+    tissue = np.count_nonzero((sample > -100) & (sample < 200))
+    if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
+        raise UnsuitableInputError(
+            f"{analyzer}: the voxel values do not look like Hounsfield units (air {100 * air / sample.size:.2f}%, "
+            f"soft tissue {100 * tissue / sample.size:.2f}% of voxels; expected air near -1000 and tissue near 0).",
+            remedy="Apply RescaleSlope/RescaleIntercept before analysis, and use a CT reconstruction in HU.",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explanations
+
+
+def _explanations(
+    hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask, nodules: list[DetectedNodule]
+) -> tuple[list[Explanation], dict[int, tuple[int, ...]]]:
+    """The projection with every nodule numbered, then one crop per nodule; which images show which nodule."""
+    images = [_projection(hu, spacing, lungs, nodules)]
+    titles = ["Lung nodules on a coronal maximum-intensity projection of the lungs"]
+    slices: list[int | None] = [None]
+    for nodule in nodules:
+        images.append(_crop(hu, spacing, nodule))
+        titles.append(f"Nodule {nodule.number}: outline and diameters")
+        slices.append(nodule.measures.diameters.slice_index)
+    images.append(_table(nodules))
+    titles.append("Nodule table")
+    slices.append(None)
+    pngs = render.to_pngs(images)
+    explanations = [
+        Explanation(title=t, kind="overlay", png=p, slice_index=s) for t, p, s in zip(titles, pngs, slices, strict=True)
+    ]
+    shown: dict[int, tuple[int, ...]] = {n.number: (0, k + 1, len(images) - 1) for k, n in enumerate(nodules)}
+    return explanations, shown
+
+
+def _projection(
+    hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask, nodules: list[DetectedNodule]
+) -> np.ndarray:
+    """Coronal MIP of the lungs (anterior-posterior), head up, patient's right on the left, nodules circled."""
+    box = lungs.box
+    inside = np.where(lungs.mask[box], hu[box], np.float32(-1000.0))
+    mip = inside.max(axis=1)[::-1]  # (slices, columns), superior slice on top
+    gray = render.window(mip, -500.0, 1400.0)
+    stretch = spacing[0] / spacing[2]
+    height = max(1, round(gray.shape[0] * stretch))
+    picture = Image.fromarray(render.to_rgb(gray)).resize((gray.shape[1], height), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(picture)
+    for nodule in nodules:
+        z, _, x = nodule.measures.centroid
+        row = (box[0].stop - 1 - z + 0.5) * stretch
+        column = x - box[2].start
+        radius = max(8.0, nodule.measures.diameters.long_mm / spacing[2] * 0.75)
+        draw.ellipse((column - radius, row - radius, column + radius, row + radius), outline=render.MAGENTA, width=2)
+        draw.text((column + radius + 2, row - radius), str(nodule.number), fill=render.YELLOW)
+    caption = (
+        "Coronal maximum-intensity projection of the lungs (front to back), head at the top,\n"
+        "patient's right on the left. Magenta circles = nodules, numbered as in the table."
+        if nodules
+        else "Coronal maximum-intensity projection of the lungs: no nodule of 4 mm or more was found."
+    )
+    return render.label(np.asarray(picture), caption, font_size=12)
+
+
+def _crop(hu: np.ndarray, spacing: tuple[float, float, float], nodule: DetectedNodule) -> np.ndarray:
+    """The axial slice of the longest diameter around the nodule, outline in cyan, long axis magenta, short yellow."""
+    d = nodule.measures.diameters
+    k = d.slice_index
+    _, cy, cx = nodule.measures.centroid
+    half_mm = max(20.0, 1.5 * d.long_mm)
+    half_rows, half_cols = int(half_mm / spacing[1]), int(half_mm / spacing[2])
+    r0, c0 = max(int(cy) - half_rows, 0), max(int(cx) - half_cols, 0)
+    r1, c1 = min(int(cy) + half_rows + 1, hu.shape[1]), min(int(cx) + half_cols + 1, hu.shape[2])
+    plane = hu[k, r0:r1, c0:c1]
+    mask = np.zeros(plane.shape, dtype=bool)
+    seg = nodule.segmentation
+    box = seg.box()
+    local = seg.mask[k - box[0].start]
+    rows = slice(max(box[1].start, r0), min(box[1].stop, r1))
+    cols = slice(max(box[2].start, c0), min(box[2].stop, c1))
+    mask[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] = local[
+        rows.start - box[1].start : rows.stop - box[1].start, cols.start - box[2].start : cols.stop - box[2].start
+    ]
+    scale = max(1, math.ceil(240 / max(plane.shape)))
+    rgb = render.outline(render.window(plane, *render.LUNG_WINDOW), mask, render.CYAN)
+    picture = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(picture)
+    for (a, b), colour in ((d.long_axis, render.MAGENTA), (d.short_axis, render.YELLOW)):
+        draw.line(
+            [
+                ((a[1] - c0 + 0.5) * scale, (a[0] - r0 + 0.5) * scale),
+                ((b[1] - c0 + 0.5) * scale, (b[0] - r0 + 0.5) * scale),
+            ],
+            fill=colour,
+            width=2,
+        )
+    m = nodule.measures
+    caption = (
+        f"Nodule {nodule.number}, slice {k + 1}: {m.nodule_type}, long {d.long_mm:.1f} mm (magenta), short "
+        f"{d.short_mm:.1f} mm (yellow)\nmean {d.mean_mm:g} mm, volume {m.volume_mm3:g} mm3, "
+        f"{nodule.lung_rads.display}\n"
+        "Cyan line = outline; lung window W1500/L-600"
+    )
+    return render.label(np.asarray(picture), caption, font_size=12)
+
+
+def _table(nodules: list[DetectedNodule]) -> np.ndarray:
+    """The nodule table as an image (the report carries the same table as text)."""
+    header = "No.  Side/zone      Type          Mean (LxS) mm        Volume mm3   Lung-RADS  Suspicion"
+    lines = [header]
+    for n in nodules:
+        d = n.measures.diameters
+        lines.append(
+            f"{n.number:<4} {n.side + ' ' + n.zone:<14} {n.measures.nodule_type:<13} "
+            f"{d.mean_mm:>5.1f} ({d.long_mm:.1f}x{d.short_mm:.1f})".ljust(64)
+            + f"{n.measures.volume_mm3:>9.0f}   {n.lung_rads.code:<9}  {100 * n.suspicion:>5.1f} %"
+        )
+    if not nodules:
+        lines.append("No lung nodule of 4 mm or more was found.")
+    canvas = np.zeros((4, 720, 3), dtype=np.uint8)
+    return render.label(canvas, "\n".join(lines), font_size=12)

@@ -1,0 +1,270 @@
+"""The two trained parts of the nodule analyzer: the false-positive network and the suspicion model.
+
+**Patches.** Each candidate is seen as a small stack of axial planes resampled around its centre: 32 x 32 pixels
+in-plane at ``max(1 mm, radius / 8)`` per pixel (at least 32 mm across; a large mass is seen whole) and 5 planes
+at -0.75, -0.375, 0, +0.375 and +0.75 radii along the slice axis. Scaling the planes with the radius shows whether
+a structure ends within its own radius above and below (a nodule) or runs on (a vessel crossing the slices), and
+it keeps the patch inside what the LIDC volumes of interest hold: those crops end at the nodule's first and last
+slice. HU are clipped to [-1000, 400] and mapped to about [-1, 1].
+
+**False-positive network** (:class:`CandidateNet`): a small CNN of MONAI ``Convolution`` blocks whose first
+layer is a 3-D convolution across the five planes, then in-plane convolutions and pooling, global average
+pooling, and the pooled features with three numbers from the candidate stage (log radius, lung and dense shares
+around it) into one logit.
+
+**Suspicion model** (:class:`SuspicionModel`): logistic regression on measured nodule features; trained on the
+LIDC radiologists' malignancy ratings (4-5 against 1-2), so its output is the agreement with what radiologists
+rated as suspicious, not a pathology-proven probability of cancer.
+
+Both are trained by ``python -m models.training.train_nodules`` and ship in one weights file, SHA-256 pinned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.blocks import Convolution
+from scipy import ndimage
+from torch import nn
+
+from models.nodules.measure import NoduleMeasures, TypeRule
+
+PATCH_SIDE = 32
+PATCH_PLANES = 5
+PATCH_MIN_PIXEL_MM = 1.0
+PATCH_Z_REACH = 0.75
+HU_LOW, HU_HIGH = -1000.0, 400.0
+
+
+def patch_geometry(radius_mm: float) -> tuple[float, np.ndarray]:
+    """In-plane pixel size (mm) and the planes' offsets along the slice axis (mm) for a candidate's radius."""
+    pixel = max(PATCH_MIN_PIXEL_MM, radius_mm / 8.0)
+    offsets = np.linspace(-PATCH_Z_REACH * radius_mm, PATCH_Z_REACH * radius_mm, PATCH_PLANES)
+    return pixel, offsets
+
+
+def sample_patches(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    centres: Sequence[Sequence[float]],
+    radii_mm: Sequence[float],
+) -> np.ndarray:
+    """``(N, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE)`` float32 patches around (fractional) voxel centres.
+
+    One trilinear interpolation call for all candidates; outside the volume the nearest edge value is used.
+    """
+    if len(centres) == 0:
+        return np.zeros((0, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE), dtype=np.float32)
+    dz, dy, dx = (float(s) for s in spacing)
+    grid = np.arange(PATCH_SIDE, dtype=np.float64) - (PATCH_SIDE - 1) / 2.0
+    coordinates = np.empty((3, len(centres), PATCH_PLANES, PATCH_SIDE, PATCH_SIDE), dtype=np.float64)
+    for n, (centre, radius) in enumerate(zip(centres, radii_mm, strict=True)):
+        pixel, offsets = patch_geometry(float(radius))
+        coordinates[0, n] = (float(centre[0]) + offsets / dz)[:, None, None]
+        coordinates[1, n] = (float(centre[1]) + grid * pixel / dy)[None, :, None]
+        coordinates[2, n] = (float(centre[2]) + grid * pixel / dx)[None, None, :]
+    values = ndimage.map_coordinates(
+        np.asarray(hu, dtype=np.float32), coordinates.reshape(3, -1), order=1, mode="nearest"
+    )
+    patches = values.reshape(len(centres), PATCH_PLANES, PATCH_SIDE, PATCH_SIDE).astype(np.float32)
+    return normalise_hu(patches)
+
+
+def normalise_hu(values: np.ndarray) -> np.ndarray:
+    """HU clipped to [-1000, 400] and mapped to about [-1, 1] (-300 HU, between lung and tissue, to 0)."""
+    clipped = np.clip(values, HU_LOW, HU_HIGH)
+    return np.asarray((clipped + 300.0) / 700.0, dtype=np.float32)
+
+
+def candidate_features(
+    radius_mm: Sequence[float], lung_surround: Sequence[float], dense_surround: Sequence[float]
+) -> np.ndarray:
+    """The three candidate-stage numbers the network gets beside the patch, ``(N, 3)`` float32."""
+    return np.stack(
+        [np.log(np.asarray(radius_mm, dtype=np.float64)), np.asarray(lung_surround), np.asarray(dense_surround)],
+        axis=1,
+    ).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CandidateNetConfig:
+    channels: tuple[int, ...] = (16, 32, 32)
+    features: int = 3
+    dropout: float = 0.2
+
+    def as_dict(self) -> dict[str, object]:
+        return {"channels": list(self.channels), "features": self.features, "dropout": self.dropout}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> CandidateNetConfig:
+        channels = data.get("channels", list(cls.channels))
+        assert isinstance(channels, Sequence)
+        return cls(
+            channels=tuple(int(c) for c in channels),
+            features=int(str(data.get("features", cls.features))),
+            dropout=float(str(data.get("dropout", cls.dropout))),
+        )
+
+
+class CandidateNet(nn.Module):
+    """Small CNN: is this candidate a nodule? One logit per ``(N, 1, 5, 32, 32)`` patch and ``(N, 3)`` features.
+
+    The first layer is a 3-D convolution spanning all five planes (kernel 5 x 3 x 3), so every feature sees how
+    a structure changes from plane to plane; the later layers work in-plane (a 3-D convolution over one plane is a
+    2-D one, and the 2-D kernels run several times faster on a CPU). Max pooling halves the plane twice; global
+    average pooling and the candidate-stage numbers feed one logit.
+    """
+
+    def __init__(self, config: CandidateNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or CandidateNetConfig()
+        first, *rest = self.config.channels
+        self.across_planes = Convolution(
+            3, 1, first, kernel_size=(PATCH_PLANES, 3, 3), padding=(0, 1, 1), act="RELU", norm="BATCH", bias=False
+        )
+        layers: list[nn.Module] = []
+        previous = first
+        for width in rest:
+            layers.append(nn.MaxPool2d(kernel_size=2))
+            layers.append(Convolution(2, previous, width, kernel_size=3, act="RELU", norm="BATCH", bias=False))
+            previous = width
+        self.in_plane = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Dropout(self.config.dropout), nn.Linear(previous + self.config.features, 1))
+
+    def forward(self, patches: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        planes = self.across_planes(patches).squeeze(2)  # (N, C, 1, H, W) -> (N, C, H, W)
+        pooled = self.pool(self.in_plane(planes)).flatten(1)
+        return self.head(torch.cat([pooled, features], dim=1))
+
+
+SUSPICION_FEATURES = (
+    "log_mean_diameter",
+    "log_volume",
+    "part_solid",
+    "ground_glass",
+    "calcified_fraction",
+    "sphericity",
+    "mean_hu",
+    "long_short_ratio",
+)
+"""What the suspicion model weighs, in this order (all measured by :func:`models.nodules.measure.measure_nodule`)."""
+
+
+def suspicion_features(measures: NoduleMeasures) -> np.ndarray:
+    """The :data:`SUSPICION_FEATURES` of one nodule as a float64 vector."""
+    d = measures.diameters
+    return np.array(
+        [
+            math.log(max(d.mean_mm, 0.5)),
+            math.log(max(measures.volume_mm3, 1.0)),
+            1.0 if measures.nodule_type == "part-solid" else 0.0,
+            1.0 if measures.nodule_type == "ground-glass" else 0.0,
+            measures.calcified_fraction,
+            measures.sphericity,
+            measures.mean_hu / 1000.0,
+            d.long_mm / max(d.short_mm, 0.5),
+        ],
+        dtype=np.float64,
+    )
+
+
+@dataclass(frozen=True)
+class SuspicionModel:
+    """Logistic regression on standardised :data:`SUSPICION_FEATURES` (mean and scale from the training nodules)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        z = (np.atleast_2d(features) - self.mean) / self.scale
+        return np.asarray(1.0 / (1.0 + np.exp(-(z @ self.weights + self.bias))))
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "features": list(SUSPICION_FEATURES),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "weights": self.weights.tolist(),
+            "bias": self.bias,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> SuspicionModel:
+        if list(data.get("features", [])) != list(SUSPICION_FEATURES):  # type: ignore[call-overload]
+            raise ValueError("the suspicion model was trained on other features than this version computes")
+        return cls(
+            mean=np.asarray(data["mean"], dtype=np.float64),
+            scale=np.asarray(data["scale"], dtype=np.float64),
+            weights=np.asarray(data["weights"], dtype=np.float64),
+            bias=float(str(data["bias"])),
+        )
+
+
+@dataclass(frozen=True)
+class NoduleModels:
+    """Everything the analyzer loads from the weights file."""
+
+    candidate_net: CandidateNet
+    candidate_threshold: float
+    suspicion: SuspicionModel
+    suspicion_threshold: float
+    type_rule: TypeRule
+    sha256: str
+
+    def nodule_probabilities(self, patches: np.ndarray, features: np.ndarray, batch: int = 256) -> np.ndarray:
+        """The network's probability that each candidate is a nodule (left-right flip averaged, ``(N,)``).
+
+        Candidates go through in batches of ``batch``: the activations of a whole scan's candidates at once would
+        take about 65 MiB per thousand.
+        """
+        out = []
+        with torch.no_grad():
+            for start in range(0, patches.shape[0], batch):
+                x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch]))[:, None]
+                f = torch.from_numpy(np.ascontiguousarray(features[start : start + batch]))
+                logits = self.candidate_net(x, f) + self.candidate_net(x.flip(-1), f)
+                out.append(torch.sigmoid(logits / 2.0).numpy().reshape(-1))
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+def models_from_checkpoint(checkpoint: dict[str, object], sha256: str) -> NoduleModels:
+    config = checkpoint["candidate_net"]
+    state = checkpoint["candidate_state"]
+    suspicion = checkpoint["suspicion"]
+    type_rule = checkpoint["type_rule"]
+    assert isinstance(config, dict) and isinstance(state, dict)
+    assert isinstance(suspicion, dict) and isinstance(type_rule, dict)
+    net = CandidateNet(CandidateNetConfig.from_dict(config))
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.eval()
+    return NoduleModels(
+        candidate_net=net,
+        candidate_threshold=float(str(checkpoint["candidate_threshold"])),
+        suspicion=SuspicionModel.from_dict(suspicion),
+        suspicion_threshold=float(str(checkpoint["suspicion_threshold"])),
+        type_rule=TypeRule(float(type_rule["ground_glass_below"]), float(type_rule["solid_from"])),
+        sha256=sha256,
+    )
+
+
+def load_nodule_models(path: Path, expected_sha256: str | None = None) -> NoduleModels:
+    """Hash-check the weights file on every call; load it once per content (a mismatch raises)."""
+    from models.weights_io import verify_sha256
+
+    return _load_verified(path, verify_sha256(path, expected_sha256))
+
+
+@lru_cache(maxsize=2)
+def _load_verified(path: Path, digest: str) -> NoduleModels:
+    from models.weights_io import load_checked
+
+    return models_from_checkpoint(load_checked(path, digest), digest)

@@ -1,0 +1,321 @@
+"""Train the nodule analyzer's false-positive network, type cut-offs and suspicion model, on CPU, and write the card.
+
+Usage::
+
+    nice -n 10 python -m models.training.train_nodules --out models/weights
+
+Data: the shared LIDC-IDRI volumes of interest (``../shared/data/ct/lidc_nodule_vois``), split by patient
+(:func:`models.training.lidc_vois.split_of`: about 70 % train, 10 % validation, 20 % test). No whole CT is used:
+the two whole chest CTs the project has (pyradiomics ``lung1``, ``lung2``) stay out of training so that the
+detection figures on them are measured on scans the network never saw.
+
+1. **Candidates.** The candidate stage (:func:`models.nodules.detect.find_candidates`) runs on every crop as
+   acquired and thickened to 5 mm slices (thin slices averaged, as a thick reconstruction does). Candidates whose
+   centre lies in the consensus mask are positives; those clear of it (vessels, fissures, airway walls, chest wall
+   in the crop) are negatives.
+2. **False-positive network** (:class:`models.nodules.network.CandidateNet`): AdamW, binary cross-entropy with
+   positives and negatives weighted equally, augmentation by in-plane flips, 90-degree rotations, plane-order
+   flips and +/- 20 HU noise; the epoch with the best validation AUC is kept. Its threshold keeps 90 % of the
+   validation nodules' candidates (the sensitivity the candidate stage and the network aim for together).
+3. **Type cut-offs** (:class:`models.nodules.measure.TypeRule`): the two cut-offs on the share of the nodule at
+   -300 HU or more that agree best (Cohen's kappa) with the radiologists' texture rating on the training patients.
+4. **Suspicion model**: L2-regularised logistic regression of rating 4-5 against 1-2 on the measured features of
+   the training patients' nodules; its threshold maximises Youden's J on the validation patients.
+5. The test patients are read once, after the weights are written, through
+   :func:`models.training.assess_nodules.assess_lidc` (the same code ``imaging-cds evaluate`` runs), to fill in the
+   card's figures.
+
+Seeded and deterministic; two torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional torch alias
+
+from models import metrics
+from models.nodules.measure import TypeRule, classify_type, with_type_rule
+from models.nodules.network import (
+    SUSPICION_FEATURES,
+    CandidateNet,
+    CandidateNetConfig,
+    SuspicionModel,
+    models_from_checkpoint,
+    suspicion_features,
+)
+from models.training.assess_nodules import (
+    MeasuredVoi,
+    assess_lidc,
+    card_figures,
+    cohen_kappa,
+    measure_voi,
+    voi_candidates,
+)
+from models.training.lidc_vois import SPLIT_RULE, iter_vois, thicken
+from models.weights_io import save_pinned, sha256_of_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA = REPO_ROOT.parent / "shared" / "data" / "ct" / "lidc_nodule_vois"
+CARD = REPO_ROOT / "models" / "cards" / "ct-lung-nodules.json"
+WEIGHTS_NAME = "lung_nodules.pt"
+CANDIDATE_SENSITIVITY = 0.90
+
+
+@dataclass
+class CandidateData:
+    patches: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    thick: np.ndarray
+
+
+def collect(root: Path) -> tuple[CandidateData, list[MeasuredVoi]]:
+    """Candidates of every crop (as acquired and 5 mm thick) and the measurement of every nodule."""
+    patches, features, labels, splits, thick = [], [], [], [], []
+    measured: list[MeasuredVoi] = []
+    for voi in iter_vois(root):
+        measured.append(measure_voi(voi))
+        for is_thick, version in ((False, voi), (True, thicken(voi))):
+            if version is None:
+                continue
+            found = voi_candidates(version)
+            chosen = found.inside | found.outside
+            patches.append(found.patches[chosen])
+            features.append(found.features[chosen])
+            labels.append(found.inside[chosen].astype(np.float32))
+            splits.extend([voi.record.split] * int(chosen.sum()))
+            thick.extend([is_thick] * int(chosen.sum()))
+    data = CandidateData(
+        patches=np.concatenate(patches),
+        features=np.concatenate(features),
+        labels=np.concatenate(labels),
+        splits=np.asarray(splits),
+        thick=np.asarray(thick),
+    )
+    return data, measured
+
+
+def augment(patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """In-plane flips and 90-degree turns, plane-order flips (anatomy has no preferred direction at this scale)."""
+    n = patches.shape[0]
+    out = patches
+    flip_y = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(flip_y[:, None, None, None, None], out.flip(-2), out)
+    flip_x = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(flip_x[:, None, None, None, None], out.flip(-1), out)
+    turn = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(turn[:, None, None, None, None], out.transpose(-1, -2), out)
+    flip_z = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(flip_z[:, None, None, None, None], out.flip(-3), out)
+    noise = torch.randn(out.shape, generator=generator) * (20.0 / 700.0)
+    return out + noise
+
+
+def predict(net: CandidateNet, patches: np.ndarray, features: np.ndarray, batch: int = 512) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, patches.shape[0], batch):
+            x = torch.from_numpy(patches[start : start + batch])[:, None]
+            f = torch.from_numpy(features[start : start + batch])
+            out.append(((net(x, f) + net(x.flip(-1), f)) / 2.0).numpy().reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def train_candidate_net(
+    data: CandidateData, seed: int, epochs: int, config: CandidateNetConfig
+) -> tuple[CandidateNet, list[dict[str, float]]]:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train = data.splits == "train"
+    val = data.splits == "val"
+    x = torch.from_numpy(data.patches[train])[:, None]
+    f = torch.from_numpy(data.features[train])
+    y = torch.from_numpy(data.labels[train])[:, None]
+    positives = float(y.sum())
+    weight = torch.where(y > 0, (y.numel() - positives) / max(positives, 1.0), torch.ones_like(y))
+    net = CandidateNet(config)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-3)
+    batch = 256
+    steps = epochs * math.ceil(x.shape[0] / batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.2)
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, -1, {})
+    log = []
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(x.shape[0], generator=generator)
+        total = 0.0
+        for start in range(0, x.shape[0], batch):
+            index = order[start : start + batch]
+            logits = net(augment(x[index], generator), f[index])
+            loss = F.binary_cross_entropy_with_logits(logits, y[index], weight=weight[index])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * index.numel()
+        scores = predict(net, data.patches[val], data.features[val])
+        auc = metrics.roc_auc(data.labels[val], scores)
+        log.append({"epoch": epoch, "train_loss": total / x.shape[0], "val_auc": auc})
+        print(f"  epoch {epoch:2d} loss {total / x.shape[0]:.4f} val AUC {auc:.4f}", flush=True)
+        if auc > best[0]:
+            best = (auc, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
+    net.load_state_dict(best[2])
+    net.eval()
+    return net, log
+
+
+def candidate_threshold(net: CandidateNet, data: CandidateData) -> float:
+    """The probability keeping :data:`CANDIDATE_SENSITIVITY` of the validation positives."""
+    val = (data.splits == "val") & (data.labels > 0)
+    probabilities = 1.0 / (1.0 + np.exp(-predict(net, data.patches[val], data.features[val])))
+    return float(np.quantile(probabilities, 1.0 - CANDIDATE_SENSITIVITY))
+
+
+def fit_type_rule(measured: list[MeasuredVoi]) -> tuple[TypeRule, float]:
+    """The two cut-offs (steps of 0.05) with the best kappa against the texture rating on training patients."""
+    chosen = [m for m in measured if m.record.split == "train" and m.measures is not None]
+    truth = [m.record.texture for m in chosen]
+    shares = [m.measures.solid_share for m in chosen if m.measures is not None]
+    best = (TypeRule(), -1.0)
+    grid = np.round(np.arange(0.05, 1.0, 0.05), 2)
+    for low in grid:
+        for high in grid[grid > low]:
+            rule = TypeRule(float(low), float(high))
+            kappa = cohen_kappa(truth, [classify_type(s, rule) for s in shares])
+            if kappa > best[1]:
+                best = (rule, kappa)
+    return best
+
+
+def fit_suspicion(measured: list[MeasuredVoi], seed: int) -> tuple[SuspicionModel, float, dict[str, float]]:
+    """L2 logistic regression (train patients), threshold by Youden's J (validation patients)."""
+
+    def table(split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = [m for m in measured if m.record.split == split and m.measures is not None and m.record.malignancy != 3]
+        features = np.stack([suspicion_features(m.measures) for m in rows if m.measures is not None])
+        labels = np.array([1.0 if m.record.malignancy >= 4 else 0.0 for m in rows])
+        return features, labels
+
+    x_train, y_train = table("train")
+    mean, scale = x_train.mean(axis=0), x_train.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    torch.manual_seed(seed)
+    z = torch.from_numpy((x_train - mean) / scale)
+    y = torch.from_numpy(y_train)
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+    l2 = 1.0 / z.shape[0]
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    model = SuspicionModel(mean=mean, scale=scale, weights=w.detach().numpy().copy(), bias=float(b.detach()[0]))
+    x_val, y_val = table("val")
+    val_scores = model.probability(x_val)
+    threshold = metrics.youden_threshold(y_val, val_scores)
+    summary = {
+        "train_nodules": int(y_train.size),
+        "train_auc": metrics.roc_auc(y_train, model.probability(x_train)),
+        "val_nodules": int(y_val.size),
+        "val_auc": metrics.roc_auc(y_val, val_scores),
+    }
+    return model, threshold, summary
+
+
+def update_card(card_path: Path, checkpoint: dict[str, Any], digest: str, assessment: dict[str, Any]) -> None:
+    """Write the machine-measured parts of the card; the hand-written prose stays as it is."""
+    card: dict[str, Any] = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    validation = dict(card.get("validation", {}))
+    validation["figures"] = card_figures(assessment)
+    validation["operating_threshold"] = checkpoint["candidate_threshold"]
+    validation["suspicion_threshold"] = checkpoint["suspicion_threshold"]
+    validation["lidc_assessment"] = assessment
+    validation["split_rule"] = SPLIT_RULE
+    card["validation"] = validation
+    card["weights"] = {"file": f"models/weights/{WEIGHTS_NAME}", "sha256": digest}
+    card["training_log"] = checkpoint["training_log"]
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "weights")
+    parser.add_argument("--card", type=Path, default=CARD)
+    parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--no-test", action="store_true", help="stop after writing the weights (test not read)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    started = time.monotonic()
+    data, measured = collect(args.data)
+    print(
+        f"collected {data.labels.size} candidates ({int(data.labels.sum())} on nodules) and {len(measured)} "
+        f"nodules in {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    config = CandidateNetConfig()
+    net, log = train_candidate_net(data, args.seed, args.epochs, config)
+    threshold = candidate_threshold(net, data)
+    type_rule, kappa = fit_type_rule(measured)
+    print(f"type rule {type_rule} (train kappa {kappa:.3f}); candidate threshold {threshold:.4f}", flush=True)
+    refit = [replace(m, measures=with_type_rule(m.measures, type_rule)) if m.measures else m for m in measured]
+    suspicion, suspicion_threshold, suspicion_log = fit_suspicion(refit, args.seed)
+    print(f"suspicion: {suspicion_log}, threshold {suspicion_threshold:.4f}", flush=True)
+    checkpoint: dict[str, Any] = {
+        "format": "imaging-cds lung nodules v1",
+        "candidate_net": config.as_dict(),
+        "candidate_state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "candidate_threshold": threshold,
+        "suspicion": suspicion.as_dict(),
+        "suspicion_threshold": suspicion_threshold,
+        "type_rule": {"ground_glass_below": type_rule.ground_glass_below, "solid_from": type_rule.solid_from},
+        "split_rule": SPLIT_RULE,
+        "training_log": {
+            "seed": args.seed,
+            "candidates": {
+                split: {
+                    "positives": int(data.labels[data.splits == split].sum()),
+                    "total": int((data.splits == split).sum()),
+                }
+                for split in ("train", "val", "test")
+            },
+            "epochs": log,
+            "type_rule_train_kappa": kappa,
+            "suspicion": suspicion_log,
+            "suspicion_features": list(SUSPICION_FEATURES),
+            "seconds": round(time.monotonic() - started),
+        },
+    }
+    weights = args.out / WEIGHTS_NAME
+    digest = save_pinned(checkpoint, weights)
+    print(f"wrote {weights} sha256 {digest} in {time.monotonic() - started:.0f} s", flush=True)
+    if args.no_test:
+        return
+    models = models_from_checkpoint(checkpoint, sha256_of_file(weights))
+    assessment = assess_lidc(args.data, models)  # the one read of the test patients
+    print(json.dumps(card_figures(assessment), indent=1))
+    update_card(args.card, checkpoint, digest, assessment)
+    print(f"updated {args.card}")
+
+
+if __name__ == "__main__":
+    main()
