@@ -28,6 +28,8 @@ from fhir_adapters.constants import (
     ANALYSIS_IDENTIFIER_SYSTEM,
     CATEGORY_CODESYSTEM,
     DEVICE_IDENTIFIER_SYSTEM,
+    FINDING_CODESYSTEM,
+    FINDING_VALUE_CODESYSTEM,
     MEASUREMENT_CODESYSTEM,
 )
 from fhir_adapters.terminology import unit_label
@@ -67,6 +69,45 @@ class MeasuredValue:
 
 
 @dataclass(frozen=True)
+class CodedAnswer:
+    """A coded value of a result (a Lung-RADS category, a nodule type): what is coded, its code and its words.
+
+    ``code`` is the value without its attribute prefix (``4A`` for ``lung_rads/4A``), or the standard code (a
+    RadLex site) when the value is in a standard system.
+    """
+
+    key: str
+    display: str
+    code: str
+    code_display: str
+
+
+@dataclass(frozen=True)
+class ListedFinding:
+    """One finding a report lists on its own (a lung nodule), as stored in its Observation.
+
+    ``kind`` is the project finding code (``lung_nodule``); ``display`` the analyzer's one-line description
+    (``Observation.code.text``); ``measurements`` and ``values`` its components; ``key_images`` the Media it is
+    derived from (``Media/<id>``), which show it.
+    """
+
+    reference: str
+    kind: str
+    display: str
+    measurements: tuple[MeasuredValue, ...]
+    values: tuple[CodedAnswer, ...]
+    location: str
+    body_site: str
+    key_images: tuple[str, ...]
+
+    def measurement(self, key: str) -> MeasuredValue | None:
+        return next((m for m in self.measurements if m.key == key), None)
+
+    def value(self, key: str) -> CodedAnswer | None:
+        return next((v for v in self.values if v.key == key), None)
+
+
+@dataclass(frozen=True)
 class AiFinding:
     """One AI analysis of one study, as the EHR holds it.
 
@@ -85,6 +126,10 @@ class AiFinding:
     effective: datetime | None
     measurements: tuple[MeasuredValue, ...]
     stated_abnormal: bool | None = None  # the report's own A/N conclusion code, when it has one
+    listed: tuple[ListedFinding, ...] = ()
+    """Findings the report lists one by one (its lesions), most suspicious first, as the analyzer ordered them."""
+    assessments: tuple[CodedAnswer, ...] = ()
+    """The report's exam-level coded conclusions besides its category (a guideline category, a recommendation)."""
 
     @property
     def abnormal(self) -> bool:
@@ -102,6 +147,9 @@ class AiFinding:
 
     def measurement(self, key: str) -> MeasuredValue | None:
         return next((m for m in self.measurements if m.key == key), None)
+
+    def assessment(self, key: str) -> CodedAnswer | None:
+        return next((a for a in self.assessments if a.key == key), None)
 
 
 def _codings(concept: Any) -> list[Any]:
@@ -189,6 +237,88 @@ def measured_value(observation: Mapping[str, Any]) -> MeasuredValue | None:
     )
 
 
+def _project_coding(concept: Any, system: str) -> Mapping[str, Any] | None:
+    for coding in _codings(concept):
+        if isinstance(coding, dict) and coding.get("system") == system and isinstance(coding.get("code"), str):
+            return coding
+    return None
+
+
+def coded_answer(key: str, display: str, concept: Any) -> CodedAnswer | None:
+    """A coded value (``valueCodeableConcept``): the project value code ``<key>/<code>``, else its first coding."""
+    value = _project_coding(concept, FINDING_VALUE_CODESYSTEM)
+    if value is not None:
+        prefix, _, code = str(value["code"]).partition("/")
+        code = code if prefix == key else str(value["code"])
+    else:
+        value = next((c for c in _codings(concept) if isinstance(c, dict) and c.get("code")), None)
+        if value is None:
+            return None
+        code = str(value["code"])
+    words = value.get("display") or fhirjson.element(concept).get("text") or code
+    return CodedAnswer(key=key, display=display, code=code, code_display=str(words))
+
+
+def _component_measurement(component: Mapping[str, Any]) -> MeasuredValue | None:
+    """A component with a project measurement code and a ``valueQuantity``, read like a measured Observation."""
+    return measured_value({"code": component.get("code"), "valueQuantity": component.get("valueQuantity"),
+                           "interpretation": component.get("interpretation")})
+
+
+def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
+    """The finding an Observation lists (project finding code and components), or ``None`` for anything else."""
+    components = [c for c in fhirjson.items(observation.get("component")) if isinstance(c, dict)]
+    kind = _project_coding(observation.get("code"), FINDING_CODESYSTEM)
+    if kind is None or not components:
+        return None
+    measurements: list[MeasuredValue] = []
+    values: list[CodedAnswer] = []
+    location = ""
+    for component in components:
+        measured = _component_measurement(component)
+        if measured is not None:
+            measurements.append(measured)
+            continue
+        attribute = _project_coding(component.get("code"), FINDING_CODESYSTEM)
+        if attribute is None:
+            continue
+        key = str(attribute["code"])
+        if key == "location" and isinstance(component.get("valueString"), str):
+            location = component["valueString"]
+            continue
+        answer = coded_answer(key, str(attribute.get("display") or key), component.get("valueCodeableConcept"))
+        if answer is not None:
+            values.append(answer)
+    site = fhirjson.element(observation.get("bodySite"))
+    site_words = site.get("text") or next(
+        (c.get("display") for c in _codings(site) if isinstance(c, dict) and c.get("display")), ""
+    )
+    images = tuple(
+        ref
+        for ref in (fhirjson.relative_reference(fhirjson.reference(d)) or "" for d in fhirjson.items(observation.get("derivedFrom")))
+        if ref.startswith("Media/")
+    )
+    return ListedFinding(
+        reference=f"Observation/{observation.get('id')}",
+        kind=str(kind["code"]),
+        display=str(fhirjson.element(observation.get("code")).get("text") or kind.get("display") or kind["code"]),
+        measurements=tuple(measurements),
+        values=tuple(values),
+        location=location,
+        body_site=str(site_words or ""),
+        key_images=images,
+    )
+
+
+def assessment_answer(observation: Mapping[str, Any]) -> CodedAnswer | None:
+    """An exam-level assessment (project finding code, coded value, no components), or ``None``."""
+    attribute = _project_coding(observation.get("code"), FINDING_CODESYSTEM)
+    if attribute is None or observation.get("component") or not isinstance(observation.get("valueCodeableConcept"), dict):
+        return None
+    key = str(attribute["code"])
+    return coded_answer(key, str(fhirjson.element(observation.get("code")).get("text") or key), observation["valueCodeableConcept"])
+
+
 def device_version(device: Mapping[str, Any]) -> str | None:
     """The analyzer version a Device stands for: from its ``"<name>@<version>"`` identifier, else its version."""
     for identifier in fhirjson.items(device.get("identifier")):
@@ -229,6 +359,8 @@ def _read_report(
     abnormal: bool | None,
 ) -> AiFinding:
     measurements: list[MeasuredValue] = []
+    listed: list[ListedFinding] = []
+    assessments: list[CodedAnswer] = []
     version: str | None = None
     for ref in fhirjson.items(report.get("result")):
         observation = resolve(index, ref)
@@ -237,6 +369,10 @@ def _read_report(
         value = measured_value(observation)
         if value is not None:
             measurements.append(value)
+        elif (finding := listed_finding(observation)) is not None:
+            listed.append(finding)
+        elif (answer := assessment_answer(observation)) is not None:
+            assessments.append(answer)
         if version is None:
             device = resolve(index, observation.get("device"))
             version = device_version(device) if device is not None else None
@@ -253,6 +389,8 @@ def _read_report(
         effective=parse_datetime(report.get("effectiveDateTime") or report.get("issued")),
         measurements=tuple(measurements),
         stated_abnormal=abnormal,
+        listed=tuple(listed),
+        assessments=tuple(assessments),
     )
 
 

@@ -20,6 +20,7 @@ from core.errors import ConfigurationError
 from devtools.servers import FhirServer
 from fhir_adapters import constants
 from fhir_adapters.builders import DeviceInfo, analysis_identifier, build_results_bundle
+from fhir_adapters.results import CodedAnswer, index_resources, read_report
 from fhir_adapters.validation import validate_bundle
 from models.base import AnalysisResult, Category, CodedValue, Explanation, Finding, Measurement
 from tests.test_builders import EMPHYSEMA_DEVICE, ISSUED, _png, _target, emphysema_result
@@ -174,3 +175,27 @@ def test_findings_are_stored_and_a_rerun_creates_nothing(fhir_base: FhirServer) 
     ).json()
     [stored] = [e["resource"] for e in found.get("entry", [])]
     assert {d["reference"].split("/")[0] for d in stored["derivedFrom"]} == {"ImagingStudy", "Media"}
+
+
+def test_the_reader_gets_back_each_listed_finding_and_the_assessments(fhir_base: FhirServer) -> None:
+    session = requests.Session()
+    patient = session.post(f"{fhir_base.base_url}/Patient", json={"resourceType": "Patient"}, timeout=30).json()
+    bundle = build_results_bundle(_target(patient=f"Patient/{patient['id']}"), nodule_result(), DEVICE, issued=ISSUED)
+    answer = session.post(fhir_base.base_url, json=bundle, timeout=60).json()
+    report_id = next(e["response"]["location"] for e in answer["entry"] if "DiagnosticReport/" in e["response"]["location"])
+    read = session.get(
+        f"{fhir_base.base_url}/DiagnosticReport",
+        params={"_id": report_id.split("/")[-3], "_include": "DiagnosticReport:result"},
+        timeout=30,
+    ).json()
+    resources = [e["resource"] for e in read["entry"]]
+    report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
+    [nodule] = read_report(report, index_resources(resources)).listed
+    assert nodule.kind == "lung_nodule" and nodule.display.startswith("Nodule 1: solid nodule, 9.3 mm")
+    assert nodule.measurement("nodule_mean_diameter_mm").value == 9.3  # type: ignore[union-attr]
+    assert nodule.value("lung_rads") == CodedAnswer("lung_rads", "Lung-RADS v2022 category", "4A", "Lung-RADS 4A: suspicious")
+    assert nodule.body_site == "Right lung" and nodule.location == "right lung, upper zone; slice 34 of 48"
+    assert len(nodule.key_images) == 2 and all(i.startswith("Media/") for i in nodule.key_images)
+    filed = read_report(report, index_resources(resources))
+    assert filed.assessment("lung_rads").code == "4A"  # type: ignore[union-attr]
+    assert filed.measurement("lung_nodule_count").value == 1.0  # type: ignore[union-attr]
