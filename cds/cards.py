@@ -84,7 +84,10 @@ ANALYZERS: dict[str, AnalyzerInfo] = {
     "us-breast": AnalyzerInfo("Breast ultrasound lesion", frozenset({"US", "MG", "MR"}), frozenset({"breast"})),
     "ct-heart": AnalyzerInfo("CT heart and great vessels", frozenset({"CT"}), frozenset({"chest", "heart"})),
     "mr-hippocampus": AnalyzerInfo("MR hippocampal volumetry", frozenset({"MR"}), frozenset({"head"})),
+    "ct-lung-nodules": AnalyzerInfo("CT lung nodules", frozenset({"CT"}), frozenset({"chest"})),
 }
+LISTED_FINDINGS_SHOWN = 5
+"""At most this many of a result's listed findings (its nodules, most suspicious first) are shown on a card."""
 
 HEART_ANALYZER = "ct-heart"
 HIGH_CAC_CATEGORIES: dict[str, str] = {
@@ -239,7 +242,17 @@ def _finding_line(finding: AiFinding) -> str:
         line += f" - {values}"
     if finding.conclusion:
         line += f". {finding.conclusion}"
-    return line + f" [{finding.report_reference}, {finding.analyzer}{version}]"
+    line += f" [{finding.report_reference}, {finding.analyzer}{version}]"
+    return "\n".join([line, *_listed_lines(finding)])
+
+
+def _listed_lines(finding: AiFinding) -> list[str]:
+    """The result's listed findings (its nodules), one indented line each, as the analyzer described them."""
+    lines = [f"    - {item.display}" for item in finding.listed[:LISTED_FINDINGS_SHOWN]]
+    hidden = len(finding.listed) - LISTED_FINDINGS_SHOWN
+    if hidden > 0:
+        lines.append(f"    - and {hidden} more in the report")
+    return lines
 
 
 _DISCLAIMER = "_AI-generated measurement, not a diagnosis; the signed radiology report is authoritative._"
@@ -313,6 +326,12 @@ def patient_view_cards(
     return cards
 
 
+def worth_a_card(finding: AiFinding) -> bool:
+    """An order card is shown for an abnormal finding, or for listed findings (prior nodules) even when they are
+    benign-looking: a new CT of the same region is when they are compared for growth."""
+    return finding.abnormal or bool(finding.listed)
+
+
 def relevant_to_order(finding: AiFinding, order: ImagingOrder) -> bool:
     """Same body region; or, when the order's region could not be read, the same modality."""
     info = ANALYZERS.get(finding.analyzer)
@@ -321,6 +340,14 @@ def relevant_to_order(finding: AiFinding, order: ImagingOrder) -> bool:
     if order.regions:
         return bool(order.regions & info.regions)
     return bool(order.modalities & info.modalities)
+
+
+_LISTED_NOUNS = {"lung_nodule": ("lung nodule", "lung nodules")}
+
+
+def _listed_noun(finding: AiFinding, count: int) -> str:
+    singular, plural = _LISTED_NOUNS.get(finding.listed[0].kind, ("finding", "findings"))
+    return singular if count == 1 else plural
 
 
 def order_note_update(order: ImagingOrder, finding: AiFinding) -> dict[str, Any]:
@@ -332,10 +359,12 @@ def order_note_update(order: ImagingOrder, finding: AiFinding) -> dict[str, Any]
     """
     resource = dict(order.resource)
     values = _key_values(finding)
+    listed = "; ".join(item.display for item in finding.listed[:LISTED_FINDINGS_SHOWN])
     text = (
         f"Prior AI finding ({finding.analyzer}, {finding.report_reference}, {_date(finding)}, "
         f"{_status_phrase(finding)}): {finding.category_display}"
         + (f"; {values}" if values else "")
+        + (f". {listed}" if listed else "")
         + ". Please compare."
     )
     resource["note"] = [*fhirjson.items(resource.get("note")), {"text": text}]
@@ -398,13 +427,20 @@ def order_finding_cards(
             if relevant_to_order(finding, order):
                 newest_by_analyzer.setdefault(finding.analyzer, finding)
         for analyzer, finding in newest_by_analyzer.items():
-            if not finding.abnormal or order.is_dxa:
+            if not worth_a_card(finding) or order.is_dxa:
                 continue
             title = analyzer_title(analyzer)
-            summary = (
-                f"Prior AI finding: {mid_sentence(finding.category_display)} "
-                f"({title}, {_date(finding)}, {_status_phrase(finding)})"
-            )
+            if finding.listed:
+                count = len(finding.listed)
+                summary = (
+                    f"Prior AI: {count} {_listed_noun(finding, count)}, {mid_sentence(finding.category_display)} "
+                    f"({_date(finding)}, {_status_phrase(finding)})"
+                )
+            else:
+                summary = (
+                    f"Prior AI finding: {mid_sentence(finding.category_display)} "
+                    f"({title}, {_date(finding)}, {_status_phrase(finding)})"
+                )
             because = ", ".join(sorted(order.regions | order.modalities))
             detail_lines = [
                 f"A prior AI analysis is relevant to this order ({because}):",
@@ -447,7 +483,7 @@ def order_finding_cards(
             card = _base_card(
                 summary=summary,
                 detail="\n".join(detail_lines),
-                indicator="warning",
+                indicator="warning" if finding.abnormal else "info",
                 analyzer=analyzer,
                 settings=settings,
             )

@@ -49,6 +49,7 @@ SAMPLE_CHEST_CT = SAMPLES["lung2"]
 DEMO_RUNS: tuple[tuple[str, str], ...] = (
     ("lung2", "ct-emphysema"),
     ("lung2", "ct-bone"),
+    ("lung1", "ct-lung-nodules"),
     ("abdomen", "ct-bone"),
     ("rsna-cxr", "cxr-pneumonia"),
     ("hippocrop-1", "mr-hippocampus"),

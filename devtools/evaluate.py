@@ -21,6 +21,14 @@ Datasets:
   volumes (Bland-Altman bias and 95% limits of agreement), with bootstrap CIs over subjects, on the split the
   model card names (``--split validation``).
 
+Lesion analyzers (``ct-lung-nodules``) are assessed on lesion datasets instead (:func:`evaluate_lesions`):
+
+* the LIDC-IDRI nodule volumes of interest (a folder with ``metadata.csv``, ``image/`` and ``nodule_mask/``):
+  size agreement (Bland-Altman), type agreement (kappa), suspicion AUC and detection in context, exactly as the
+  training script measured them for the card (:mod:`models.training.assess_nodules`);
+* whole CTs with a labelled lesion (a folder of ``<name>_image.nrrd`` + ``<name>_label.nrrd``): whether each
+  lesion was found and how many false positives each scan gave.
+
 Live figures, when their stores exist: CDS Hooks feedback (accepted / overridden per analyzer, from
 :mod:`cds.feedback`) and clinician review acceptance (from :func:`smart_launch.reviews.review_figures`).
 """
@@ -699,6 +707,98 @@ def format_live(live: Mapping[str, Any]) -> list[str]:
             f"{review['rejected']} rejected; acceptance {100 * review['acceptance_rate']:.1f} %."
         )
     return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lesion datasets
+
+
+def is_lesion_dataset(path: Path) -> bool:
+    """A LIDC volume-of-interest folder or a folder of labelled whole CTs (see the module docstring)."""
+    from models.training.chest_scans import is_labelled_scan_folder
+
+    lidc = (path / "metadata.csv").is_file() and (path / "nodule_mask").is_dir()
+    return lidc or is_labelled_scan_folder(path)
+
+
+@dataclass
+class LesionAssessment:
+    """What :func:`evaluate_lesions` measured; ``figures`` has the card's ``validation.figures`` shape."""
+
+    analyzer: str
+    version: str
+    dataset: str
+    details: dict[str, Any]
+    figures: dict[str, dict[str, float]]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "analyzer": {"name": self.analyzer, "version": self.version},
+            "dataset": self.dataset,
+            "figures": self.figures,
+            "details": self.details,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def evaluate_lesions(
+    analyzer_name: str, dataset_path: Path, *, json_out: Path | None = None, torch_threads: int | None = 1
+) -> LesionAssessment:
+    """Assess a lesion analyzer on a lesion dataset through the registry's analyzer (card and weights checked)."""
+    from models.registry import get_analyzer
+    from models.training import assess_nodules
+    from models.training.chest_scans import is_labelled_scan_folder, read_labelled_scans
+
+    analyzer = get_analyzer(analyzer_name)
+    models = getattr(analyzer, "models", None)
+    if models is None or not hasattr(analyzer, "find_nodules"):
+        raise ConfigurationError(
+            f"{analyzer_name} does not list lesions, so it cannot be assessed on {dataset_path.name}.",
+            remedy="Assess ct-lung-nodules on lesion datasets; other analyzers on labelled cases (.npz, labels.csv).",
+        )
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    started = time.perf_counter()
+    if is_labelled_scan_folder(dataset_path):
+        details = {"whole_ct_detection": assess_nodules.scan_detection(analyzer, read_labelled_scans(dataset_path))}
+        figures: dict[str, dict[str, float]] = {}
+    else:
+        details = assess_nodules.assess_lidc(dataset_path, models)
+        figures = assess_nodules.card_figures(details)
+    assessment = LesionAssessment(
+        analyzer.name, analyzer.version, str(dataset_path), details, figures, time.perf_counter() - started
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps(assessment.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return assessment
+
+
+def format_lesion_table(assessment: LesionAssessment) -> str:
+    """The plain-text lesion assessment (what ``imaging-cds evaluate`` prints for a lesion dataset)."""
+    lines = [f"Assessment of {assessment.analyzer} {assessment.version}", f"Data: {assessment.dataset}.", ""]
+    details = assessment.details
+    for name, scan in details.get("whole_ct_detection", {}).items():
+        if isinstance(scan, dict):
+            found = "found" if scan["lesion_found"] else "MISSED"
+            lines.append(
+                f"{name} ({scan['slice_thickness_mm']:g} mm slices): labelled lesion {found}; "
+                f"{scan['nodules_reported']} nodules reported, {scan['false_positives']} false positives."
+            )
+    if "false_positives_per_scan" in details.get("whole_ct_detection", {}):
+        lines.append(f"False positives per scan: {details['whole_ct_detection']['false_positives_per_scan']:.1f}")
+    for key, figure in assessment.figures.items():
+        lines.append(f"{key:<52}{figure['value']:>9.3f}   95% CI {figure['ci95_low']:.3f} to {figure['ci95_high']:.3f}")
+    if "type" in details:
+        lines.append("Type (rows: radiologists' texture rating, columns: analyzer):")
+        for truth, row in details["type"]["confusion"].items():
+            lines.append(f"  {truth:<14}" + "".join(f"{k}={v:<5}" for k, v in row.items()))
+    if assessment.figures:
+        lines.append("Intervals: percentile bootstrap over patients, 2000 resamples, seed 20231.")
+    lines.append(f"Time: {assessment.seconds:.0f} s on this machine.")
+    return "\n".join(lines)
 
 
 def evaluate(

@@ -18,8 +18,9 @@ This is the one place where ``models.base.AnalysisResult`` becomes FHIR. The res
 Idempotency: every resource but the Provenance has an identifier derived from :func:`analysis_identifier`
 (study UID + series UID + analyzer + version; findings add their stable key, ``/finding/nodule-1``) and is POSTed
 with ``ifNoneExist``, so re-running an analysis creates nothing new; the server answers with the existing
-resources and resolves the ``urn:uuid`` references to them. R4 Provenance has no identifier, so it gets a deterministic id and ``PUT Provenance/<id>``
-(update-as-create): a re-run writes a new *version* of the same Provenance, never a second Provenance.
+resources and resolves the ``urn:uuid`` references to them. R4 Provenance has no identifier, so it gets a
+deterministic id and ``PUT Provenance/<id>`` (update-as-create): a re-run writes a new *version* of the same
+Provenance, never a second Provenance.
 sekmet-fhir supports both in a transaction (checked against the real server in ``tests/test_builders.py``).
 
 Every resource asserted by the AI (Observation, Media, DiagnosticReport) carries the HL7 AI Transparency

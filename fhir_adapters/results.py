@@ -261,8 +261,13 @@ def coded_answer(key: str, display: str, concept: Any) -> CodedAnswer | None:
 
 def _component_measurement(component: Mapping[str, Any]) -> MeasuredValue | None:
     """A component with a project measurement code and a ``valueQuantity``, read like a measured Observation."""
-    return measured_value({"code": component.get("code"), "valueQuantity": component.get("valueQuantity"),
-                           "interpretation": component.get("interpretation")})
+    return measured_value(
+        {
+            "code": component.get("code"),
+            "valueQuantity": component.get("valueQuantity"),
+            "interpretation": component.get("interpretation"),
+        }
+    )
 
 
 def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
@@ -295,7 +300,10 @@ def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
     )
     images = tuple(
         ref
-        for ref in (fhirjson.relative_reference(fhirjson.reference(d)) or "" for d in fhirjson.items(observation.get("derivedFrom")))
+        for ref in (
+            fhirjson.relative_reference(fhirjson.reference(d)) or ""
+            for d in fhirjson.items(observation.get("derivedFrom"))
+        )
         if ref.startswith("Media/")
     )
     return ListedFinding(
@@ -313,10 +321,16 @@ def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
 def assessment_answer(observation: Mapping[str, Any]) -> CodedAnswer | None:
     """An exam-level assessment (project finding code, coded value, no components), or ``None``."""
     attribute = _project_coding(observation.get("code"), FINDING_CODESYSTEM)
-    if attribute is None or observation.get("component") or not isinstance(observation.get("valueCodeableConcept"), dict):
+    if (
+        attribute is None
+        or observation.get("component")
+        or not isinstance(observation.get("valueCodeableConcept"), dict)
+    ):
         return None
     key = str(attribute["code"])
-    return coded_answer(key, str(fhirjson.element(observation.get("code")).get("text") or key), observation["valueCodeableConcept"])
+    return coded_answer(
+        key, str(fhirjson.element(observation.get("code")).get("text") or key), observation["valueCodeableConcept"]
+    )
 
 
 def device_version(device: Mapping[str, Any]) -> str | None:

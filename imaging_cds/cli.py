@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="MedMNIST-style .npz, a folder of DICOM cases with labels.csv, a segmentation set (images/, labels/), "
-        "or a QRM calcium phantom scan folder (reference_agatston_mass.csv beside it)",
+        "a QRM calcium phantom scan folder (reference_agatston_mass.csv beside it), or a lesion dataset (LIDC "
+        "nodule crops with metadata.csv; whole CTs as <name>_image.nrrd + <name>_label.nrrd)",
     )
     evaluate.add_argument(
         "--split",
@@ -302,11 +303,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from devtools.calcium_phantom import evaluate_phantom, format_phantom_table, is_calcium_phantom
-    from devtools.evaluate import evaluate, format_table
+    from devtools.evaluate import evaluate, evaluate_lesions, format_lesion_table, format_table, is_lesion_dataset
 
     if is_calcium_phantom(args.dataset):
         phantom = evaluate_phantom(args.analyzer, args.dataset, json_out=args.json)
         print(format_phantom_table(phantom))
+        if args.json:
+            print(f"\nWrote {args.json}")
+        return EXIT_OK
+    if is_lesion_dataset(args.dataset):
+        lesions = evaluate_lesions(args.analyzer, args.dataset, json_out=args.json, torch_threads=args.torch_threads)
+        print(format_lesion_table(lesions))
         if args.json:
             print(f"\nWrote {args.json}")
         return EXIT_OK

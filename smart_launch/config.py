@@ -21,7 +21,15 @@ from pipeline.audit import AuditRecorder
 from smart_launch.oauth import ClientRegistration
 from smart_launch.session import DEFAULT_SESSION_LIFETIME_S
 
-DEFAULT_ANALYZERS = ("ct-emphysema", "ct-bone", "ct-heart", "cxr-pneumonia", "us-breast", "mr-hippocampus")
+DEFAULT_ANALYZERS = (
+    "ct-emphysema",
+    "ct-bone",
+    "ct-heart",
+    "ct-lung-nodules",
+    "cxr-pneumonia",
+    "us-breast",
+    "mr-hippocampus",
+)
 
 
 @dataclass(frozen=True)

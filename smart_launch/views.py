@@ -261,6 +261,22 @@ class ImageView:
 
 
 @dataclass(frozen=True)
+class ListedView:
+    """One finding the result lists on its own (a nodule): its words, values, attributes and key images."""
+
+    title: str
+    location: str
+    site: str
+    values: tuple[FindingView, ...]
+    attributes: tuple[tuple[str, str], ...]
+    images: tuple[ImageView, ...]
+
+
+LISTED_HEADINGS: dict[str, str] = {"lung_nodule": "Lung nodules"}
+"""Heading of the listed findings by their kind; other kinds are "Findings listed one by one"."""
+
+
+@dataclass(frozen=True)
 class ReportView:
     """Everything the result screen shows about one AI DiagnosticReport."""
 
@@ -278,6 +294,9 @@ class ReportView:
     subject: str | None
     issued: str
     interpreters: tuple[str, ...] = field(default_factory=tuple)
+    listed: tuple[ListedView, ...] = ()
+    listed_heading: str = ""
+    assessments: tuple[tuple[str, str], ...] = ()
 
     @property
     def awaiting_review(self) -> bool:
@@ -316,6 +335,21 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         for ref in [relative_reference((m.get("link") or {}).get("reference")) or ""]
         if ref.startswith("Media/")
     )
+    titles = {f"Media/{image.media_id}": image.title for image in images}
+    listed = tuple(
+        ListedView(
+            title=item.display,
+            location=item.location,
+            site=item.body_site,
+            values=tuple(
+                FindingView(m.text, _format_number(m.value), m.unit, m.interpretation_display or "")
+                for m in item.measurements
+            ),
+            attributes=tuple((v.display, v.code_display) for v in item.values),
+            images=tuple(ImageView(ref.split("/")[1], titles.get(ref, "Explanation image")) for ref in item.key_images),
+        )
+        for item in filed.listed
+    )
     status = str(report.get("status", "unknown"))
     studies = [relative_reference((s or {}).get("reference")) for s in report.get("imagingStudy", []) or []]
     return ReportView(
@@ -337,6 +371,9 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
             for i in report.get("resultsInterpreter", []) or []
             if isinstance(i, Mapping)
         ),
+        listed=listed,
+        listed_heading=LISTED_HEADINGS.get(filed.listed[0].kind, "Findings listed one by one") if listed else "",
+        assessments=tuple((a.display, a.code_display) for a in filed.assessments),
     )
 
 

@@ -182,7 +182,9 @@ def test_the_reader_gets_back_each_listed_finding_and_the_assessments(fhir_base:
     patient = session.post(f"{fhir_base.base_url}/Patient", json={"resourceType": "Patient"}, timeout=30).json()
     bundle = build_results_bundle(_target(patient=f"Patient/{patient['id']}"), nodule_result(), DEVICE, issued=ISSUED)
     answer = session.post(fhir_base.base_url, json=bundle, timeout=60).json()
-    report_id = next(e["response"]["location"] for e in answer["entry"] if "DiagnosticReport/" in e["response"]["location"])
+    report_id = next(
+        e["response"]["location"] for e in answer["entry"] if "DiagnosticReport/" in e["response"]["location"]
+    )
     read = session.get(
         f"{fhir_base.base_url}/DiagnosticReport",
         params={"_id": report_id.split("/")[-3], "_include": "DiagnosticReport:result"},
@@ -193,7 +195,9 @@ def test_the_reader_gets_back_each_listed_finding_and_the_assessments(fhir_base:
     [nodule] = read_report(report, index_resources(resources)).listed
     assert nodule.kind == "lung_nodule" and nodule.display.startswith("Nodule 1: solid nodule, 9.3 mm")
     assert nodule.measurement("nodule_mean_diameter_mm").value == 9.3  # type: ignore[union-attr]
-    assert nodule.value("lung_rads") == CodedAnswer("lung_rads", "Lung-RADS v2022 category", "4A", "Lung-RADS 4A: suspicious")
+    assert nodule.value("lung_rads") == CodedAnswer(
+        "lung_rads", "Lung-RADS v2022 category", "4A", "Lung-RADS 4A: suspicious"
+    )
     assert nodule.body_site == "Right lung" and nodule.location == "right lung, upper zone; slice 34 of 48"
     assert len(nodule.key_images) == 2 and all(i.startswith("Media/") for i in nodule.key_images)
     filed = read_report(report, index_resources(resources))

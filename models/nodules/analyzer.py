@@ -18,6 +18,7 @@ Juxtapleural and juxtavascular nodules: see :mod:`models.nodules.detect` (how th
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
@@ -114,6 +115,14 @@ class LungNoduleAnalyzer:
     @property
     def models(self) -> NoduleModels:
         return self._models
+
+    def held_out(self, scan: str) -> LungNoduleAnalyzer:
+        """The same analyzer with the false-positive network that never saw ``scan`` (for validation only)."""
+        other = copy.copy(self)
+        other._models = self._models.held_out(scan)
+        other._lock = threading.Lock()
+        other._cached = None
+        return other
 
     def check_input(self, image: ImageInput) -> None:
         """Refuse what the analyzer was not built for, with the reason: not CT, not a volume, no lungs in view."""
@@ -588,7 +597,8 @@ def _explanations(
     explanations = [
         Explanation(title=t, kind="overlay", png=p, slice_index=s) for t, p, s in zip(titles, pngs, slices, strict=True)
     ]
-    shown: dict[int, tuple[int, ...]] = {n.number: (0, k + 1, len(images) - 1) for k, n in enumerate(nodules)}
+    # Each nodule is shown by the projection (where it is, numbered) and its own crop.
+    shown: dict[int, tuple[int, ...]] = {n.number: (0, k + 1) for k, n in enumerate(nodules)}
     return explanations, shown
 
 

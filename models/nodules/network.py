@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -211,14 +211,36 @@ class SuspicionModel:
 
 @dataclass(frozen=True)
 class NoduleModels:
-    """Everything the analyzer loads from the weights file."""
+    """Everything the analyzer loads from the weights file.
 
-    candidate_net: CandidateNet
+    ``candidate_nets`` are the false-positive networks whose logits are averaged (the shipped model: one per
+    whole-CT fold); ``folds`` keeps each network with its threshold by the whole CT it was trained on, so that a
+    scan can be measured with the network that never saw it (:meth:`held_out`).
+    """
+
+    candidate_nets: tuple[CandidateNet, ...]
     candidate_threshold: float
     suspicion: SuspicionModel
     suspicion_threshold: float
     type_rule: TypeRule
     sha256: str
+    folds: tuple[tuple[str, CandidateNet, float], ...] = ()
+    description: str = "ensemble"
+
+    def held_out(self, scan: str) -> NoduleModels:
+        """These models with only the networks not trained on ``scan`` (all of them when none was)."""
+        kept = [(name, net, threshold) for name, net, threshold in self.folds if name != scan]
+        if not kept or len(kept) == len(self.folds):
+            return self
+        if len(kept) > 1:
+            raise ValueError("held-out evaluation expects one network per whole CT and two whole CTs")
+        name, net, threshold = kept[0]
+        return replace(
+            self,
+            candidate_nets=(net,),
+            candidate_threshold=threshold,
+            description=f"the network trained without {scan} (with {name} only)",
+        )
 
     def nodule_probabilities(self, patches: np.ndarray, features: np.ndarray, batch: int = 256) -> np.ndarray:
         """The network's probability that each candidate is a nodule (left-right flip averaged, ``(N,)``).
@@ -231,23 +253,28 @@ class NoduleModels:
             for start in range(0, patches.shape[0], batch):
                 x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch]))[:, None]
                 f = torch.from_numpy(np.ascontiguousarray(features[start : start + batch]))
-                logits = self.candidate_net(x, f) + self.candidate_net(x.flip(-1), f)
+                logits = torch.stack([net(x, f) + net(x.flip(-1), f) for net in self.candidate_nets], dim=0).mean(dim=0)
                 out.append(torch.sigmoid(logits / 2.0).numpy().reshape(-1))
         return np.concatenate(out) if out else np.zeros(0)
 
 
 def models_from_checkpoint(checkpoint: dict[str, object], sha256: str) -> NoduleModels:
     config = checkpoint["candidate_net"]
-    state = checkpoint["candidate_state"]
+    folds = checkpoint["candidate_folds"]
     suspicion = checkpoint["suspicion"]
     type_rule = checkpoint["type_rule"]
-    assert isinstance(config, dict) and isinstance(state, dict)
+    assert isinstance(config, dict) and isinstance(folds, dict)
     assert isinstance(suspicion, dict) and isinstance(type_rule, dict)
-    net = CandidateNet(CandidateNetConfig.from_dict(config))
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    net.eval()
+    loaded = []
+    for name in sorted(folds):
+        fold = folds[name]
+        net = CandidateNet(CandidateNetConfig.from_dict(config))
+        net.load_state_dict({k: v.float() for k, v in fold["state"].items()})
+        net.eval()
+        loaded.append((str(name), net, float(fold["threshold"])))
     return NoduleModels(
-        candidate_net=net,
+        candidate_nets=tuple(net for _, net, _ in loaded),
+        folds=tuple(loaded),
         candidate_threshold=float(str(checkpoint["candidate_threshold"])),
         suspicion=SuspicionModel.from_dict(suspicion),
         suspicion_threshold=float(str(checkpoint["suspicion_threshold"])),
