@@ -262,6 +262,19 @@ def fit_suspicion(measured: list[MeasuredVoi], seed: int) -> tuple[SuspicionMode
     return model, threshold, summary
 
 
+def plain(value: Any) -> Any:
+    """Numpy numbers and arrays as plain Python values: ``torch.load(weights_only=True)`` refuses numpy objects."""
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
 def update_card(
     card_path: Path,
     checkpoint: dict[str, Any],
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     config = CandidateNetConfig()
     folds: dict[str, CandidateNet] = {}
     log: dict[str, list[dict[str, float]]] = {}
-    for scan in sorted(set(data.scans) - {""}):
+    for scan in sorted(str(s) for s in set(data.scans) - {""}):
         folds[scan], log[scan] = train_candidate_net(data, args.seed, args.epochs, config, whole_ct=scan)
     threshold = candidate_threshold(list(folds.values()), data)
     fold_thresholds = {scan: candidate_threshold([net], data) for scan, net in folds.items()}
@@ -354,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": round(time.monotonic() - started),
         },
     }
-    digest = save_pinned(checkpoint, weights)
+    digest = save_pinned(plain(checkpoint), weights)
     print(f"wrote {weights} sha256 {digest} in {time.monotonic() - started:.0f} s", flush=True)
     if args.no_test:
         return
