@@ -40,6 +40,7 @@ _BUILTIN: dict[str, str] = {
     "cxr-pneumonia": "models.cxr_pneumonia:PneumoniaAnalyzer",
     "us-breast": "models.breast_us:BreastUltrasoundAnalyzer",
     "mr-hippocampus": "models.hippocampus:HippocampusAnalyzer",
+    "ct-lung-nodules": "models.nodules.analyzer:LungNoduleAnalyzer",
 }
 
 

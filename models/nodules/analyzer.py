@@ -59,7 +59,8 @@ MIN_REPORTED_MM = 4.0
 """Nodules under 4 mm mean diameter are not reported: detection there is unreliable, and they need no follow-up
 (Lung-RADS 2; Fleischner: no routine follow-up under 6 mm)."""
 MAX_REPORTED = 10
-"""At most this many nodules are listed, the most suspicious first (Lung-RADS category, then size)."""
+"""At most this many nodules are listed: the ten the network is most sure of, then ordered most suspicious first
+(Lung-RADS category, then size)."""
 THIN_SLICE_MM = 2.5
 """Lung-RADS asks for reconstructions of 2.5 mm or thinner (ideally 1 mm); the LIDC validation crops are 1-2.5 mm."""
 MAX_SLICE_THICKNESS_MM = 10.0
@@ -251,7 +252,7 @@ class LungNoduleAnalyzer:
         taken = np.zeros(hu.shape, dtype=bool)
         found: list[tuple[NoduleSegmentation, NoduleMeasures, float]] = []
         for index in order:
-            if probability[index] < self._models.candidate_threshold:
+            if probability[index] < self._models.candidate_threshold or len(found) == MAX_REPORTED:
                 break
             candidate = candidates[int(index)]
             if taken[candidate.centre]:
@@ -273,7 +274,7 @@ class LungNoduleAnalyzer:
                 -guidelines.LUNG_RADS_ORDER.index(guidelines.lung_rads(_facts(item[1])).code),
                 -item[1].mean_diameter_mm,
             ),
-        )[:MAX_REPORTED]
+        )
         extent = lungs.slice_extent() or (0, hu.shape[0] - 1)
         out = []
         for number, (nodule, measures, p) in enumerate(ranked, start=1):
