@@ -18,8 +18,9 @@ strategies, chosen by :func:`plan_write`:
 ``transaction``
     the Bundle in one request, all or nothing.
 ``ordered``
-    one request per resource, the parts first (Device, Observations, Media) and the DiagnosticReport last, so a
-    clinician never sees a report whose parts are missing; the ``urn:uuid`` references of the Bundle are
+    one request per resource, the parts first (Device, Observations, Media; a part that names another, such as a
+    finding derived from its key images, after it) and the DiagnosticReport last, so a clinician never sees a
+    report whose parts are missing; the ``urn:uuid`` references of the Bundle are
     rewritten to the ids the server gave. Every write is idempotent (a conditional create on the resource's
     deterministic identifier, or a ``PUT`` to a deterministic id), so a retry after a failure at any step
     completes the same result and duplicates nothing.
@@ -565,8 +566,7 @@ class _Ordered(_Writer):
     _ORDER: ClassVar[dict[str, int]] = {"Device": 0, "DiagnosticReport": 2, "Provenance": 3}
 
     def write(self, entries: list[dict[str, Any]], *, representation: bool) -> None:
-        ordered = sorted(entries, key=lambda e: self._ORDER.get(e["resource"]["resourceType"], 1))  # stable sort
-        for entry in ordered:
+        for entry in self._in_order(entries):
             if _is_provenance(entry):
                 _check_size(entry["resource"], self.plan.max_request_bytes)
                 self._write_provenance(entry)
@@ -586,3 +586,32 @@ class _Ordered(_Writer):
                     "by: it could be written twice.",
                     remedy="Results must be built by build_results_bundle.",
                 )
+
+    @classmethod
+    def _in_order(cls, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Device, the other parts, the report, the Provenance; and each entry after the entries it refers to.
+
+        A part may name another part (a finding's Observation is derived from the Media that show it), and its
+        reference can only be rewritten once that part has its id; the report and the Provenance name every part,
+        so they still come last.
+        """
+        waiting = sorted(entries, key=lambda e: cls._ORDER.get(e["resource"]["resourceType"], 1))  # stable sort
+        in_bundle = {str(e.get("fullUrl")) for e in entries}
+        placed: set[str] = set()
+        ordered: list[dict[str, Any]] = []
+        while waiting:
+            deferred = []
+            for entry in waiting:
+                if set(_unresolved(entry["resource"])) & in_bundle <= placed:
+                    ordered.append(entry)
+                    placed.add(str(entry.get("fullUrl")))
+                else:
+                    deferred.append(entry)
+            if len(deferred) == len(waiting):
+                raise ConfigurationError(
+                    f"{len(deferred)} resource(s) of this result refer to each other in a cycle: none can be "
+                    "written first.",
+                    remedy="Results must be built by build_results_bundle; report this bug.",
+                )
+            waiting = deferred
+        return ordered

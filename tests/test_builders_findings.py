@@ -20,8 +20,10 @@ from core.errors import ConfigurationError
 from devtools.servers import FhirServer
 from fhir_adapters import constants
 from fhir_adapters.builders import DeviceInfo, analysis_identifier, build_results_bundle
+from fhir_adapters.client import FhirClient
 from fhir_adapters.results import CodedAnswer, index_resources, read_report
 from fhir_adapters.validation import validate_bundle
+from fhir_adapters.writer import WriteSettings, write_results
 from models.base import AnalysisResult, Category, CodedValue, Explanation, Finding, Measurement
 from tests.test_builders import EMPHYSEMA_DEVICE, ISSUED, _png, _target, emphysema_result
 
@@ -203,3 +205,27 @@ def test_the_reader_gets_back_each_listed_finding_and_the_assessments(fhir_base:
     filed = read_report(report, index_resources(resources))
     assert filed.assessment("lung_rads").code == "4A"  # type: ignore[union-attr]
     assert filed.measurement("lung_nodule_count").value == 1.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["sekmet", "medplum"])
+def test_ordered_writes_file_each_finding_after_the_key_images_it_is_derived_from(
+    kind: str, fhir_base: FhirServer, medplum: FhirServer
+) -> None:
+    # A finding's Observation refers to the Media that show it; written one by one (Medplum past 8 entries, or a
+    # server without transactions), each Media must be on the server before the Observation that names it.
+    client = FhirClient((fhir_base if kind == "sekmet" else medplum).base_url, session=requests.Session())
+    patient = client.create({"resourceType": "Patient", "name": [{"family": "Findings", "given": ["Ordered"]}]})
+    bundle = build_results_bundle(_target(patient=f"Patient/{patient['id']}"), nodule_result(), DEVICE, issued=ISSUED)
+    filed = write_results(client, bundle, settings=WriteSettings("ordered"))
+    assert filed.strategy == "ordered" and filed.report_created
+    report = client.read_reference(filed.report)
+    media = [m["link"]["reference"] for m in report["media"]]
+    [nodule] = [
+        o
+        for o in (client.read_reference(r["reference"]) for r in report["result"])
+        if o["identifier"][0]["value"].endswith("/finding/nodule-1")
+    ]
+    assert [d["reference"] for d in nodule["derivedFrom"]][1:] == media  # the ids the server gave the images
+    assert filed.written.index(media[-1]) < filed.written.index(f"Observation/{nodule['id']}")
+    again = write_results(client, bundle, settings=WriteSettings("ordered"))
+    assert not again.report_created and set(again.written) == set(filed.written)
