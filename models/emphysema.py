@@ -268,7 +268,7 @@ class EmphysemaAnalyzer:
                 "hides low-attenuation lung, so LAA-950 would be meaningless.",
                 remedy="Use a thin-section (<= 1.5 mm) reconstruction of the chest CT.",
             )
-        _check_hounsfield(image.array, self.name)
+        check_hounsfield(image.array, self.name)
         # The mask is kept for this array, so analyze (and any other analyzer of it) does not segment again.
         lung_ml = segment_lungs(image.array, image.spacing).voxel_count * image.voxel_volume_ml
         if lung_ml < MIN_LUNG_ML:
@@ -348,8 +348,11 @@ def slice_thickness_mm(image: ImageInput) -> float:
     return value if value > 0 else float(image.spacing[0])
 
 
-def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
-    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
+def check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
+    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not.
+
+    Shared by the analyzers that read lung attenuation (emphysema, nodules), so they refuse the same volumes.
+    """
     sample = np.ascontiguousarray(hu[::2, ::4, ::4])  # one strided read instead of four: half the time
     air = np.count_nonzero((sample > -1100) & (sample < -900))
     tissue = np.count_nonzero((sample > -100) & (sample < 200))

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from models.base import (
     SeriesRequirements,
     probability_percent,
 )
-from models.emphysema import EMPHYSEMA_PRESENT_PERCENT, LAA_THRESHOLD_HU, slice_thickness_mm
+from models.emphysema import EmphysemaMeasurement, check_hounsfield, measure_emphysema, slice_thickness_mm
 from models.lung import LABEL_LEFT, LABEL_RIGHT, LungMask, segment_lungs
 from models.nodules import guidelines
 from models.nodules.detect import find_candidates
@@ -110,8 +108,6 @@ class LungNoduleAnalyzer:
         self.weights = weights or WEIGHTS_DIR / "lung_nodules.pt"
         self._models: NoduleModels = load_nodule_models(self.weights, expected_sha256)
         self.model_sha256 = self._models.sha256
-        self._lock = threading.Lock()
-        self._cached: tuple[weakref.ref[np.ndarray], tuple[float, ...], LungMask] | None = None
 
     @property
     def models(self) -> NoduleModels:
@@ -121,8 +117,6 @@ class LungNoduleAnalyzer:
         """The same analyzer with the false-positive network that never saw ``scan`` (for validation only)."""
         other = copy.copy(self)
         other._models = self._models.held_out(scan)
-        other._lock = threading.Lock()
-        other._cached = None
         return other
 
     def check_input(self, image: ImageInput) -> None:
@@ -154,8 +148,8 @@ class LungNoduleAnalyzer:
                 f"Slices are {thickness:g} mm thick; nodules smaller than the slice thickness cannot be measured.",
                 remedy="Use a thin-section (<= 2.5 mm, ideally 1 mm) reconstruction of the chest CT.",
             )
-        _check_hounsfield(image.array, self.name)
-        lungs = self._lungs(image)
+        check_hounsfield(image.array, self.name)
+        lungs = segment_lungs(image.array, image.spacing)
         lung_ml = lungs.voxel_count * image.voxel_volume_ml
         if lung_ml < MIN_LUNG_ML:
             raise UnsuitableInputError(
@@ -168,22 +162,21 @@ class LungNoduleAnalyzer:
     def analyze(self, image: ImageInput) -> AnalysisResult:
         hu = image.array
         spacing = (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
-        lungs = self._lungs(image)
+        lungs = segment_lungs(hu, spacing)
         if lungs.voxel_count * image.voxel_volume_ml < MIN_LUNG_ML:
             self.check_input(image)  # raises the explanatory error
+        # LAA-950 (the Brock model's emphysema input) over the same lung mask, as ct-emphysema files it.
+        densitometry = measure_emphysema(hu, spacing)
         nodules = self._find_nodules(hu, spacing, lungs)
         extent = lungs.slice_extent()
-        per_slice = lungs.mask.reshape(hu.shape[0], -1).sum(axis=1)
-        fully_scanned = _lungs_fully_scanned(per_slice)
-        emphysema, laa = _emphysema(hu, lungs)
+        fully_scanned = _lungs_fully_scanned(densitometry.lung_voxels_per_slice)
 
         facts = [_facts(n.measures) for n in nodules]
         exam = guidelines.exam_lung_rads([n.lung_rads.code for n in nodules], lungs_fully_scanned=fully_scanned)
         fleischner = guidelines.fleischner(facts, age_years=image.patient.age_years)
         explanations, nodule_images = _explanations(hu, spacing, lungs, nodules)
         findings = tuple(
-            self._finding(n, image, spacing, emphysema, laa, len(nodules), nodule_images.get(n.number, ()))
-            for n in nodules
+            self._finding(n, image, densitometry, len(nodules), nodule_images.get(n.number, ())) for n in nodules
         )
         warnings = _warnings(image, lungs, nodules, fully_scanned, extent)
         abnormal = exam.code in ("3", "4A", "4B")
@@ -221,21 +214,9 @@ class LungNoduleAnalyzer:
     def find_nodules(self, image: ImageInput) -> list[DetectedNodule]:
         """The nodules :meth:`analyze` reports, with their voxels (for validation against labelled scans)."""
         spacing = (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
-        return self._find_nodules(image.array, spacing, self._lungs(image))
+        return self._find_nodules(image.array, spacing, segment_lungs(image.array, image.spacing))
 
     # -----------------------------------------------------------------------------------------------------------
-
-    def _lungs(self, image: ImageInput) -> LungMask:
-        """Segment once per array: check_input and analyze on the same ImageInput share the mask."""
-        spacing = tuple(float(s) for s in image.spacing)
-        with self._lock:
-            cached = self._cached
-            if cached is not None and cached[0]() is image.array and cached[1] == spacing:
-                return cached[2]
-        lungs = segment_lungs(image.array, spacing)
-        with self._lock:
-            self._cached = (weakref.ref(image.array), spacing, lungs)
-        return lungs
 
     def _find_nodules(
         self, hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask
@@ -297,9 +278,7 @@ class LungNoduleAnalyzer:
         self,
         nodule: DetectedNodule,
         image: ImageInput,
-        spacing: tuple[float, float, float],
-        emphysema: bool | None,
-        laa: float,
+        densitometry: EmphysemaMeasurement,
         count: int,
         images: tuple[int, ...],
     ) -> Finding:
@@ -310,7 +289,7 @@ class LungNoduleAnalyzer:
             facts,
             age_years=image.patient.age_years,
             sex=image.patient.sex,
-            emphysema=emphysema,
+            emphysema=densitometry.emphysema_present,
             nodule_count=count,
         )
         measurements = [
@@ -346,7 +325,7 @@ class LungNoduleAnalyzer:
                 "pathology-proven probability of cancer.",
             )
         )
-        brock_note = _brock_note(estimate, laa)
+        brock_note = _brock_note(estimate, densitometry.laa950_percent)
         if estimate.computed and estimate.low is not None and estimate.high is not None:
             measurements.append(
                 Measurement(
@@ -488,18 +467,6 @@ def _lungs_fully_scanned(per_slice: np.ndarray) -> bool:
     return peak > 0 and per_slice[0] <= 0.05 * peak and per_slice[-1] <= 0.05 * peak
 
 
-def _emphysema(hu: np.ndarray, lungs: LungMask) -> tuple[bool | None, float]:
-    """Emphysema present by the project's own densitometry (LAA-950 >= 5 %, :mod:`models.emphysema`)."""
-    box = lungs.box
-    mask = lungs.mask[box]
-    total = int(np.count_nonzero(mask))
-    if total == 0:
-        return None, float("nan")
-    low = int(np.count_nonzero((hu[box] < LAA_THRESHOLD_HU) & mask))
-    laa = round(100.0 * low / total, 2)
-    return laa >= EMPHYSEMA_PRESENT_PERCENT, laa
-
-
 def _brock_note(estimate: guidelines.BrockEstimate, laa: float) -> str:
     if not estimate.computed:
         return (
@@ -561,19 +528,6 @@ def _warnings(
     if image.patient.age_years is None or image.patient.sex is None:
         out.append("The patient's age or sex was not available from the EHR: the Brock probability is not computed.")
     return out
-
-
-def _check_hounsfield(hu: np.ndarray, analyzer: str) -> None:
-    """Calibrated CT shows air near -1000 HU and soft tissue near 0 HU; raw stored values do not."""
-    sample = np.ascontiguousarray(hu[::2, ::4, ::4])
-    air = np.count_nonzero((sample > -1100) & (sample < -900))
-    tissue = np.count_nonzero((sample > -100) & (sample < 200))
-    if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
-        raise UnsuitableInputError(
-            f"{analyzer}: the voxel values do not look like Hounsfield units (air {100 * air / sample.size:.2f}%, "
-            f"soft tissue {100 * tissue / sample.size:.2f}% of voxels; expected air near -1000 and tissue near 0).",
-            remedy="Apply RescaleSlope/RescaleIntercept before analysis, and use a CT reconstruction in HU.",
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def read_labelled_scans(folder: Path) -> Iterator[LabelledScan]:
 
 def _read(
     path: Path,
-) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float], tuple[tuple[float, ...], ...]]:
+) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float], tuple[tuple[float, float, float], ...]]:
     """(slices, rows, columns) float32, spacing (z, y, x), origin and axis directions in LPS."""
     import nrrd
 
@@ -67,5 +67,5 @@ def _read(
     volume = np.ascontiguousarray(np.asarray(data).transpose(2, 1, 0)).astype(np.float32)
     spacing = (float(steps[2]), float(steps[1]), float(steps[0]))
     unit = directions / steps[:, None]
-    direction = (tuple(unit[2]), tuple(unit[1]), tuple(unit[0]))
+    direction = tuple((float(unit[k, 0]), float(unit[k, 1]), float(unit[k, 2])) for k in (2, 1, 0))
     return volume, spacing, (float(origin[0]), float(origin[1]), float(origin[2])), direction
