@@ -48,7 +48,6 @@ from models.nodules.network import (
     NoduleModels,
     candidate_features,
     load_nodule_models,
-    sample_patches,
     suspicion_features,
 )
 from models.projection_classifier import WEIGHTS_DIR
@@ -222,13 +221,11 @@ class LungNoduleAnalyzer:
         self, hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask
     ) -> list[DetectedNodule]:
         candidates = find_candidates(hu, spacing, lungs.labels, lungs.box)
-        patches = sample_patches(hu, spacing, [c.centre for c in candidates], [c.radius_mm for c in candidates])
+        radii = [c.radius_mm for c in candidates]
         features = candidate_features(
-            [c.radius_mm for c in candidates],
-            [c.lung_surround for c in candidates],
-            [c.dense_surround for c in candidates],
+            radii, [c.lung_surround for c in candidates], [c.dense_surround for c in candidates]
         )
-        probability = self._models.nodule_probabilities(patches, features)
+        probability = self._models.candidate_probabilities(hu, spacing, [c.centre for c in candidates], radii, features)
         order = np.argsort(-probability, kind="stable")
         taken = np.zeros(hu.shape, dtype=bool)
         found: list[tuple[NoduleSegmentation, NoduleMeasures, float]] = []

@@ -40,6 +40,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from models.nodules.distance import depth_mm
+
 NoduleType = Literal["solid", "part-solid", "ground-glass"]
 Calcification = Literal["none", "diffuse", "central", "popcorn", "non-benign"]
 
@@ -171,14 +173,14 @@ def segment_nodule(
 
     allowed = _pleura_bounded(aerated)
     dense = (roi >= threshold) & allowed
-    inscribed = ndimage.distance_transform_edt(dense, sampling=spacing_arr)
+    inscribed = depth_mm(dense, spacing_arr)
     centre = _inscribed_centre(dense, inscribed, local_seed, spacing_arr, radius)
     if centre is None:
         return None
     # The nodule's own radius: the largest ball that fits in it, centred on the seed's local maximum.
     radius = float(inscribed[centre])
     opening_mm = float(np.clip(0.5 * radius, 1.0, 4.0))
-    opened = _open(dense, spacing_arr, opening_mm)
+    opened = _open(dense, spacing_arr, opening_mm, depth=inscribed)
     component = _component_at(opened, centre, spacing_arr, radius)
     whole = _component_at(dense, centre, spacing_arr, radius)
     if component is None:  # the opening removed a nodule thinner than the ball: keep it unopened
@@ -313,25 +315,30 @@ def classify_calcification(
 def axial_diameters(
     mask: np.ndarray, pixel_mm: tuple[float, float], origin: tuple[int, int, int] = (0, 0, 0)
 ) -> AxialDiameters:
-    """Long and short axis on the axial slice where the long axis is longest (see the module docstring)."""
-    best: AxialDiameters | None = None
+    """Long and short axis on the axial slice where the long axis is longest (see the module docstring).
+
+    The long axis is measured on every slice, the short axis only on the slice chosen.
+    """
+    best: tuple[int, float, _LongAxis] | None = None
     for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
-        measured = _slice_diameters(mask[k], pixel_mm)
+        measured = _long_axis(mask[k], pixel_mm)
         if measured is None:
             continue
-        long_mm, short_mm, long_axis, short_axis = measured
-        if best is None or long_mm > best.long_mm + 1e-9:
-            offset = np.array([origin[1], origin[2]], dtype=np.float64)
-            best = AxialDiameters(
-                long_mm=round(long_mm, 2),
-                short_mm=round(short_mm, 2),
-                slice_index=int(k) + origin[0],
-                long_axis=_shift(long_axis, offset),
-                short_axis=_shift(short_axis, offset),
-            )
+        # A later slice must beat the chosen one's long axis as filed (0.01 mm) to replace it.
+        if best is None or measured.length_mm > round(best[1], 2) + 1e-9:
+            best = (int(k), measured.length_mm, measured)
     if best is None:
         raise ValueError("axial_diameters needs a non-empty mask.")
-    return best
+    chosen, long_mm, axis = best
+    short_mm, short_axis = _short_axis(axis)
+    offset = np.array([origin[1], origin[2]], dtype=np.float64)
+    return AxialDiameters(
+        long_mm=round(long_mm, 2),
+        short_mm=round(short_mm, 2),
+        slice_index=chosen + origin[0],
+        long_axis=_shift(axis.ends, offset),
+        short_axis=_shift(short_axis, offset),
+    )
 
 
 def _shift(
@@ -341,10 +348,19 @@ def _shift(
     return (float(a[0] + offset[0]), float(a[1] + offset[1])), (float(b[0] + offset[0]), float(b[1] + offset[1]))
 
 
-def _slice_diameters(
-    plane: np.ndarray, pixel_mm: tuple[float, float]
-) -> tuple[float, float, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
-    """Caliper long and short axis of the pixels of one slice (mm) and their endpoints (pixel coordinates)."""
+@dataclass(frozen=True)
+class _LongAxis:
+    """The caliper long axis of one slice's pixels: its length, its ends (pixel coordinates) and the hull (mm)."""
+
+    length_mm: float
+    ends: tuple[np.ndarray, np.ndarray]
+    hull: np.ndarray
+    direction: np.ndarray
+    scale: np.ndarray
+
+
+def _long_axis(plane: np.ndarray, pixel_mm: tuple[float, float]) -> _LongAxis | None:
+    """The longest distance between two points of the convex outline of the pixels' edges (mm)."""
     rows, cols = np.nonzero(plane)
     if rows.size == 0:
         return None
@@ -359,15 +375,17 @@ def _slice_diameters(
     i, j = np.unravel_index(int(np.argmax(distances)), distances.shape)
     long_mm = float(distances[i, j])
     direction = (hull[j] - hull[i]) / long_mm
+    return _LongAxis(long_mm, (hull[i] / scale, hull[j] / scale), hull, direction, scale)
+
+
+def _short_axis(axis: _LongAxis) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """The longest chord perpendicular to the long axis (mm) and its ends (pixel coordinates)."""
+    direction = axis.direction
     normal = np.array([-direction[1], direction[0]])
-    along = hull @ direction
-    across = hull @ normal
-    short_mm, positions = _longest_chord(hull, along, across)
-    long_axis = (hull[i] / scale, hull[j] / scale)
-    t = positions[0]
-    base = direction * t
-    short_axis = ((base + normal * positions[1]) / scale, (base + normal * positions[2]) / scale)
-    return long_mm, short_mm, long_axis, short_axis
+    short_mm, positions = _longest_chord(axis.hull, axis.hull @ direction, axis.hull @ normal)
+    base = direction * positions[0]
+    ends = ((base + normal * positions[1]) / axis.scale, (base + normal * positions[2]) / axis.scale)
+    return short_mm, ends
 
 
 def _longest_chord(hull: np.ndarray, along: np.ndarray, across: np.ndarray) -> tuple[float, tuple[float, float, float]]:
@@ -413,7 +431,7 @@ def _estimate_radius(hu: np.ndarray, spacing: np.ndarray, seed: tuple[int, int, 
         dense = roi >= LOWEST_EDGE_HU + 100.0
         if not dense[local]:
             return None
-    distance = ndimage.distance_transform_edt(dense, sampling=spacing)
+    distance = depth_mm(dense, spacing)
     return float(max(distance[local], spacing[1:].max()))
 
 
@@ -449,14 +467,25 @@ def _pleura_bounded(aerated: np.ndarray) -> np.ndarray:
     return allowed
 
 
-def _open(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Opening with a ball of ``radius_mm`` (exact Euclidean, anisotropic voxels), via two distance transforms."""
+def _open(mask: np.ndarray, spacing: np.ndarray, radius_mm: float, depth: np.ndarray | None = None) -> np.ndarray:
+    """Opening with a ball of ``radius_mm`` (exact Euclidean, anisotropic voxels), via two distance transforms.
+
+    ``depth`` is ``depth_mm(mask, spacing)`` when the caller has it. The dilation's distance transform runs only
+    on the box that can be reached from the eroded voxels: nothing further than ``radius_mm`` from them is kept.
+    """
     if not mask.any():
         return mask
-    inner = ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
+    inner = (depth if depth is not None else depth_mm(mask, spacing)) > radius_mm
     if not inner.any():
         return inner
-    return np.asarray(ndimage.distance_transform_edt(~inner, sampling=spacing) <= radius_mm)
+    reach = np.ceil(radius_mm / spacing).astype(int) + 1
+    found = np.argwhere(inner)
+    low = np.maximum(found.min(axis=0) - reach, 0)
+    high = np.minimum(found.max(axis=0) + reach + 1, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+    opened = np.zeros(mask.shape, dtype=bool)
+    opened[box] = depth_mm(~inner[box], spacing) <= radius_mm
+    return opened
 
 
 def _component_at(mask: np.ndarray, seed: tuple[int, ...], spacing: np.ndarray, radius_mm: float) -> np.ndarray | None:

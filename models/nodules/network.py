@@ -22,15 +22,16 @@ Both are trained by ``python -m models.training.train_nodules`` and ship in one 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional torch alias
 from monai.networks.blocks import Convolution
-from scipy import ndimage
 from torch import nn
 
 from models.nodules.measure import NoduleMeasures, TypeRule
@@ -40,6 +41,9 @@ PATCH_PLANES = 5
 PATCH_MIN_PIXEL_MM = 1.0
 PATCH_Z_REACH = 0.75
 HU_LOW, HU_HIGH = -1000.0, 400.0
+BATCH = 128
+"""Candidates per network call (each with its mirror image: 256 patches): small enough that the activations stay
+near 20 MiB, large enough that the convolutions run at full speed."""
 
 
 def patch_geometry(radius_mm: float) -> tuple[float, np.ndarray]:
@@ -55,31 +59,52 @@ def sample_patches(
     centres: Sequence[Sequence[float]],
     radii_mm: Sequence[float],
 ) -> np.ndarray:
-    """``(N, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE)`` float32 patches around (fractional) voxel centres.
+    """``(N, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE)`` float32 patches around (fractional) voxel centres, normalised.
 
-    One trilinear interpolation call for all candidates; outside the volume the nearest edge value is used.
+    Trilinear interpolation; outside the volume the nearest edge value is used.
     """
-    if len(centres) == 0:
-        return np.zeros((0, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE), dtype=np.float32)
-    dz, dy, dx = (float(s) for s in spacing)
-    grid = np.arange(PATCH_SIDE, dtype=np.float64) - (PATCH_SIDE - 1) / 2.0
-    coordinates = np.empty((3, len(centres), PATCH_PLANES, PATCH_SIDE, PATCH_SIDE), dtype=np.float64)
-    for n, (centre, radius) in enumerate(zip(centres, radii_mm, strict=True)):
-        pixel, offsets = patch_geometry(float(radius))
-        coordinates[0, n] = (float(centre[0]) + offsets / dz)[:, None, None]
-        coordinates[1, n] = (float(centre[1]) + grid * pixel / dy)[None, :, None]
-        coordinates[2, n] = (float(centre[2]) + grid * pixel / dx)[None, None, :]
-    values = ndimage.map_coordinates(
-        np.asarray(hu, dtype=np.float32), coordinates.reshape(3, -1), order=1, mode="nearest"
+    volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    with torch.inference_mode():
+        return _sample(volume, spacing, centres, radii_mm).numpy()
+
+
+def _sample(
+    volume: torch.Tensor, spacing: Sequence[float], centres: Sequence[Sequence[float]], radii_mm: Sequence[float]
+) -> torch.Tensor:
+    """The patches of :func:`sample_patches` as a tensor, by one ``grid_sample`` call over all the centres.
+
+    The five planes of every candidate are the output's depth axis, so the volume is read once, by torch's own
+    threads, and no coordinate array of the whole batch is built in float64 (as ``map_coordinates`` needs).
+    """
+    count = len(centres)
+    if count == 0:
+        return torch.zeros((0, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE))
+    grid_offsets = torch.arange(PATCH_SIDE, dtype=torch.float64) - (PATCH_SIDE - 1) / 2.0
+    centre = torch.tensor(np.asarray(centres, dtype=np.float64).reshape(count, 3))
+    geometry = [patch_geometry(float(r)) for r in radii_mm]
+    pixel = torch.tensor([g[0] for g in geometry], dtype=torch.float64)
+    planes = torch.tensor(np.stack([g[1] for g in geometry]), dtype=torch.float64)
+    # Voxel coordinates of each axis, then grid_sample's [-1, 1] (align_corners: -1 and 1 are the first and last
+    # voxel centres; "border" padding repeats the edge voxel, as map_coordinates' "nearest" mode does).
+    along = (
+        centre[:, 0, None] + planes / float(spacing[0]),
+        centre[:, 1, None] + grid_offsets[None, :] * pixel[:, None] / float(spacing[1]),
+        centre[:, 2, None] + grid_offsets[None, :] * pixel[:, None] / float(spacing[2]),
     )
-    patches = values.reshape(len(centres), PATCH_PLANES, PATCH_SIDE, PATCH_SIDE).astype(np.float32)
-    return normalise_hu(patches)
-
-
-def normalise_hu(values: np.ndarray) -> np.ndarray:
-    """HU clipped to [-1000, 400] and mapped to about [-1, 1] (-300 HU, between lung and tissue, to 0)."""
-    clipped = np.clip(values, HU_LOW, HU_HIGH)
-    return np.asarray((clipped + 300.0) / 700.0, dtype=np.float32)
+    z, y, x = ((a * (2.0 / max(n - 1, 1)) - 1.0).to(torch.float32) for a, n in zip(along, volume.shape, strict=True))
+    grid = torch.empty((count, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE, 3), dtype=torch.float32)
+    grid[..., 0] = x[:, None, None, :]
+    grid[..., 1] = y[:, None, :, None]
+    grid[..., 2] = z[:, :, None, None]
+    sampled = F.grid_sample(
+        volume[None, None],
+        grid.view(1, count * PATCH_PLANES, PATCH_SIDE, PATCH_SIDE, 3),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )
+    patches = sampled.view(count, PATCH_PLANES, PATCH_SIDE, PATCH_SIDE)
+    return patches.clamp_(HU_LOW, HU_HIGH).add_(300.0).div_(700.0)
 
 
 def candidate_features(
@@ -142,6 +167,53 @@ class CandidateNet(nn.Module):
         planes = self.across_planes(patches).squeeze(2)  # (N, C, 1, H, W) -> (N, C, H, W)
         pooled = self.pool(self.in_plane(planes)).flatten(1)
         return self.head(torch.cat([pooled, features], dim=1))
+
+
+class ScoringNet(nn.Module):
+    """A trained :class:`CandidateNet` in eval mode, rebuilt to run twice as fast on a CPU; the same function.
+
+    Three rewrites that leave the output unchanged (to float rounding, about 1e-6 on a logit): batch
+    normalisation folded into the convolution before it (eval mode uses fixed statistics); the first 3-D
+    convolution, whose kernel spans all five planes with no padding across them, run as a 2-D convolution that
+    takes the five planes as input channels; and channels-last tensors, which CPU convolutions and max pooling
+    prefer (the pooling alone ran six times slower on the default layout).
+    """
+
+    def __init__(self, trained: CandidateNet) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_folded(trained.across_planes, planes_as_channels=True), nn.ReLU()]
+        for module in trained.in_plane:
+            if isinstance(module, nn.MaxPool2d):
+                layers.append(nn.MaxPool2d(kernel_size=2))
+            else:
+                layers += [_folded(module), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = trained.head
+        self.eval()
+
+    def forward(self, patches: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One logit per ``(N, 5, 32, 32)`` patch (planes as channels) and ``(N, 3)`` features."""
+        planes = self.body(patches.contiguous(memory_format=torch.channels_last))
+        return self.head(torch.cat([planes.mean(dim=(2, 3)), features], dim=1))
+
+
+def _folded(block: nn.Module, *, planes_as_channels: bool = False) -> nn.Conv2d:
+    """A 2-D convolution with bias computing an eval-mode MONAI ``Convolution`` block's convolution and batch norm."""
+    conv, norm = getattr(block, "conv", None), getattr(getattr(block, "adn", None), "N", None)
+    if not isinstance(conv, nn.Conv2d | nn.Conv3d) or not isinstance(norm, nn.BatchNorm2d | nn.BatchNorm3d):
+        raise TypeError("expected a MONAI Convolution block of a convolution without bias and a batch norm")
+    if norm.running_mean is None or norm.running_var is None:
+        raise TypeError("the batch norm has no running statistics to fold")
+    weight = conv.weight.detach()
+    if planes_as_channels:  # (out, 1, planes, k, k) -> (out, planes, k, k)
+        weight = weight[:, 0]
+    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
+    size = int(weight.shape[-1])
+    folded = nn.Conv2d(int(weight.shape[1]), int(weight.shape[0]), kernel_size=size, padding=size // 2)
+    with torch.no_grad():
+        folded.weight.copy_(weight * scale[:, None, None, None])
+        folded.bias.copy_(norm.bias.detach() - norm.running_mean * scale)  # type: ignore[union-attr]
+    return folded
 
 
 SUSPICION_FEATURES = (
@@ -226,6 +298,10 @@ class NoduleModels:
     sha256: str
     folds: tuple[tuple[str, CandidateNet, float], ...] = ()
     description: str = "ensemble"
+    scoring_nets: tuple[ScoringNet, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scoring_nets", tuple(ScoringNet(net) for net in self.candidate_nets))
 
     def held_out(self, scan: str) -> NoduleModels:
         """These models with only the networks not trained on ``scan`` (all of them when none was)."""
@@ -242,20 +318,53 @@ class NoduleModels:
             description=f"the network trained without {scan} (with {name} only)",
         )
 
-    def nodule_probabilities(self, patches: np.ndarray, features: np.ndarray, batch: int = 256) -> np.ndarray:
-        """The network's probability that each candidate is a nodule (left-right flip averaged, ``(N,)``).
+    def nodule_probabilities(self, patches: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """The network's probability that each candidate is a nodule, ``(N,)``, from patches already sampled."""
+        x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+        f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        with torch.inference_mode():
+            scored = [self._probabilities(x[s : s + BATCH], f[s : s + BATCH]) for s in range(0, len(x), BATCH)]
+        return torch.cat(scored).numpy() if scored else np.zeros(0, dtype=np.float32)
 
-        Candidates go through in batches of ``batch``: the activations of a whole scan's candidates at once would
-        take about 65 MiB per thousand.
+    def candidate_probabilities(
+        self,
+        hu: np.ndarray,
+        spacing: Sequence[float],
+        centres: Sequence[Sequence[float]],
+        radii_mm: Sequence[float],
+        features: np.ndarray,
+    ) -> np.ndarray:
+        """:meth:`nodule_probabilities` of candidates in ``hu``, sampled and scored :data:`BATCH` at a time.
+
+        The same patches as :func:`sample_patches`, but only one batch of them exists at any time, so a scan's
+        candidates cost the memory of one batch, not of all their patches.
         """
-        out = []
-        with torch.no_grad():
-            for start in range(0, patches.shape[0], batch):
-                x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch]))[:, None]
-                f = torch.from_numpy(np.ascontiguousarray(features[start : start + batch]))
-                logits = torch.stack([net(x, f) + net(x.flip(-1), f) for net in self.candidate_nets], dim=0).mean(dim=0)
-                out.append(torch.sigmoid(logits / 2.0).numpy().reshape(-1))
-        return np.concatenate(out) if out else np.zeros(0)
+        with warnings.catch_warnings():  # torch warns about a read-only array; it only reads this one
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+        f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        with torch.inference_mode():
+            scored = [
+                self._probabilities(
+                    _sample(volume, spacing, centres[s : s + BATCH], radii_mm[s : s + BATCH]), f[s : s + BATCH]
+                )
+                for s in range(0, len(centres), BATCH)
+            ]
+        return torch.cat(scored).numpy() if scored else np.zeros(0, dtype=np.float32)
+
+    def _probabilities(self, patches: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Mean logit of the networks, each averaged over the patch and its left-right mirror image, as a probability.
+
+        The mirror images go through in the same batch as the patches: one call per network instead of two.
+        """
+        count = patches.shape[0]
+        both = torch.cat([patches, patches.flip(-1)])
+        twice = torch.cat([features, features])
+        logits = []
+        for net in self.scoring_nets:
+            out = net(both, twice)
+            logits.append(out[:count] + out[count:])
+        return torch.sigmoid(torch.stack(logits, dim=0).mean(dim=0) / 2.0).reshape(-1)
 
 
 def models_from_checkpoint(checkpoint: dict[str, object], sha256: str) -> NoduleModels:
