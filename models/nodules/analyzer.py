@@ -559,8 +559,11 @@ def _projection(
 ) -> np.ndarray:
     """Coronal MIP of the lungs (anterior-posterior), head up, patient's right on the left, nodules circled."""
     box = lungs.box
-    inside = np.where(lungs.mask[box], hu[box], np.float32(-1000.0))
-    mip = inside.max(axis=1)[::-1]  # (slices, columns), superior slice on top
+    # The brightest lung voxel front to back (air, -1000 HU, where a column holds anything besides lung), reduced
+    # in place rather than through a masked float32 copy of the lungs' box.
+    mask = lungs.mask[box]
+    brightest = np.max(hu[box], axis=1, where=mask, initial=-np.inf)
+    mip = np.where(mask.all(axis=1), brightest, np.maximum(brightest, np.float32(-1000.0)))[::-1]
     gray = render.window(mip, -500.0, 1400.0)
     stretch = spacing[0] / spacing[2]
     height = max(1, round(gray.shape[0] * stretch))

@@ -81,12 +81,16 @@ def find_candidates(
     lungs = labels > 0
     region = lungs | _closed_per_lung(labels, coarse_spacing)
     dense = (coarse >= DENSE_HU) & region
-    depth = depth_mm(dense, coarse_spacing)
+    near = _around(dense)
+    if near is None:
+        return []
+    depth = depth_mm(dense[near], coarse_spacing)
     peaks = (depth >= MIN_RADIUS_MM) & (ndimage.maximum_filter(depth, size=(3, 3, 3)) == depth)
-    points = np.argwhere(peaks)
+    points = np.argwhere(peaks) + np.array([s.start for s in near])
     if points.size == 0:
         return []
     radius = depth[peaks]
+    del depth, peaks
     aerated = lungs & (coarse < AERATED_HU)
     lung_share, dense_share = _surroundings(points, radius, np.asarray(coarse_spacing), aerated, dense)
     # Drop what is not surrounded by lung first: a large peak in the chest wall or mediastinum would otherwise
@@ -102,6 +106,21 @@ def find_candidates(
         centre = (int(k) + z0, int(j) * factor + factor // 2 + y0, int(i) * factor + factor // 2 + x0)
         out.append(Candidate(centre, round(float(r), 2), round(float(lung), 3), round(float(dense_part), 3)))
     return out
+
+
+def _around(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask``'s True voxels grown by one voxel (within the array); None when there are none.
+
+    A distance map computed on this box equals the whole array's on every True voxel: everything outside the
+    bounding box is False, and for a True voxel the nearest False voxel outside the grown box would have a nearer
+    one on the box's outer layer. Everything the candidate search needs is inside it.
+    """
+    found = [
+        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)
+    ]
+    if any(f.size == 0 for f in found):
+        return None
+    return tuple(slice(max(int(f[0]) - 1, 0), min(int(f[-1]) + 2, n)) for f, n in zip(found, mask.shape, strict=True))
 
 
 def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
