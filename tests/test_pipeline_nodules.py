@@ -2,7 +2,8 @@
 
 lung1 (a real chest CT with one labelled nodule, 5 mm slices) reaches the EHR as a DiagnosticReport with one
 Observation per nodule (the labelled one among them, with its category and key images), an exam-level Lung-RADS
-Observation, and a conclusion with the highest category and its follow-up; a second run adds nothing. An MR and a
+Observation, and a conclusion with the highest category and its follow-up; a second run adds nothing. On Medplum's
+FHIR engine, which takes no transaction that large, the same result is filed by ordered writes. An MR and a
 head CT are refused with a clear reason. A chest CT without nodules reads "no nodules found" with the sensitivity
 limits stated, not an empty report.
 
@@ -181,6 +182,34 @@ def test_a_second_run_adds_nothing(
     again = analyze_study(client, lung1[0], analyzer, dicomweb_allow_list=allow)
     assert again.already_present and again.diagnostic_report == lung1_run.diagnostic_report
     assert {t: _count(client, t, lung1[1]) for t in counts} == counts
+
+
+def test_on_medplum_the_nodules_are_filed_by_ordered_writes_each_after_its_key_images(
+    medplum: FhirServer, orthanc: OrthancServer, analyzer: Any, allow: AllowList
+) -> None:
+    # Medplum takes at most 8 entries in a transaction with conditional creates; lung1's nodule report has nearly 30, so
+    # it is written one resource at a time, and each nodule's Observation names Media the server has already given
+    # an id.
+    client = FhirClient(medplum.base_url, session=requests.Session())
+    study, patient = _load(client, orthanc, load_sample("lung1"), "lung1")
+    outcome = analyze_study(client, study, analyzer, dicomweb_allow_list=allow)
+    assert outcome.write_strategy == "ordered" and "at most 8" in outcome.write_reason
+    report = _read(client, outcome.diagnostic_report)
+    media = {m["link"]["reference"] for m in report["media"]}
+    nodules = [
+        o
+        for o in (_read(client, r["reference"]) for r in report["result"])
+        if _project_code(o["code"], FINDING_CODESYSTEM) == "lung_nodule"
+    ]
+    assert len(nodules) == len(outcome.result.findings) >= 1
+    for nodule in nodules:
+        key_images = {d["reference"] for d in nodule["derivedFrom"] if d["reference"].startswith("Media/")}
+        assert key_images and key_images <= media
+    counts = {t: _count(client, t, patient) for t in ("DiagnosticReport", "Observation", "Media")}
+    assert counts == {"DiagnosticReport": 1, "Observation": len(report["result"]), "Media": len(media)}
+    again = analyze_study(client, study, analyzer, dicomweb_allow_list=allow)
+    assert again.already_present and again.diagnostic_report == outcome.diagnostic_report
+    assert {t: _count(client, t, patient) for t in counts} == counts
 
 
 def test_an_mr_study_is_refused_for_having_no_ct_series(
