@@ -227,24 +227,22 @@ class LungNoduleAnalyzer:
         )
         probability = self._models.candidate_probabilities(hu, spacing, [c.centre for c in candidates], radii, features)
         order = np.argsort(-probability, kind="stable")
-        taken = np.zeros(hu.shape, dtype=bool)
         found: list[tuple[NoduleSegmentation, NoduleMeasures, float]] = []
         for index in order:
             if probability[index] < self._models.candidate_threshold or len(found) == MAX_REPORTED:
                 break
             candidate = candidates[int(index)]
-            if taken[candidate.centre]:
+            taken = [item[0] for item in found]
+            if _covered(taken, candidate.centre):
                 continue
             nodule = segment_nodule(hu, spacing, candidate.centre, lung=lungs.mask, radius_mm=candidate.radius_mm)
             if nodule is None:
                 continue
-            box = nodule.box()
-            if np.count_nonzero(taken[box] & nodule.mask) > 0.3 * np.count_nonzero(nodule.mask):
+            if _overlap(taken, nodule) > 0.3 * np.count_nonzero(nodule.mask):
                 continue  # the same nodule seen from another candidate
             measures = measure_nodule(hu, spacing, nodule, self._models.type_rule)
             if measures.mean_diameter_mm < MIN_REPORTED_MM:
                 continue
-            taken[box] |= nodule.mask
             found.append((nodule, measures, float(probability[index])))
         ranked = sorted(
             found,
@@ -419,6 +417,30 @@ _SIDE_SITES = {
     "right": CodedValue("body_site", "Body site", "RID1302", "Right lung", system="radlex"),
     "left": CodedValue("body_site", "Body site", "RID1326", "Left lung", system="radlex"),
 }
+
+
+def _covered(nodules: list[NoduleSegmentation], voxel: tuple[int, int, int]) -> bool:
+    """Does ``voxel`` (slice, row, column) belong to one of ``nodules``?"""
+    for nodule in nodules:
+        local = tuple(v - o for v, o in zip(voxel, nodule.origin, strict=True))
+        if all(0 <= v < n for v, n in zip(local, nodule.mask.shape, strict=True)) and nodule.mask[local]:
+            return True
+    return False
+
+
+def _overlap(nodules: list[NoduleSegmentation], nodule: NoduleSegmentation) -> int:
+    """How many voxels of ``nodule`` already belong to ``nodules`` (each counted once), box by box: no array the
+    size of the volume is needed to remember what was found."""
+    box = nodule.box()
+    claimed = np.zeros(nodule.mask.shape, dtype=bool)
+    for other in nodules:
+        shared = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, other.box(), strict=True))
+        if any(s.stop <= s.start for s in shared):
+            continue
+        mine = tuple(slice(s.start - a.start, s.stop - a.start) for s, a in zip(shared, box, strict=True))
+        theirs = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(shared, other.box(), strict=True))
+        claimed[mine] |= other.mask[theirs]
+    return int(np.count_nonzero(claimed & nodule.mask))
 
 
 def _facts(m: NoduleMeasures) -> guidelines.NoduleFacts:
