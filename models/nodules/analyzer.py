@@ -53,8 +53,12 @@ from models.nodules.network import (
 from models.projection_classifier import WEIGHTS_DIR
 
 MIN_REPORTED_MM = 4.0
-"""Nodules under 4 mm mean diameter are not reported: detection there is unreliable, and they need no follow-up
-(Lung-RADS 2; Fleischner: no routine follow-up under 6 mm)."""
+"""Nodules under 4 mm mean diameter are not reported: this analyzer's floor, not a guideline's. Lung-RADS v2022 sets
+no size below which a nodule is ignored; a solid nodule under 6 mm at baseline is category 2 (annual screening, no
+extra imaging), and 4 mm separates only new solid nodules (under 4 mm category 2, 4 to under 6 mm category 3).
+Fleischner 2017 recommends no routine follow-up for a solid nodule under 6 mm in a low-risk patient (optional CT at
+12 months if high risk). Under 4 mm detection is unreliable, and neither guideline manages a baseline nodule there
+differently from one of 4 to 6 mm."""
 MAX_REPORTED = 10
 """At most this many nodules are listed: the ten the network is most sure of, then ordered most suspicious first
 (Lung-RADS category, then size)."""

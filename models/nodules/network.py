@@ -41,9 +41,9 @@ PATCH_PLANES = 5
 PATCH_MIN_PIXEL_MM = 1.0
 PATCH_Z_REACH = 0.75
 HU_LOW, HU_HIGH = -1000.0, 400.0
-BATCH = 128
-"""Candidates per network call (each with its mirror image: 256 patches): small enough that the activations stay
-near 20 MiB, large enough that the convolutions run at full speed."""
+BATCH = 64
+"""Candidates per network call (each with its mirror image: 128 patches): the activations stay under 10 MiB and in
+the processor's caches; larger batches ran no faster on CPU."""
 
 
 def patch_geometry(radius_mm: float) -> tuple[float, np.ndarray]:
@@ -181,12 +181,12 @@ class ScoringNet(nn.Module):
 
     def __init__(self, trained: CandidateNet) -> None:
         super().__init__()
-        layers: list[nn.Module] = [_folded(trained.across_planes, planes_as_channels=True), nn.ReLU()]
+        layers: list[nn.Module] = [_folded(trained.across_planes, planes_as_channels=True), nn.ReLU(inplace=True)]
         for module in trained.in_plane:
             if isinstance(module, nn.MaxPool2d):
                 layers.append(nn.MaxPool2d(kernel_size=2))
             else:
-                layers += [_folded(module), nn.ReLU()]
+                layers += [_folded(module), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.head = trained.head
         self.eval()
