@@ -24,6 +24,16 @@ Classical cues only (no learning), tuned for sensitivity; the false-positive net
 Juxtavascular nodules are kept by construction: the distance peak at a nodule's centre does not depend on the
 vessels touching it. Juxtapleural nodules are kept by the closing in step 1 and the 40 % rule in step 3 (a nodule
 sitting on the pleura has about half its surroundings in lung).
+
+Every candidate goes to the network (about 900 and 1,400 on the two 5 mm chest CTs), which is most of the
+analysis time. Classical pre-filters that would send fewer were measured on the LIDC training and validation
+crops (538 nodules; 499 found as acquired, 376 at 5 mm) and none came free: vessel-likeness from Hessian
+eigenvalues at the candidate's scale (Li Q, Sone S, Doi K, Med Phys 2003;30:2040-2051; dot-likeness
+|l3|/|l1| >= 0.1 at sigma = radius / sqrt 3) kept 30 % of the candidates but lost 2.8 % of the nodules as acquired
+and 59 % at 5 mm (the crops end at the nodule's first and last slice, so its curvature across slices cannot be
+judged on them); the same in-plane (>= 0.05 at radius / sqrt 2) kept 64 % and lost 1.0 % and 4.5 %; a distance-map
+test for structures continuing beyond 1.5 radii on both sides in-plane kept 80 % and lost 1.2 % and 2.4 %; a
+2 mm radius floor kept 26 % and lost 20 %.
 """
 
 from __future__ import annotations
