@@ -91,6 +91,8 @@ def find_candidates(
     lungs = labels > 0
     region = lungs | _closed_per_lung(labels, coarse_spacing)
     dense = (coarse >= DENSE_HU) & region
+    aerated = lungs & (coarse < AERATED_HU)
+    del coarse  # not needed past this point: freed before the distance map, the step that needs the most memory
     near = _around(dense)
     if near is None:
         return []
@@ -101,7 +103,6 @@ def find_candidates(
         return []
     radius = depth[peaks]
     del depth, peaks
-    aerated = lungs & (coarse < AERATED_HU)
     lung_share, dense_share = _surroundings(points, radius, np.asarray(coarse_spacing), aerated, dense)
     # Drop what is not surrounded by lung first: a large peak in the chest wall or mediastinum would otherwise
     # suppress the nodule peaks within its radius.
