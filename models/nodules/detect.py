@@ -9,12 +9,12 @@ Classical cues only (no learning), tuned for sensitivity; the false-positive net
    the chest wall or mediastinum are searched too (a 25 mm disk reaches a dent up to 50 mm wide); it never crosses
    to the other lung and never leaves the lung's convex outline. The work is done on an in-plane grid of about
    1.25 mm (2 x 2 block means of the usual 0.6-0.8 mm pixels), inside the lungs' bounding box.
-2. **Compact dense structures.** Voxels of at least -450 HU (above the ground-glass range's lower half, below
-   solid tissue; an engineering choice for sensitivity: the segmentation sets each nodule's own edge later). The
-   Euclidean distance to the nearest less dense voxel, in millimetres (anisotropic voxels handled exactly),
-   peaks at the centre of every blob and along the axis of every vessel; each local peak of at least 1.75 mm
-   (a structure of 3.5 mm or more across) is a candidate, and of two peaks closer than the larger one's radius
-   only the larger is kept.
+2. **Compact dense structures.** Voxels of at least -550 HU (:data:`DENSE_HU`: between aerated lung and solid
+   tissue, low enough to take in the denser ground glass; an engineering choice for sensitivity: the segmentation
+   sets each nodule's own edge later). The Euclidean distance to the nearest less dense voxel, in millimetres
+   (anisotropic voxels handled exactly), peaks at the centre of every blob and along the axis of every vessel;
+   each local peak of at least 1.5 mm (a structure of 3 mm or more across) is a candidate, and of two peaks closer
+   than the larger one's radius only the larger is kept.
 3. **Surroundings.** On a sphere of 1.5 radii plus 1 mm around each candidate, the share of aerated lung and the
    share of dense tissue are measured (64 directions). A nodule, juxtapleural or not, is mostly surrounded by lung;
    a piece of mediastinum, heart or liver that the closing reached is not: candidates with less than 40 % lung
