@@ -209,35 +209,46 @@ def score_calcium(
             0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), (slice(0, 0),) * 3, empty, pixel_mm2
         )
     local_hu = hu[box]
-    inside = region[box]
     calcium = local_hu >= CALCIUM_THRESHOLD_HU
-    calcium &= inside
-
-    # 2-D lesions: label each slice in-plane (a 3-D label with a structuring element that has no z neighbours).
-    labels_2d, count_2d = ndimage.label(calcium, structure=_IN_PLANE_8)
+    calcium &= region[box]
     weights = np.zeros(calcium.shape, dtype=np.uint8)
-    if count_2d == 0:
+    # Calcium is a few thousand voxels of a box of millions: label and measure inside the calcium's own bounding
+    # box. Cropping keeps the raster order, so lesions are numbered (and listed) as in the whole box.
+    found = bounding_box(calcium)
+    if found is None:
         return CalciumScore(
             0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), box, weights, pixel_mm2
         )
-    # area and peak of every 2-D lesion from its voxels alone (a few thousand), not from the whole box
-    where_calcium = np.flatnonzero(calcium)
-    numbers = labels_2d.reshape(-1)[where_calcium]
+    calcium = calcium[found]
+    found_hu = local_hu[found]
+    offset = np.array([f.start for f in found], dtype=np.intp)
+
+    # 2-D lesions: label each slice in-plane (a 3-D label with a structuring element that has no z neighbours).
+    labels_2d, count_2d = ndimage.label(calcium, structure=_IN_PLANE_8)
+    # area and peak of every 2-D lesion from its voxels alone, not from the whole box
+    numbers = labels_2d[calcium]
     areas = np.bincount(numbers, minlength=count_2d + 1)[1:] * pixel_mm2
-    peaks = np.full(count_2d + 1, -np.inf)
-    np.maximum.at(peaks, numbers, local_hu.reshape(-1)[where_calcium])
+    order = np.argsort(numbers, kind="stable")
+    firsts = np.flatnonzero(np.diff(numbers[order], prepend=0))  # every number 1..count_2d labels some voxel
+    peaks = np.maximum.reduceat(found_hu[calcium][order], firsts).astype(np.float64)
     kept = areas >= MIN_LESION_AREA_MM2 - 1e-9
-    lesion_weight = np.array([density_weight(float(p)) for p in peaks[1:]], dtype=np.uint8) * kept
+    lesion_weight = np.array([density_weight(float(p)) for p in peaks], dtype=np.uint8) * kept
     table = np.zeros(count_2d + 1, dtype=np.uint8)
     table[1:] = lesion_weight
-    weights = table[labels_2d]
-    scored = weights > 0
+    found_weights = table[labels_2d]
+    weights[found] = found_weights
+    scored = found_weights > 0
     per_2d_score = areas * lesion_weight
 
     # 3-D lesions join the kept 2-D lesions that touch across slices: the unit a reader (and the mass) counts.
     labels_3d, _count_3d = ndimage.label(scored, structure=ndimage.generate_binary_structure(3, 3))
     lesions: list[CalciumLesion] = []
-    integrator = _MassIntegrator(local_hu, scored, dy, dx, voxel_mm3, calibration) if calibration else None
+    integrator = None
+    if calibration is not None:
+        # the mass integral looks around each lesion, beyond the calcium's box: it works in the region's box
+        box_labels = np.zeros(local_hu.shape, dtype=labels_3d.dtype)
+        box_labels[found] = labels_3d
+        integrator = _MassIntegrator(local_hu, dy, dx, voxel_mm3, calibration)
     total_mass = 0.0
     origin = np.array([b.start for b in box], dtype=np.float64)
     for number, where in enumerate(ndimage.find_objects(labels_3d), start=1):
@@ -248,16 +259,17 @@ def score_calcium(
         raw = float(per_2d_score[members - 1].sum())
         mass = None
         if integrator is not None:
-            mass = integrator.mass(labels_3d, number, where)
+            in_box = tuple(slice(w.start + f.start, w.stop + f.start) for w, f in zip(where, found, strict=True))
+            mass = integrator.mass(box_labels, number, in_box)
             total_mass += mass
-        zyx = np.argwhere(voxels) + np.array([w.start for w in where])
+        zyx = np.argwhere(voxels) + (np.array([w.start for w in where]) + offset)
         centre = zyx.mean(axis=0) + origin
         lesions.append(
             CalciumLesion(
                 agatston=raw,
                 volume_mm3=float(zyx.shape[0]) * voxel_mm3,
                 mass_mg=mass,
-                peak_hu=float(local_hu[where][voxels].max()),
+                peak_hu=float(found_hu[where][voxels].max()),
                 slices=tuple(int(z) + box[0].start for z in np.unique(zyx[:, 0])),
                 centroid=(float(centre[0]), float(centre[1]), float(centre[2])),
                 voxels=int(zyx.shape[0]),
@@ -289,13 +301,12 @@ class _MassIntegrator:
     def __init__(
         self,
         hu: np.ndarray,
-        scored: np.ndarray,
         dy: float,
         dx: float,
         voxel_mm3: float,
         calibration: MassCalibration,
     ):
-        self.hu, self.scored, self.voxel_mm3, self.calibration = hu, scored, voxel_mm3, calibration
+        self.hu, self.voxel_mm3, self.calibration = hu, voxel_mm3, calibration
         self.claimed = np.zeros(hu.shape, dtype=bool)
         grow = (round(MASS_MARGIN_MM / dy), round(MASS_MARGIN_MM / dx))
         shell = (math.ceil(BACKGROUND_SHELL_MM / dy), math.ceil(BACKGROUND_SHELL_MM / dx))
