@@ -920,26 +920,41 @@ def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: S
 
 
 def _regions(found: ChestVessels, grid: _Grid) -> None:
-    """The coronary territory, the aortic wall territory and the aortic root/valve (module docstring, step 8)."""
+    """The coronary territory, the aortic wall territory and the aortic root/valve (module docstring, step 8).
+
+    Every disc is drawn in the square that holds it, and the morphology runs inside the bounding box of what it
+    changes, so the cost follows the size of the mediastinum rather than of the scan.
+    """
     stride, px = grid.stride, grid.px
     plane_shape = grid.values.shape[1:]
-    rr, cc = np.ogrid[: plane_shape[0], : plane_shape[1]]
 
-    def disc(centre: tuple[float, float], radius_mm: float) -> np.ndarray:
+    def disc(centre: tuple[float, float], radius_mm: float) -> tuple[tuple[slice, slice], np.ndarray]:
+        """The pixels within ``radius_mm`` of ``centre`` (full-resolution pixels): a window of the slice and the
+        disc inside it."""
         row, col = centre[0] / stride, centre[1] / stride
-        return np.asarray((rr - row) ** 2 + (cc - col) ** 2 <= (radius_mm / px) ** 2)
+        reach = radius_mm / px
+        r0, r1 = max(0, math.floor(row - reach)), min(plane_shape[0], math.ceil(row + reach) + 1)
+        c0, c1 = max(0, math.floor(col - reach)), min(plane_shape[1], math.ceil(col + reach) + 1)
+        rr, cc = np.arange(r0, max(r0, r1))[:, None], np.arange(c0, max(c0, c1))[None, :]
+        return (slice(r0, max(r0, r1)), slice(c0, max(c0, c1))), np.asarray(
+            (rr - row) ** 2 + (cc - col) ** 2 <= reach**2
+        )
+
+    def paint(target: np.ndarray, z: int, centre: tuple[float, float], radius_mm: float) -> None:
+        window, inside = disc(centre, radius_mm)
+        target[z][window] |= inside
 
     aorta = np.zeros(grid.values.shape, dtype=bool)
     for vessel in (found.descending, found.ascending):
         if vessel is None:
             continue
         for s in vessel.sections:
-            aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+            paint(aorta, s.slice_index, s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
         for z, centre in vessel.path.items():  # slices followed between measured sections
             if vessel.at(z) is None:
                 nearest = _nearest(vessel, z)
                 assert nearest is not None
-                aorta[z] |= disc(centre, nearest.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+                paint(aorta, z, centre, nearest.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
     if found.arch is not None:
         s = found.arch
         labels, _ = ndimage.label(grid.tissue[s.slice_index])
@@ -951,7 +966,7 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
             tube = ndimage.binary_dilation(tube, iterations=max(1, round((0.25 * s.diameter_mm + 3.0) / px)))
             for z in range(max(0, s.slice_index - 1), min(len(aorta), s.slice_index + 2)):
                 aorta[z] |= tube
-        aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+        paint(aorta, s.slice_index, s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
 
     root = np.zeros(grid.values.shape, dtype=bool)
     heart = np.zeros(grid.values.shape, dtype=bool)
@@ -971,7 +986,7 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
             if z < 0:
                 break
             centre = (base.centre[0] - slope[0] * k, base.centre[1] - slope[1] * k)
-            root[z] |= disc(centre, base.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+            paint(root, z, centre, base.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
 
         top = base.slice_index
         limit = np.where(np.isfinite(grid.spine_front), grid.spine_front, plane_shape[0])
@@ -986,30 +1001,8 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
                 bottom = z + 1
                 break
         found.heart_slices = (bottom, top)
-        bone_margin = np.zeros_like(grid.bone)
-        bone_margin[bottom : top + 1] = ndimage.binary_dilation(
-            grid.bone[bottom : top + 1], structure=_IN_PLANE_4, iterations=max(1, round(2.0 / px))
-        )
-        radius = max(1, round(HILUM_OPENING_MM / px))
-        hilum_disc = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
-        for z in range(bottom, top + 1):
-            plane = grid.between[z] & ~grid.lung[z] & ~bone_margin[z]
-            # the costal cartilages and the sternum's margins (often calcified) line the front of the space between
-            # the lungs: a strip along its anterior border is chest wall, not heart
-            columns = grid.between[z].any(axis=0)
-            first = np.where(columns, grid.between[z].argmax(axis=0), plane_shape[0])
-            plane &= ~(np.arange(plane_shape[0])[:, None] < first[None, :] + CHEST_WALL_STRIP_MM / px)
-            plane[int(min(max(limit[z], 0), plane_shape[0])) :] = False
-            descending = _nearest(found.descending, z)
-            if descending is not None and found.descending is not None:
-                # on a slice it was not measured on (or below its lowest one) it is where it was followed, or last seen
-                centre = found.descending.centre(z) or descending.centre
-                plane &= ~disc(centre, descending.long_mm / 2.0 + 5.0)
-            # the hila (bronchi, pulmonary vessels, their calcified nodes and cartilage) reach into the space between
-            # the lungs as narrow extensions; an opening by a 6 mm disc removes what is narrower than 12 mm and keeps
-            # the heart, which is far wider
-            heart[z] = ndimage.binary_opening(plane, structure=hilum_disc)
-        heart &= ~aorta & ~root
+        heart[bottom : top + 1] = _heart_territory(found, grid, bottom, top, limit)
+        heart[bottom : top + 1] &= ~aorta[bottom : top + 1] & ~root[bottom : top + 1]
         if bottom == 0 and area[0] >= HEART_END_FRACTION * peak:
             found.missing["base of the heart"] = (
                 "the scan starts above the bottom of the heart: calcium in the lowest part of the coronary tree "
@@ -1018,12 +1011,125 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
 
     found.heart_grid = heart
     # the descending aorta lies against the vertebral bodies: its wall territory must not reach into the bone
-    found.aorta_grid = aorta & ~root & ~ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4)
+    wall = np.zeros(grid.values.shape, dtype=bool)
+    box = bounding_box(aorta)
+    if box is not None:
+        # one in-plane step of dilation: the bone one pixel around the box is all that can reach into it
+        grown = (box[0], *(slice(max(b.start - 1, 0), b.stop + 1) for b in box[1:]))
+        near_bone = _erode_or_dilate(grid.bone[grown], [0, 1, 0], erode=False)  # one 4-connected step
+        inner = (
+            slice(None),
+            *(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box[1:], grown[1:], strict=True)),
+        )
+        wall[box] = aorta[box] & ~root[box] & ~near_bone[inner]
+    found.aorta_grid = wall
     found.root_grid = root
+
+
+def _heart_territory(found: ChestVessels, grid: _Grid, bottom: int, top: int, limit: np.ndarray) -> np.ndarray:
+    """The coronary territory on slices ``bottom..top`` (module docstring, step 8), before the aortic territories
+    are taken out of it.
+
+    Everything is computed inside the bounding box of the space between the lungs on those slices (grown by the
+    bone margin): the territory lies within that space, and the opening of a set never reaches outside it.
+    """
+    px, stride = grid.px, grid.stride
+    plane_shape = grid.values.shape[1:]
+    out = np.zeros((top + 1 - bottom, *plane_shape), dtype=bool)
+    between = grid.between[bottom : top + 1]
+    box = bounding_box(between)
+    if box is None:
+        return out
+    bone_steps = max(1, round(2.0 / px))
+    rows = slice(max(box[1].start - bone_steps, 0), min(box[1].stop + bone_steps, plane_shape[0]))
+    cols = slice(max(box[2].start - bone_steps, 0), min(box[2].stop + bone_steps, plane_shape[1]))
+    window = (slice(bottom, top + 1), rows, cols)
+    between = grid.between[window]
+    # ``bone_steps`` in-plane 4-connected dilations: the diamond of that radius, one row at a time
+    diamond = [bone_steps - abs(offset) for offset in range(-bone_steps, bone_steps + 1)]
+    bone_margin = _erode_or_dilate(grid.bone[window], diamond, erode=False)
+    plane = between & ~grid.lung[window] & ~bone_margin
+    # the costal cartilages and the sternum's margins (often calcified) line the front of the space between the
+    # lungs: a strip along its anterior border is chest wall, not heart
+    row_index = np.arange(rows.start, rows.stop)
+    first = np.where(between.any(axis=1), between.argmax(axis=1) + rows.start, plane_shape[0])  # (slices, columns)
+    plane &= ~(row_index[None, :, None] < first[:, None, :] + CHEST_WALL_STRIP_MM / px)
+    # in front of the vertebral bodies
+    cut = np.minimum(np.maximum(limit[bottom : top + 1], 0), plane_shape[0]).astype(int)
+    plane &= row_index[None, :, None] < cut[:, None, None]
+    rr, cc = row_index[:, None], np.arange(cols.start, cols.stop)[None, :]
+    for k, z in enumerate(range(bottom, top + 1)):
+        descending = _nearest(found.descending, z)
+        if descending is not None and found.descending is not None:
+            # on a slice it was not measured on (or below its lowest one) it is where it was followed, or last seen
+            centre = found.descending.centre(z) or descending.centre
+            row, col = centre[0] / stride, centre[1] / stride
+            plane[k] &= ~((rr - row) ** 2 + (cc - col) ** 2 <= ((descending.long_mm / 2.0 + 5.0) / px) ** 2)
+    # the hila (bronchi, pulmonary vessels, their calcified nodes and cartilage) reach into the space between the
+    # lungs as narrow extensions; an opening by a 6 mm disc removes what is narrower than 12 mm and keeps the heart,
+    # which is far wider
+    # (the opening lies inside the set it opens, so it is done in that set's bounding box)
+    inner = bounding_box(plane)
+    if inner is not None:
+        opened = _opened_by_disc(plane[inner], max(1, round(HILUM_OPENING_MM / px)))
+        out[:, rows, cols][inner] = opened
+    return out
 
 
 _IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _opened_by_disc(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The binary opening of every slice of a ``(slices, rows, columns)`` mask by the disc of ``radius`` pixels
+    (``i**2 + j**2 <= radius**2``), the outside of the array counting as background.
+
+    The disc is the union of its rows, each a horizontal segment, so eroding by it is the AND, over the disc's rows,
+    of the mask eroded by that row's segment and shifted by the row's offset; the dilation is the same with OR. That
+    is exactly the opening by the disc as a structuring element (``ndimage.binary_opening``), with a few dozen
+    whole-array operations instead of a visit of the disc's hundred-odd pixels around every pixel, for all slices
+    at once.
+    """
+    half_widths = [math.isqrt(radius * radius - offset * offset) for offset in range(-radius, radius + 1)]
+    eroded = _erode_or_dilate(mask, half_widths, erode=True)
+    return _erode_or_dilate(eroded, half_widths, erode=False)
+
+
+def _erode_or_dilate(mask: np.ndarray, half_widths: list[int], *, erode: bool) -> np.ndarray:
+    """Erosion (AND) or dilation (OR) of each slice by the disc whose row at offset ``k - radius`` spans
+    ``half_widths[k]`` pixels either side, by shifted copies of the mask; outside the array is background."""
+    # the mask eroded (dilated) by each horizontal segment, grown one column either side at a time
+    per_width = {0: mask}
+    segment = mask.copy()
+    for w in range(1, max(half_widths) + 1):
+        if erode:
+            segment[..., :-w] &= mask[..., w:]
+            segment[..., max(0, segment.shape[2] - w) :] = False
+            segment[..., w:] &= mask[..., :-w]
+            segment[..., :w] = False
+        else:
+            segment[..., :-w] |= mask[..., w:]
+            segment[..., w:] |= mask[..., :-w]
+        if w in half_widths:
+            per_width[w] = segment.copy()
+    rows = mask.shape[1]
+    out = np.full(mask.shape, erode, dtype=bool)
+    radius = len(half_widths) // 2
+    for k, width in enumerate(half_widths):
+        offset = k - radius  # out[row] combines the segment's result at row + offset
+        run = per_width[width]
+        first, last = max(0, -offset), max(0, rows - max(0, offset))  # the rows whose neighbour is in the array
+        if first < last:
+            target = out[:, first:last]
+            source = run[:, first + offset : last + offset]
+            if erode:
+                target &= source
+            else:
+                target |= source
+        if erode:  # the other rows' neighbour at this offset is the background outside
+            out[:, : min(first, rows)] = False
+            out[:, last:] = False
+    return out
 
 
 def _nearest(vessel: Vessel | None, z: int) -> Section | None:
