@@ -589,15 +589,17 @@ class _Hough:
         uc = self.gc[window][er, ec] / magnitude[er, ec]
         er, ec = er + window[0].start - r0, ec + window[1].start - c0  # relative to the rectangle
         height, width = r1 - r0, c1 - c0
-        votes = np.zeros((len(radii_mm), height, width), dtype=np.float32)
-        for k, radius in enumerate(radii_mm):
-            cr = np.rint(er + ur * radius / px).astype(np.intp)
-            cc = np.rint(ec + uc * radius / px).astype(np.intp)
-            inside = (cr >= 0) & (cr < height) & (cc >= 0) & (cc < width)
-            counts = np.bincount(cr[inside] * width + cc[inside], minlength=height * width)
-            votes[k] = counts.reshape(height, width) / (2.0 * math.pi * radius / px)
+        # every edge pixel votes once per radius (rows: radii, columns: edge pixels)
+        radii = radii_mm[:, None]
+        cr = np.rint(er + ur * radii / px).astype(np.intp)
+        cc = np.rint(ec + uc * radii / px).astype(np.intp)
+        inside = (cr >= 0) & (cr < height) & (cc >= 0) & (cc < width)
+        cells = (np.arange(len(radii_mm))[:, None] * height + cr) * width + cc
+        counts = np.bincount(cells[inside], minlength=len(radii_mm) * height * width)
+        circumference = (2.0 * math.pi * radii_mm / px)[:, None, None]
+        votes = (counts.reshape(len(radii_mm), height, width) / circumference).astype(np.float32)
         votes = ndimage.gaussian_filter(votes, (0.7, 1.0, 1.0))
-        peaks = (votes == ndimage.maximum_filter(votes, size=(3, 5, 5))) & (votes > 0.03)
+        peaks = (votes == _local_maximum(votes, (1, 2, 2))) & (votes > 0.03)
         ks, rs, cs = np.nonzero(peaks)
         order = np.argsort(-votes[ks, rs, cs])[:limit] if ks.size > limit else np.argsort(-votes[ks, rs, cs])
         found = []
@@ -610,28 +612,25 @@ class _Hough:
     def _measure(self, row: float, col: float, radius_mm: float) -> Circle | None:
         """Coverage of the outline, then an ellipse through its edge points (one per direction: the steepest)."""
         px = self.grid.px
-        angles = np.deg2rad(np.arange(0.0, 360.0, 5.0))
-        offsets = np.arange(-1.5, 1.51, 0.5)
-        radial = (radius_mm + offsets[None, :]) / px
-        rr = row + np.sin(angles)[:, None] * radial
-        cc = col + np.cos(angles)[:, None] * radial
+        radial = (radius_mm + _OUTLINE_OFFSETS[None, :]) / px
+        rr = row + _OUTLINE_SIN * radial
+        cc = col + _OUTLINE_COS * radial
         i, j = np.rint(rr).astype(np.intp), np.rint(cc).astype(np.intp)
-        inside = (i >= 0) & (i < self.magnitude.shape[0]) & (j >= 0) & (j < self.magnitude.shape[1])
-        i, j = np.clip(i, 0, self.magnitude.shape[0] - 1), np.clip(j, 0, self.magnitude.shape[1] - 1)
+        rows, cols = self.magnitude.shape
+        inside = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
+        i, j = np.minimum(np.maximum(i, 0), rows - 1), np.minimum(np.maximum(j, 0), cols - 1)
         magnitude = np.where(inside, self.magnitude[i, j], 0.0)
-        inward = -(self.gr[i, j] * np.sin(angles)[:, None] + self.gc[i, j] * np.cos(angles)[:, None])
+        inward = -(self.gr[i, j] * _OUTLINE_SIN + self.gc[i, j] * _OUTLINE_COS)
         support = (magnitude >= _EDGE_HU_PER_MM) & (inward >= 0.7 * np.maximum(magnitude, 1e-6))
         seen = support.any(axis=1)
-        coverage = float(seen.mean())
+        coverage = float(np.count_nonzero(seen) / seen.size)
         if coverage < _MIN_COVERAGE:
             return None
         best = np.argmax(np.where(support, magnitude, -1.0), axis=1)
         k = np.flatnonzero(seen)
         edge_r, edge_c = rr[k, best[k]], cc[k, best[k]]
         stride = self.grid.stride
-        full = [
-            ((r + self.offset[0]) * stride, (c + self.offset[1]) * stride) for r, c in zip(edge_r, edge_c, strict=True)
-        ]
+        full = tuple(zip((edge_r + self.offset[0]) * stride, (edge_c + self.offset[1]) * stride, strict=True))
         fitted = _fit_circle(edge_r, edge_c)
         if fitted is None:
             return None
@@ -654,6 +653,22 @@ class _Hough:
             angle=angle,
             edges=tuple(full),
         )
+
+
+def _local_maximum(values: np.ndarray, reach: tuple[int, ...]) -> np.ndarray:
+    """The maximum over the box of ``reach`` elements either side along each axis, the box cut at the array's edge:
+    ``ndimage.maximum_filter(values, size=2 * reach + 1)`` (whose default mirroring at the edge repeats values
+    already in the box), by shifted whole-array maxima, several times faster on these small arrays."""
+    out = values.copy()
+    for axis, steps in enumerate(reach):
+        along = out.copy() if steps else out
+        for step in range(1, steps + 1):
+            ahead = [slice(None)] * values.ndim
+            behind = [slice(None)] * values.ndim
+            ahead[axis], behind[axis] = slice(step, None), slice(None, -step)
+            np.maximum(out[tuple(behind)], along[tuple(ahead)], out=out[tuple(behind)])
+            np.maximum(out[tuple(ahead)], along[tuple(behind)], out=out[tuple(ahead)])
+    return out
 
 
 def _fit_ellipse(rows: np.ndarray, cols: np.ndarray) -> tuple[tuple[float, float], tuple[float, float], float] | None:
@@ -697,6 +712,11 @@ def _fit_ellipse(rows: np.ndarray, cols: np.ndarray) -> tuple[tuple[float, float
         float(math.atan2(vy, vx)),
     )
 
+
+_OUTLINE_ANGLES = np.deg2rad(np.arange(0.0, 360.0, 5.0))
+_OUTLINE_SIN, _OUTLINE_COS = np.sin(_OUTLINE_ANGLES)[:, None], np.cos(_OUTLINE_ANGLES)[:, None]
+_OUTLINE_OFFSETS = np.arange(-1.5, 1.51, 0.5)
+"""A circle's outline is checked in 72 directions, within 1.5 mm of its radius."""
 
 _EDGE_HU_PER_MM = 8.0
 """Steepest attenuation change that still marks an outline: a fat plane between two vessels, blurred by a 5 mm
