@@ -178,6 +178,16 @@ def bounding_box(mask: np.ndarray, margin: tuple[int, int, int] = (0, 0, 0)) -> 
     return spans[0], spans[1], spans[2]
 
 
+def _shifted(box: tuple[slice, ...], by: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    z, r, c = (slice(b.start + d, b.stop + d) for b, d in zip(box, by, strict=True))
+    return z, r, c
+
+
+def _grown(box: tuple[slice, ...], margin: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    z, r, c = (slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(box, margin, shape, strict=True))
+    return z, r, c
+
+
 def score_calcium(
     hu: np.ndarray,
     region: np.ndarray,
@@ -185,6 +195,7 @@ def score_calcium(
     *,
     calibration: MassCalibration | None = None,
     slice_spacing_mm: float | None = None,
+    region_at: tuple[int, int, int] = (0, 0, 0),
 ) -> CalciumScore:
     """Agatston score, volume and (when ``calibration`` is given) mass of the calcium inside ``region``.
 
@@ -194,23 +205,34 @@ def score_calcium(
     A 2-D lesion counts when its area inside the region is at least 1 mm2; pixels of a lesion outside the region are
     never scored (they belong to another structure). The mass integral may look just outside the region, because
     a calcification's blur does.
+
+    ``region`` may also be a part of such an array, whose first voxel lies at ``region_at`` in ``hu`` (the
+    bounding box of a territory, say): it is then never copied into an array the size of the volume.
     """
-    if hu.shape != region.shape or hu.ndim != 3:
-        raise ValueError(f"hu {hu.shape} and region {region.shape} must be the same 3-D shape.")
+    if hu.ndim != 3 or region.ndim != 3:
+        raise ValueError(f"hu {hu.shape} and region {region.shape} must be 3-D.")
+    if any(a < 0 or a + n > m for a, n, m in zip(region_at, region.shape, hu.shape, strict=True)):
+        raise ValueError(f"A region of shape {region.shape} at {region_at} does not fit in hu {hu.shape}.")
     dz, dy, dx = (float(s) for s in spacing)
     pixel_mm2 = dy * dx
     voxel_mm3 = pixel_mm2 * dz
     factor = (slice_spacing_mm if slice_spacing_mm is not None else dz) / REFERENCE_SLICE_MM
     reach = MASS_MARGIN_MM + BACKGROUND_SHELL_MM
-    box = bounding_box(region, (1, math.ceil(reach / dy) + 1, math.ceil(reach / dx) + 1))
-    if box is None:
+    margin = (1, math.ceil(reach / dy) + 1, math.ceil(reach / dx) + 1)
+    occupied = bounding_box(region)
+    if occupied is None:
         empty = np.zeros((0, 0, 0), dtype=np.uint8)
         return CalciumScore(
             0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), (slice(0, 0),) * 3, empty, pixel_mm2
         )
+    # where the region lies in the volume, and that box grown by the margin the mass integral looks into
+    placed = _shifted(occupied, region_at)
+    box = _grown(placed, margin, hu.shape)
     local_hu = hu[box]
     calcium = local_hu >= CALCIUM_THRESHOLD_HU
-    calcium &= region[box]
+    inside = np.zeros(calcium.shape, dtype=bool)
+    inside[_shifted(placed, tuple(-b.start for b in box))] = region[occupied]
+    calcium &= inside
     weights = np.zeros(calcium.shape, dtype=np.uint8)
     # Calcium is a few thousand voxels of a box of millions: label and measure inside the calcium's own bounding
     # box. Cropping keeps the raster order, so lesions are numbered (and listed) as in the whole box.

@@ -175,6 +175,13 @@ class ChestVessels:
         """The aortic root and valve, excluded from both calcium scores (bool, the volume's shape)."""
         return _to_full(self.root_grid, self.stride, self.shape) if self.root_grid is not None else None
 
+    def part(self, which: str) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+        """A territory (``heart``, ``aorta`` or ``root``) at full resolution inside its bounding box (empty when the
+        territory is), and where that box starts in the volume; None when it was not delimited. What scoring needs,
+        without an array the size of the volume (:func:`models.calcium.score_calcium` takes ``region_at``)."""
+        grid = {"heart": self.heart_grid, "aorta": self.aorta_grid, "root": self.root_grid}[which]
+        return _to_full_part(grid, self.stride, self.shape) if grid is not None else None
+
     def plane(self, which: str, z: int) -> np.ndarray:
         """One slice of a territory (``heart``, ``aorta`` or ``root``) at full resolution, for key images."""
         grid = {"heart": self.heart_grid, "aorta": self.aorta_grid, "root": self.root_grid}[which]
@@ -1162,13 +1169,22 @@ def _nearest(vessel: Vessel | None, z: int) -> Section | None:
 def _to_full(grid_mask: np.ndarray, stride: int, shape: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour upsampling of a grid mask to the full volume's shape (only its bounding box is copied)."""
     full = np.zeros(shape, dtype=bool)
+    part, (z0, r0, c0) = _to_full_part(grid_mask, stride, shape)
+    full[z0 : z0 + part.shape[0], r0 : r0 + part.shape[1], c0 : c0 + part.shape[2]] = part
+    return full
+
+
+def _to_full_part(
+    grid_mask: np.ndarray, stride: int, shape: tuple[int, ...]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The grid mask's bounding box upsampled (nearest neighbour) to full resolution, cut at the volume's edge, and
+    the full-resolution voxel where it starts (an empty array at the origin when the mask is empty)."""
     box = bounding_box(grid_mask)
     if box is None:
-        return full
+        return np.zeros((0, 0, 0), dtype=bool), (0, 0, 0)
     part = grid_mask[box]
     if stride > 1:
         part = np.repeat(np.repeat(part, stride, axis=1), stride, axis=2)
     r0, c0 = box[1].start * stride, box[2].start * stride
     rows, cols = min(part.shape[1], shape[1] - r0), min(part.shape[2], shape[2] - c0)
-    full[box[0], r0 : r0 + rows, c0 : c0 + cols] = part[:, :rows, :cols]
-    return full
+    return part[:, :rows, :cols], (box[0].start, r0, c0)
