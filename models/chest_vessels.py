@@ -56,6 +56,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from models.calcium import bounding_box
 from models.lung import LungMask, segment_lungs
+from models.morphology import dilate, local_maximum, open_by_disc
 from models.spine import SpineTrack, find_spine
 
 TISSUE_HU = -30.0
@@ -606,7 +607,7 @@ class _Hough:
         circumference = (2.0 * math.pi * radii_mm / px)[:, None, None]
         votes = (counts.reshape(len(radii_mm), height, width) / circumference).astype(np.float32)
         votes = ndimage.gaussian_filter(votes, (0.7, 1.0, 1.0))
-        peaks = (votes == _local_maximum(votes, (1, 2, 2))) & (votes > 0.03)
+        peaks = (votes == local_maximum(votes, (1, 2, 2))) & (votes > 0.03)
         ks, rs, cs = np.nonzero(peaks)
         order = np.argsort(-votes[ks, rs, cs])[:limit] if ks.size > limit else np.argsort(-votes[ks, rs, cs])
         found = []
@@ -660,22 +661,6 @@ class _Hough:
             angle=angle,
             edges=tuple(full),
         )
-
-
-def _local_maximum(values: np.ndarray, reach: tuple[int, ...]) -> np.ndarray:
-    """The maximum over the box of ``reach`` elements either side along each axis, the box cut at the array's edge:
-    ``ndimage.maximum_filter(values, size=2 * reach + 1)`` (whose default mirroring at the edge repeats values
-    already in the box), by shifted whole-array maxima, several times faster on these small arrays."""
-    out = values.copy()
-    for axis, steps in enumerate(reach):
-        along = out.copy() if steps else out
-        for step in range(1, steps + 1):
-            ahead = [slice(None)] * values.ndim
-            behind = [slice(None)] * values.ndim
-            ahead[axis], behind[axis] = slice(step, None), slice(None, -step)
-            np.maximum(out[tuple(behind)], along[tuple(ahead)], out=out[tuple(behind)])
-            np.maximum(out[tuple(ahead)], along[tuple(behind)], out=out[tuple(ahead)])
-    return out
 
 
 def _fit_ellipse(rows: np.ndarray, cols: np.ndarray) -> tuple[tuple[float, float], tuple[float, float], float] | None:
@@ -1043,7 +1028,7 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
     if box is not None:
         # one in-plane step of dilation: the bone one pixel around the box is all that can reach into it
         grown = (box[0], *(slice(max(b.start - 1, 0), b.stop + 1) for b in box[1:]))
-        near_bone = _erode_or_dilate(grid.bone[grown], [0, 1, 0], erode=False)  # one 4-connected step
+        near_bone = dilate(grid.bone[grown], [0, 1, 0])  # one 4-connected step
         inner = (
             slice(None),
             *(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box[1:], grown[1:], strict=True)),
@@ -1074,7 +1059,7 @@ def _heart_territory(found: ChestVessels, grid: _Grid, bottom: int, top: int, li
     between = grid.between[window]
     # ``bone_steps`` in-plane 4-connected dilations: the diamond of that radius, one row at a time
     diamond = [bone_steps - abs(offset) for offset in range(-bone_steps, bone_steps + 1)]
-    bone_margin = _erode_or_dilate(grid.bone[window], diamond, erode=False)
+    bone_margin = dilate(grid.bone[window], diamond)
     plane = between & ~grid.lung[window] & ~bone_margin
     # the costal cartilages and the sternum's margins (often calcified) line the front of the space between the
     # lungs: a strip along its anterior border is chest wall, not heart
@@ -1098,65 +1083,13 @@ def _heart_territory(found: ChestVessels, grid: _Grid, bottom: int, top: int, li
     # (the opening lies inside the set it opens, so it is done in that set's bounding box)
     inner = bounding_box(plane)
     if inner is not None:
-        opened = _opened_by_disc(plane[inner], max(1, round(HILUM_OPENING_MM / px)))
+        opened = open_by_disc(plane[inner], max(1, round(HILUM_OPENING_MM / px)))
         out[:, rows, cols][inner] = opened
     return out
 
 
 _IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
-
-
-def _opened_by_disc(mask: np.ndarray, radius: int) -> np.ndarray:
-    """The binary opening of every slice of a ``(slices, rows, columns)`` mask by the disc of ``radius`` pixels
-    (``i**2 + j**2 <= radius**2``), the outside of the array counting as background.
-
-    The disc is the union of its rows, each a horizontal segment, so eroding by it is the AND, over the disc's rows,
-    of the mask eroded by that row's segment and shifted by the row's offset; the dilation is the same with OR. That
-    is exactly the opening by the disc as a structuring element (``ndimage.binary_opening``), with a few dozen
-    whole-array operations instead of a visit of the disc's hundred-odd pixels around every pixel, for all slices
-    at once.
-    """
-    half_widths = [math.isqrt(radius * radius - offset * offset) for offset in range(-radius, radius + 1)]
-    eroded = _erode_or_dilate(mask, half_widths, erode=True)
-    return _erode_or_dilate(eroded, half_widths, erode=False)
-
-
-def _erode_or_dilate(mask: np.ndarray, half_widths: list[int], *, erode: bool) -> np.ndarray:
-    """Erosion (AND) or dilation (OR) of each slice by the disc whose row at offset ``k - radius`` spans
-    ``half_widths[k]`` pixels either side, by shifted copies of the mask; outside the array is background."""
-    # the mask eroded (dilated) by each horizontal segment, grown one column either side at a time
-    per_width = {0: mask}
-    segment = mask.copy()
-    for w in range(1, max(half_widths) + 1):
-        if erode:
-            segment[..., :-w] &= mask[..., w:]
-            segment[..., max(0, segment.shape[2] - w) :] = False
-            segment[..., w:] &= mask[..., :-w]
-            segment[..., :w] = False
-        else:
-            segment[..., :-w] |= mask[..., w:]
-            segment[..., w:] |= mask[..., :-w]
-        if w in half_widths:
-            per_width[w] = segment.copy()
-    rows = mask.shape[1]
-    out = np.full(mask.shape, erode, dtype=bool)
-    radius = len(half_widths) // 2
-    for k, width in enumerate(half_widths):
-        offset = k - radius  # out[row] combines the segment's result at row + offset
-        run = per_width[width]
-        first, last = max(0, -offset), max(0, rows - max(0, offset))  # the rows whose neighbour is in the array
-        if first < last:
-            target = out[:, first:last]
-            source = run[:, first + offset : last + offset]
-            if erode:
-                target &= source
-            else:
-                target |= source
-        if erode:  # the other rows' neighbour at this offset is the background outside
-            out[:, : min(first, rows)] = False
-            out[:, last:] = False
-    return out
 
 
 def _nearest(vessel: Vessel | None, z: int) -> Section | None:
