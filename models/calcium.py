@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from models.morphology import dilate, rows_of
+
 CALCIUM_THRESHOLD_HU = 130.0
 """Agatston 1990: calcium is attenuation at or above 130 HU."""
 
@@ -332,8 +334,8 @@ class _MassIntegrator:
         self.claimed = np.zeros(hu.shape, dtype=bool)
         grow = (round(MASS_MARGIN_MM / dy), round(MASS_MARGIN_MM / dx))
         shell = (math.ceil(BACKGROUND_SHELL_MM / dy), math.ceil(BACKGROUND_SHELL_MM / dx))
-        self.grow = np.broadcast_to(_disc(*grow), (3, 2 * grow[0] + 1, 2 * grow[1] + 1))
-        self.shell = _disc(*shell)[None]
+        self.grow = rows_of(_disc(*grow))  # in-plane; the slices above and below are added after
+        self.shell = rows_of(_disc(*shell))
         self.pad = (1, grow[0] + shell[0] + 1, grow[1] + shell[1] + 1)
 
     def mass(self, labels: np.ndarray, number: int, where: tuple[slice, ...]) -> float:
@@ -347,11 +349,15 @@ class _MassIntegrator:
             for w, p, n in zip(where, self.pad, labels.shape, strict=True)
         )
         own = labels[window] == number
-        footprint = ndimage.binary_dilation(own, structure=self.grow) & ~self.claimed[window]
+        grown = dilate(own, self.grow)
+        footprint = grown.copy()
+        footprint[1:] |= grown[:-1]
+        footprint[:-1] |= grown[1:]
+        footprint &= ~self.claimed[window]
         self.claimed[window] |= footprint
         values = self.hu[window]
         # the median ignores the few blurred voxels of a neighbouring calcification that fall in the shell
-        shell = ndimage.binary_dilation(footprint, structure=self.shell) & ~self.claimed[window]
+        shell = dilate(footprint, self.shell) & ~self.claimed[window]
         shell &= (values >= FAT_HU) & (values < CALCIUM_THRESHOLD_HU)
         background = float(np.median(values[shell])) if np.count_nonzero(shell) >= 8 else 0.0
         counted = footprint & (values >= FAT_HU)
