@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from models.morphology import dilate, rows_of
+
 CALCIUM_THRESHOLD_HU = 130.0
 """Agatston 1990: calcium is attenuation at or above 130 HU."""
 
@@ -178,6 +180,16 @@ def bounding_box(mask: np.ndarray, margin: tuple[int, int, int] = (0, 0, 0)) -> 
     return spans[0], spans[1], spans[2]
 
 
+def _shifted(box: tuple[slice, ...], by: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    z, r, c = (slice(b.start + d, b.stop + d) for b, d in zip(box, by, strict=True))
+    return z, r, c
+
+
+def _grown(box: tuple[slice, ...], margin: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    z, r, c = (slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(box, margin, shape, strict=True))
+    return z, r, c
+
+
 def score_calcium(
     hu: np.ndarray,
     region: np.ndarray,
@@ -185,6 +197,7 @@ def score_calcium(
     *,
     calibration: MassCalibration | None = None,
     slice_spacing_mm: float | None = None,
+    region_at: tuple[int, int, int] = (0, 0, 0),
 ) -> CalciumScore:
     """Agatston score, volume and (when ``calibration`` is given) mass of the calcium inside ``region``.
 
@@ -194,50 +207,72 @@ def score_calcium(
     A 2-D lesion counts when its area inside the region is at least 1 mm2; pixels of a lesion outside the region are
     never scored (they belong to another structure). The mass integral may look just outside the region, because
     a calcification's blur does.
+
+    ``region`` may also be a part of such an array, whose first voxel lies at ``region_at`` in ``hu`` (the
+    bounding box of a territory, say): it is then never copied into an array the size of the volume.
     """
-    if hu.shape != region.shape or hu.ndim != 3:
-        raise ValueError(f"hu {hu.shape} and region {region.shape} must be the same 3-D shape.")
+    if hu.ndim != 3 or region.ndim != 3:
+        raise ValueError(f"hu {hu.shape} and region {region.shape} must be 3-D.")
+    if any(a < 0 or a + n > m for a, n, m in zip(region_at, region.shape, hu.shape, strict=True)):
+        raise ValueError(f"A region of shape {region.shape} at {region_at} does not fit in hu {hu.shape}.")
     dz, dy, dx = (float(s) for s in spacing)
     pixel_mm2 = dy * dx
     voxel_mm3 = pixel_mm2 * dz
     factor = (slice_spacing_mm if slice_spacing_mm is not None else dz) / REFERENCE_SLICE_MM
     reach = MASS_MARGIN_MM + BACKGROUND_SHELL_MM
-    box = bounding_box(region, (1, math.ceil(reach / dy) + 1, math.ceil(reach / dx) + 1))
-    if box is None:
+    margin = (1, math.ceil(reach / dy) + 1, math.ceil(reach / dx) + 1)
+    occupied = bounding_box(region)
+    if occupied is None:
         empty = np.zeros((0, 0, 0), dtype=np.uint8)
         return CalciumScore(
             0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), (slice(0, 0),) * 3, empty, pixel_mm2
         )
+    # where the region lies in the volume, and that box grown by the margin the mass integral looks into
+    placed = _shifted(occupied, region_at)
+    box = _grown(placed, margin, hu.shape)
     local_hu = hu[box]
-    inside = region[box]
     calcium = local_hu >= CALCIUM_THRESHOLD_HU
+    inside = np.zeros(calcium.shape, dtype=bool)
+    inside[_shifted(placed, tuple(-b.start for b in box))] = region[occupied]
     calcium &= inside
-
-    # 2-D lesions: label each slice in-plane (a 3-D label with a structuring element that has no z neighbours).
-    labels_2d, count_2d = ndimage.label(calcium, structure=_IN_PLANE_8)
     weights = np.zeros(calcium.shape, dtype=np.uint8)
-    if count_2d == 0:
+    # Calcium is a few thousand voxels of a box of millions: label and measure inside the calcium's own bounding
+    # box. Cropping keeps the raster order, so lesions are numbered (and listed) as in the whole box.
+    found = bounding_box(calcium)
+    if found is None:
         return CalciumScore(
             0.0, 0.0, factor, 0.0, 0.0 if calibration else None, calibration, (), box, weights, pixel_mm2
         )
-    # area and peak of every 2-D lesion from its voxels alone (a few thousand), not from the whole box
-    where_calcium = np.flatnonzero(calcium)
-    numbers = labels_2d.reshape(-1)[where_calcium]
+    calcium = calcium[found]
+    found_hu = local_hu[found]
+    offset = np.array([f.start for f in found], dtype=np.intp)
+
+    # 2-D lesions: label each slice in-plane (a 3-D label with a structuring element that has no z neighbours).
+    labels_2d, count_2d = ndimage.label(calcium, structure=_IN_PLANE_8)
+    # area and peak of every 2-D lesion from its voxels alone, not from the whole box
+    numbers = labels_2d[calcium]
     areas = np.bincount(numbers, minlength=count_2d + 1)[1:] * pixel_mm2
-    peaks = np.full(count_2d + 1, -np.inf)
-    np.maximum.at(peaks, numbers, local_hu.reshape(-1)[where_calcium])
+    order = np.argsort(numbers, kind="stable")
+    firsts = np.flatnonzero(np.diff(numbers[order], prepend=0))  # every number 1..count_2d labels some voxel
+    peaks = np.maximum.reduceat(found_hu[calcium][order], firsts).astype(np.float64)
     kept = areas >= MIN_LESION_AREA_MM2 - 1e-9
-    lesion_weight = np.array([density_weight(float(p)) for p in peaks[1:]], dtype=np.uint8) * kept
+    lesion_weight = np.array([density_weight(float(p)) for p in peaks], dtype=np.uint8) * kept
     table = np.zeros(count_2d + 1, dtype=np.uint8)
     table[1:] = lesion_weight
-    weights = table[labels_2d]
-    scored = weights > 0
+    found_weights = table[labels_2d]
+    weights[found] = found_weights
+    scored = found_weights > 0
     per_2d_score = areas * lesion_weight
 
     # 3-D lesions join the kept 2-D lesions that touch across slices: the unit a reader (and the mass) counts.
     labels_3d, _count_3d = ndimage.label(scored, structure=ndimage.generate_binary_structure(3, 3))
     lesions: list[CalciumLesion] = []
-    integrator = _MassIntegrator(local_hu, scored, dy, dx, voxel_mm3, calibration) if calibration else None
+    integrator = None
+    if calibration is not None:
+        # the mass integral looks around each lesion, beyond the calcium's box: it works in the region's box
+        box_labels = np.zeros(local_hu.shape, dtype=labels_3d.dtype)
+        box_labels[found] = labels_3d
+        integrator = _MassIntegrator(local_hu, dy, dx, voxel_mm3, calibration)
     total_mass = 0.0
     origin = np.array([b.start for b in box], dtype=np.float64)
     for number, where in enumerate(ndimage.find_objects(labels_3d), start=1):
@@ -248,16 +283,17 @@ def score_calcium(
         raw = float(per_2d_score[members - 1].sum())
         mass = None
         if integrator is not None:
-            mass = integrator.mass(labels_3d, number, where)
+            in_box = tuple(slice(w.start + f.start, w.stop + f.start) for w, f in zip(where, found, strict=True))
+            mass = integrator.mass(box_labels, number, in_box)
             total_mass += mass
-        zyx = np.argwhere(voxels) + np.array([w.start for w in where])
+        zyx = np.argwhere(voxels) + (np.array([w.start for w in where]) + offset)
         centre = zyx.mean(axis=0) + origin
         lesions.append(
             CalciumLesion(
                 agatston=raw,
                 volume_mm3=float(zyx.shape[0]) * voxel_mm3,
                 mass_mg=mass,
-                peak_hu=float(local_hu[where][voxels].max()),
+                peak_hu=float(found_hu[where][voxels].max()),
                 slices=tuple(int(z) + box[0].start for z in np.unique(zyx[:, 0])),
                 centroid=(float(centre[0]), float(centre[1]), float(centre[2])),
                 voxels=int(zyx.shape[0]),
@@ -289,18 +325,17 @@ class _MassIntegrator:
     def __init__(
         self,
         hu: np.ndarray,
-        scored: np.ndarray,
         dy: float,
         dx: float,
         voxel_mm3: float,
         calibration: MassCalibration,
     ):
-        self.hu, self.scored, self.voxel_mm3, self.calibration = hu, scored, voxel_mm3, calibration
+        self.hu, self.voxel_mm3, self.calibration = hu, voxel_mm3, calibration
         self.claimed = np.zeros(hu.shape, dtype=bool)
         grow = (round(MASS_MARGIN_MM / dy), round(MASS_MARGIN_MM / dx))
         shell = (math.ceil(BACKGROUND_SHELL_MM / dy), math.ceil(BACKGROUND_SHELL_MM / dx))
-        self.grow = np.broadcast_to(_disc(*grow), (3, 2 * grow[0] + 1, 2 * grow[1] + 1))
-        self.shell = _disc(*shell)[None]
+        self.grow = rows_of(_disc(*grow))  # in-plane; the slices above and below are added after
+        self.shell = rows_of(_disc(*shell))
         self.pad = (1, grow[0] + shell[0] + 1, grow[1] + shell[1] + 1)
 
     def mass(self, labels: np.ndarray, number: int, where: tuple[slice, ...]) -> float:
@@ -314,11 +349,15 @@ class _MassIntegrator:
             for w, p, n in zip(where, self.pad, labels.shape, strict=True)
         )
         own = labels[window] == number
-        footprint = ndimage.binary_dilation(own, structure=self.grow) & ~self.claimed[window]
+        grown = dilate(own, self.grow)
+        footprint = grown.copy()
+        footprint[1:] |= grown[:-1]
+        footprint[:-1] |= grown[1:]
+        footprint &= ~self.claimed[window]
         self.claimed[window] |= footprint
         values = self.hu[window]
         # the median ignores the few blurred voxels of a neighbouring calcification that fall in the shell
-        shell = ndimage.binary_dilation(footprint, structure=self.shell) & ~self.claimed[window]
+        shell = dilate(footprint, self.shell) & ~self.claimed[window]
         shell &= (values >= FAT_HU) & (values < CALCIUM_THRESHOLD_HU)
         background = float(np.median(values[shell])) if np.count_nonzero(shell) >= 8 else 0.0
         counted = footprint & (values >= FAT_HU)

@@ -56,6 +56,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from models.calcium import bounding_box
 from models.lung import LungMask, segment_lungs
+from models.morphology import dilate, local_maximum, open_by_disc
 from models.spine import SpineTrack, find_spine
 
 TISSUE_HU = -30.0
@@ -175,6 +176,13 @@ class ChestVessels:
         """The aortic root and valve, excluded from both calcium scores (bool, the volume's shape)."""
         return _to_full(self.root_grid, self.stride, self.shape) if self.root_grid is not None else None
 
+    def part(self, which: str) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+        """A territory (``heart``, ``aorta`` or ``root``) at full resolution inside its bounding box (empty when the
+        territory is), and where that box starts in the volume; None when it was not delimited. What scoring needs,
+        without an array the size of the volume (:func:`models.calcium.score_calcium` takes ``region_at``)."""
+        grid = {"heart": self.heart_grid, "aorta": self.aorta_grid, "root": self.root_grid}[which]
+        return _to_full_part(grid, self.stride, self.shape) if grid is not None else None
+
     def plane(self, which: str, z: int) -> np.ndarray:
         """One slice of a territory (``heart``, ``aorta`` or ``root``) at full resolution, for key images."""
         grid = {"heart": self.heart_grid, "aorta": self.aorta_grid, "root": self.root_grid}[which]
@@ -211,7 +219,9 @@ class _Grid:
         self.spine_front = spine.anterior_row * spine.stride / self.stride  # nan where no vertebral body was seen
         self.between = _between(self.lung, self.box)
         self.bone = _bones(self.values, self.box, self.px * self.px * self.dz / 1000.0)
-        self.tissue = self.between & ~self.lung & (self.values > TISSUE_HU) & ~self.bone
+        self.tissue = np.zeros(self.values.shape, dtype=bool)  # between the lungs, so inside their box
+        self.tissue[self.box] = self.between[self.box] & ~self.lung[self.box] & ~self.bone[self.box]
+        self.tissue[self.box] &= self.values[self.box] > TISSUE_HU
         # the distance peaks only seed the search (every candidate is measured again at full resolution), so they
         # are found on every other grid pixel: four times less work
         coarse = (
@@ -222,8 +232,12 @@ class _Grid:
         tissue = self.tissue[coarse]
         distance = np.zeros(tissue.shape, dtype=np.float32)
         for k in range(tissue.shape[0]):
-            if tissue[k].any():
-                distance[k] = ndimage.distance_transform_edt(tissue[k], sampling=2.0 * self.px)
+            rows, cols = np.flatnonzero(tissue[k].any(axis=1)), np.flatnonzero(tissue[k].any(axis=0))
+            if rows.size:
+                # the tissue's box and the ring of background around it hold the nearest background of every
+                # tissue pixel (any background farther out is farther away): the same distances, in less area
+                ring = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
+                distance[k][ring] = ndimage.distance_transform_edt(tissue[k][ring], sampling=2.0 * self.px)
         self.peaks = [
             _Peak(p.z + z.start, self.box[1].start + 2.0 * p.row, self.box[2].start + 2.0 * p.col, p.radius_mm)
             for p in _peaks(distance, 2.0 * self.px)
@@ -299,7 +313,9 @@ def find_chest_vessels(
 def _between(lung: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
     """Inside the lungs' convex hull, slice by slice, within ``box`` (the lungs' bounding box on the grid).
 
-    The hull of each slice's lung boundary points is filled as a polygon (a few hundred points per slice).
+    The hull of each slice's lung boundary points is filled as a polygon. Only the first and last boundary point
+    of each row are handed to Qhull (a corner of the hull is always one of them), a few hundred points per slice
+    rather than thousands.
     """
     out = np.zeros(lung.shape, dtype=bool)
     for z in range(box[0].start, box[0].stop):
@@ -312,7 +328,13 @@ def _between(lung: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
         inner[:, 1:] &= plane[:, :-1]
         inner[:, :-1] &= plane[:, 1:]
         edge = plane & ~inner
-        points = np.argwhere(edge).astype(np.float64)
+        rows = np.flatnonzero(edge.any(axis=1))
+        first = edge[rows].argmax(axis=1)
+        last = edge.shape[1] - 1 - edge[rows, ::-1].argmax(axis=1)
+        two = first != last
+        points = np.column_stack([np.concatenate([rows, rows[two]]), np.concatenate([first, last[two]])]).astype(
+            np.float64
+        )
         try:
             hull = ConvexHull(points)
         except QhullError:  # all boundary points on a line: no area between the lungs
@@ -339,10 +361,9 @@ def _bones(grid: np.ndarray, box: tuple[slice, slice, slice], voxel_ml: float) -
     sizes = np.bincount(labels.ravel()) * voxel_ml * 4.0
     sizes[0] = 0.0
     local = (sizes >= _BONE_MIN_ML)[labels]
-    for z in range(local.shape[0]):
-        if local[z].any():
-            local[z] = ndimage.binary_fill_holes(local[z])
-    local = ndimage.binary_dilation(local, structure=_IN_PLANE_8)
+    # every slice's holes at once: an element with no neighbour across slices fills each slice on its own
+    local = ndimage.binary_fill_holes(local, structure=_IN_PLANE_4)
+    local = dilate(local, [1, 1, 1])  # the 3 x 3 square
     upsampled = np.repeat(np.repeat(local, 2, axis=1), 2, axis=2)
     target = bone[box]
     target[:] = upsampled[:, : target.shape[1], : target.shape[2]]
@@ -355,7 +376,7 @@ def _peaks(distance: np.ndarray, px: float) -> list[_Peak]:
     A flat top (several pixels at the same distance) is one structure: its pixels are merged into one peak.
     """
     size = max(3, round(9.0 / px) | 1)
-    local = ndimage.maximum_filter(distance, size=(1, size, size))
+    local = local_maximum(distance, (0, size // 2, size // 2))
     top = (distance == local) & (distance >= 6.0)
     labels, count = ndimage.label(top, structure=_IN_PLANE_8)
     if count == 0:
@@ -589,15 +610,17 @@ class _Hough:
         uc = self.gc[window][er, ec] / magnitude[er, ec]
         er, ec = er + window[0].start - r0, ec + window[1].start - c0  # relative to the rectangle
         height, width = r1 - r0, c1 - c0
-        votes = np.zeros((len(radii_mm), height, width), dtype=np.float32)
-        for k, radius in enumerate(radii_mm):
-            cr = np.rint(er + ur * radius / px).astype(np.intp)
-            cc = np.rint(ec + uc * radius / px).astype(np.intp)
-            inside = (cr >= 0) & (cr < height) & (cc >= 0) & (cc < width)
-            counts = np.bincount(cr[inside] * width + cc[inside], minlength=height * width)
-            votes[k] = counts.reshape(height, width) / (2.0 * math.pi * radius / px)
+        # every edge pixel votes once per radius (rows: radii, columns: edge pixels)
+        radii = radii_mm[:, None]
+        cr = np.rint(er + ur * radii / px).astype(np.intp)
+        cc = np.rint(ec + uc * radii / px).astype(np.intp)
+        inside = (cr >= 0) & (cr < height) & (cc >= 0) & (cc < width)
+        cells = (np.arange(len(radii_mm))[:, None] * height + cr) * width + cc
+        counts = np.bincount(cells[inside], minlength=len(radii_mm) * height * width)
+        circumference = (2.0 * math.pi * radii_mm / px)[:, None, None]
+        votes = (counts.reshape(len(radii_mm), height, width) / circumference).astype(np.float32)
         votes = ndimage.gaussian_filter(votes, (0.7, 1.0, 1.0))
-        peaks = (votes == ndimage.maximum_filter(votes, size=(3, 5, 5))) & (votes > 0.03)
+        peaks = (votes == local_maximum(votes, (1, 2, 2))) & (votes > 0.03)
         ks, rs, cs = np.nonzero(peaks)
         order = np.argsort(-votes[ks, rs, cs])[:limit] if ks.size > limit else np.argsort(-votes[ks, rs, cs])
         found = []
@@ -610,28 +633,25 @@ class _Hough:
     def _measure(self, row: float, col: float, radius_mm: float) -> Circle | None:
         """Coverage of the outline, then an ellipse through its edge points (one per direction: the steepest)."""
         px = self.grid.px
-        angles = np.deg2rad(np.arange(0.0, 360.0, 5.0))
-        offsets = np.arange(-1.5, 1.51, 0.5)
-        radial = (radius_mm + offsets[None, :]) / px
-        rr = row + np.sin(angles)[:, None] * radial
-        cc = col + np.cos(angles)[:, None] * radial
+        radial = (radius_mm + _OUTLINE_OFFSETS[None, :]) / px
+        rr = row + _OUTLINE_SIN * radial
+        cc = col + _OUTLINE_COS * radial
         i, j = np.rint(rr).astype(np.intp), np.rint(cc).astype(np.intp)
-        inside = (i >= 0) & (i < self.magnitude.shape[0]) & (j >= 0) & (j < self.magnitude.shape[1])
-        i, j = np.clip(i, 0, self.magnitude.shape[0] - 1), np.clip(j, 0, self.magnitude.shape[1] - 1)
+        rows, cols = self.magnitude.shape
+        inside = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
+        i, j = np.minimum(np.maximum(i, 0), rows - 1), np.minimum(np.maximum(j, 0), cols - 1)
         magnitude = np.where(inside, self.magnitude[i, j], 0.0)
-        inward = -(self.gr[i, j] * np.sin(angles)[:, None] + self.gc[i, j] * np.cos(angles)[:, None])
+        inward = -(self.gr[i, j] * _OUTLINE_SIN + self.gc[i, j] * _OUTLINE_COS)
         support = (magnitude >= _EDGE_HU_PER_MM) & (inward >= 0.7 * np.maximum(magnitude, 1e-6))
         seen = support.any(axis=1)
-        coverage = float(seen.mean())
+        coverage = float(np.count_nonzero(seen) / seen.size)
         if coverage < _MIN_COVERAGE:
             return None
         best = np.argmax(np.where(support, magnitude, -1.0), axis=1)
         k = np.flatnonzero(seen)
         edge_r, edge_c = rr[k, best[k]], cc[k, best[k]]
         stride = self.grid.stride
-        full = [
-            ((r + self.offset[0]) * stride, (c + self.offset[1]) * stride) for r, c in zip(edge_r, edge_c, strict=True)
-        ]
+        full = tuple(zip((edge_r + self.offset[0]) * stride, (edge_c + self.offset[1]) * stride, strict=True))
         fitted = _fit_circle(edge_r, edge_c)
         if fitted is None:
             return None
@@ -697,6 +717,11 @@ def _fit_ellipse(rows: np.ndarray, cols: np.ndarray) -> tuple[tuple[float, float
         float(math.atan2(vy, vx)),
     )
 
+
+_OUTLINE_ANGLES = np.deg2rad(np.arange(0.0, 360.0, 5.0))
+_OUTLINE_SIN, _OUTLINE_COS = np.sin(_OUTLINE_ANGLES)[:, None], np.cos(_OUTLINE_ANGLES)[:, None]
+_OUTLINE_OFFSETS = np.arange(-1.5, 1.51, 0.5)
+"""A circle's outline is checked in 72 directions, within 1.5 mm of its radius."""
 
 _EDGE_HU_PER_MM = 8.0
 """Steepest attenuation change that still marks an outline: a fat plane between two vessels, blurred by a 5 mm
@@ -920,26 +945,41 @@ def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: S
 
 
 def _regions(found: ChestVessels, grid: _Grid) -> None:
-    """The coronary territory, the aortic wall territory and the aortic root/valve (module docstring, step 8)."""
+    """The coronary territory, the aortic wall territory and the aortic root/valve (module docstring, step 8).
+
+    Every disc is drawn in the square that holds it, and the morphology runs inside the bounding box of what it
+    changes, so the cost follows the size of the mediastinum rather than of the scan.
+    """
     stride, px = grid.stride, grid.px
     plane_shape = grid.values.shape[1:]
-    rr, cc = np.ogrid[: plane_shape[0], : plane_shape[1]]
 
-    def disc(centre: tuple[float, float], radius_mm: float) -> np.ndarray:
+    def disc(centre: tuple[float, float], radius_mm: float) -> tuple[tuple[slice, slice], np.ndarray]:
+        """The pixels within ``radius_mm`` of ``centre`` (full-resolution pixels): a window of the slice and the
+        disc inside it."""
         row, col = centre[0] / stride, centre[1] / stride
-        return np.asarray((rr - row) ** 2 + (cc - col) ** 2 <= (radius_mm / px) ** 2)
+        reach = radius_mm / px
+        r0, r1 = max(0, math.floor(row - reach)), min(plane_shape[0], math.ceil(row + reach) + 1)
+        c0, c1 = max(0, math.floor(col - reach)), min(plane_shape[1], math.ceil(col + reach) + 1)
+        rr, cc = np.arange(r0, max(r0, r1))[:, None], np.arange(c0, max(c0, c1))[None, :]
+        return (slice(r0, max(r0, r1)), slice(c0, max(c0, c1))), np.asarray(
+            (rr - row) ** 2 + (cc - col) ** 2 <= reach**2
+        )
+
+    def paint(target: np.ndarray, z: int, centre: tuple[float, float], radius_mm: float) -> None:
+        window, inside = disc(centre, radius_mm)
+        target[z][window] |= inside
 
     aorta = np.zeros(grid.values.shape, dtype=bool)
     for vessel in (found.descending, found.ascending):
         if vessel is None:
             continue
         for s in vessel.sections:
-            aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+            paint(aorta, s.slice_index, s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
         for z, centre in vessel.path.items():  # slices followed between measured sections
             if vessel.at(z) is None:
                 nearest = _nearest(vessel, z)
                 assert nearest is not None
-                aorta[z] |= disc(centre, nearest.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+                paint(aorta, z, centre, nearest.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
     if found.arch is not None:
         s = found.arch
         labels, _ = ndimage.label(grid.tissue[s.slice_index])
@@ -951,7 +991,7 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
             tube = ndimage.binary_dilation(tube, iterations=max(1, round((0.25 * s.diameter_mm + 3.0) / px)))
             for z in range(max(0, s.slice_index - 1), min(len(aorta), s.slice_index + 2)):
                 aorta[z] |= tube
-        aorta[s.slice_index] |= disc(s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+        paint(aorta, s.slice_index, s.centre, s.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
 
     root = np.zeros(grid.values.shape, dtype=bool)
     heart = np.zeros(grid.values.shape, dtype=bool)
@@ -971,7 +1011,7 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
             if z < 0:
                 break
             centre = (base.centre[0] - slope[0] * k, base.centre[1] - slope[1] * k)
-            root[z] |= disc(centre, base.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
+            paint(root, z, centre, base.long_mm / 2.0 + AORTIC_WALL_MARGIN_MM)
 
         top = base.slice_index
         limit = np.where(np.isfinite(grid.spine_front), grid.spine_front, plane_shape[0])
@@ -986,30 +1026,8 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
                 bottom = z + 1
                 break
         found.heart_slices = (bottom, top)
-        bone_margin = np.zeros_like(grid.bone)
-        bone_margin[bottom : top + 1] = ndimage.binary_dilation(
-            grid.bone[bottom : top + 1], structure=_IN_PLANE_4, iterations=max(1, round(2.0 / px))
-        )
-        radius = max(1, round(HILUM_OPENING_MM / px))
-        hilum_disc = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
-        for z in range(bottom, top + 1):
-            plane = grid.between[z] & ~grid.lung[z] & ~bone_margin[z]
-            # the costal cartilages and the sternum's margins (often calcified) line the front of the space between
-            # the lungs: a strip along its anterior border is chest wall, not heart
-            columns = grid.between[z].any(axis=0)
-            first = np.where(columns, grid.between[z].argmax(axis=0), plane_shape[0])
-            plane &= ~(np.arange(plane_shape[0])[:, None] < first[None, :] + CHEST_WALL_STRIP_MM / px)
-            plane[int(min(max(limit[z], 0), plane_shape[0])) :] = False
-            descending = _nearest(found.descending, z)
-            if descending is not None and found.descending is not None:
-                # on a slice it was not measured on (or below its lowest one) it is where it was followed, or last seen
-                centre = found.descending.centre(z) or descending.centre
-                plane &= ~disc(centre, descending.long_mm / 2.0 + 5.0)
-            # the hila (bronchi, pulmonary vessels, their calcified nodes and cartilage) reach into the space between
-            # the lungs as narrow extensions; an opening by a 6 mm disc removes what is narrower than 12 mm and keeps
-            # the heart, which is far wider
-            heart[z] = ndimage.binary_opening(plane, structure=hilum_disc)
-        heart &= ~aorta & ~root
+        heart[bottom : top + 1] = _heart_territory(found, grid, bottom, top, limit)
+        heart[bottom : top + 1] &= ~aorta[bottom : top + 1] & ~root[bottom : top + 1]
         if bottom == 0 and area[0] >= HEART_END_FRACTION * peak:
             found.missing["base of the heart"] = (
                 "the scan starts above the bottom of the heart: calcium in the lowest part of the coronary tree "
@@ -1018,8 +1036,69 @@ def _regions(found: ChestVessels, grid: _Grid) -> None:
 
     found.heart_grid = heart
     # the descending aorta lies against the vertebral bodies: its wall territory must not reach into the bone
-    found.aorta_grid = aorta & ~root & ~ndimage.binary_dilation(grid.bone, structure=_IN_PLANE_4)
+    wall = np.zeros(grid.values.shape, dtype=bool)
+    box = bounding_box(aorta)
+    if box is not None:
+        # one in-plane step of dilation: the bone one pixel around the box is all that can reach into it
+        grown = (box[0], *(slice(max(b.start - 1, 0), b.stop + 1) for b in box[1:]))
+        near_bone = dilate(grid.bone[grown], [0, 1, 0])  # one 4-connected step
+        inner = (
+            slice(None),
+            *(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box[1:], grown[1:], strict=True)),
+        )
+        wall[box] = aorta[box] & ~root[box] & ~near_bone[inner]
+    found.aorta_grid = wall
     found.root_grid = root
+
+
+def _heart_territory(found: ChestVessels, grid: _Grid, bottom: int, top: int, limit: np.ndarray) -> np.ndarray:
+    """The coronary territory on slices ``bottom..top`` (module docstring, step 8), before the aortic territories
+    are taken out of it.
+
+    Everything is computed inside the bounding box of the space between the lungs on those slices (grown by the
+    bone margin): the territory lies within that space, and the opening of a set never reaches outside it.
+    """
+    px, stride = grid.px, grid.stride
+    plane_shape = grid.values.shape[1:]
+    out = np.zeros((top + 1 - bottom, *plane_shape), dtype=bool)
+    between = grid.between[bottom : top + 1]
+    box = bounding_box(between)
+    if box is None:
+        return out
+    bone_steps = max(1, round(2.0 / px))
+    rows = slice(max(box[1].start - bone_steps, 0), min(box[1].stop + bone_steps, plane_shape[0]))
+    cols = slice(max(box[2].start - bone_steps, 0), min(box[2].stop + bone_steps, plane_shape[1]))
+    window = (slice(bottom, top + 1), rows, cols)
+    between = grid.between[window]
+    # ``bone_steps`` in-plane 4-connected dilations: the diamond of that radius, one row at a time
+    diamond = [bone_steps - abs(offset) for offset in range(-bone_steps, bone_steps + 1)]
+    bone_margin = dilate(grid.bone[window], diamond)
+    plane = between & ~grid.lung[window] & ~bone_margin
+    # the costal cartilages and the sternum's margins (often calcified) line the front of the space between the
+    # lungs: a strip along its anterior border is chest wall, not heart
+    row_index = np.arange(rows.start, rows.stop)
+    first = np.where(between.any(axis=1), between.argmax(axis=1) + rows.start, plane_shape[0])  # (slices, columns)
+    plane &= ~(row_index[None, :, None] < first[:, None, :] + CHEST_WALL_STRIP_MM / px)
+    # in front of the vertebral bodies
+    cut = np.minimum(np.maximum(limit[bottom : top + 1], 0), plane_shape[0]).astype(int)
+    plane &= row_index[None, :, None] < cut[:, None, None]
+    rr, cc = row_index[:, None], np.arange(cols.start, cols.stop)[None, :]
+    for k, z in enumerate(range(bottom, top + 1)):
+        descending = _nearest(found.descending, z)
+        if descending is not None and found.descending is not None:
+            # on a slice it was not measured on (or below its lowest one) it is where it was followed, or last seen
+            centre = found.descending.centre(z) or descending.centre
+            row, col = centre[0] / stride, centre[1] / stride
+            plane[k] &= ~((rr - row) ** 2 + (cc - col) ** 2 <= ((descending.long_mm / 2.0 + 5.0) / px) ** 2)
+    # the hila (bronchi, pulmonary vessels, their calcified nodes and cartilage) reach into the space between the
+    # lungs as narrow extensions; an opening by a 6 mm disc removes what is narrower than 12 mm and keeps the heart,
+    # which is far wider
+    # (the opening lies inside the set it opens, so it is done in that set's bounding box)
+    inner = bounding_box(plane)
+    if inner is not None:
+        opened = open_by_disc(plane[inner], max(1, round(HILUM_OPENING_MM / px)))
+        out[:, rows, cols][inner] = opened
+    return out
 
 
 _IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
@@ -1036,13 +1115,22 @@ def _nearest(vessel: Vessel | None, z: int) -> Section | None:
 def _to_full(grid_mask: np.ndarray, stride: int, shape: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour upsampling of a grid mask to the full volume's shape (only its bounding box is copied)."""
     full = np.zeros(shape, dtype=bool)
+    part, (z0, r0, c0) = _to_full_part(grid_mask, stride, shape)
+    full[z0 : z0 + part.shape[0], r0 : r0 + part.shape[1], c0 : c0 + part.shape[2]] = part
+    return full
+
+
+def _to_full_part(
+    grid_mask: np.ndarray, stride: int, shape: tuple[int, ...]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The grid mask's bounding box upsampled (nearest neighbour) to full resolution, cut at the volume's edge, and
+    the full-resolution voxel where it starts (an empty array at the origin when the mask is empty)."""
     box = bounding_box(grid_mask)
     if box is None:
-        return full
+        return np.zeros((0, 0, 0), dtype=bool), (0, 0, 0)
     part = grid_mask[box]
     if stride > 1:
         part = np.repeat(np.repeat(part, stride, axis=1), stride, axis=2)
     r0, c0 = box[1].start * stride, box[2].start * stride
     rows, cols = min(part.shape[1], shape[1] - r0), min(part.shape[2], shape[2] - c0)
-    full[box[0], r0 : r0 + rows, c0 : c0 + cols] = part[:, :rows, :cols]
-    return full
+    return part[:, :rows, :cols], (box[0].start, r0, c0)

@@ -272,13 +272,13 @@ class HeartAnalyzer:
             contrast = True
         calibration = _calibration(image)
         coronary = aortic = None
-        heart = vessels.heart_region() if not contrast and vessels.heart_slices is not None else None
+        # each territory is scored in its bounding box: a whole-volume mask would cost as much as the volume
+        heart = vessels.part("heart") if not contrast and vessels.heart_slices is not None else None
         if heart is not None:
-            coronary = score_calcium(hu, heart, spacing, calibration=calibration)
-        del heart  # one full-resolution territory at a time
-        aorta = vessels.aorta_region() if not contrast else None
-        if aorta is not None and aorta.any():
-            aortic = score_calcium(hu, aorta, spacing, calibration=calibration)
+            coronary = score_calcium(hu, heart[0], spacing, calibration=calibration, region_at=heart[1])
+        aorta = vessels.part("aorta") if not contrast else None
+        if aorta is not None and aorta[0].any():
+            aortic = score_calcium(hu, aorta[0], spacing, calibration=calibration, region_at=aorta[1])
         findings = _Findings(vessels, coronary, aortic, contrast, noise)
         with self._lock:
             self._cached = (weakref.ref(image.array), spacing, findings)
