@@ -1,11 +1,11 @@
 """Find a patient's earlier results of one analyzer in the EHR: the priors a new result is compared with.
 
-One FHIR search per analysis: the patient's DiagnosticReports in the project's analysis identifier system, with the
-analyzer's report code, effective no later than the study being analysed, newest first, with their result
-Observations included (and their Devices, where the server supports ``_include:iterate``). The same answer says
-whether this very analysis was filed before (a re-run, which must add nothing) and gives every earlier result for
-the trend. Reports are read by the one reader of filed results, :mod:`fhir_adapters.results`; reports about any other
-patient or analyzer are dropped, whatever the server returned.
+One FHIR search per analysis (more only on a server that ignores ``_include``, see :func:`with_results`): the
+patient's DiagnosticReports in the project's analysis identifier system, with the analyzer's report code, effective
+no later than the study being analysed, newest first, with their result Observations included (and their Devices,
+where the server supports ``_include:iterate``). The same answer says whether this very analysis was filed before (a
+re-run, which must add nothing) and gives the earlier results. Reports are read by the one reader of filed results,
+:mod:`fhir_adapters.results`; reports about any other patient or analyzer are dropped, whatever the server returned.
 
 A Device the server did not include (sekmet-fhir does not support ``Observation:device``) is read once and kept for
 the life of the process (:func:`with_devices`): a Device id always stands for the same analyzer version, and a
@@ -33,6 +33,7 @@ two analyzers share the code, as ct-emphysema and ct-heart share "Chest CT"). Th
 comparable one; when none of these 10 is comparable the result says so rather than asking again. The app charts
 the whole history with its own search."""
 
+IDS_PER_SEARCH = 50
 _devices: dict[tuple[str, str], dict[str, Any]] = {}
 _devices_lock = threading.Lock()
 
@@ -83,7 +84,7 @@ def read_history(
         if isinstance(resource := entry.get("resource"), dict)
     ]
     patient_id = patient_reference.rpartition("/")[2]
-    resources = with_devices(client, resources)
+    resources = with_devices(client, with_results(client, resources))
     index = index_resources(resources)
     findings = [f for f in extract_findings(resources, patient_id=patient_id) if f.analyzer == analyzer]
     study_time = parse_datetime(study_date)
@@ -131,6 +132,37 @@ def _identifier(index: Mapping[str, Mapping[str, Any]], report_reference: str) -
             value = identifier.get("value")
             return value if isinstance(value, str) else None
     return None
+
+
+def with_results(client: FhirClient, resources: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``resources`` plus the result Observations of its reports that the server did not include.
+
+    A server that ignores ``_include`` (Medplum's in-memory engine does) answers with the reports alone; their
+    Observations are then fetched by id, :data:`IDS_PER_SEARCH` to a search (a URL stays well under common limits).
+    A server that honours ``_include`` costs nothing here.
+    """
+    present = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    missing = sorted(
+        {
+            reference
+            for r in resources
+            if r.get("resourceType") == "DiagnosticReport"
+            for reference in map(fhirjson.reference, fhirjson.items(r.get("result")))
+            if reference.startswith("Observation/") and reference not in present
+        }
+    )
+    if not missing:
+        return list(resources)
+    found: list[dict[str, Any]] = []
+    for start in range(0, len(missing), IDS_PER_SEARCH):
+        ids = [reference.partition("/")[2] for reference in missing[start : start + IDS_PER_SEARCH]]
+        bundle = client.search_bundle("Observation", {"_id": ",".join(ids), "_count": str(len(ids))})
+        found.extend(
+            resource
+            for entry in map(fhirjson.element, fhirjson.items(bundle.get("entry")))
+            if isinstance(resource := entry.get("resource"), dict) and resource.get("resourceType") == "Observation"
+        )
+    return [*resources, *found]
 
 
 def with_devices(client: FhirClient, resources: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

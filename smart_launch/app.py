@@ -63,7 +63,7 @@ from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
 from fhir_adapters.fhirjson import relative_reference
-from fhir_adapters.history import with_devices
+from fhir_adapters.history import with_devices, with_results
 from fhir_adapters.images import media_png
 from fhir_adapters.results import is_ai_report
 from fhir_adapters.validation import validate_bundle
@@ -660,7 +660,8 @@ def _patient_results(client: FhirClient, patient: str) -> list[dict[str, Any]]:
         for entry in page.get("entry", [])
         if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
     ]
-    return with_devices(client, resources)  # which analyzer version filed each result (the trends mark others)
+    # Their Observations where the server ignored _include, and which analyzer version filed each (for the trends).
+    return with_devices(client, with_results(client, resources))
 
 
 @bp.get("/")

@@ -22,7 +22,7 @@ import requests
 
 from core.allowlist import AllowList
 from devtools.samples import load_sample
-from devtools.servers import FhirServer, OrthancServer
+from devtools.servers import FHIR_SERVER_KINDS, FhirServer, OrthancServer
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ACQUISITION_EXTENSION, COMPARISON_CODESYSTEM
@@ -300,3 +300,34 @@ def test_a_classifiers_probability_is_never_compared(
     assert not any(url.endswith("/DiagnosticReport") and method == "GET" for method, url in session.calls[before:])
     report = read(client, outcome.diagnostic_report)
     assert "Compared with" not in report["conclusion"] and not comparison_observations(client, report)
+
+
+@pytest.mark.parametrize("kind", FHIR_SERVER_KINDS)
+def test_the_comparison_is_filed_on_each_server_the_way_it_takes_results(
+    kind: str,
+    fhir_base: FhirServer,
+    medplum: FhirServer,
+    orthanc: OrthancServer,
+    allow: AllowList,
+    images: dict[str, Any],
+) -> None:
+    """On Medplum (ordered writes, the report last) as on sekmet-fhir (one transaction): the same search finds the
+    prior, the comparison Observations are filed before the report that lists them, and a re-run adds nothing."""
+    ehr = FhirClient((fhir_base if kind == "sekmet" else medplum).base_url, session=requests.Session())
+    analyzer = get_analyzer("ct-emphysema")
+    patient = new_patient(ehr)
+    first = file_study(ehr, orthanc, patient, sample(images, "lung2"), "20240201")
+    earlier = analyze_study(ehr, first.imaging_study, analyzer, dicomweb_allow_list=allow)
+    second = file_study(ehr, orthanc, patient, sample(images, "lung2"), "20250201")
+    outcome = analyze_study(ehr, second.imaging_study, analyzer, dicomweb_allow_list=allow)
+    assert outcome.write_strategy == ("transaction" if kind == "sekmet" else "ordered")
+    assert outcome.comparison is not None and outcome.comparison.prior is not None
+    assert outcome.comparison.prior.reference == earlier.diagnostic_report
+    report = read(ehr, outcome.diagnostic_report)
+    filed = comparison_observations(ehr, report)
+    assert (
+        len(filed) == len(outcome.comparison.changes) and "Compared with the CT of 2024-02-01" in report["conclusion"]
+    )
+    held = resource_count(ehr, patient)
+    again = analyze_study(ehr, second.imaging_study, analyzer, dicomweb_allow_list=allow)
+    assert again.already_present and resource_count(ehr, patient) == held
