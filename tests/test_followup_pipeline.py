@@ -331,3 +331,41 @@ def test_the_comparison_is_filed_on_each_server_the_way_it_takes_results(
     held = resource_count(ehr, patient)
     again = analyze_study(ehr, second.imaging_study, analyzer, dicomweb_allow_list=allow)
     assert again.already_present and resource_count(ehr, patient) == held
+
+
+def test_hippocampal_volumes_plug_in_charted_and_compared_without_a_verdict(
+    client: FhirClient, orthanc: OrthancServer, allow: AllowList, images: dict[str, Any]
+) -> None:
+    """mr-hippocampus follows its volumes through its card alone: the same real crop a year later reads a change of 0
+    with no verdict (no published scan-rescan repeatability for its segmentation), and both studies are charted."""
+    analyzer = get_analyzer("mr-hippocampus")
+    patient = (
+        f"Patient/{client.create({'resourceType': 'Patient', 'gender': 'female', 'birthDate': '1965-03-01'})['id']}"
+    )
+    crop = sample(images, "hippocrop-1")
+    first = analyze_study(
+        client,
+        file_study(client, orthanc, patient, crop, "20230301").imaging_study,
+        analyzer,
+        dicomweb_allow_list=allow,
+    )
+    second = analyze_study(
+        client,
+        file_study(client, orthanc, patient, crop, "20240301").imaging_study,
+        analyzer,
+        dicomweb_allow_list=allow,
+    )
+    comparison = second.comparison
+    assert comparison is not None and comparison.prior is not None
+    assert comparison.prior.reference == first.diagnostic_report
+    volumes = [c for c in comparison.changes if c.key.endswith("hippocampus_volume_ml")]
+    assert len(volumes) == 1 and volumes[0].absolute == 0 and volumes[0].verdict == "not-assessed"
+    assert all(c.verdict == "not-assessed" for c in comparison.changes)
+    report = read(client, second.diagnostic_report)
+    assert "Compared with the MR of 2023-03-01: no measurement with a stated repeatability" in report["conclusion"]
+    bundle = client.search_bundle("DiagnosticReport", {"subject": patient, "_include": "DiagnosticReport:result"})
+    [section] = trend_sections(
+        with_devices(client, [e["resource"] for e in bundle["entry"]]), patient_id=patient.split("/")[1]
+    )
+    trend = next(t for t in section.trends if t.key == volumes[0].key)
+    assert len(trend.points) == 2 and trend.band is None and trend.verdict == "no verdict"
