@@ -70,6 +70,7 @@ _FOLLOWED_MEASUREMENT = {
         "worse": {"enum": ["increase", "decrease", None]},
         "same_site": {"type": "boolean"},
         "no_verdict_because": _TEXT,
+        "comparable_versions": {"type": "array", "items": _TEXT},
     },
     # A change shown without a verdict must say why there is none.
     "if": {"properties": {"repeatability": {"type": "null"}}},
@@ -418,6 +419,9 @@ def followup_section(followup: Mapping[str, Any]) -> str:
             }[str(limit.get("kind"))]
             rule = f"{rule}. {limit.get('basis')}"
             source = str(limit.get("source"))
+        if item.get("comparable_versions") is not None:
+            earlier = ", ".join(item["comparable_versions"]) or "none"
+            rule = f"{rule} Earlier versions compared for this measurement: {earlier}."
         rows.append(
             f'<tr><th scope="row"><code>{_e(key)}</code></th><td>{_e(rule)}</td><td>{_e(source)}</td>'
             f"<td>{_e(item.get('worse') or 'not stated')}</td></tr>"

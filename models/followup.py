@@ -98,6 +98,8 @@ class FollowedMeasurement:
     says why, and the change is shown without a verdict. ``worse`` is the direction that means progression
     (``increase`` for LAA-950, ``decrease`` for bone attenuation). ``same_site`` asks that both results name the same
     structure (the measurement's text, e.g. the vertebra), since the key alone does not say which one was measured.
+    ``comparable_versions``, when set, replaces the card's list for this measurement: a version that changed how one
+    measurement is made still measures the others as before.
     """
 
     key: str
@@ -105,6 +107,7 @@ class FollowedMeasurement:
     worse: Direction | None = None
     same_site: bool = False
     no_verdict_because: str = ""
+    comparable_versions: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,18 @@ class FollowupSpec:
     measurements: Mapping[str, FollowedMeasurement]
     validation: str
 
-    def compares_with(self, version: str | None) -> bool:
-        """Whether a result of analyzer ``version`` measures the same thing as this version's results."""
-        return version is not None and (version == self.version or version in self.comparable_versions)
+    def compares_with(self, version: str | None, key: str | None = None) -> bool:
+        """Whether a result of analyzer ``version`` measures the same thing as this version's results: measurement
+        ``key``, or (without one) at least one of the followed measurements."""
+        if version is None:
+            return False
+        if version == self.version:
+            return True
+        if key is None:
+            return any(self.compares_with(version, k) for k in self.measurements)
+        followed = self.measurements.get(key)
+        versions = followed.comparable_versions if followed is not None else None
+        return version in (self.comparable_versions if versions is None else versions)
 
 
 def followup_spec(card: ModelCard) -> FollowupSpec | None:
@@ -153,6 +165,7 @@ def followup_spec(card: ModelCard) -> FollowupSpec | None:
             worse=item.get("worse"),
             same_site=bool(item.get("same_site", False)),
             no_verdict_because=str(item.get("no_verdict_because", "")),
+            comparable_versions=None if "comparable_versions" not in item else frozenset(item["comparable_versions"]),
         )
     return FollowupSpec(
         analyzer=card.name,
@@ -398,6 +411,11 @@ def compare_with_history(
         followed = spec.measurements.get(m.key)
         before = prior.measurement(m.key)
         if followed is None or before is None:
+            continue
+        if not spec.compares_with(prior.version, m.key):
+            not_compared.append(
+                f"{m.display} is not compared: {result.analyzer} {prior.version} measured it differently (model card)."
+            )
             continue
         if followed.same_site and measurement_site(m.display) != measurement_site(before.text):
             not_compared.append(f"{m.display} is not compared: the prior measured {before.text}.")

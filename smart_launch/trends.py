@@ -115,7 +115,7 @@ def patient_trends(
                     value=measured.value,
                     report_id=finding.report_reference.rpartition("/")[2],
                     version=finding.version,
-                    comparable=spec.compares_with(finding.version),
+                    comparable=spec.compares_with(finding.version, key),
                     focus=finding is focus,
                 )
             )

@@ -229,7 +229,7 @@ def test_later_results_same_day_results_and_other_analyzers_are_never_priors() -
 def test_vertebral_heights_are_compared_only_on_the_same_vertebra() -> None:
     result = AnalysisResult(
         analyzer="ct-bone",
-        version="0.2.2",
+        version="0.3.0",
         measurements=(
             Measurement("l1_trabecular_hu", "L1 trabecular attenuation", 150.0, "[hnsf'U]"),
             Measurement("anterior_height_mm", "Anterior vertebral body height (L2)", 25.0, "mm"),
@@ -241,7 +241,7 @@ def test_vertebral_heights_are_compared_only_on_the_same_vertebra() -> None:
         datetime(2024, 1, 1, tzinfo=UTC),
         {"l1_trabecular_hu": 170.0, "anterior_height_mm": 27.0},
         analyzer="ct-bone",
-        version="0.2.1",
+        version="0.3.0",
         texts={"anterior_height_mm": "Anterior vertebral body height (L1)"},
     )
     comparison = compare_with_history(
@@ -250,6 +250,36 @@ def test_vertebral_heights_are_compared_only_on_the_same_vertebra() -> None:
     [l1] = comparison.changes
     assert l1.key == "l1_trabecular_hu" and l1.verdict == "decreased" and l1.progressed  # -20 HU, beyond 16 HU
     assert any("the prior measured Anterior vertebral body height (L1)" in n for n in comparison.not_compared)
+
+
+def test_a_version_that_changed_one_measurement_is_still_compared_for_the_others() -> None:
+    """ct-bone 0.3.0 reads vertebral heights differently from 0.2.x; it measures trabecular attenuation as before."""
+    result = AnalysisResult(
+        analyzer="ct-bone",
+        version="0.3.0",
+        measurements=(
+            Measurement("l1_trabecular_hu", "L1 trabecular attenuation", 150.0, "[hnsf'U]"),
+            Measurement("anterior_height_mm", "Anterior vertebral body height (L1)", 25.0, "mm"),
+        ),
+        category=Category("normal", "Normal", "test", abnormal=False),
+        conclusion="test",
+    )
+    before = prior(
+        datetime(2024, 1, 1, tzinfo=UTC),
+        {"l1_trabecular_hu": 155.0, "anterior_height_mm": 27.0},
+        analyzer="ct-bone",
+        version="0.2.2",
+        texts={"anterior_height_mm": "Anterior vertebral body height (L1)"},
+    )
+    comparison = compare_with_history(
+        result, current_date=CURRENT, acquisition=THIN, history=[before], spec=spec("ct-bone")
+    )
+    assert comparison.prior is before
+    [l1] = comparison.changes
+    assert l1.key == "l1_trabecular_hu" and l1.verdict == "stable"
+    assert "Anterior vertebral body height (L1) is not compared: ct-bone 0.2.2 measured it differently" in " ".join(
+        comparison.not_compared
+    )
 
 
 def test_a_change_per_year_needs_at_least_90_days() -> None:
