@@ -52,7 +52,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP_ENV = "IMAGING_CDS_BENCH_SETUP"
@@ -105,7 +108,7 @@ def bench_app() -> Any:
     app = create_app(plain, verifier=JwtVerifier(plain, replay_cache=JtiCache()))
     recorded = audit_recorder(work / "audited", site="bench", destination=None)
     sent = audit_recorder(work / "sent", site="bench", destination=FhirClient(setup["audit_fhir"], retries=1))
-    mounts = {
+    mounts: dict[str, WSGIApplication] = {
         TRUST_VARIANTS["+jti SQLite"]: create_app(config("sqlite")),
         TRUST_VARIANTS["+jti Redis"]: create_app(config("redis", replay_cache=setup["redis"])),
         TRUST_VARIANTS["+audit"]: create_app(config("audited", audit=recorded)),

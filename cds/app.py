@@ -35,6 +35,7 @@ from werkzeug.sansio.response import Response as SansioResponse
 from cds.cards import (
     CardSettings,
     QueuedStudy,
+    followup_order_cards,
     missing_results_card,
     order_finding_cards,
     patient_view_cards,
@@ -246,7 +247,7 @@ def _cards_for(service: CdsHooksService, definition: ServiceDefinition, body: di
         selected = [order for order in all_orders if order.reference in wanted]
         return order_finding_cards(
             selected, findings, settings, patient_id=patient_id, user_id=user_id, all_orders=all_orders
-        )
+        ) + followup_order_cards(selected, findings, settings)
     cards = order_finding_cards(
         all_orders, findings, settings, patient_id=patient_id, user_id=user_id, all_orders=all_orders
     )

@@ -12,6 +12,10 @@ Design choices a clinician or integrator should know:
 * Suggestions carry complete R4 resources: a DXA ``ServiceRequest`` proposal (status ``draft``, intent
   ``proposal``) after low vertebral attenuation, and an ``update`` of the draft order adding a note that
   cites the prior AI finding.
+* A result that compares with the patient's prior one says so: patient-view puts a change beyond the published
+  repeatability in the worse direction ("progressed") in the summary with its numbers, and lists every comparison in
+  the detail; order-select for a CT the analyzers follow says how long ago the prior was analysed and which
+  measurements a new analysis will compare with it (from the analyzer's model card), and how the prior was acquired.
 * A heart result with a high coronary calcium category (CAC-DRS 2 or 3) or an aortic diameter over a guideline
   threshold puts that finding in the patient-view summary and the guideline's next step in the detail, as text:
   the guidelines name a treatment or a referral, not an order this service could fill in, so no suggestion.
@@ -26,12 +30,16 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from cds.orders import ImagingOrder
+from core.errors import ImagingCdsError
 from fhir_adapters import fhirjson
 from fhir_adapters.constants import CANONICAL_BASE
-from fhir_adapters.results import AiFinding
+from fhir_adapters.results import AiFinding, FiledComparison
+from models.cards import load_card
+from models.followup import FollowupSpec, followup_spec
 
 SUMMARY_MAX_CHARS = 139
 """CDS Hooks: the summary is shorter than 140 characters."""
@@ -274,13 +282,49 @@ def _recent(finding: AiFinding, settings: CardSettings) -> bool:
     return finding.effective is None or finding.effective >= settings.now - timedelta(days=settings.recent_days)
 
 
+def _progressed(finding: AiFinding) -> list[FiledComparison]:
+    """The finding's changes since its prior beyond repeatability in the direction its analyzer calls worse."""
+    return [c for c in finding.comparisons if c.progressed]
+
+
+def _prior_date(change: FiledComparison) -> str:
+    return change.prior_date.date().isoformat() if change.prior_date else "the prior study"
+
+
+def _value(value: float) -> str:
+    return f"{value:.15g}"  # as filed, never re-rounded
+
+
+def _change_words(change: FiledComparison) -> str:
+    """``LAA-950 0.25 -> 3.1 %`` (as filed)."""
+    before = "?" if change.prior is None else _value(change.prior)
+    return f"{change.display} {before} -> {_value(change.current)} {change.unit}".rstrip()
+
+
+def _comparison_lines(finding: AiFinding) -> list[str]:
+    """The newest result's comparisons with its prior, as filed, for a card's detail."""
+    if not finding.comparisons:
+        return []
+    lines = [
+        f"**Change since the prior study of {_prior_date(finding.comparisons[0])}** (called a change only beyond "
+        "the measurement's published repeatability; see the model card):",
+        "",
+    ]
+    for change in finding.comparisons:
+        marker = " **(progressed)**" if change.progressed else ""
+        lines.append(f"- {change.sentence or _change_words(change)}{marker}")
+    lines.append("")
+    return lines
+
+
 def patient_view_cards(
     findings: Sequence[AiFinding], settings: CardSettings, *, studies_without_results: int = 0
 ) -> list[dict[str, Any]]:
     """One card per analyzer with findings awaiting review or notable (abnormal, signed, recent) findings."""
     by_analyzer: dict[str, list[AiFinding]] = {}
     for finding in findings:
-        if finding.awaiting_review or (finding.signed and finding.abnormal and _recent(finding, settings)):
+        notable = finding.signed and (finding.abnormal or _progressed(finding)) and _recent(finding, settings)
+        if finding.awaiting_review or notable:
             by_analyzer.setdefault(finding.analyzer, []).append(finding)
     cards = []
     for analyzer, items in by_analyzer.items():
@@ -288,7 +332,13 @@ def patient_view_cards(
         newest = items[0]
         title = analyzer_title(analyzer)
         reasons, steps = heart_next_steps(newest) if analyzer == HEART_ANALYZER else ([], [])
-        if reasons:
+        progressed = _progressed(newest)
+        if progressed:
+            state = "awaiting review" if newest.awaiting_review else f"signed {_date(newest)}"
+            more = f" and {len(progressed) - 1} more" if len(progressed) > 1 else ""
+            change = _change_words(progressed[0])
+            summary = f"{title}: progressed since {_prior_date(progressed[0])}, {change}{more} (AI, {state})"
+        elif reasons:
             state = "awaiting review" if newest.awaiting_review else f"signed {_date(newest)}"
             summary = f"{title}: {', '.join(reasons)} (AI, {state}); guideline next steps inside"
         elif pending:
@@ -299,6 +349,7 @@ def patient_view_cards(
         else:
             summary = f"{title}: {mid_sentence(newest.category_display)} (AI, signed {_date(newest)})"
         lines = [f"**{title}** - AI results for this patient:", "", *(_finding_line(f) for f in items), ""]
+        lines.extend(_comparison_lines(newest))
         if steps:
             lines.extend(["**Suggested next steps (guidelines, for the clinician to decide):**", ""])
             lines.extend(f"- {step}" for step in steps)
@@ -533,3 +584,99 @@ def missing_results_card(order: ImagingOrder, studies: Sequence[QueuedStudy], se
         context["imagingStudy"] = studies[0].study
     card["links"] = [smart_link(settings, context, "Open the study in imaging-cds")]
     return card
+
+
+@lru_cache(maxsize=64)
+def _followup_spec(analyzer: str) -> FollowupSpec | None:
+    """The analyzer's follow-up rules from its built-in model card (read as JSON: the registry would bring torch
+    into the CDS service); an analyzer without them, or without a built-in card, is not followed here. Cards ship
+    with the code, so each is read once per process, not on every hook call."""
+    try:
+        return followup_spec(load_card(analyzer))
+    except ImagingCdsError:
+        return None
+
+
+def _interval_words(days: int) -> str:
+    if days < 62:
+        return f"{days} days"
+    months = round(days / 30.44)
+    return f"{days} days (about {months} months)" if months < 24 else f"{days} days (about {days / 365.25:.1f} years)"
+
+
+def _acquisition_words(finding: AiFinding) -> str:
+    acquisition = finding.acquisition
+    if acquisition is None or acquisition.empty:
+        return "how the prior scan was acquired was not filed with its result"
+    parts = []
+    if acquisition.slice_thickness_mm is not None:
+        parts.append(f"{acquisition.slice_thickness_mm:g} mm slices")
+    parts.append(f"kernel {acquisition.kernel}" if acquisition.kernel else "kernel not stated")
+    parts.append(f"contrast {acquisition.contrast_agent}" if acquisition.contrast_agent else "no contrast stated")
+    if acquisition.kvp is not None:
+        parts.append(f"{acquisition.kvp:g} kV")
+    return "prior scan: " + ", ".join(parts)
+
+
+def followup_order_cards(
+    orders: Iterable[ImagingOrder], findings: Sequence[AiFinding], settings: CardSettings
+) -> list[dict[str, Any]]:
+    """order-select: for a CT order the analyzers follow, the interval since the prior AI result and what a new
+    analysis will compare with it (one info card per order; nothing when no analyzer has a prior to compare)."""
+    cards = []
+    for order in orders:
+        if "CT" not in order.modalities:
+            continue
+        newest_by_analyzer: dict[str, AiFinding] = {}
+        for finding in findings:  # newest first
+            if relevant_to_order(finding, order) and finding.effective is not None:
+                newest_by_analyzer.setdefault(finding.analyzer, finding)
+        entries: list[tuple[AiFinding, list[str], list[str]]] = []
+        for analyzer, finding in newest_by_analyzer.items():
+            spec = _followup_spec(analyzer)
+            if spec is None:
+                continue
+            with_verdict: list[str] = []
+            without: list[str] = []
+            for measured in finding.measurements:
+                followed = spec.measurements.get(measured.key)
+                if followed is not None:
+                    (with_verdict if followed.repeatability is not None else without).append(measured.text)
+            if with_verdict or without:
+                entries.append((finding, with_verdict, without))
+        if not entries:
+            continue
+        newest = max((e[0] for e in entries), key=lambda f: f.effective or settings.now)
+        assert newest.effective is not None
+        days = max((settings.now - newest.effective).days, 0)
+        summary = f"Follow-up CT: prior AI results of {_date(newest)}, {_interval_words(days)} ago, will be compared"
+        lines = ["A new AI analysis of this CT will be compared with the patient's prior results:", ""]
+        for finding, with_verdict, without in entries:
+            assert finding.effective is not None
+            interval = _interval_words(max((settings.now - finding.effective).days, 0))
+            version = f" v{finding.version}" if finding.version else ""
+            lines.append(
+                f"- **{analyzer_title(finding.analyzer)}**{version}: prior of {_date(finding)} ({interval} ago, "
+                f"{_status_phrase(finding)}; {finding.report_reference}); {_acquisition_words(finding)}."
+            )
+            if with_verdict:
+                lines.append(f"  - Change called only beyond the published repeatability: {', '.join(with_verdict)}.")
+            if without:
+                lines.append(f"  - Change shown without a verdict (no published repeatability): {', '.join(without)}.")
+        lines += [
+            "",
+            "The same slice thickness, kernel and contrast phase as the prior keep the comparison strong; a "
+            "difference is named in the report as a reason the comparison is weaker.",
+            "",
+            _DISCLAIMER,
+        ]
+        # The service's note about the order, not one analyzer's finding: its source is the service (as for queue
+        # notices), so each analyzer's own finding card keeps its attribution and feedback.
+        card = _base_card(summary=summary, detail="\n".join(lines), indicator="info", analyzer=None, settings=settings)
+        context = {"diagnosticReport": newest.report_reference, "serviceRequest": order.reference}
+        if newest.imaging_studies:
+            context["imagingStudy"] = newest.imaging_studies[0]
+        card["links"] = [smart_link(settings, context, "Review the prior AI result in imaging-cds")]
+        card["overrideReasons"] = [dict(r) for r in OVERRIDE_REASONS]
+        cards.append(card)
+    return cards

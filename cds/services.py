@@ -68,6 +68,7 @@ SERVICES: dict[str, ServiceDefinition] = {
             title="Imaging AI findings for this patient",
             description=(
                 "Summarises AI imaging findings awaiting clinician review and notable recent signed findings, "
+                "says when a finding progressed since the prior study (beyond its published repeatability), "
                 "with a link that opens the imaging-cds app for the patient."
             ),
             prefetch=dict(PREFETCH_TEMPLATES),
@@ -80,7 +81,8 @@ SERVICES: dict[str, ServiceDefinition] = {
             title="Prior imaging AI findings for a new imaging order",
             description=(
                 "When an imaging ServiceRequest is selected, brings relevant prior AI findings (same body region "
-                "or modality) to the order, with suggestions where a guideline supports one."
+                "or modality) to the order, with suggestions where a guideline supports one; for a follow-up CT, "
+                "the interval since the prior AI result and what a new analysis will compare with it."
             ),
             prefetch=dict(PREFETCH_TEMPLATES),
             usage_requirements=_USAGE,

@@ -59,6 +59,7 @@ NON_IDENTIFYING_ATTRIBUTES = (
     "ConvolutionKernel",
     "SliceThickness",
     "KVP",
+    "ContrastBolusAgent",
     "PhotometricInterpretation",
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -66,7 +67,9 @@ NON_IDENTIFYING_ATTRIBUTES = (
     "ImageLaterality",
 )
 """DICOM attributes copied into :attr:`Volume.attributes`: acquisition facts, never names, IDs or dates.
-``Laterality`` says which side a series of a paired structure shows (a crop of one hippocampus)."""
+``Laterality`` says which side a series of a paired structure shows (a crop of one hippocampus). The analyzers check
+slice thickness, kernel, tube voltage and contrast against what they were validated on, and a follow-up comparison
+names them when they differ between two scans (:mod:`models.followup`)."""
 
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines are DS strings, often rounded to 4-6 decimals

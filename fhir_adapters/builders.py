@@ -13,7 +13,11 @@ This is the one place where ``models.base.AnalysisResult`` becomes FHIR. The res
 * one ``Media`` per explanation image (PNG), marked as an AI explanation, not a diagnostic image;
 * the ``DiagnosticReport`` (status ``preliminary``, no performer or interpreter: the AI is neither) linking
   them, with a human-readable HTML report in ``presentedForm``;
-* a ``Provenance`` naming the Device as author of every new clinical resource, the ImagingStudy as source.
+* a ``Provenance`` naming the Device as author of every new clinical resource, the ImagingStudy as source;
+* with a :class:`~models.followup.FollowupComparison`, one ``Observation`` per compared measurement (derived from
+  the current and the prior measurement, the prior study's date in a component, the verdict as its value), and the
+  report's conclusion states the comparison. The report records how the images were acquired (extension
+  :data:`~fhir_adapters.constants.ACQUISITION_EXTENSION`), which a later comparison reads back.
 
 Idempotency: every resource but the Provenance has an identifier derived from :func:`analysis_identifier`
 (study UID + series UID + analyzer + version; findings add their stable key, ``/finding/nodule-1``) and is POSTed
@@ -52,6 +56,7 @@ from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters import constants, terminology
 from fhir_adapters.validation import validate_bundle, validate_resource
 from models.base import AnalysisResult, CodedValue, Explanation, Finding, Measurement, probability_percent
+from models.followup import Acquisition, FollowupComparison, MeasurementChange
 
 # Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).
 MODEL_SHA256_IDENTIFIER_SYSTEM = f"{constants.CANONICAL_BASE}/sid/model-sha256"
@@ -104,7 +109,8 @@ class AnalysisTarget:
     ``imaging_study_id`` is the ImagingStudy's logical id (or a relative reference ``ImagingStudy/<id>``);
     ``patient_reference`` is ``Patient/<id>``. ``selection_reason`` says in words why this series was
     chosen (shown in the report). ``study_started`` is ``ImagingStudy.started`` when known: the report's
-    and observations' effective time is when the images were acquired, not when the AI ran.
+    and observations' effective time is when the images were acquired, not when the AI ran. ``acquisition`` is how
+    the series was acquired (slice thickness, kernel, contrast...), filed with the report for later comparisons.
     """
 
     imaging_study_id: str
@@ -113,6 +119,7 @@ class AnalysisTarget:
     series_uid: str
     selection_reason: str
     study_started: str | None = None
+    acquisition: Acquisition | None = None
 
     @property
     def imaging_study_reference(self) -> str:
@@ -485,8 +492,10 @@ def media_with_image_at(media: Mapping[str, Any], binary_reference: str) -> dict
     return moved
 
 
-def _conclusion(result: AnalysisResult) -> str:
+def _conclusion(result: AnalysisResult, comparison: FollowupComparison | None = None) -> str:
     parts = [result.conclusion.strip()]
+    if comparison is not None:
+        parts.append(comparison.sentence())
     if result.warnings:
         parts.append("Warnings: " + "; ".join(w.strip().rstrip(".") for w in result.warnings) + ".")
     parts.append(AI_DISCLAIMER)
@@ -494,7 +503,11 @@ def _conclusion(result: AnalysisResult) -> str:
 
 
 def render_report_html(
-    target: AnalysisTarget, result: AnalysisResult, device: DeviceInfo, measurements: tuple[Measurement, ...]
+    target: AnalysisTarget,
+    result: AnalysisResult,
+    device: DeviceInfo,
+    measurements: tuple[Measurement, ...],
+    comparison: FollowupComparison | None = None,
 ) -> str:
     """The human-readable report a clinician opens from the EHR (``DiagnosticReport.presentedForm``).
 
@@ -530,7 +543,7 @@ def render_report_html(
         f"</p><p>Rule: {e(result.category.rule)}</p>{probability}"
         "<h2>Measurements</h2><table><thead><tr><th>Measurement</th><th>Value</th><th>Unit</th>"
         f"<th>Reference range</th><th>Interpretation</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        f"{extra}<h2>Warnings</h2><ul>{warnings}</ul>"
+        f"{extra}{_comparison_html(comparison)}<h2>Warnings</h2><ul>{warnings}</ul>"
         f"<h2>Images analysed</h2><p>Study UID <code>{e(target.study_uid)}</code>, series UID "
         f"<code>{e(target.series_uid)}</code>.</p><p>Why this series: {e(target.selection_reason)}</p>"
         f"<h2>Analyzer</h2><p>{e(device.title)} ({e(device.name)}, version {e(device.version)}).{card}{digest}</p>"
@@ -573,6 +586,127 @@ def _findings_html(result: AnalysisResult) -> str:
     )
 
 
+def _comparison_html(comparison: FollowupComparison | None) -> str:
+    """The report's comparison section: one row per compared measurement, verdicts in words (no colour)."""
+    if comparison is None:
+        return ""
+    e = html.escape
+    if comparison.prior is None:
+        notes = "".join(f"<p>{e(n)}</p>" for n in comparison.not_compared) or "<p>No earlier result to compare.</p>"
+        return f"<h2>Comparison with the prior study</h2>{notes}"
+    rows = "".join(
+        f"<tr><td>{e(c.display)}</td><td>{e(_format_value(c.prior))}</td><td>{e(_format_value(c.current))}</td>"
+        f"<td>{e(terminology.unit_label(c.unit))}</td><td>{e(_signed(c.absolute))}</td>"
+        f"<td>{e('' if c.per_year is None else _signed(c.per_year))}</td>"
+        f"<td>{e(c.verdict.replace('-', ' '))}</td><td>{e(c.limit or c.no_verdict_because)}</td></tr>"
+        for c in comparison.changes
+    )
+    weaker = "".join(f"<li>{e(w)}</li>" for w in comparison.weaker_because) or "<li>None stated.</li>"
+    left_out = "".join(f"<li>{e(n)}</li>" for n in comparison.not_compared)
+    sources = sorted({c.source for c in comparison.changes if c.source})
+    return (
+        f"<h2>Comparison with the prior study of {e(comparison.prior.effective.date().isoformat())}</h2>"
+        f"<p>{e(comparison.sentence())}</p><table><thead><tr><th>Measurement</th><th>Prior</th><th>Now</th>"
+        "<th>Unit</th><th>Change</th><th>Change per year</th><th>Verdict</th><th>Repeatability</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table><p>Reasons the comparison is weaker:</p><ul>{weaker}</ul>"
+        + (f"<p>Not compared:</p><ul>{left_out}</ul>" if left_out else "")
+        + "".join(f"<p>Repeatability source: {e(source)}</p>" for source in sources)
+        + f"<p>{e(comparison.validation)}</p>"
+    )
+
+
+def _signed(value: float) -> str:
+    return ("+" if value > 0 else "") + _format_value(value)
+
+
+def _change_components(change: MeasurementChange, prior_date: str) -> list[dict[str, Any]]:
+    def quantity(code: str, value: float, ucum: str) -> dict[str, Any]:
+        return {"code": terminology.comparison_code(code).concept(), "valueQuantity": terminology.quantity(value, ucum)}
+
+    rate_unit = "/a" if change.unit == "1" else f"{change.unit}/a"
+    components = [
+        {
+            "code": terminology.measurement_concept(change.key, change.display),
+            "valueQuantity": terminology.quantity(change.current, change.unit),
+        },
+        quantity("prior-value", change.prior, change.unit),
+        {"code": terminology.comparison_code("prior-study-date").concept(), "valueDateTime": prior_date},
+        quantity("interval", round(change.interval_days, 1), "d"),
+        quantity("absolute-change", _rounded(change.absolute), change.unit),
+    ]
+    if change.percent is not None:
+        components.append(quantity("percent-change", round(change.percent, 1), "%"))
+    if change.per_year is not None:
+        components.append(quantity("change-per-year", _rounded(change.per_year), rate_unit))
+    if change.band is not None:
+        components.append(quantity("repeatability-low", _rounded(change.band[0]), change.unit))
+        components.append(quantity("repeatability-high", _rounded(change.band[1]), change.unit))
+    return components
+
+
+def _rounded(value: float) -> float:
+    """Four significant digits: a change is never more precise than the values it comes from."""
+    return float(f"{value:.4g}")
+
+
+def _comparison_observation(
+    target: AnalysisTarget,
+    comparison: FollowupComparison,
+    change: MeasurementChange,
+    *,
+    identifier: str,
+    current_url: str,
+    device_url: str,
+    issued: str,
+) -> dict[str, Any]:
+    assert comparison.prior is not None
+    prior_date = comparison.prior.effective.date().isoformat()
+    verdict = terminology.comparison_code(change.verdict)
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _security(),
+        "identifier": _identifier(identifier),
+        "status": "preliminary",
+        "category": [terminology.IMAGING_CATEGORY.concept()],
+        "code": terminology.comparison_code("change-since-prior").concept(
+            f"{change.display}: change since the {comparison.prior.modality} of {prior_date}"
+        ),
+        "subject": {"reference": target.patient_reference},
+    }
+    if target.study_started:
+        observation["effectiveDateTime"] = target.study_started
+    observation["issued"] = issued
+    observation["valueCodeableConcept"] = verdict.concept(change.sentence())
+    interpretations = terminology.change_interpretations(change.verdict, change.worse)
+    if interpretations:
+        observation["interpretation"] = interpretations
+    notes = [f"Repeatability: {change.limit}. Source: {change.source}" if change.source else change.no_verdict_because]
+    notes.extend(f"Comparison weaker: {reason}." for reason in comparison.weaker_because)
+    notes.append(f"Not validated on real follow-up pairs of scans (see the model card). {AI_DISCLAIMER}")
+    observation["note"] = [{"text": n} for n in notes if n]
+    observation["device"] = {"reference": device_url}
+    observation["derivedFrom"] = [{"reference": current_url}, {"reference": change.prior_reference}]
+    observation["component"] = _change_components(change, comparison.prior.effective.isoformat())
+    return observation
+
+
+def _acquisition_extension(acquisition: Acquisition) -> dict[str, Any]:
+    """How the images were acquired, in DICOM's own attribute names, for a later comparison to read back."""
+    parts: list[dict[str, Any]] = []
+    if acquisition.slice_thickness_mm is not None:
+        thickness = terminology.quantity(acquisition.slice_thickness_mm, "mm")
+        parts.append({"url": "SliceThickness", "valueQuantity": thickness})
+    if acquisition.kernel:
+        parts.append({"url": "ConvolutionKernel", "valueString": acquisition.kernel})
+    if acquisition.contrast_agent:
+        parts.append({"url": "ContrastBolusAgent", "valueString": acquisition.contrast_agent})
+    if acquisition.kvp is not None:
+        parts.append({"url": "KVP", "valueQuantity": terminology.quantity(acquisition.kvp, "kV")})
+    if acquisition.scanner:
+        parts.append({"url": "Scanner", "valueString": acquisition.scanner})
+    return {"url": constants.ACQUISITION_EXTENSION, "extension": parts}
+
+
 def _provenance(
     provenance_id: str,
     targets: list[str],
@@ -596,12 +730,19 @@ def _provenance(
 
 
 def build_results_bundle(
-    target: AnalysisTarget, result: AnalysisResult, device: DeviceInfo, *, issued: datetime
+    target: AnalysisTarget,
+    result: AnalysisResult,
+    device: DeviceInfo,
+    *,
+    issued: datetime,
+    comparison: FollowupComparison | None = None,
 ) -> dict[str, Any]:
     """One ``transaction`` Bundle that records ``result`` in the EHR; posting it twice creates nothing new.
 
     ``issued`` (time-zone aware) is when the results are made available; it is also the Provenance's
-    ``recorded``. Raises :class:`~fhir_adapters.validation.ResourceValidationError` if a built resource does
+    ``recorded``. ``comparison`` (with the patient's earlier result) adds one Observation per compared
+    measurement, identified ``<analysis>/comparison/<key>``, and its sentence to the conclusion. Raises
+    :class:`~fhir_adapters.validation.ResourceValidationError` if a built resource does
     not conform to R4 (a bug here), :class:`ConfigurationError` for an analyzer output that cannot be
     written (a non-finite value, an explanation that is not PNG).
     """
@@ -637,6 +778,7 @@ def build_results_bundle(
         entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         observation_urls.append(url)
 
+    measurement_urls = dict(zip((m.key for m in measurements), observation_urls, strict=True))
     _check_keys(result)
     media_urls = [f"urn:uuid:{_uuid_for(f'{analysis_id}/media/{n}')}" for n in range(len(result.explanations))]
     for value in result.assessments:
@@ -661,6 +803,22 @@ def build_results_bundle(
         )
         entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         observation_urls.append(url)
+    compared = comparison.changes if comparison is not None and comparison.prior is not None else ()
+    for change in compared:
+        assert comparison is not None  # for the type checker: ``compared`` is empty without one
+        identifier = f"{analysis_id}/comparison/{change.key}"
+        url = f"urn:uuid:{_uuid_for(identifier)}"
+        observation = _comparison_observation(
+            target,
+            comparison,
+            change,
+            identifier=identifier,
+            current_url=measurement_urls[change.key],
+            device_url=device_url,
+            issued=issued_at,
+        )
+        entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        observation_urls.append(url)
 
     media_links: list[dict[str, Any]] = []
     for n, explanation in enumerate(result.explanations):
@@ -670,11 +828,12 @@ def build_results_bundle(
         entries.append(conditional_create_entry(url, media, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         media_links.append({"comment": explanation.title, "link": {"reference": url}})
 
-    report_html = render_report_html(target, result, device, measurements)
+    report_html = render_report_html(target, result, device, measurements, comparison)
     report_url = f"urn:uuid:{_uuid_for(analysis_id)}"
-    report: dict[str, Any] = {
-        "resourceType": "DiagnosticReport",
-        "meta": _security(),
+    report: dict[str, Any] = {"resourceType": "DiagnosticReport", "meta": _security()}
+    if target.acquisition is not None and not target.acquisition.empty:
+        report["extension"] = [_acquisition_extension(target.acquisition)]
+    report |= {
         "identifier": _identifier(analysis_id),
         "status": "preliminary",
         "category": [terminology.RADIOLOGY_SECTION.concept()],
@@ -688,7 +847,7 @@ def build_results_bundle(
     report["imagingStudy"] = [{"reference": target.imaging_study_reference}]
     if media_links:
         report["media"] = media_links
-    report["conclusion"] = _conclusion(result)
+    report["conclusion"] = _conclusion(result, comparison)
     report["conclusionCode"] = terminology.conclusion_codes(result.analyzer, result.category)
     report["presentedForm"] = [
         {

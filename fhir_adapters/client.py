@@ -289,16 +289,23 @@ class FhirClient:
         """Yield every matching resource, following ``next`` links page by page.
 
         Only ``search.mode = match`` entries are yielded (``_include``d resources are for
-        :meth:`search_bundle`). A ``next`` link to another origin is refused unless allow-listed, and a search
-        with more than ``limits.fhir_search_pages`` pages is refused when the next page would pass the limit.
+        :meth:`search_bundle` and :meth:`search_pages`). A ``next`` link to another origin is refused unless
+        allow-listed, and a search with more than ``limits.fhir_search_pages`` pages is refused when the next page
+        would pass the limit.
         """
-        bundle = self.search_bundle(resource_type, params)
-        seen: set[str] = set()
-        while True:
+        for bundle in self.search_pages(resource_type, params):
             for entry in map(element, items(bundle.get("entry"))):
                 resource = entry.get("resource")
                 if isinstance(resource, dict) and element(entry.get("search")).get("mode", "match") == "match":
                     yield resource
+
+    def search_pages(self, resource_type: str, params: SearchParams | None = None) -> Iterator[dict[str, Any]]:
+        """Yield each page of a search as the raw Bundle (with its ``_include``d resources), as :meth:`search`
+        follows them: the same origin and page-count checks."""
+        bundle = self.search_bundle(resource_type, params)
+        seen: set[str] = set()
+        while True:
+            yield bundle
             links = map(element, items(bundle.get("link")))
             next_url = next((link.get("url") for link in links if link.get("relation") == "next"), None)
             if not isinstance(next_url, str) or not next_url or next_url in seen:

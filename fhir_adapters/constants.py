@@ -25,6 +25,12 @@ FINDING_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding"
 # CodeSystem for the values of coded attributes; code = "<CodedValue.key>/<CodedValue.code>" (e.g. "lung_rads/4A").
 FINDING_VALUE_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/finding-value"
 
+# CodeSystem of the Observations comparing a measurement with the prior study (components and verdicts).
+COMPARISON_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/comparison"
+# Extension on a results DiagnosticReport: how the analysed images were acquired (slice thickness, kernel, contrast,
+# tube voltage, scanner), so that a later comparison can name what differs between two scans.
+ACQUISITION_EXTENSION: Final = f"{CANONICAL_BASE}/StructureDefinition/image-acquisition"
+
 # HL7 AI Transparency: security label marking content asserted by artificial intelligence.
 AI_ASSERTED_SECURITY_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 AI_ASSERTED_SECURITY_CODE: Final = "AIAST"

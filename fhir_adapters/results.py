@@ -8,6 +8,11 @@ measurement CodeSystem, and whose Device is identified as ``"<name>@<version>"``
 that back, for both front doors: the CDS service's cards (:mod:`cds`) and the clinician app's screens
 (:mod:`smart_launch`).
 
+A result may also carry comparisons with the patient's earlier result of the same analyzer (Observations coded
+``change-since-prior`` in :data:`~fhir_adapters.constants.COMPARISON_CODESYSTEM`, read as :class:`FiledComparison`)
+and how its images were acquired (extension :data:`~fhir_adapters.constants.ACQUISITION_EXTENSION`, read as a
+:class:`models.followup.Acquisition`), which the next comparison needs.
+
 A result is recognised by the project's identifier system, never by free text and not by the AIAST label alone
 (another vendor's AI result carries that label too), so a human radiology report or someone else's AI output is
 never summarised as ours. These are pure functions over JSON: an element of the wrong JSON type reads as absent
@@ -25,14 +30,17 @@ from typing import Any, NamedTuple
 from fhir_adapters import fhirjson
 from fhir_adapters.constants import (
     ABNORMAL_INTERPRETATION_SYSTEM,
+    ACQUISITION_EXTENSION,
     ANALYSIS_IDENTIFIER_SYSTEM,
     CATEGORY_CODESYSTEM,
+    COMPARISON_CODESYSTEM,
     DEVICE_IDENTIFIER_SYSTEM,
     FINDING_CODESYSTEM,
     FINDING_VALUE_CODESYSTEM,
     MEASUREMENT_CODESYSTEM,
 )
 from fhir_adapters.terminology import unit_label
+from models.followup import Acquisition
 
 NORMAL_CATEGORY_CODES = frozenset({"none", "normal", "negative", "no-finding", "not-detected", "benign"})
 """Fallback for reports without an explicit A/N conclusion code: category codes that mean "nothing abnormal"."""
@@ -66,6 +74,32 @@ class MeasuredValue:
     interpretation: str | None = None
     text: str = ""
     interpretation_display: str | None = None
+    reference: str = ""
+    """The Observation it was read from (``Observation/<id>``), for a comparison to derive from; empty when unknown."""
+
+
+@dataclass(frozen=True)
+class FiledComparison:
+    """A comparison of one measurement with the prior study, as filed (see :mod:`fhir_adapters.builders`).
+
+    ``verdict`` is ``stable``, ``increased``, ``decreased`` or ``not-assessed``; ``sentence`` the filed wording
+    (``LAA-950 3.1 % -> 5.2 %, +2.1 points, beyond the repeatability of ...: increased``); ``band`` the values the
+    current measurement could take without a change beyond repeatability, when one is stated.
+    """
+
+    key: str
+    display: str
+    unit: str
+    current: float
+    prior: float | None
+    prior_date: datetime | None
+    absolute: float | None
+    per_year: float | None
+    verdict: str
+    sentence: str
+    band: tuple[float, float] | None = None
+    significant: bool = False  # interpretation U or D: a change beyond repeatability
+    progressed: bool = False  # interpretation W: beyond repeatability in the direction the analyzer calls worse
 
 
 @dataclass(frozen=True)
@@ -130,6 +164,11 @@ class AiFinding:
     """Findings the report lists one by one (its lesions), most suspicious first, as the analyzer ordered them."""
     assessments: tuple[CodedAnswer, ...] = ()
     """The report's exam-level coded conclusions besides its category (a guideline category, a recommendation)."""
+    subject: str = ""  # "Patient/<id>" as the report names it
+    acquisition: Acquisition | None = None
+    """How the analysed images were acquired, when the report recorded it (results filed before that did not)."""
+    comparisons: tuple[FiledComparison, ...] = ()
+    """The report's comparisons with the patient's prior result, one per compared measurement."""
 
     @property
     def abnormal(self) -> bool:
@@ -150,6 +189,9 @@ class AiFinding:
 
     def assessment(self, key: str) -> CodedAnswer | None:
         return next((a for a in self.assessments if a.key == key), None)
+
+    def comparison(self, key: str) -> FiledComparison | None:
+        return next((c for c in self.comparisons if c.key == key), None)
 
 
 def _codings(concept: Any) -> list[Any]:
@@ -234,6 +276,90 @@ def measured_value(observation: Mapping[str, Any]) -> MeasuredValue | None:
         interpretation_display=(
             None if interpretation is None else str(interpretation.get("display") or interpretation.get("code"))
         ),
+        reference=f"Observation/{observation['id']}" if isinstance(observation.get("id"), str) else "",
+    )
+
+
+def _quantity_value(element: Any) -> float | None:
+    value = fhirjson.element(element).get("value")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _coded(concept: Any, system: str) -> str | None:
+    for coding in _codings(concept):
+        if isinstance(coding, dict) and coding.get("system") == system and isinstance(coding.get("code"), str):
+            return str(coding["code"])
+    return None
+
+
+def filed_comparison(observation: Mapping[str, Any]) -> FiledComparison | None:
+    """The comparison an Observation coded ``change-since-prior`` carries; ``None`` for any other Observation."""
+    if _coded(observation.get("code"), COMPARISON_CODESYSTEM) != "change-since-prior":
+        return None
+    current: MeasuredValue | None = None
+    parts: dict[str, Mapping[str, Any]] = {}
+    for component in fhirjson.items(observation.get("component")):
+        if not isinstance(component, dict):
+            continue
+        code = _coded(component.get("code"), COMPARISON_CODESYSTEM)
+        if code is not None:
+            parts[code] = component
+        elif current is None:
+            current = measured_value({"code": component.get("code"), "valueQuantity": component.get("valueQuantity")})
+    if current is None:
+        return None
+    value = fhirjson.element(observation.get("valueCodeableConcept"))
+    low = _quantity_value(parts.get("repeatability-low", {}).get("valueQuantity"))
+    high = _quantity_value(parts.get("repeatability-high", {}).get("valueQuantity"))
+    interpretations = {
+        coding.get("code")
+        for concept in fhirjson.items(observation.get("interpretation"))
+        for coding in _codings(concept)
+        if isinstance(coding, dict) and coding.get("system") == ABNORMAL_INTERPRETATION_SYSTEM
+    }
+    return FiledComparison(
+        key=current.key,
+        display=current.text,  # the analyzer's own words for the measurement, as the comparison was worded
+        unit=current.unit,
+        current=current.value,
+        prior=_quantity_value(parts.get("prior-value", {}).get("valueQuantity")),
+        prior_date=parse_datetime(parts.get("prior-study-date", {}).get("valueDateTime")),
+        absolute=_quantity_value(parts.get("absolute-change", {}).get("valueQuantity")),
+        per_year=_quantity_value(parts.get("change-per-year", {}).get("valueQuantity")),
+        verdict=_coded(value, COMPARISON_CODESYSTEM) or "not-assessed",
+        sentence=str(value.get("text") or ""),
+        band=None if low is None or high is None else (low, high),
+        significant=bool(interpretations & {"U", "D"}),
+        progressed="W" in interpretations,
+    )
+
+
+def read_acquisition(report: Mapping[str, Any]) -> Acquisition | None:
+    """How the report's images were acquired (its acquisition extension), or ``None`` when it recorded nothing."""
+    extension = next(
+        (
+            e
+            for e in fhirjson.items(report.get("extension"))
+            if isinstance(e, dict) and e.get("url") == ACQUISITION_EXTENSION
+        ),
+        None,
+    )
+    if extension is None:
+        return None
+    parts = {str(p.get("url")): p for p in fhirjson.items(extension.get("extension")) if isinstance(p, dict)}
+    texts = {name: part.get("valueString") for name, part in parts.items()}
+    numbers = {name: _quantity_value(part.get("valueQuantity")) for name, part in parts.items()}
+
+    def text(name: str) -> str:
+        value = texts.get(name)
+        return value.strip() if isinstance(value, str) else ""
+
+    return Acquisition(
+        slice_thickness_mm=numbers.get("SliceThickness"),
+        kernel=text("ConvolutionKernel"),
+        contrast_agent=text("ContrastBolusAgent"),
+        kvp=numbers.get("KVP"),
+        scanner=text("Scanner"),
     )
 
 
@@ -375,6 +501,7 @@ def _read_report(
     measurements: list[MeasuredValue] = []
     listed: list[ListedFinding] = []
     assessments: list[CodedAnswer] = []
+    comparisons: list[FiledComparison] = []
     version: str | None = None
     for ref in fhirjson.items(report.get("result")):
         observation = resolve(index, ref)
@@ -387,6 +514,8 @@ def _read_report(
             listed.append(finding)
         elif (answer := assessment_answer(observation)) is not None:
             assessments.append(answer)
+        elif (compared := filed_comparison(observation)) is not None:
+            comparisons.append(compared)
         if version is None:
             device = resolve(index, observation.get("device"))
             version = device_version(device) if device is not None else None
@@ -405,6 +534,9 @@ def _read_report(
         stated_abnormal=abnormal,
         listed=tuple(listed),
         assessments=tuple(assessments),
+        subject=fhirjson.reference(report.get("subject")),
+        acquisition=read_acquisition(report),
+        comparisons=tuple(comparisons),
     )
 
 

@@ -231,6 +231,40 @@ def interpretation_concept(code: Interpretation) -> dict[str, Any]:
     return Code(OBSERVATION_INTERPRETATION, code, _INTERPRETATIONS[code]).concept()
 
 
+_CHANGE_INTERPRETATIONS: dict[str, Code] = {
+    "increased": Code(OBSERVATION_INTERPRETATION, "U", "Significant change up"),
+    "decreased": Code(OBSERVATION_INTERPRETATION, "D", "Significant change down"),
+    "worse": Code(OBSERVATION_INTERPRETATION, "W", "Worse"),
+    "better": Code(OBSERVATION_INTERPRETATION, "B", "Better"),
+}
+
+
+@lru_cache(maxsize=1)
+def _comparison_displays() -> dict[str, str]:
+    return {c["code"]: c["display"] for c in load_codesystem("comparison").get("concept", [])}
+
+
+def comparison_code(code: str) -> Code:
+    """A concept of the project's comparison CodeSystem (``change-since-prior``, ``prior-value``, ``stable``...)."""
+    displays = _comparison_displays()
+    if code not in displays:
+        raise KeyError(f"{code!r} is not in the comparison CodeSystem; it has {sorted(displays)}")
+    return Code(constants.COMPARISON_CODESYSTEM, code, displays[code])
+
+
+def change_interpretations(verdict: str, worse: str | None) -> list[dict[str, Any]]:
+    """``Observation.interpretation`` of a change beyond repeatability: v3 ``U`` / ``D``, and ``W`` (worse) or
+    ``B`` (better) when the analyzer's card says which direction is progression; none for a stable change."""
+    direction = _CHANGE_INTERPRETATIONS.get(verdict)
+    if direction is None:
+        return []
+    concepts = [direction.concept()]
+    if worse is not None:
+        progressed = (verdict, worse) in (("increased", "increase"), ("decreased", "decrease"))
+        concepts.append(_CHANGE_INTERPRETATIONS["worse" if progressed else "better"].concept())
+    return concepts
+
+
 def unit_label(ucum: str) -> str:
     """What a reader sees as the unit (``HU`` for ``[hnsf'U]``, nothing for ``1``); else the UCUM code."""
     return _UNIT_LABELS.get(ucum, ucum)

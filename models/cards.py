@@ -38,6 +38,54 @@ _ESTIMATE = {
 }
 _TEXT = {"type": "string", "minLength": 1}
 _TEXT_LIST = {"type": "array", "minItems": 1, "items": _TEXT}
+_REPEATABILITY = {
+    "type": ["object", "null"],  # null: no published repeatability (then the measurement says why)
+    "required": ["kind", "basis", "source"],
+    "properties": {
+        "kind": {"enum": ["absolute", "relative", "square-root"]},
+        "basis": _TEXT,
+        "source": _TEXT,
+        "lower": {"type": "number", "maximum": 0},
+        "upper": {"type": "number", "minimum": 0},
+        "percent": {"type": "number", "exclusiveMinimum": 0},
+        "coefficient": {"type": "number", "exclusiveMinimum": 0},
+        "zero_prior_limit": {"type": "number", "minimum": 0},
+        "slice_thickness_mm": {"type": "number", "exclusiveMinimum": 0},
+        "verdict_up_to_slice_mm": {"type": "number", "exclusiveMinimum": 0},
+    },
+    "allOf": [
+        {"if": {"properties": {"kind": {"const": "absolute"}}}, "then": {"required": ["lower", "upper"]}},
+        {"if": {"properties": {"kind": {"const": "relative"}}}, "then": {"required": ["percent"]}},
+        {
+            "if": {"properties": {"kind": {"const": "square-root"}}},
+            "then": {"required": ["coefficient", "zero_prior_limit"]},
+        },
+    ],
+}
+_FOLLOWED_MEASUREMENT = {
+    "type": "object",
+    "required": ["repeatability"],
+    "properties": {
+        "repeatability": _REPEATABILITY,
+        "worse": {"enum": ["increase", "decrease", None]},
+        "same_site": {"type": "boolean"},
+        "no_verdict_because": _TEXT,
+        "comparable_versions": {"type": "array", "items": _TEXT},
+    },
+    # A change shown without a verdict must say why there is none.
+    "if": {"properties": {"repeatability": {"type": "null"}}},
+    "then": {"required": ["repeatability", "no_verdict_because"]},
+}
+_FOLLOWUP = {
+    "type": "object",
+    "required": ["measurements", "comparable_versions", "validation"],
+    "properties": {
+        "measurements": {"type": "object", "additionalProperties": _FOLLOWED_MEASUREMENT},
+        "comparable_versions": {"type": "array", "items": _TEXT},
+        "validation": _TEXT,
+        "not_followed": _TEXT,
+    },
+}
 
 CARD_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -89,6 +137,7 @@ CARD_SCHEMA: dict[str, Any] = {
         },
         "limits": _TEXT_LIST,
         "references": _TEXT_LIST,
+        "followup": _FOLLOWUP,
         "weights": {
             "type": ["object", "null"],
             "required": ["file", "sha256"],
@@ -127,6 +176,8 @@ _FIELD_HELP: dict[str, str] = {
     "dataset": "the data set (and split) the figures were measured on",
     "operating_threshold": "the probability threshold the figures were measured at",
     "decision_rule": "how a segmentation model's output becomes labels (argmax...), when it has no threshold",
+    "no_verdict_because": "why a change of this measurement gets no stable/increased/decreased verdict",
+    "comparable_versions": "earlier analyzer versions whose results measure the same thing (may be empty)",
 }
 
 
@@ -157,6 +208,9 @@ class ModelCard:
     weights: WeightsPin | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    followup: Mapping[str, Any] | None = None
+    """Which measurements are followed over time, their published repeatability, which earlier analyzer versions
+    measure the same thing (read by :func:`models.followup.followup_spec`); ``None`` when the card has no section."""
 
     @property
     def rule_based(self) -> bool:
@@ -188,6 +242,8 @@ class ModelCard:
             "limits": list(self.limits),
             "references": list(self.references),
         }
+        if self.followup is not None:
+            data["followup"] = dict(self.followup)
         if self.weights is not None:
             data["weights"] = {"file": self.weights.file, "sha256": self.weights.sha256}
         data.update(self.extra)
@@ -247,6 +303,7 @@ def card_from_dict(data: Any, *, source: str = "model card") -> ModelCard:
         weights=WeightsPin(weights["file"], weights["sha256"]) if weights else None,
         extra={k: v for k, v in data.items() if k not in known},
         source=source,
+        followup=data.get("followup"),
     )
 
 
@@ -345,6 +402,47 @@ def figures_table(figures: Mapping[str, Mapping[str, float]], caption: str) -> s
     )
 
 
+def followup_section(followup: Mapping[str, Any]) -> str:
+    """How results are compared with the patient's earlier ones: per measurement, the repeatability a change must
+    exceed to be called a change, its source, and the direction that means progression."""
+    rows = []
+    for key, item in (followup.get("measurements") or {}).items():
+        limit = item.get("repeatability")
+        if limit is None:
+            rule, source = f"no verdict: {item.get('no_verdict_because', '')}", ""
+        else:
+            rule = {
+                "absolute": f"{limit.get('lower')} to +{limit.get('upper')} (unit of the measurement)",
+                "relative": f"+/-{limit.get('percent')} % of the prior value",
+                "square-root": f"+/-{limit.get('coefficient')} x square root of the prior; "
+                f"above {limit.get('zero_prior_limit')} from a prior of 0",
+            }[str(limit.get("kind"))]
+            rule = f"{rule}. {limit.get('basis')}"
+            source = str(limit.get("source"))
+        if item.get("comparable_versions") is not None:
+            earlier = ", ".join(item["comparable_versions"]) or "none"
+            rule = f"{rule} Earlier versions compared for this measurement: {earlier}."
+        rows.append(
+            f'<tr><th scope="row"><code>{_e(key)}</code></th><td>{_e(rule)}</td><td>{_e(source)}</td>'
+            f"<td>{_e(item.get('worse') or 'not stated')}</td></tr>"
+        )
+    versions = ", ".join(followup.get("comparable_versions") or ()) or "none"
+    return (
+        "<h2>Follow-up: comparison with earlier results</h2>"
+        f"<p>{_e(followup.get('validation', ''))}</p>"
+        f"<p>Earlier analyzer versions whose results are compared with this version's: {_e(versions)}.</p>"
+        + (f"<p>{_e(followup['not_followed'])}</p>" if followup.get("not_followed") else "")
+        + (
+            "<table><caption>A change is called increased or decreased only beyond these limits</caption>"
+            '<thead><tr><th scope="col">Measurement</th><th scope="col">Repeatability (95 %)</th>'
+            '<th scope="col">Source</th><th scope="col">Worse direction</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+            if rows
+            else ""
+        )
+    )
+
+
 def page(title: str, body: str) -> str:
     """A complete, accessible HTML page (language, viewport, one h1, a main landmark)."""
     return (
@@ -395,6 +493,8 @@ def render_card_html(card: ModelCard, *, json_url: str | None = None, index_url:
         parts.append(render_value(validation))
     sections.append("<h2>Validation</h2>" + "".join(parts))
     sections.append(f"<h2>Known limits</h2>{render_value(list(card.limits))}")
+    if card.followup:
+        sections.append(followup_section(card.followup))
     sections.append(f"<h2>References</h2><ol>{''.join(f'<li>{_e(r)}</li>' for r in card.references)}</ol>")
     if card.weights is not None:
         sections.append(

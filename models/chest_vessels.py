@@ -219,7 +219,7 @@ class _Grid:
         self.spine_front = spine.anterior_row * spine.stride / self.stride  # nan where no vertebral body was seen
         self.between = _between(self.lung, self.box)
         self.bone = _bones(self.values, self.box, self.px * self.px * self.dz / 1000.0)
-        self.tissue = np.zeros(self.values.shape, dtype=bool)  # between the lungs, so inside their box
+        self.tissue: np.ndarray = np.zeros(self.values.shape, dtype=bool)  # between the lungs, so inside their box
         self.tissue[self.box] = self.between[self.box] & ~self.lung[self.box] & ~self.bone[self.box]
         self.tissue[self.box] &= self.values[self.box] > TISSUE_HU
         # the distance peaks only seed the search (every candidate is measured again at full resolution), so they

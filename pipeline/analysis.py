@@ -7,6 +7,9 @@ Each arrow of the data flow happens in one place, and this module only strings t
     dicom_io.dicomweb.fetch_series      WADO-RS                  ->  pydicom datasets, streamed
     dicom_io.volume.assemble_volume     datasets                 ->  checked, sorted HU volume
     models.<analyzer>.analyze              ImageInput               ->  AnalysisResult
+    fhir_adapters.history.read_history     one FHIR search          ->  the patient's earlier results (searched
+                                                                        while the images download)
+    models.followup.compare_with_history   result + earlier results ->  FollowupComparison
     fhir_adapters.builders                 AnalysisResult           ->  one transaction Bundle
     fhir_adapters.writer.write_results     Bundle                   ->  the EHR, as it takes it (idempotent)
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,13 +30,17 @@ from core.limits import DEFAULT_LIMITS, InputLimits, too_large
 from dicom_io.dicomweb import fetch_series
 from dicom_io.volume import assemble_volume
 from fhir_adapters.audit import AuditedFhirClient, failure_of
-from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
+from fhir_adapters.builders import AnalysisTarget, DeviceInfo, analysis_identifier, build_results_bundle
 from fhir_adapters.client import FhirClient
 from fhir_adapters.fhirjson import relative_reference
+from fhir_adapters.history import HISTORY_PAGE_SIZE, ResultHistory, prior_results, read_history
 from fhir_adapters.patient import read_patient_context
+from fhir_adapters.results import parse_datetime
 from fhir_adapters.study import SeriesChoice, choose_series
 from fhir_adapters.writer import CAPABILITIES, CapabilityCache, WriteSettings, write_results
 from models.base import AnalysisResult, Analyzer, ImageInput
+from models.followup import Acquisition, FollowupComparison, as_json, compare_with_history, followup_spec
+from models.registry import get_card
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -77,6 +85,9 @@ class AnalysisOutcome:
     """How the results went to the EHR: ``transaction`` or ``ordered`` (see :mod:`fhir_adapters.writer`)."""
     write_reason: str = ""
     images_as_binary: int = 0
+    comparison: FollowupComparison | None = None
+    """The comparison with the patient's earlier result that this run filed (``None`` for an analyzer whose card
+    follows nothing over time, and for a re-run, which files nothing new: the EHR holds the first run's)."""
 
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary (no PHI: resource ids and DICOM UIDs only)."""
@@ -102,6 +113,7 @@ class AnalysisOutcome:
                 for m in self.result.measurements
             ],
             "conclusion": self.result.conclusion,
+            "comparison": None if self.comparison is None else as_json(self.comparison),
             "warnings": list(self.result.warnings),
             "corrections": list(self.corrections),
             "diagnosticReport": self.diagnostic_report,
@@ -215,13 +227,26 @@ def analyze_study(
             f"{imaging_study} has no subject.", remedy="The ImagingStudy must reference the Patient it belongs to."
         )
 
-    progress(0.1, f"fetching {choice.instance_count} images of series {choice.series_uid}")
-    projection = set(analyzer.requirements.modalities) <= PROJECTION_MODALITIES
-    with (
-        timings.step("fetch_decode"),
-        _audited_retrieval(client, choice, imaging_study=f"ImagingStudy/{study['id']}", patient=subject),
-    ):
-        image, corrections = load_image(choice, expected_modality_projection=projection, limits=limits)
+    target = AnalysisTarget(
+        imaging_study_id=str(study["id"]),
+        patient_reference=subject,
+        study_uid=choice.study_uid,
+        series_uid=choice.series_uid,
+        selection_reason=choice.reason,
+        study_started=study.get("started"),
+    )
+    # The patient's earlier results are searched for while the images download: the search needs only the study.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prior-search") as background:
+        searching = background.submit(find_history, client, analyzer, target)
+        progress(0.1, f"fetching {choice.instance_count} images of series {choice.series_uid}")
+        projection = set(analyzer.requirements.modalities) <= PROJECTION_MODALITIES
+        with (
+            timings.step("fetch_decode"),
+            _audited_retrieval(client, choice, imaging_study=f"ImagingStudy/{study['id']}", patient=subject),
+        ):
+            image, corrections = load_image(choice, expected_modality_projection=projection, limits=limits)
+        with timings.step("find_prior"):  # what the search still takes once the images are in
+            history = searching.result()
 
     if getattr(analyzer, "uses_patient_context", False):
         with timings.step("read_patient"):
@@ -232,19 +257,14 @@ def analyze_study(
     with timings.step("analyze"):
         analyzer.check_input(image)
         result = analyzer.analyze(image)
+    target = replace(target, acquisition=Acquisition.from_attributes(image.attributes))
     del image  # the volume is not needed for write-back; free it before building the bundle
+    comparison = compare_with_prior(analyzer, result, target, history)
 
     progress(0.85, "writing findings to the EHR")
-    target = AnalysisTarget(
-        imaging_study_id=str(study["id"]),
-        patient_reference=subject,
-        study_uid=choice.study_uid,
-        series_uid=choice.series_uid,
-        selection_reason=choice.reason,
-        study_started=study.get("started"),
-    )
     with timings.step("build_bundle"):
-        bundle = build_results_bundle(target, result, device_info(analyzer, card_base_url=card_base_url), issued=now())
+        device = device_info(analyzer, card_base_url=card_base_url)
+        bundle = build_results_bundle(target, result, device, issued=now(), comparison=comparison)
     with timings.step("write_back"):
         filed = write_results(
             client, bundle, settings=write_settings, capabilities=capabilities, representation=keep_filed
@@ -263,4 +283,67 @@ def analyze_study(
         write_strategy=filed.strategy,
         write_reason=filed.reason,
         images_as_binary=filed.images_as_binary,
+        comparison=comparison,
     )
+
+
+@dataclass(frozen=True)
+class NotComparable:
+    """Why a study cannot be compared with earlier results at all (it has no date to place it after them)."""
+
+    reason: str
+
+
+def find_history(
+    client: FhirClient, analyzer: Analyzer, target: AnalysisTarget
+) -> ResultHistory | NotComparable | None:
+    """The patient's earlier results of ``analyzer``, with one FHIR search; ``None`` when its card follows nothing."""
+    if followup_spec(get_card(analyzer.name)) is None:
+        return None
+    if target.study_started is None or parse_datetime(target.study_started) is None:
+        return NotComparable(
+            f"{target.imaging_study_reference} has no acquisition date in the EHR (ImagingStudy.started), so it is "
+            "not compared with earlier results."
+        )
+    return read_history(
+        client,
+        patient_reference=target.patient_reference,
+        analyzer=analyzer.name,
+        study_date=target.study_started,
+        analysis_id=analysis_identifier(target.study_uid, target.series_uid, analyzer.name, analyzer.version),
+    )
+
+
+def compare_with_prior(
+    analyzer: Analyzer,
+    result: AnalysisResult,
+    target: AnalysisTarget,
+    history: ResultHistory | NotComparable | None,
+) -> FollowupComparison | None:
+    """Compare ``result`` with the earlier results :func:`find_history` found.
+
+    ``None`` when the analyzer's card follows nothing over time, or when this analysis was filed before: a re-run
+    must add nothing, so it brings no comparison of its own (the first run's is in the EHR).
+    """
+    spec = followup_spec(get_card(analyzer.name))
+    if spec is None or history is None:
+        return None
+    if isinstance(history, NotComparable):
+        return FollowupComparison(result.analyzer, datetime.now(UTC), None, not_compared=(history.reason,))
+    current_date = parse_datetime(target.study_started)
+    if history.filed is not None or current_date is None:
+        return None
+    comparison = compare_with_history(
+        result,
+        current_date=current_date,
+        acquisition=target.acquisition or Acquisition(),
+        history=prior_results(history, modality=analyzer.requirements.modalities[0]),
+        spec=spec,
+    )
+    if comparison.prior is None and history.truncated:
+        searched = (
+            f"Only the newest {HISTORY_PAGE_SIZE} earlier reports were searched, and none was a comparable result of "
+            f"{analyzer.name}; older ones may be."
+        )
+        comparison = replace(comparison, not_compared=(*comparison.not_compared, searched))
+    return comparison

@@ -63,6 +63,7 @@ from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError, FhirForbidden, FhirNotFound, FhirUnauthorized
 from fhir_adapters.fhirjson import relative_reference
+from fhir_adapters.history import with_devices, with_results
 from fhir_adapters.images import media_png
 from fhir_adapters.results import is_ai_report
 from fhir_adapters.validation import validate_bundle
@@ -95,6 +96,7 @@ from smart_launch.views import (
     study_row,
     study_rows,
     suitable_analyzers,
+    trend_sections,
 )
 
 log = logging.getLogger(__name__)
@@ -643,6 +645,25 @@ def _patient_reports(client: FhirClient, patient: str) -> list[dict[str, Any]]:
     return list(client.search("DiagnosticReport", {"patient": patient, "identifier": f"{ANALYSIS_IDENTIFIER_SYSTEM}|"}))
 
 
+def _patient_results(client: FhirClient, patient: str) -> list[dict[str, Any]]:
+    """The patient's AI reports with their Observations and analyzer Devices: what the study list and the trend
+    charts are drawn from."""
+    params = {
+        "patient": patient,
+        "identifier": f"{ANALYSIS_IDENTIFIER_SYSTEM}|",
+        "_include": "DiagnosticReport:result",
+        "_count": "100",
+    }
+    resources = [
+        entry["resource"]
+        for page in client.search_pages("DiagnosticReport", params)
+        for entry in page.get("entry", [])
+        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
+    ]
+    # Their Observations where the server ignored _include, and which analyzer version filed each (for the trends).
+    return with_devices(client, with_results(client, resources))
+
+
 @bp.get("/")
 def index() -> Any:
     """The patient's imaging studies with their AI results (or, without a launch, how to open the app)."""
@@ -654,8 +675,15 @@ def index() -> Any:
     client = smart_app().fhir_client(session_id, state)
     banner = _banner(client, session_id, state)
     studies = list(client.search("ImagingStudy", {"patient": state.patient, "_count": "100"}))
-    reports = _patient_reports(client, state.patient) if _can(state).can_read_results else []
-    return render("studies.html", banner=banner, rows=study_rows(studies, reports), can=_can(state))
+    results = _patient_results(client, state.patient) if _can(state).can_read_results else []
+    reports = [r for r in results if r.get("resourceType") == "DiagnosticReport"]
+    return render(
+        "studies.html",
+        banner=banner,
+        rows=study_rows(studies, reports),
+        can=_can(state),
+        trend_sections=trend_sections(results, patient_id=state.patient),
+    )
 
 
 @bp.get("/studies/<study_id>")
@@ -858,8 +886,12 @@ def _report_context(
         except FhirError as exc:
             log.info("Could not read the analyzer Device of a report: %s", type(exc).__name__)
     view = report_view(resource, resources)
+    history = _patient_results(client, str(state.patient)) if _can(state).can_read_results else []
     return {
         "view": view,
+        "trend_sections": trend_sections(
+            history, patient_id=str(state.patient), analyzer=view.analyzer, focus_report=f"DiagnosticReport/{view.id}"
+        ),
         "card": model_card(view.analyzer),
         "can": _can(state),
         "rejection_kinds": REJECTION_KINDS,

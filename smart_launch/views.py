@@ -18,14 +18,17 @@ from fhir_adapters import terminology
 from fhir_adapters.fhirjson import relative_reference
 from fhir_adapters.results import (
     AWAITING_REVIEW_STATUSES,
+    extract_findings,
     index_resources,
     is_ai_report,
     read_report,
     report_category,
 )
 from models.cards import ModelCard
+from models.followup import followup_spec
 from models.registry import get_card
 from smart_launch.oauth import GrantedScopes
+from smart_launch.trends import Trend, patient_trends
 
 log = logging.getLogger(__name__)
 
@@ -388,3 +391,37 @@ def model_card(analyzer: str) -> ModelCard | None:
     except ImagingCdsError as exc:
         log.warning("No model card shown for analyzer %r: %s", analyzer[:64], exc.message)
         return None
+
+
+# ---------------------------------------------------------------------------------------------- trends
+
+
+@dataclass(frozen=True)
+class TrendSection:
+    """One analyzer's trend charts (its followed measurements with at least two filed values)."""
+
+    analyzer: str
+    title: str
+    trends: tuple[Trend, ...]
+
+
+def trend_sections(
+    resources: Iterable[Mapping[str, Any]],
+    *,
+    patient_id: str,
+    analyzer: str | None = None,
+    focus_report: str | None = None,
+) -> list[TrendSection]:
+    """Trend charts from the patient's filed results (reports with their Observations), per analyzer whose card
+    follows measurements over time; only ``analyzer`` when given, each centred on ``focus_report`` or the newest."""
+    findings = extract_findings(resources, patient_id=patient_id)
+    sections = []
+    for name in dict.fromkeys(f.analyzer for f in findings if analyzer in (None, f.analyzer)):
+        card = model_card(name)
+        spec = followup_spec(card) if card is not None else None
+        if spec is None or card is None:
+            continue
+        trends = patient_trends(findings, analyzer=name, spec=spec, focus_report=focus_report)
+        if trends:
+            sections.append(TrendSection(analyzer=name, title=card.title, trends=tuple(trends)))
+    return sections

@@ -366,6 +366,9 @@ def test_order_select_chest_ct_brings_prior_findings_with_valid_suggestions(
     response = call(ORDER_SELECT, body)
     assert response.status_code == 200, response.get_json()
     cards = by_analyzer(response.get_json()["cards"])
+    followup = cards.pop("imaging-cds")  # the service's note on what a new chest CT will be compared with
+    check_card_basics(followup)
+    assert followup["indicator"] == "info" and "will be compared" in followup["summary"]
     assert set(cards) == {"ct-emphysema", "ct-bone"}
     for card in cards.values():
         check_card_basics(card)

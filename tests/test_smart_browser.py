@@ -28,6 +28,7 @@ from fhir_adapters.audit import recorded_now
 from fhir_adapters.client import FhirClient
 from fhir_adapters.validation import validate_resource
 from smart_launch.session import PendingLaunch
+from tests.followup_support import emphysema_result, file_compared_result
 from tests.smart_support import (
     CHROMIUM_ARGS,
     SCREENSHOTS,
@@ -400,3 +401,42 @@ def test_expired_access_token_is_refreshed_without_the_clinician_noticing(
         second = app.ext.sessions.get(session_id)
         assert second is not None and second.access_token != first.access_token
         context.close()
+
+
+def test_a_followed_measurement_is_charted_across_the_patients_studies_with_its_repeatability_band(
+    page: Page, app: RunningApp, practitioner: str, fhir: FhirClient
+) -> None:
+    """Issue 20: the study list and the result page chart LAA-950 over four chest CTs, readable without colour.
+
+    The values are set by the test (no real pair of scans with progression exists); each result is filed and compared
+    as the pipeline does it. The oldest was filed by a version the card does not vouch for: a hollow square.
+    """
+    created = fhir.create(
+        {"resourceType": "Patient", "name": [{"family": "Trend", "given": ["Test"]}], "gender": "female"}
+    )
+    patient = f"Patient/{created['id']}"
+    file_compared_result(fhir, patient, emphysema_result(2.4, version="0.9.0"), "2022-01-10T09:00:00+00:00")
+    for laa, started in ((2.9, "2023-01-10"), (3.1, "2024-01-10"), (5.2, "2025-01-10")):
+        newest = file_compared_result(fhir, patient, emphysema_result(laa), f"{started}T09:00:00+00:00")
+    page.goto(app.sandbox.launch_url(created["id"], practitioner, app.launch_url))
+    page.click("#approve")
+    page.wait_for_selector("section.trends")
+    chart = page.locator("figure#trend-1-laa950_percent")
+    description = chart.locator("svg desc").text_content() or ""
+    assert "2022-01-10: 2.4 % (another analyzer version, not compared)" in description
+    assert "2025-01-10: 5.2 % (this result)" in description
+    assert "Values from 1.8 to 4.2 % are within the repeatability of the prior value" in description
+    assert "Verdict: increased" in description
+    assert chart.locator("svg rect[stroke-dasharray]").count() >= 1  # the band: hatched, with a dashed edge
+    assert chart.locator("svg circle[r='8']").count() == 1  # the shown result is the ringed one
+    assert chart.locator("svg rect[width='10']").count() == 1  # the other version's hollow square
+    assert "increased" in chart.locator("figcaption").inner_text()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator("section.trends").screenshot(path=str(SCREENSHOTS / "05-trend-study-list.png"))
+
+    page.click(f"a[href='/reports/{newest.split('/')[1]}']")
+    page.wait_for_selector("section.trends figure svg")
+    assert "Compared with the CT of 2024-01-10" in page.inner_text("p.conclusion")
+    assert page.locator("section.trends figure").count() >= 1
+    screenshot(page, "06-result-with-trend")
+    page.locator("section.trends").screenshot(path=str(SCREENSHOTS / "06-trend-result.png"))
