@@ -17,7 +17,12 @@ This is the one place where ``models.base.AnalysisResult`` becomes FHIR. The res
 * with a :class:`~models.followup.FollowupComparison`, one ``Observation`` per compared measurement (derived from
   the current and the prior measurement, the prior study's date in a component, the verdict as its value), and the
   report's conclusion states the comparison. The report records how the images were acquired (extension
-  :data:`~fhir_adapters.constants.ACQUISITION_EXTENSION`), which a later comparison reads back.
+  :data:`~fhir_adapters.constants.ACQUISITION_EXTENSION`), which a later comparison reads back;
+* for lesions matched with the prior's (:attr:`~models.followup.FollowupComparison.lesions`), one ``Observation``
+  per matched, new or resolved lesion (derived from the current and the prior finding's Observation), coded
+  ``lesion-since-prior``. A finding's centre (patient coordinates) is filed as components of its Observation, and
+  the lungs' extent as the report's extension :data:`~fhir_adapters.constants.LUNG_EXTENT_EXTENSION`: what the next
+  scan's lesions are matched against.
 
 Idempotency: every resource but the Provenance has an identifier derived from :func:`analysis_identifier`
 (study UID + series UID + analyzer + version; findings add their stable key, ``/finding/nodule-1``) and is POSTed
@@ -56,12 +61,19 @@ from core.errors import ConfigurationError, ImagingCdsError
 from fhir_adapters import constants, terminology
 from fhir_adapters.validation import validate_bundle, validate_resource
 from models.base import AnalysisResult, CodedValue, Explanation, Finding, Measurement, probability_percent
-from models.followup import Acquisition, FollowupComparison, MeasurementChange
+from models.followup import MEAN_DIAMETER_KEY, Acquisition, FollowupComparison, MeasurementChange
+from models.lesion_followup import Box, LesionMatch
 
 # Identifier.system of the model weights' SHA-256 on the Device (searchable: find the Device by weights).
 MODEL_SHA256_IDENTIFIER_SYSTEM = f"{constants.CANONICAL_BASE}/sid/model-sha256"
 
 AI_DISCLAIMER = "AI-generated, preliminary, requires clinician review."
+LESION_RULES = (
+    "Growth: a mean-diameter increase over 1.5 mm within 12 months (Lung-RADS v2022, ACR; Christensen J et al., "
+    "J Am Coll Radiol 2024); a volume change within 25 % is measurement error (NELSON, van Klaveren RJ et al., N Engl "
+    "J Med 2009); volume doubling time bands of NELSON (Horeweg N et al., Lancet Oncol 2014). Nodules are matched by "
+    "position after aligning the two scans' lungs (a project rule)."
+)
 ACCEPTED_NOTE = "AI-generated; reviewed and accepted by a clinician."
 
 # Namespace of every UUID this module derives; changing it would break idempotency with earlier runs.
@@ -359,6 +371,14 @@ def _finding_observation(
         components.append(
             {"code": terminology.finding_concept("location", "Location"), "valueString": finding.location}
         )
+    if finding.centre_mm is not None:
+        for axis, coordinate in zip("xyz", finding.centre_mm, strict=True):
+            components.append(
+                {
+                    "code": terminology.finding_concept(f"centre_{axis}", f"Centre, {axis} (DICOM LPS)"),
+                    "valueQuantity": terminology.quantity(round(coordinate, 1), "mm"),
+                }
+            )
     observation["component"] = components
     return observation
 
@@ -601,6 +621,7 @@ def _comparison_html(comparison: FollowupComparison | None) -> str:
         f"<td>{e(c.verdict.replace('-', ' '))}</td><td>{e(c.limit or c.no_verdict_because)}</td></tr>"
         for c in comparison.changes
     )
+    lesions = _lesions_html(comparison.lesions)
     weaker = "".join(f"<li>{e(w)}</li>" for w in comparison.weaker_because) or "<li>None stated.</li>"
     left_out = "".join(f"<li>{e(n)}</li>" for n in comparison.not_compared)
     sources = sorted({c.source for c in comparison.changes if c.source})
@@ -608,10 +629,40 @@ def _comparison_html(comparison: FollowupComparison | None) -> str:
         f"<h2>Comparison with the prior study of {e(comparison.prior.effective.date().isoformat())}</h2>"
         f"<p>{e(comparison.sentence())}</p><table><thead><tr><th>Measurement</th><th>Prior</th><th>Now</th>"
         "<th>Unit</th><th>Change</th><th>Change per year</th><th>Verdict</th><th>Repeatability</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table><p>Reasons the comparison is weaker:</p><ul>{weaker}</ul>"
+        f"<tbody>{rows}</tbody></table>{lesions}<p>Reasons the comparison is weaker:</p><ul>{weaker}</ul>"
         + (f"<p>Not compared:</p><ul>{left_out}</ul>" if left_out else "")
         + "".join(f"<p>Repeatability source: {e(source)}</p>" for source in sources)
         + f"<p>{e(comparison.validation)}</p>"
+    )
+
+
+def _lesions_html(lesions: tuple[LesionMatch, ...] | None) -> str:
+    """One row per matched, new or resolved lesion: sizes then and now, change, doubling time, verdict in words."""
+    if lesions is None:
+        return ""
+    e = html.escape
+
+    def mm(value: float | None) -> str:
+        return "" if value is None else f"{value:.1f}"
+
+    rows = []
+    for m in lesions:
+        g = m.growth
+        rows.append(
+            f"<tr><td>{e(m.key)}</td><td>{e(m.prior.key if m.prior else '')}</td>"
+            f"<td>{e(mm(m.prior.mean_diameter_mm if m.prior else None))}</td>"
+            f"<td>{e(mm(m.current.mean_diameter_mm if m.current else None))}</td>"
+            f"<td>{e('' if g is None else f'{g.diameter_change_mm:+.1f}')}</td>"
+            f"<td>{e('' if g is None or g.volume_change_percent is None else f'{g.volume_change_percent:+.0f}')}</td>"
+            f"<td>{e('' if g is None or g.vdt_days is None else f'{g.vdt_days:.0f} ({g.nelson_band})')}</td>"
+            f"<td>{e(mm(m.distance_mm))}</td><td>{e(m.verdict)}</td><td>{e(m.lung_rads or '')}</td></tr>"
+        )
+    body = "".join(rows) or '<tr><td colspan="10">No nodule listed now or before.</td></tr>'
+    return (
+        "<h3>Nodules compared with the prior</h3><table><thead><tr><th>Nodule</th><th>Prior nodule</th>"
+        "<th>Prior mean diameter (mm)</th><th>Mean diameter now (mm)</th><th>Change (mm)</th>"
+        "<th>Volume change (%)</th><th>Volume doubling time (days)</th><th>Aligned distance (mm)</th>"
+        f"<th>Verdict</th><th>Implied Lung-RADS</th></tr></thead><tbody>{body}</tbody></table><p>{e(LESION_RULES)}</p>"
     )
 
 
@@ -688,6 +739,112 @@ def _comparison_observation(
     observation["derivedFrom"] = [{"reference": current_url}, {"reference": change.prior_reference}]
     observation["component"] = _change_components(change, comparison.prior.effective.isoformat())
     return observation
+
+
+def _lesion_components(match: LesionMatch, comparison: FollowupComparison) -> list[dict[str, Any]]:
+    assert comparison.prior is not None and comparison.interval_days is not None
+
+    def quantity(code: str, value: float, ucum: str) -> dict[str, Any]:
+        return {"code": terminology.comparison_code(code).concept(), "valueQuantity": terminology.quantity(value, ucum)}
+
+    components: list[dict[str, Any]] = []
+    if match.current is not None:
+        components.append(
+            {
+                "code": terminology.measurement_concept(MEAN_DIAMETER_KEY, "Mean diameter (Lung-RADS)"),
+                "valueQuantity": terminology.quantity(round(match.current.mean_diameter_mm, 1), "mm"),
+            }
+        )
+    if match.prior is not None:
+        components.append(quantity("prior-value", round(match.prior.mean_diameter_mm, 1), "mm"))
+    components.append(
+        {
+            "code": terminology.comparison_code("prior-study-date").concept(),
+            "valueDateTime": comparison.prior.effective.isoformat(),
+        }
+    )
+    components.append(quantity("interval", round(comparison.interval_days, 1), "d"))
+    growth = match.growth
+    if growth is not None:
+        components.append(quantity("absolute-change", round(growth.diameter_change_mm, 1), "mm"))
+        if growth.volume_change_percent is not None:
+            components.append(quantity("volume-change", round(growth.volume_change_percent, 1), "%"))
+        if growth.vdt_days is not None:
+            components.append(quantity("volume-doubling-time", round(growth.vdt_days), "d"))
+        if growth.nelson_band is not None:
+            band = {"code": terminology.comparison_code("nelson-band").concept(), "valueString": growth.nelson_band}
+            components.append(band)
+        components.append(
+            {"code": terminology.comparison_code("lung-rads-growth").concept(), "valueBoolean": growth.lung_rads_growth}
+        )
+    if match.distance_mm is not None:
+        components.append(quantity("match-distance", round(match.distance_mm, 1), "mm"))
+    if match.lung_rads is not None:
+        category = CodedValue("lung_rads", "Lung-RADS v2022 category", match.lung_rads, f"Lung-RADS {match.lung_rads}")
+        components.append(
+            {
+                "code": terminology.comparison_code("implied-lung-rads").concept(),
+                "valueCodeableConcept": terminology.coded_value_concept(category),
+            }
+        )
+    return components
+
+
+def _lesion_observation(
+    target: AnalysisTarget,
+    comparison: FollowupComparison,
+    match: LesionMatch,
+    *,
+    identifier: str,
+    current_url: str | None,
+    device_url: str,
+    issued: str,
+) -> dict[str, Any]:
+    """One lesion against the prior scan: matched (with growth), new, or not found now (resolved)."""
+    assert comparison.prior is not None
+    prior_date = comparison.prior.effective.date().isoformat()
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _security(),
+        "identifier": _identifier(identifier),
+        "status": "preliminary",
+        "category": [terminology.IMAGING_CATEGORY.concept()],
+        "code": terminology.comparison_code("lesion-since-prior").concept(
+            f"{match.key}: compared with the {comparison.prior.modality} of {prior_date}"
+        ),
+        "subject": {"reference": target.patient_reference},
+    }
+    if target.study_started:
+        observation["effectiveDateTime"] = target.study_started
+    observation["issued"] = issued
+    verdict = match.verdict
+    observation["valueCodeableConcept"] = terminology.comparison_code(verdict).concept(match.sentence())
+    if verdict in ("increased", "decreased"):
+        observation["interpretation"] = terminology.change_interpretations(verdict, "increase")
+    notes = [
+        LESION_RULES,
+        *(f"Comparison weaker: {reason}." for reason in comparison.weaker_because),
+        f"Not validated on real follow-up pairs of scans (see the model card). {AI_DISCLAIMER}",
+    ]
+    observation["note"] = [{"text": n} for n in notes]
+    observation["device"] = {"reference": device_url}
+    derived = [{"reference": current_url}] if current_url is not None else []
+    if match.prior is not None and match.prior.reference:
+        derived.append({"reference": match.prior.reference})
+    if derived:
+        observation["derivedFrom"] = derived
+    observation["component"] = _lesion_components(match, comparison)
+    return observation
+
+
+def _lung_extent_extension(lungs: Box) -> dict[str, Any]:
+    """The lungs' extent in patient coordinates (mm, LPS), for the next scan's lesions to be aligned with."""
+    parts = [
+        {"url": f"{side}{axis.upper()}", "valueQuantity": terminology.quantity(round(value, 1), "mm")}
+        for side, corner in (("low", lungs.low), ("high", lungs.high))
+        for axis, value in zip("xyz", corner, strict=True)
+    ]
+    return {"url": constants.LUNG_EXTENT_EXTENSION, "extension": parts}
 
 
 def _acquisition_extension(acquisition: Acquisition) -> dict[str, Any]:
@@ -789,6 +946,7 @@ def build_results_bundle(
         )
         entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         observation_urls.append(url)
+    finding_urls: dict[str, str] = {}
     for finding in result.findings:
         identifier = f"{analysis_id}/finding/{finding.key}"
         url = f"urn:uuid:{_uuid_for(identifier)}"
@@ -803,6 +961,7 @@ def build_results_bundle(
         )
         entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
         observation_urls.append(url)
+        finding_urls[finding.key] = url
     compared = comparison.changes if comparison is not None and comparison.prior is not None else ()
     for change in compared:
         assert comparison is not None  # for the type checker: ``compared`` is empty without one
@@ -814,6 +973,22 @@ def build_results_bundle(
             change,
             identifier=identifier,
             current_url=measurement_urls[change.key],
+            device_url=device_url,
+            issued=issued_at,
+        )
+        entries.append(conditional_create_entry(url, observation, constants.ANALYSIS_IDENTIFIER_SYSTEM, identifier))
+        observation_urls.append(url)
+    lesions = comparison.lesions if comparison is not None and comparison.prior is not None else None
+    for match in lesions or ():
+        assert comparison is not None  # for the type checker: ``lesions`` is None without one
+        identifier = f"{analysis_id}/comparison/lesion/{match.key}"
+        url = f"urn:uuid:{_uuid_for(identifier)}"
+        observation = _lesion_observation(
+            target,
+            comparison,
+            match,
+            identifier=identifier,
+            current_url=None if match.current is None else finding_urls[match.current.key],
             device_url=device_url,
             issued=issued_at,
         )
@@ -831,8 +1006,13 @@ def build_results_bundle(
     report_html = render_report_html(target, result, device, measurements, comparison)
     report_url = f"urn:uuid:{_uuid_for(analysis_id)}"
     report: dict[str, Any] = {"resourceType": "DiagnosticReport", "meta": _security()}
+    extensions = []
     if target.acquisition is not None and not target.acquisition.empty:
-        report["extension"] = [_acquisition_extension(target.acquisition)]
+        extensions.append(_acquisition_extension(target.acquisition))
+    if result.lungs_mm is not None:
+        extensions.append(_lung_extent_extension(result.lungs_mm))
+    if extensions:
+        report["extension"] = extensions
     report |= {
         "identifier": _identifier(analysis_id),
         "status": "preliminary",

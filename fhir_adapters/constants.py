@@ -30,6 +30,9 @@ COMPARISON_CODESYSTEM: Final = f"{CANONICAL_BASE}/CodeSystem/comparison"
 # Extension on a results DiagnosticReport: how the analysed images were acquired (slice thickness, kernel, contrast,
 # tube voltage, scanner), so that a later comparison can name what differs between two scans.
 ACQUISITION_EXTENSION: Final = f"{CANONICAL_BASE}/StructureDefinition/image-acquisition"
+# Extension on a results DiagnosticReport: the extent of the lungs in DICOM patient coordinates (mm), with which a
+# later scan's lung lesions are aligned before they are matched (sub-extensions lowX, lowY, lowZ, highX, highY, highZ).
+LUNG_EXTENT_EXTENSION: Final = f"{CANONICAL_BASE}/StructureDefinition/lung-extent"
 
 # HL7 AI Transparency: security label marking content asserted by artificial intelligence.
 AI_ASSERTED_SECURITY_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"

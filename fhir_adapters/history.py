@@ -25,7 +25,7 @@ from fhir_adapters.constants import ANALYSIS_IDENTIFIER_SYSTEM
 from fhir_adapters.errors import FhirError
 from fhir_adapters.results import AiFinding, extract_findings, index_resources, parse_datetime
 from fhir_adapters.terminology import report_code
-from models.followup import PriorMeasurement, PriorResult
+from models.followup import PriorMeasurement, PriorResult, lesion
 
 HISTORY_PAGE_SIZE = 10
 """Results asked for in the one search: the newest 10 reports with the analyzer's report code (about 5 studies when
@@ -120,6 +120,21 @@ def prior_results(history: ResultHistory, *, modality: str) -> tuple[PriorResult
                 ),
                 acquisition=finding.acquisition,
                 modality=modality,
+                lesions=tuple(
+                    found
+                    for listed in finding.listed
+                    if (
+                        found := lesion(
+                            listed.key or listed.reference,
+                            listed.centre_mm,
+                            {m.key: m.value for m in listed.measurements},
+                            {v.key: v.code for v in listed.values},
+                            listed.reference,
+                        )
+                    )
+                    is not None
+                ),
+                lungs_mm=finding.lungs_mm,
             )
         )
     return tuple(priors)

@@ -37,10 +37,12 @@ from fhir_adapters.constants import (
     DEVICE_IDENTIFIER_SYSTEM,
     FINDING_CODESYSTEM,
     FINDING_VALUE_CODESYSTEM,
+    LUNG_EXTENT_EXTENSION,
     MEASUREMENT_CODESYSTEM,
 )
 from fhir_adapters.terminology import unit_label
 from models.followup import Acquisition
+from models.lesion_followup import Box
 
 NORMAL_CATEGORY_CODES = frozenset({"none", "normal", "negative", "no-finding", "not-detected", "benign"})
 """Fallback for reports without an explicit A/N conclusion code: category codes that mean "nothing abnormal"."""
@@ -122,7 +124,9 @@ class ListedFinding:
 
     ``kind`` is the project finding code (``lung_nodule``); ``display`` the analyzer's one-line description
     (``Observation.code.text``); ``measurements`` and ``values`` its components; ``key_images`` the Media it is
-    derived from (``Media/<id>``), which show it.
+    derived from (``Media/<id>``), which show it. ``key`` is the analyzer's key of the finding (``nodule-1``, from
+    the Observation's analysis identifier; empty when absent) and ``centre_mm`` its centre in patient coordinates
+    (mm, LPS) when filed.
     """
 
     reference: str
@@ -133,6 +137,8 @@ class ListedFinding:
     location: str
     body_site: str
     key_images: tuple[str, ...]
+    key: str = ""
+    centre_mm: tuple[float, float, float] | None = None
 
     def measurement(self, key: str) -> MeasuredValue | None:
         return next((m for m in self.measurements if m.key == key), None)
@@ -169,6 +175,8 @@ class AiFinding:
     """How the analysed images were acquired, when the report recorded it (results filed before that did not)."""
     comparisons: tuple[FiledComparison, ...] = ()
     """The report's comparisons with the patient's prior result, one per compared measurement."""
+    lungs_mm: Box | None = None
+    """The extent of the lungs in patient coordinates, when the report recorded it (a lesion-listing analyzer)."""
 
     @property
     def abnormal(self) -> bool:
@@ -363,6 +371,40 @@ def read_acquisition(report: Mapping[str, Any]) -> Acquisition | None:
     )
 
 
+def read_lung_extent(report: Mapping[str, Any]) -> Box | None:
+    """The lungs' extent the report recorded (extension :data:`LUNG_EXTENT_EXTENSION`), or ``None``."""
+    extension = next(
+        (
+            e
+            for e in fhirjson.items(report.get("extension"))
+            if isinstance(e, dict) and e.get("url") == LUNG_EXTENT_EXTENSION
+        ),
+        None,
+    )
+    if extension is None:
+        return None
+    values = {
+        str(part.get("url")): _quantity_value(part.get("valueQuantity"))
+        for part in fhirjson.items(extension.get("extension"))
+        if isinstance(part, dict)
+    }
+    low = [values.get(f"low{axis}") for axis in "XYZ"]
+    high = [values.get(f"high{axis}") for axis in "XYZ"]
+    if any(v is None for v in (*low, *high)):
+        return None
+    return Box((low[0], low[1], low[2]), (high[0], high[1], high[2]))  # type: ignore[arg-type]
+
+
+def _finding_key(observation: Mapping[str, Any]) -> str:
+    """The analyzer's key of a finding, from its analysis identifier (``<analysis>/finding/<key>``)."""
+    for identifier in fhirjson.items(observation.get("identifier")):
+        if isinstance(identifier, dict) and identifier.get("system") == ANALYSIS_IDENTIFIER_SYSTEM:
+            _, found, key = str(identifier.get("value", "")).rpartition("/finding/")
+            if found:
+                return key
+    return ""
+
+
 def _project_coding(concept: Any, system: str) -> Mapping[str, Any] | None:
     for coding in _codings(concept):
         if isinstance(coding, dict) and coding.get("system") == system and isinstance(coding.get("code"), str):
@@ -405,6 +447,7 @@ def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
     measurements: list[MeasuredValue] = []
     values: list[CodedAnswer] = []
     location = ""
+    centre: dict[str, float | None] = {}
     for component in components:
         measured = _component_measurement(component)
         if measured is not None:
@@ -416,6 +459,9 @@ def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
         key = str(attribute["code"])
         if key == "location" and isinstance(component.get("valueString"), str):
             location = component["valueString"]
+            continue
+        if key in _CENTRE_KEYS:
+            centre[key] = _quantity_value(component.get("valueQuantity"))
             continue
         answer = coded_answer(key, str(attribute.get("display") or key), component.get("valueCodeableConcept"))
         if answer is not None:
@@ -441,7 +487,17 @@ def listed_finding(observation: Mapping[str, Any]) -> ListedFinding | None:
         location=location,
         body_site=str(site_words or ""),
         key_images=images,
+        key=_finding_key(observation),
+        centre_mm=_centre(centre),
     )
+
+
+_CENTRE_KEYS = ("centre_x", "centre_y", "centre_z")
+
+
+def _centre(parts: Mapping[str, float | None]) -> tuple[float, float, float] | None:
+    x, y, z = (parts.get(key) for key in _CENTRE_KEYS)
+    return None if x is None or y is None or z is None else (x, y, z)
 
 
 def assessment_answer(observation: Mapping[str, Any]) -> CodedAnswer | None:
@@ -537,6 +593,7 @@ def _read_report(
         subject=fhirjson.reference(report.get("subject")),
         acquisition=read_acquisition(report),
         comparisons=tuple(comparisons),
+        lungs_mm=read_lung_extent(report),
     )
 
 

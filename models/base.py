@@ -15,6 +15,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import ArrayLike
 
+from models.lesion_followup import Box
+
 Interpretation = Literal["N", "H", "L", "A", "HH", "LL"]
 """HL7 v3 ObservationInterpretation codes used for measured values (normal, high, low, abnormal...)."""
 
@@ -208,7 +210,9 @@ class Finding:
     of the same analysis finds the same Observation. ``kind`` says what the finding is (``lung_nodule``) and is
     mapped to a concept by the FHIR layer. ``measurements`` and ``values`` become the Observation's components;
     ``location`` says in words where it is, ``body_site`` is a coded site when known. ``explanations`` are indexes
-    into :attr:`AnalysisResult.explanations` of the images that show this finding.
+    into :attr:`AnalysisResult.explanations` of the images that show this finding. ``centre_mm`` is its centre in
+    patient coordinates (mm, DICOM LPS) when the volume's geometry is known: what a later scan's findings are matched
+    against (:mod:`models.lesion_followup`).
     """
 
     key: str
@@ -220,6 +224,7 @@ class Finding:
     body_site: CodedValue | None = None
     explanations: tuple[int, ...] = ()
     note: str = ""
+    centre_mm: tuple[float, float, float] | None = None
 
     def measurement(self, key: str) -> Measurement:
         for m in self.measurements:
@@ -240,7 +245,9 @@ class AnalysisResult:
 
     ``measurements`` are the exam's numbers, ``assessments`` its coded conclusions besides the category (a
     guideline category, a recommendation), ``findings`` the lesions listed one by one. Analyzers that report none of
-    the last two leave them empty, and their FHIR output does not change.
+    the last two leave them empty, and their FHIR output does not change. ``lungs_mm`` is the extent of the lungs in
+    patient coordinates, for an analyzer that lists lung lesions: a later scan's lesions are matched after the two
+    scans' lungs are aligned.
     """
 
     analyzer: str
@@ -253,6 +260,7 @@ class AnalysisResult:
     warnings: tuple[str, ...] = ()
     assessments: tuple[CodedValue, ...] = ()
     findings: tuple[Finding, ...] = ()
+    lungs_mm: Box | None = None
 
     def measurement(self, key: str) -> Measurement:
         for m in self.measurements:

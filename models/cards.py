@@ -84,6 +84,11 @@ _FOLLOWUP = {
         "comparable_versions": {"type": "array", "items": _TEXT},
         "validation": _TEXT,
         "not_followed": _TEXT,
+        "lesions": {
+            "type": "object",
+            "required": ["kind", "rules", "sources"],
+            "properties": {"kind": _TEXT, "rules": _TEXT, "sources": _TEXT_LIST},
+        },
     },
 }
 
@@ -402,6 +407,14 @@ def figures_table(figures: Mapping[str, Mapping[str, float]], caption: str) -> s
     )
 
 
+def _lesions_paragraphs(lesions: Mapping[str, Any] | None) -> str:
+    """The card's lesion follow-up rules (matching, growth, doubling time) and their sources."""
+    if not lesions:
+        return ""
+    sources = "".join(f"<li>{_e(source)}</li>" for source in lesions.get("sources") or ())
+    return f"<p>Lesions ({_e(lesions.get('kind'))}): {_e(lesions.get('rules'))}</p><ul>{sources}</ul>"
+
+
 def followup_section(followup: Mapping[str, Any]) -> str:
     """How results are compared with the patient's earlier ones: per measurement, the repeatability a change must
     exceed to be called a change, its source, and the direction that means progression."""
@@ -432,6 +445,7 @@ def followup_section(followup: Mapping[str, Any]) -> str:
         f"<p>{_e(followup.get('validation', ''))}</p>"
         f"<p>Earlier analyzer versions whose results are compared with this version's: {_e(versions)}.</p>"
         + (f"<p>{_e(followup['not_followed'])}</p>" if followup.get("not_followed") else "")
+        + _lesions_paragraphs(followup.get("lesions"))
         + (
             "<table><caption>A change is called increased or decreased only beyond these limits</caption>"
             '<thead><tr><th scope="col">Measurement</th><th scope="col">Repeatability (95 %)</th>'

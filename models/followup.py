@@ -11,7 +11,10 @@ with the source, which direction is the worse one, and which earlier analyzer ve
 Everything here is pure: the prior results arrive as :class:`PriorResult` (the FHIR layer reads them from the EHR,
 see :mod:`fhir_adapters.history`), the acquisition of each scan as :class:`Acquisition` (from the DICOM attributes
 of the volume), and what comes out, :class:`FollowupComparison`, is what the FHIR builders file and the report
-states. Lesion lists (nodules) need their lesions matched first; that is a separate step on top of this one.
+states. Lesion lists (nodules) need their lesions matched first: for an analyzer whose card follows lesions
+(``followup.lesions``), each finding with a centre is matched to the prior result's by
+:func:`models.lesion_followup.match_lesions`, after aligning the two scans' lungs, and the matches travel in the same
+comparison (:attr:`FollowupComparison.lesions`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from models.base import AnalysisResult, Measurement
+from models.base import AnalysisResult, Finding, Measurement
 from models.cards import ModelCard
+from models.lesion_followup import Box, Lesion, LesionMatch, LungAlignment, lesions_sentence, match_lesions
 
 Verdict = Literal["stable", "increased", "decreased", "not-assessed"]
 Direction = Literal["increase", "decrease"]
@@ -33,6 +37,11 @@ RATE_MIN_DAYS = 90
 figure magnifies measurement noise (a project convention, stated in the report)."""
 DAYS_PER_YEAR = 365.25
 SLICE_THICKNESS_TOLERANCE_MM = 0.1
+MEAN_DIAMETER_KEY = "nodule_mean_diameter_mm"
+VOLUME_KEY = "nodule_volume_mm3"
+TYPE_KEY = "nodule_type"
+"""The finding measurements and value a lesion is followed by (those of ``ct-lung-nodules``): the Lung-RADS mean
+diameter, the segmented volume, and the type (the growth categories are those of solid nodules)."""
 NOT_VALIDATED = (
     "Change figures are computed from the two filed results; they are not validated on real follow-up pairs of scans."
 )
@@ -119,6 +128,8 @@ class FollowupSpec:
     comparable_versions: frozenset[str]
     measurements: Mapping[str, FollowedMeasurement]
     validation: str
+    lesions: str | None = None
+    """The finding kind whose lesions are matched with the prior's (``lung_nodule``); ``None`` when none are."""
 
     def compares_with(self, version: str | None, key: str | None = None) -> bool:
         """Whether a result of analyzer ``version`` measures the same thing as this version's results: measurement
@@ -140,10 +151,10 @@ def followup_spec(card: ModelCard) -> FollowupSpec | None:
     The card schema (:data:`models.cards.CARD_SCHEMA`) has already checked the section's shape.
     """
     section = card.followup
-    if not section or not section.get("measurements"):
+    if not section or not (section.get("measurements") or section.get("lesions")):
         return None
     followed: dict[str, FollowedMeasurement] = {}
-    for key, item in section["measurements"].items():
+    for key, item in (section.get("measurements") or {}).items():
         raw = item.get("repeatability")
         repeatability = None
         if raw is not None:
@@ -173,6 +184,7 @@ def followup_spec(card: ModelCard) -> FollowupSpec | None:
         comparable_versions=frozenset(section.get("comparable_versions", ())),
         measurements=followed,
         validation=str(section.get("validation", NOT_VALIDATED)),
+        lesions=(section.get("lesions") or {}).get("kind"),
     )
 
 
@@ -269,6 +281,10 @@ class PriorResult:
     measurements: tuple[PriorMeasurement, ...]
     acquisition: Acquisition | None = None
     modality: str = "CT"
+    lesions: tuple[Lesion, ...] = ()
+    lungs_mm: Box | None = None
+    """The lesions the prior result listed with their centres, and the extent of its lungs; ``lungs_mm`` is ``None``
+    for a result filed before positions were recorded, whose lesions cannot be matched."""
 
     def measurement(self, key: str) -> PriorMeasurement | None:
         return next((m for m in self.measurements if m.key == key), None)
@@ -345,6 +361,9 @@ class FollowupComparison:
     not_compared: tuple[str, ...] = ()
     weaker_because: tuple[str, ...] = ()
     validation: str = NOT_VALIDATED
+    lesions: tuple[LesionMatch, ...] | None = None
+    """Each current lesion matched to the prior's (or new), and each prior lesion not found (resolved); ``None``
+    when lesions were not matched (the analyzer lists none, or a scan lacks the positions: ``not_compared`` says)."""
 
     @property
     def interval_days(self) -> float | None:
@@ -362,7 +381,10 @@ class FollowupComparison:
             return notes
         assessed = [c for c in self.changes if c.verdict != "not-assessed"]
         others = len(self.changes) - len(assessed)
-        compared = "; ".join(c.sentence() for c in assessed) or "no measurement with a stated repeatability"
+        compared = "; ".join(c.sentence() for c in assessed)
+        if self.lesions is not None:
+            compared = "; ".join(text for text in (compared, lesions_sentence(self.lesions)) if text)
+        compared = compared or "no measurement with a stated repeatability"
         parts = [f"Compared with the {self.prior.modality} of {self.prior.effective.date().isoformat()}: {compared}"]
         if others:
             parts.append(f"{others} further measurement{'s' if others > 1 else ''} compared without a verdict")
@@ -422,6 +444,10 @@ def compare_with_history(
             continue
         thickest = _thickest(acquisition, prior.acquisition)
         changes.append(_change(m, before, interval, followed, thickest))
+    lesions = None
+    if spec.lesions is not None:
+        lesions, why_not = follow_lesions(result, prior, interval, spec)
+        not_compared.extend(why_not)
     return FollowupComparison(
         analyzer=result.analyzer,
         current_date=current_date,
@@ -429,9 +455,61 @@ def compare_with_history(
         changes=tuple(changes),
         history=tuple(earlier),
         not_compared=tuple(not_compared),
-        weaker_because=acquisition_differences(acquisition, prior.acquisition) if changes else (),
+        weaker_because=acquisition_differences(acquisition, prior.acquisition) if changes or lesions else (),
         validation=spec.validation,
+        lesions=lesions,
     )
+
+
+def lesion(
+    key: str,
+    centre_mm: tuple[float, float, float] | None,
+    measurements: Mapping[str, float],
+    values: Mapping[str, str],
+    reference: str = "",
+) -> Lesion | None:
+    """A finding as :mod:`models.lesion_followup` follows it, or ``None`` without a centre or a mean diameter."""
+    diameter = measurements.get(MEAN_DIAMETER_KEY)
+    if centre_mm is None or diameter is None:
+        return None
+    return Lesion(
+        key=key,
+        position_mm=centre_mm,
+        mean_diameter_mm=diameter,
+        volume_mm3=measurements.get(VOLUME_KEY),
+        solid=values.get(TYPE_KEY, "solid") == "solid",
+        reference=reference,
+    )
+
+
+def finding_lesion(finding: Finding) -> Lesion | None:
+    return lesion(
+        finding.key,
+        finding.centre_mm,
+        {m.key: m.value for m in finding.measurements},
+        {v.key: v.code for v in finding.values},
+    )
+
+
+def follow_lesions(
+    result: AnalysisResult, prior: PriorResult, interval_days: float, spec: FollowupSpec
+) -> tuple[tuple[LesionMatch, ...] | None, tuple[str, ...]]:
+    """Match the result's lesions with the prior's after aligning the two scans' lungs; ``None`` and the reason when
+    they cannot be (a scan without its lungs' extent or its lesions' centres: positions in two scans' own coordinates
+    are centimetres apart for the same nodule, so no unaligned match is attempted)."""
+    listed = [f for f in result.findings if f.kind == spec.lesions]
+    current = [found for found in map(finding_lesion, listed) if found is not None]
+    if len(current) < len(listed) or result.lungs_mm is None:
+        return None, ("Nodules are not matched with the prior: this scan's positions are not known.",)
+    if prior.lungs_mm is None:
+        return None, (
+            f"Nodules are not matched with the result of {prior.effective.date().isoformat()}: it did not record its "
+            "nodules' positions and its lungs' extent.",
+        )
+    if not spec.compares_with(prior.version, MEAN_DIAMETER_KEY):
+        return None, (f"Nodules are not matched: {result.analyzer} {prior.version} measured them differently.",)
+    alignment = LungAlignment.from_lungs(prior.lungs_mm, result.lungs_mm)
+    return match_lesions(current, prior.lesions, alignment, interval_days), ()
 
 
 def _change(
@@ -560,6 +638,21 @@ def as_json(comparison: FollowupComparison) -> dict[str, Any]:
                 "verdict": c.verdict,
             }
             for c in comparison.changes
+        ],
+        "lesions": None
+        if comparison.lesions is None
+        else [
+            {
+                "key": m.key,
+                "status": m.status,
+                "verdict": m.verdict,
+                "distanceMm": m.distance_mm,
+                "diameterChangeMm": None if m.growth is None else m.growth.diameter_change_mm,
+                "volumeChangePercent": None if m.growth is None else m.growth.volume_change_percent,
+                "vdtDays": None if m.growth is None else m.growth.vdt_days,
+                "lungRads": m.lung_rads,
+            }
+            for m in comparison.lesions
         ],
         "notCompared": list(comparison.not_compared),
         "weakerBecause": list(comparison.weaker_because),

@@ -38,6 +38,7 @@ NELSON_NEGATIVE_DAYS = 600.0
 MATCH_MIN_MM = 10.0
 
 Status = Literal["matched", "new", "resolved"]
+LesionVerdict = Literal["stable", "increased", "decreased", "new", "resolved"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,77 @@ class LesionMatch:
     distance_mm: float | None = None
     growth: Growth | None = None
     lung_rads: str | None = None
+
+    @property
+    def verdict(self) -> LesionVerdict:
+        """``increased`` or ``decreased`` only beyond the published margins (1.5 mm mean diameter, Lung-RADS v2022;
+        25 % volume, NELSON), ``stable`` within both; ``new`` or ``resolved`` for an unmatched lesion."""
+        if self.status != "matched":
+            return self.status
+        assert self.growth is not None  # a matched pair always has one
+        change, volume = self.growth.diameter_change_mm, self.growth.volume_change_percent
+        if change > LUNG_RADS_GROWTH_MM or (volume is not None and volume > 100.0 * VOLUME_CHANGE_MARGIN):
+            return "increased"
+        if change < -LUNG_RADS_GROWTH_MM or (volume is not None and volume < -100.0 * VOLUME_CHANGE_MARGIN):
+            return "decreased"
+        return "stable"
+
+    @property
+    def key(self) -> str:
+        """The current lesion's key, or for a resolved one ``resolved-`` and the prior lesion's key."""
+        if self.current is not None:
+            return self.current.key
+        assert self.prior is not None
+        return f"resolved-{self.prior.key}"
+
+    def sentence(self) -> str:
+        """This lesion's comparison in words, as the report and its Observation state it."""
+        if self.status == "new":
+            assert self.current is not None
+            category = f", Lung-RADS {self.lung_rads} as a new solid nodule" if self.lung_rads else ""
+            return f"{self.current.key}: new, {_mm(self.current.mean_diameter_mm)} mm{category}"
+        if self.status == "resolved":
+            assert self.prior is not None
+            return f"{self.prior.key} of the prior ({_mm(self.prior.mean_diameter_mm)} mm): not found now"
+        assert self.current is not None and self.prior is not None and self.growth is not None
+        g = self.growth
+        text = (
+            f"{self.current.key} (prior {self.prior.key}): {_mm(self.prior.mean_diameter_mm)} -> "
+            f"{_mm(self.current.mean_diameter_mm)} mm ({_signed(g.diameter_change_mm)} mm)"
+        )
+        if g.volume_change_percent is not None:
+            text += f", volume {_signed(g.volume_change_percent, 0)} %"
+        if g.vdt_days is not None:
+            text += f", VDT {g.vdt_days:.0f} days ({g.nelson_band})"
+        verdict = self.verdict
+        if verdict == "stable":
+            return f"{text}: no growth beyond 1.5 mm mean diameter or 25 % volume"
+        text += f": {verdict} beyond 1.5 mm mean diameter or 25 % volume"
+        if g.lung_rads_growth:
+            text += f" (Lung-RADS growth, category {self.lung_rads})" if self.lung_rads else " (Lung-RADS growth)"
+        return text
+
+
+def lesions_sentence(matches: Sequence[LesionMatch]) -> str:
+    """The lesion comparison of a report: counts, then each lesion that grew, shrank, is new or resolved."""
+    matched = [m for m in matches if m.status == "matched"]
+    changed = [m for m in matches if m.verdict != "stable"]
+    grown = sum(m.verdict == "increased" for m in matched)
+    counts = (
+        f"nodules {len(matched)} matched ({grown} grew beyond 1.5 mm mean diameter or 25 % volume), "
+        f"{sum(m.status == 'new' for m in matches)} new, {sum(m.status == 'resolved' for m in matches)} resolved"
+    )
+    if not matches:
+        return "no nodule listed now or before"
+    return "; ".join([counts, *(m.sentence() for m in changed)])
+
+
+def _mm(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _signed(value: float, decimals: int = 1) -> str:
+    return f"{value:+.{decimals}f}"
 
 
 def volume_doubling_time_days(v1: float, v2: float, interval_days: float) -> float | None:

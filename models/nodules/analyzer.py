@@ -19,6 +19,7 @@ Juxtapleural and juxtavascular nodules: see :mod:`models.nodules.detect` (how th
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from models.base import (
     probability_percent,
 )
 from models.emphysema import EmphysemaMeasurement, check_hounsfield, measure_emphysema, slice_thickness_mm
+from models.lesion_followup import Box
 from models.lung import LABEL_LEFT, LABEL_RIGHT, LungMask, segment_lungs
 from models.nodules import guidelines
 from models.nodules.detect import find_candidates
@@ -212,6 +214,7 @@ class LungNoduleAnalyzer:
             warnings=tuple(warnings),
             assessments=assessments,
             findings=findings,
+            lungs_mm=_lungs_box(image, lungs),
         )
 
     def find_nodules(self, image: ImageInput) -> list[DetectedNodule]:
@@ -402,6 +405,7 @@ class LungNoduleAnalyzer:
             body_site=_SIDE_SITES.get(nodule.side),
             explanations=images,
             note=" ".join(notes),
+            centre_mm=None if position is None else (position[0], position[1], position[2]),
         )
 
 
@@ -421,6 +425,28 @@ _SIDE_SITES = {
     "right": CodedValue("body_site", "Body site", "RID1302", "Right lung", system="radlex"),
     "left": CodedValue("body_site", "Body site", "RID1326", "Left lung", system="radlex"),
 }
+
+
+def _lungs_box(image: ImageInput, lungs: LungMask) -> Box | None:
+    """The extent of the lung mask in patient coordinates (mm, LPS), the outer faces of its first and last voxels
+    along each axis; ``None`` without the volume's geometry or without lungs. A later scan's nodules are matched after
+    aligning the two scans' lung extents (:class:`models.lesion_followup.LungAlignment`)."""
+    inside = lungs.mask[lungs.box]
+    if not inside.any():
+        return None
+    first, last = [], []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(inside.any(axis=others))
+        start = lungs.box[axis].start or 0
+        first.append(start + float(present[0]) - 0.5)
+        last.append(start + float(present[-1]) + 0.5)
+    corners = [image.patient_position(corner) for corner in itertools.product(*zip(first, last, strict=True))]
+    if any(corner is None for corner in corners):
+        return None
+    points = np.array(corners, dtype=np.float64)
+    low, high = points.min(axis=0), points.max(axis=0)
+    return Box((float(low[0]), float(low[1]), float(low[2])), (float(high[0]), float(high[1]), float(high[2])))
 
 
 def _covered(nodules: list[NoduleSegmentation], voxel: tuple[int, int, int]) -> bool:
