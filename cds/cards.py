@@ -37,7 +37,7 @@ from cds.orders import ImagingOrder
 from core.errors import ImagingCdsError
 from fhir_adapters import fhirjson
 from fhir_adapters.constants import CANONICAL_BASE
-from fhir_adapters.results import AiFinding, FiledComparison
+from fhir_adapters.results import AiFinding, FiledComparison, FiledLesionComparison
 from models.cards import load_card
 from models.followup import FollowupSpec, followup_spec
 
@@ -287,7 +287,12 @@ def _progressed(finding: AiFinding) -> list[FiledComparison]:
     return [c for c in finding.comparisons if c.progressed]
 
 
-def _prior_date(change: FiledComparison) -> str:
+def _grown(finding: AiFinding) -> list[FiledLesionComparison]:
+    """The finding's lesions (nodules) that grew since the prior beyond the published margins."""
+    return [c for c in finding.lesion_comparisons if c.progressed]
+
+
+def _prior_date(change: FiledComparison | FiledLesionComparison) -> str:
     return change.prior_date.date().isoformat() if change.prior_date else "the prior study"
 
 
@@ -317,13 +322,34 @@ def _comparison_lines(finding: AiFinding) -> list[str]:
     return lines
 
 
+def _lesion_lines(finding: AiFinding) -> list[str]:
+    """The newest result's lesions against its prior's, as filed: the ones that changed, and how many did not."""
+    if not finding.lesion_comparisons:
+        return []
+    first = finding.lesion_comparisons[0]
+    stable = sum(c.verdict == "stable" for c in finding.lesion_comparisons)
+    lines = [
+        f"**Nodules compared with the prior study of {_prior_date(first)}** (growth only beyond 1.5 mm mean diameter "
+        "or 25 % volume; see the model card):",
+        "",
+    ]
+    lines.extend(
+        f"- {c.sentence}{' **(grew)**' if c.progressed else ''}"
+        for c in finding.lesion_comparisons
+        if c.verdict != "stable"
+    )
+    lines.extend([f"- {stable} matched nodule{'s' if stable != 1 else ''} without growth", ""])
+    return lines
+
+
 def patient_view_cards(
     findings: Sequence[AiFinding], settings: CardSettings, *, studies_without_results: int = 0
 ) -> list[dict[str, Any]]:
     """One card per analyzer with findings awaiting review or notable (abnormal, signed, recent) findings."""
     by_analyzer: dict[str, list[AiFinding]] = {}
     for finding in findings:
-        notable = finding.signed and (finding.abnormal or _progressed(finding)) and _recent(finding, settings)
+        changed = _progressed(finding) or _grown(finding)
+        notable = finding.signed and (finding.abnormal or changed) and _recent(finding, settings)
         if finding.awaiting_review or notable:
             by_analyzer.setdefault(finding.analyzer, []).append(finding)
     cards = []
@@ -338,6 +364,10 @@ def patient_view_cards(
             more = f" and {len(progressed) - 1} more" if len(progressed) > 1 else ""
             change = _change_words(progressed[0])
             summary = f"{title}: progressed since {_prior_date(progressed[0])}, {change}{more} (AI, {state})"
+        elif grown := _grown(newest):
+            state = "awaiting review" if newest.awaiting_review else f"signed {_date(newest)}"
+            more = f" and {len(grown) - 1} more" if len(grown) > 1 else ""
+            summary = f"{title}: nodule grew since {_prior_date(grown[0])}, {grown[0].sentence}{more} (AI, {state})"
         elif reasons:
             state = "awaiting review" if newest.awaiting_review else f"signed {_date(newest)}"
             summary = f"{title}: {', '.join(reasons)} (AI, {state}); guideline next steps inside"
@@ -350,6 +380,7 @@ def patient_view_cards(
             summary = f"{title}: {mid_sentence(newest.category_display)} (AI, signed {_date(newest)})"
         lines = [f"**{title}** - AI results for this patient:", "", *(_finding_line(f) for f in items), ""]
         lines.extend(_comparison_lines(newest))
+        lines.extend(_lesion_lines(newest))
         if steps:
             lines.extend(["**Suggested next steps (guidelines, for the clinician to decide):**", ""])
             lines.extend(f"- {step}" for step in steps)

@@ -105,6 +105,30 @@ class FiledComparison:
 
 
 @dataclass(frozen=True)
+class FiledLesionComparison:
+    """One lesion compared with the prior study, as filed (code ``lesion-since-prior``).
+
+    ``key`` names the lesion (``nodule-3``; ``resolved-nodule-2`` for a prior one not found now); ``verdict`` is
+    ``stable``, ``increased``, ``decreased``, ``new`` or ``resolved``; ``current`` and ``prior`` the finding
+    Observations it derives from (empty when there is none); ``sentence`` the filed wording with the numbers.
+    """
+
+    key: str
+    verdict: str
+    sentence: str
+    current: str
+    prior: str
+    prior_date: datetime | None
+    lung_rads: str | None = None
+
+    @property
+    def progressed(self) -> bool:
+        """Grown beyond the margins (a new lesion is not called progression: on a detector with several false
+        positives per scan most new ones are noise; it is listed, with the category a new nodule implies)."""
+        return self.verdict == "increased"
+
+
+@dataclass(frozen=True)
 class CodedAnswer:
     """A coded value of a result (a Lung-RADS category, a nodule type): what is coded, its code and its words.
 
@@ -177,6 +201,8 @@ class AiFinding:
     """The report's comparisons with the patient's prior result, one per compared measurement."""
     lungs_mm: Box | None = None
     """The extent of the lungs in patient coordinates, when the report recorded it (a lesion-listing analyzer)."""
+    lesion_comparisons: tuple[FiledLesionComparison, ...] = ()
+    """The report's lesions compared with the prior's: matched, new and not found now."""
 
     @property
     def abnormal(self) -> bool:
@@ -339,6 +365,36 @@ def filed_comparison(observation: Mapping[str, Any]) -> FiledComparison | None:
         band=None if low is None or high is None else (low, high),
         significant=bool(interpretations & {"U", "D"}),
         progressed="W" in interpretations,
+    )
+
+
+def filed_lesion_comparison(observation: Mapping[str, Any]) -> FiledLesionComparison | None:
+    """The lesion comparison an Observation coded ``lesion-since-prior`` carries; ``None`` for any other."""
+    if _coded(observation.get("code"), COMPARISON_CODESYSTEM) != "lesion-since-prior":
+        return None
+    parts: dict[str, Mapping[str, Any]] = {}
+    for component in fhirjson.items(observation.get("component")):
+        if isinstance(component, dict) and (code := _coded(component.get("code"), COMPARISON_CODESYSTEM)) is not None:
+            parts[code] = component
+    verdict = _coded(observation.get("valueCodeableConcept"), COMPARISON_CODESYSTEM) or "not-assessed"
+    derived = [
+        fhirjson.relative_reference(fhirjson.reference(d)) or "" for d in fhirjson.items(observation.get("derivedFrom"))
+    ]
+    current = "" if verdict == "resolved" else next(iter(derived), "")
+    prior = next(iter(derived[1:]), "") if current else next(iter(derived), "")
+    category = coded_answer("lung_rads", "Lung-RADS", parts.get("implied-lung-rads", {}).get("valueCodeableConcept"))
+    key = ""
+    for identifier in fhirjson.items(observation.get("identifier")):
+        if isinstance(identifier, dict) and identifier.get("system") == ANALYSIS_IDENTIFIER_SYSTEM:
+            key = str(identifier.get("value", "")).rpartition("/")[2]
+    return FiledLesionComparison(
+        key=key,
+        verdict=verdict,
+        sentence=str(fhirjson.element(observation.get("valueCodeableConcept")).get("text") or ""),
+        current=current,
+        prior=prior,
+        prior_date=parse_datetime(parts.get("prior-study-date", {}).get("valueDateTime")),
+        lung_rads=None if category is None else category.code,
     )
 
 
@@ -558,6 +614,7 @@ def _read_report(
     listed: list[ListedFinding] = []
     assessments: list[CodedAnswer] = []
     comparisons: list[FiledComparison] = []
+    lesion_comparisons: list[FiledLesionComparison] = []
     version: str | None = None
     for ref in fhirjson.items(report.get("result")):
         observation = resolve(index, ref)
@@ -572,6 +629,8 @@ def _read_report(
             assessments.append(answer)
         elif (compared := filed_comparison(observation)) is not None:
             comparisons.append(compared)
+        elif (lesion := filed_lesion_comparison(observation)) is not None:
+            lesion_comparisons.append(lesion)
         if version is None:
             device = resolve(index, observation.get("device"))
             version = device_version(device) if device is not None else None
@@ -594,6 +653,7 @@ def _read_report(
         acquisition=read_acquisition(report),
         comparisons=tuple(comparisons),
         lungs_mm=read_lung_extent(report),
+        lesion_comparisons=tuple(lesion_comparisons),
     )
 
 

@@ -273,6 +273,8 @@ class ListedView:
     values: tuple[FindingView, ...]
     attributes: tuple[tuple[str, str], ...]
     images: tuple[ImageView, ...]
+    since_prior: str = ""
+    """This finding against the prior study, as filed (matched with its size change, or new); empty without one."""
 
 
 LISTED_HEADINGS: dict[str, str] = {"lung_nodule": "Lung nodules"}
@@ -300,6 +302,8 @@ class ReportView:
     listed: tuple[ListedView, ...] = ()
     listed_heading: str = ""
     assessments: tuple[tuple[str, str], ...] = ()
+    not_found_since_prior: tuple[str, ...] = ()
+    """Listed findings of the prior study that were not found now, as filed."""
 
     @property
     def awaiting_review(self) -> bool:
@@ -339,6 +343,7 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         if ref.startswith("Media/")
     )
     titles = {f"Media/{image.media_id}": image.title for image in images}
+    since_prior = {c.current: c.sentence for c in filed.lesion_comparisons if c.current}
     listed = tuple(
         ListedView(
             title=item.display,
@@ -350,6 +355,7 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
             ),
             attributes=tuple((v.display, v.code_display) for v in item.values),
             images=tuple(ImageView(ref.split("/")[1], titles.get(ref, "Explanation image")) for ref in item.key_images),
+            since_prior=since_prior.get(item.reference, ""),
         )
         for item in filed.listed
     )
@@ -377,6 +383,7 @@ def report_view(report: Mapping[str, Any], related: Iterable[Mapping[str, Any]])
         listed=listed,
         listed_heading=LISTED_HEADINGS.get(filed.listed[0].kind, "Findings listed one by one") if listed else "",
         assessments=tuple((a.display, a.code_display) for a in filed.assessments),
+        not_found_since_prior=tuple(c.sentence for c in filed.lesion_comparisons if c.verdict == "resolved"),
     )
 
 

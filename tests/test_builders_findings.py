@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import requests
 
+from cds.cards import CardSettings, patient_view_cards
 from core.errors import ConfigurationError
 from devtools.servers import FhirServer
 from fhir_adapters import constants
 from fhir_adapters.builders import DeviceInfo, analysis_identifier, build_results_bundle
 from fhir_adapters.client import FhirClient
-from fhir_adapters.results import CodedAnswer, index_resources, read_report
+from fhir_adapters.results import AiFinding, CodedAnswer, filed_lesion_comparison, index_resources, read_report
 from fhir_adapters.validation import validate_bundle
 from fhir_adapters.writer import WriteSettings, write_results
 from models.base import AnalysisResult, Category, CodedValue, Explanation, Finding, Measurement
+from models.followup import Acquisition, PriorResult, compare_with_history, followup_spec
+from models.lesion_followup import Box, Lesion
+from models.registry import get_card
 from tests.test_builders import EMPHYSEMA_DEVICE, ISSUED, _png, _target, emphysema_result
 
 DEVICE = DeviceInfo("ct-lung-nodules", "1.0.0", "CT lung nodules", "ab" * 32, "https://example.org/cards/nodules")
@@ -229,3 +235,100 @@ def test_ordered_writes_file_each_finding_after_the_key_images_it_is_derived_fro
     assert filed.written.index(media[-1]) < filed.written.index(f"Observation/{nodule['id']}")
     again = write_results(client, bundle, settings=WriteSettings("ordered"))
     assert not again.report_created and set(again.written) == set(filed.written)
+
+
+def test_a_grown_a_new_and_a_resolved_nodule_are_filed_with_growth_doubling_time_and_category() -> None:
+    # Plumbing with hand-made values (no real pair of scans with growth exists): the prior scan lay 20 mm lower on
+    # the table; nodule-1 grew from 7.0 to 9.3 mm mean diameter in 306 days, nodule-2 is new, the prior's other nodule
+    # is not found now.
+    result = nodule_result()
+    nodule, *_ = result.findings
+    new = Finding(
+        key="nodule-2",
+        kind="lung_nodule",
+        display="Nodule 2: solid nodule, 6.5 mm",
+        measurements=(Measurement("nodule_mean_diameter_mm", "Mean diameter", 6.5, "mm"),),
+        values=(CodedValue("nodule_type", "Nodule type", "solid", "Solid"),),
+        centre_mm=(60.0, -100.0, -600.0),
+    )
+    lungs = Box((-120.0, -200.0, -780.0), (120.0, -50.0, -560.0))
+    result = replace(result, findings=(replace(nodule, centre_mm=(-40.0, -120.0, -650.0)), new), lungs_mm=lungs)
+    down = Box((-120.0, -200.0, -800.0), (120.0, -50.0, -580.0))
+    prior = PriorResult(
+        reference="DiagnosticReport/prior",
+        analyzer="ct-lung-nodules",
+        version="1.0.0",
+        effective=datetime(2024, 1, 4, tzinfo=UTC),
+        imaging_study="ImagingStudy/prior",
+        measurements=(),
+        lesions=(
+            Lesion("nodule-1", (-41.0, -121.0, -669.0), 7.0, 180.0, reference="Observation/prior-1"),
+            Lesion("nodule-2", (40.0, -150.0, -720.0), 5.0, 65.0, reference="Observation/prior-2"),
+        ),
+        lungs_mm=down,
+    )
+    spec = followup_spec(get_card("ct-lung-nodules"))
+    assert spec is not None
+    comparison = compare_with_history(
+        result, current_date=datetime(2024, 11, 5, tzinfo=UTC), acquisition=Acquisition(), history=(prior,), spec=spec
+    )
+    assert comparison.lesions is not None
+    grown, added, gone = comparison.lesions
+    assert (grown.status, added.status, gone.status) == ("matched", "new", "resolved")
+    assert grown.growth is not None and grown.growth.lung_rads_growth and grown.lung_rads == "4B"
+    assert grown.growth.vdt_days is not None and 240 < grown.growth.vdt_days < 260  # 306 d ln2 / ln(412/180)
+    assert added.lung_rads == "4A" and gone.prior is not None and gone.prior.key == "nodule-2"
+
+    bundle = build_results_bundle(_target(), result, DEVICE, issued=ISSUED, comparison=comparison)
+    report = _by_type(bundle, "DiagnosticReport")[0]["resource"]
+    assert (
+        "nodules 1 matched (1 grew beyond 1.5 mm mean diameter or 25 % volume), 1 new, 1 resolved"
+        in (report["conclusion"])
+    )
+    assert "VDT 256 days (VDT under 400 days: high probability of cancer (NELSON positive))" in report["conclusion"]
+    extent = next(e for e in report["extension"] if e["url"] == constants.LUNG_EXTENT_EXTENSION)
+    assert {p["url"]: p["valueQuantity"]["value"] for p in extent["extension"]}["lowZ"] == -780.0
+    observations = {e["fullUrl"]: e["resource"] for e in _by_type(bundle, "Observation")}
+    lesions = [o for o in observations.values() if o["code"]["coding"][0]["code"] == "lesion-since-prior"]
+    by_key = {o["identifier"][0]["value"].rpartition("/")[2]: o for o in lesions}
+    assert set(by_key) == {"nodule-1", "nodule-2", "resolved-nodule-2"}
+    matched = by_key["nodule-1"]
+    current = next(url for url, o in observations.items() if o["identifier"][0]["value"].endswith("/finding/nodule-1"))
+    assert [d["reference"] for d in matched["derivedFrom"]] == [current, "Observation/prior-1"]
+    parts = {c["code"]["coding"][-1]["code"]: c for c in matched["component"]}
+    assert parts["absolute-change"]["valueQuantity"]["value"] == 2.3
+    assert parts["volume-doubling-time"]["valueQuantity"] == {
+        "value": 256,
+        "unit": "d",
+        "system": "http://unitsofmeasure.org",
+        "code": "d",
+    }
+    assert "NELSON positive" in parts["nelson-band"]["valueString"]
+    assert parts["implied-lung-rads"]["valueCodeableConcept"]["coding"][0]["code"] == "lung_rads/4B"
+    assert parts["prior-study-date"]["valueDateTime"] == "2024-01-04T00:00:00+00:00"
+    assert matched["valueCodeableConcept"]["coding"][0]["code"] == "increased"
+    assert [d["reference"] for d in by_key["resolved-nodule-2"]["derivedFrom"]] == ["Observation/prior-2"]
+    assert by_key["nodule-2"]["valueCodeableConcept"]["coding"][0]["code"] == "new"
+    nodule_obs = observations[current]
+    centre = {c["code"]["coding"][-1]["code"]: c["valueQuantity"]["value"] for c in nodule_obs["component"][-3:]}
+    assert centre == {"centre_x": -40.0, "centre_y": -120.0, "centre_z": -650.0}
+    # Read back as the CDS service reads it: the grown nodule is the card's news, the new one is listed, not alarmed.
+    filed = tuple(c for o in lesions if (c := filed_lesion_comparison(o)) is not None)
+    assert [c.verdict for c in filed] == ["increased", "new", "resolved"] and filed[0].lung_rads == "4B"
+    finding = AiFinding(
+        report_reference="DiagnosticReport/r",
+        analyzer="ct-lung-nodules",
+        version="1.0.0",
+        category_code="lung-rads-4B",
+        category_display="Lung-RADS 4B",
+        status="preliminary",
+        conclusion="",
+        imaging_studies=(),
+        effective=None,
+        measurements=(),
+        lesion_comparisons=filed,
+    )
+    settings = CardSettings("https://app.example/launch", "https://app.example", ISSUED)
+    [card] = patient_view_cards([finding], settings)
+    assert card["summary"].startswith("CT lung nodules: nodule grew since 2024-01-04, nodule-1 (prior nodule-1): 7.0")
+    assert "nodule-2: new, 6.5 mm, Lung-RADS 4A as a new solid nodule" in card["detail"]

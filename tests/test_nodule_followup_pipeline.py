@@ -13,12 +13,14 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import nrrd
 import numpy as np
 import pytest
 
+from cds.cards import CardSettings, patient_view_cards
 from core.allowlist import AllowList
 from devtools.samples import load_sample
 from devtools.servers import FhirServer, OrthancServer
@@ -31,6 +33,7 @@ from fhir_adapters.validation import validate_resource
 from models.base import Finding
 from models.registry import get_analyzer
 from pipeline.analysis import AnalysisOutcome, analyze_study, compare_with_prior, find_history
+from smart_launch.views import report_view
 from tests.followup_support import FiledStudy, file_study, resource_count, shifted
 from tests.test_followup_pipeline import CountingSession, new_patient, read
 from tests.test_pipeline_nodules import LUNG1_LABEL
@@ -150,6 +153,17 @@ def test_the_same_scan_a_year_later_matches_every_nodule_with_no_growth_and_no_d
         assert observation["valueCodeableConcept"]["coding"][0]["code"] == "stable"
     html = base64.b64decode(report["presentedForm"][0]["data"]).decode()
     assert "Nodules compared with the prior" in html and "1.5 mm" in html and "Horeweg" in html
+    # Read back as the app and the CDS service read it: each nodule says how it compares, and so does the card.
+    related = [read(client, r["reference"]) for r in report["result"]]
+    view = report_view(report, related)
+    assert len(view.listed) == len(matches) and not view.not_found_since_prior
+    assert all("no growth beyond 1.5 mm mean diameter or 25 % volume" in item.since_prior for item in view.listed)
+    [finding] = extract_findings([report, *related], patient_id=chain.patient.split("/")[1])
+    assert len(finding.lesion_comparisons) == len(matches) and not any(c.progressed for c in finding.lesion_comparisons)
+    settings = CardSettings("https://app.example/launch", "https://app.example", datetime.now(UTC))
+    [card] = patient_view_cards([finding], settings)
+    assert "Nodules compared with the prior study of 2023-01-05" in card["detail"]
+    assert f"{len(matches)} matched nodules without growth" in card["detail"] and "grew" not in card["summary"]
 
 
 def labelled_nodule(findings: tuple[Finding, ...]) -> Finding:
