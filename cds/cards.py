@@ -662,7 +662,7 @@ def followup_order_cards(
         for finding in findings:  # newest first
             if relevant_to_order(finding, order) and finding.effective is not None:
                 newest_by_analyzer.setdefault(finding.analyzer, finding)
-        entries: list[tuple[AiFinding, list[str], list[str]]] = []
+        entries: list[tuple[AiFinding, list[str], list[str], str]] = []
         for analyzer, finding in newest_by_analyzer.items():
             spec = _followup_spec(analyzer)
             if spec is None:
@@ -673,8 +673,18 @@ def followup_order_cards(
                 followed = spec.measurements.get(measured.key)
                 if followed is not None:
                     (with_verdict if followed.repeatability is not None else without).append(measured.text)
-            if with_verdict or without:
-                entries.append((finding, with_verdict, without))
+            lesions = ""
+            if spec.lesions is not None and finding.listed:
+                kind = [item for item in finding.listed if item.kind == spec.lesions]
+                lesions = (
+                    f"its {len(kind)} listed nodule{'s' if len(kind) != 1 else ''} matched after aligning the lungs; "
+                    "growth called only beyond 1.5 mm mean diameter within 12 months (Lung-RADS v2022) or 25 % volume "
+                    "(NELSON), with the volume doubling time and its NELSON band"
+                    if all(item.centre_mm is not None for item in kind)
+                    else "its nodules cannot be matched: their positions were not filed with that result"
+                )
+            if with_verdict or without or lesions:
+                entries.append((finding, with_verdict, without, lesions))
         if not entries:
             continue
         newest = max((e[0] for e in entries), key=lambda f: f.effective or settings.now)
@@ -682,7 +692,7 @@ def followup_order_cards(
         days = max((settings.now - newest.effective).days, 0)
         summary = f"Follow-up CT: prior AI results of {_date(newest)}, {_interval_words(days)} ago, will be compared"
         lines = ["A new AI analysis of this CT will be compared with the patient's prior results:", ""]
-        for finding, with_verdict, without in entries:
+        for finding, with_verdict, without, lesions in entries:
             assert finding.effective is not None
             interval = _interval_words(max((settings.now - finding.effective).days, 0))
             version = f" v{finding.version}" if finding.version else ""
@@ -694,6 +704,8 @@ def followup_order_cards(
                 lines.append(f"  - Change called only beyond the published repeatability: {', '.join(with_verdict)}.")
             if without:
                 lines.append(f"  - Change shown without a verdict (no published repeatability): {', '.join(without)}.")
+            if lesions:
+                lines.append(f"  - Nodules: {lesions}.")
         lines += [
             "",
             "The same slice thickness, kernel and contrast phase as the prior keep the comparison strong; a "

@@ -20,7 +20,8 @@ import nrrd
 import numpy as np
 import pytest
 
-from cds.cards import CardSettings, patient_view_cards
+from cds.cards import CardSettings, followup_order_cards, patient_view_cards
+from cds.orders import imaging_orders
 from core.allowlist import AllowList
 from devtools.samples import load_sample
 from devtools.servers import FhirServer, OrthancServer
@@ -164,6 +165,20 @@ def test_the_same_scan_a_year_later_matches_every_nodule_with_no_growth_and_no_d
     [card] = patient_view_cards([finding], settings)
     assert "Nodules compared with the prior study of 2023-01-05" in card["detail"]
     assert f"{len(matches)} matched nodules without growth" in card["detail"] and "grew" not in card["summary"]
+    # order-select for the next chest CT says the nodules will be followed, and by which published margins.
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "draft-chest-ct",
+        "status": "draft",
+        "intent": "order",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+        "subject": {"reference": chain.patient},
+    }
+    orders = imaging_orders(
+        {"resourceType": "Bundle", "entry": [{"resource": order}]}, ["ServiceRequest/draft-chest-ct"]
+    )
+    [follow_up] = followup_order_cards(orders, [finding], settings)
+    assert f"its {len(matches)} listed nodules matched after aligning the lungs" in follow_up["detail"]
 
 
 def labelled_nodule(findings: tuple[Finding, ...]) -> Finding:
