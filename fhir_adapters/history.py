@@ -4,7 +4,9 @@ One FHIR search per analysis (more only on a server that ignores ``_include``, s
 patient's DiagnosticReports in the project's analysis identifier system, with the analyzer's report code, effective
 no later than the study being analysed, newest first, with their result Observations included (and their Devices,
 where the server supports ``_include:iterate``). The same answer says whether this very analysis was filed before (a
-re-run, which must add nothing) and gives the earlier results. Reports are read by the one reader of filed results,
+re-run, which must add nothing) and gives the earlier results, with the findings they list one by one (each nodule's
+Observation, its centre among its components) and the lungs' extent (a report extension): all a lesion comparison
+needs, so matching nodules costs no further search. Reports are read by the one reader of filed results,
 :mod:`fhir_adapters.results`; reports about any other patient or analyzer are dropped, whatever the server returned.
 
 A Device the server did not include (sekmet-fhir does not support ``Observation:device``) is read once and kept for

@@ -19,6 +19,11 @@ Published rules applied (sizes are mean diameters, the average of long and short
   (indeterminate), over 600 days low (negative). A volume change within 25 % is not growth: the NELSON protocol's
   measurement-error margin for semi-automated volumetry (van Klaveren RJ et al., N Engl J Med 2009;361:2221-2229).
 
+A matched lesion is called ``increased`` (or ``decreased``) only beyond one of those margins, 1.5 mm mean diameter or
+25 % volume, and ``stable`` within both (:attr:`LesionMatch.verdict`); Lung-RADS growth and the category it implies
+need the 1.5 mm within 12 months. :func:`models.followup.compare_with_history` runs the matching for an analyzer whose
+card follows lesions, from the positions and lung extents filed with both results.
+
 Matching is a project rule, not a published one: a current lesion and a prior one are the same when their aligned
 centres lie within ``max(10 mm, the larger mean diameter)`` of each other, closest pairs first, each lesion used once.
 """

@@ -9,7 +9,8 @@ Each arrow of the data flow happens in one place, and this module only strings t
     models.<analyzer>.analyze              ImageInput               ->  AnalysisResult
     fhir_adapters.history.read_history     one FHIR search          ->  the patient's earlier results (searched
                                                                         while the images download)
-    models.followup.compare_with_history   result + earlier results ->  FollowupComparison
+    models.followup.compare_with_history   result + earlier results ->  FollowupComparison (with the nodules
+                                                                        matched to the prior's: models.lesion_followup)
     fhir_adapters.builders                 AnalysisResult           ->  one transaction Bundle
     fhir_adapters.writer.write_results     Bundle                   ->  the EHR, as it takes it (idempotent)
 """
