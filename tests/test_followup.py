@@ -8,6 +8,7 @@ end-to-end behaviour against the real FHIR server and Orthanc is in ``tests/test
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bun
 from fhir_adapters.constants import ACQUISITION_EXTENSION, COMPARISON_CODESYSTEM
 from fhir_adapters.results import filed_comparison, read_acquisition
 from fhir_adapters.validation import validate_resource
-from models.base import AnalysisResult, Category, Measurement
+from models.base import AnalysisResult, Category, CodedValue, Finding, Measurement
 from models.cards import card_errors, load_card
 from models.followup import (
     Acquisition,
@@ -28,6 +29,7 @@ from models.followup import (
     compare_with_history,
     followup_spec,
 )
+from models.lesion_followup import Box, Lesion
 
 CURRENT = datetime(2025, 1, 1, 9, tzinfo=UTC)
 THIN = Acquisition(slice_thickness_mm=0.75, kernel="B30f")
@@ -430,3 +432,54 @@ def test_the_model_card_page_shows_what_is_followed_and_the_limits_with_their_so
     assert "not validated on real follow-up pairs" in page
     assert "-1.3 to +1.1 (unit of the measurement)" in page and "Gietema HA" in page
     assert "Earlier analyzer versions whose results are compared with this version's: 1.0.0, 1.0.1." in page
+
+
+def test_nodules_of_a_prior_filed_without_positions_are_not_matched_and_the_report_says_why() -> None:
+    # A prior filed before centres and lung extents were recorded: positions in two scans' own coordinates lie
+    # centimetres apart for the same nodule, so no unaligned match is attempted.
+    nodule = Finding(
+        key="nodule-1",
+        kind="lung_nodule",
+        display="Nodule 1",
+        measurements=(Measurement("nodule_mean_diameter_mm", "Mean diameter", 7.0, "mm"),),
+        values=(CodedValue("nodule_type", "Nodule type", "solid", "Solid"),),
+        centre_mm=(10.0, -120.0, -650.0),
+    )
+    result = AnalysisResult(
+        analyzer="ct-lung-nodules",
+        version="1.0.0",
+        measurements=(Measurement("lung_nodule_count", "Lung nodules", 1.0, "1"),),
+        category=Category("lung-rads-2", "Lung-RADS 2", "rule", abnormal=False),
+        conclusion="1 nodule.",
+        findings=(nodule,),
+        lungs_mm=Box((-120.0, -200.0, -780.0), (120.0, -50.0, -560.0)),
+    )
+    prior = PriorResult(
+        reference="DiagnosticReport/old",
+        analyzer="ct-lung-nodules",
+        version="1.0.0",
+        effective=datetime(2024, 1, 1, tzinfo=UTC),
+        imaging_study="ImagingStudy/old",
+        measurements=(),
+    )
+    rules = spec("ct-lung-nodules")
+    assert rules.lesions == "lung_nodule"
+
+    def compare(now: AnalysisResult, before: PriorResult) -> Any:
+        return compare_with_history(now, current_date=CURRENT, acquisition=Acquisition(), history=(before,), spec=rules)
+
+    comparison = compare(result, prior)
+    assert comparison.prior is prior and comparison.lesions is None
+    assert "2024-01-01: it did not record its nodules' positions" in comparison.sentence()
+    # Without this scan's own positions (a volume without geometry) nothing is matched either.
+    unplaced = replace(result, findings=(replace(nodule, centre_mm=None),))
+    moved = replace(prior, lungs_mm=result.lungs_mm)
+    comparison = compare(unplaced, moved)
+    assert comparison.lesions is None and "this scan's positions are not known" in comparison.sentence()
+    # With both, the same place and size read stable.
+    placed = replace(moved, lesions=(Lesion("nodule-1", (10.0, -120.0, -650.0), 7.0),))
+    comparison = compare(result, placed)
+    assert comparison.lesions is not None and [m.verdict for m in comparison.lesions] == ["stable"]
+    assert "nodules 1 matched (0 grew beyond 1.5 mm mean diameter or 25 % volume), 0 new, 0 resolved" in (
+        comparison.sentence()
+    )
