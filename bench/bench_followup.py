@@ -1,13 +1,15 @@
 """Benchmark: what comparing with the prior costs an analysis, in one run.
 
-The same real chest CT (pyradiomics lung2, under new UIDs each time) is analysed end to end, in alternating rounds:
+The same real chest CT (pyradiomics lung2; lung1 for ct-lung-nodules; under new UIDs each time) is analysed end to
+end, in alternating rounds:
 (a) for a new patient with no earlier results (the one history search answers empty), and
 (b) for a patient whose record already holds ``--priors`` earlier results of the analyzer (the search returns them
     with their Observations, the newest comparable one is compared, the comparison Observations are filed).
 Prints the median wall and CPU time of each, the ratio (b)/(a) against the target (<= 1.1, issue 20), the median
 time of the history step itself, and the FHIR requests each analysis made.
 
-Run: .venv/bin/python bench/bench_followup.py [--analyzer ct-emphysema|ct-heart|ct-bone] [--rounds 7] [--priors 20]
+Run: .venv/bin/python bench/bench_followup.py [--analyzer ct-emphysema|ct-heart|ct-bone|ct-lung-nodules] [--rounds 7]
+     [--priors 20]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from models.registry import get_analyzer
 from pipeline.analysis import AnalysisOutcome, analyze_study, device_info
 
 TARGET = 1.1
-SAMPLES = {"ct-emphysema": "lung2", "ct-heart": "lung2", "ct-bone": "abdomen"}
+SAMPLES = {"ct-emphysema": "lung2", "ct-heart": "lung2", "ct-bone": "abdomen", "ct-lung-nodules": "lung1"}
 
 
 class CountingSession(requests.Session):
