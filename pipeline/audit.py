@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from core.statefiles import connect_private_sqlite
+from core.statefiles import ThreadConnections
 from fhir_adapters.audit import Actor, AuditedFhirClient, AuditSource, AuditTrail
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError
@@ -81,19 +81,13 @@ class AuditOutbox:
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._local = threading.local()
+        self._connections = ThreadConnections(self.path)
         self._listeners: list[Callable[[], None]] = []
         with self._db() as db:
             db.executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        """This thread's connection in this process (a connection must not cross threads' locks or a fork)."""
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None or getattr(self._local, "pid", None) != os.getpid():
-            db = connect_private_sqlite(self.path)
-            self._local.db = db
-            self._local.pid = os.getpid()
-        return db
+        return self._connections()
 
     def on_record(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each record (a drainer in this process starts itself then)."""
