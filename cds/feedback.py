@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ImagingCdsError
-from core.statefiles import connect_private_sqlite
+from core.statefiles import ThreadConnections
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class FeedbackStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._local = threading.local()
+        self._connections = ThreadConnections(self.path)
         self._queue: queue.Queue[list[IssuedRow]] = queue.Queue(maxsize=ISSUED_QUEUE_MAX)
         self._writer: threading.Thread | None = None
         self._writer_pid = 0
@@ -202,13 +202,7 @@ class FeedbackStore:
             conn.executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        # A connection must not cross a fork (gunicorn --preload builds the app in the master): reopen per pid.
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = connect_private_sqlite(self.path)  # 0600 in a 0700 folder, WAL
-            self._local.conn = conn
-            self._local.pid = os.getpid()
-        return conn
+        return self._connections()
 
     def _write_issued(self, rows: list[IssuedRow]) -> None:
         if rows:

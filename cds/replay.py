@@ -17,16 +17,14 @@ one token cannot both pass.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigurationError
-from core.statefiles import connect_private_sqlite
+from core.statefiles import ThreadConnections
 
 REPLAY_FILE = "cds-replay.sqlite"
 PURGE_EVERY_S = 30.0
@@ -49,17 +47,12 @@ class SqliteReplayCache:
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._local = threading.local()
+        self._connections = ThreadConnections(self.path)
         self._next_purge = 0.0
         self._db().executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None or getattr(self._local, "pid", None) != os.getpid():
-            db = connect_private_sqlite(self.path)
-            self._local.db = db
-            self._local.pid = os.getpid()
-        return db
+        return self._connections()
 
     def first_use(self, key: str, expires_at: float) -> bool:
         """Record ``key`` until ``expires_at``; False when it was already recorded and has not expired."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 from pathlib import Path
 
 from core.errors import ConfigurationError
@@ -101,3 +102,24 @@ def connect_private_sqlite(path: str | Path, *, wal: bool = True, timeout: float
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
     return connection
+
+
+class ThreadConnections:
+    """One :func:`connect_private_sqlite` connection per thread and per process, for stores used from many threads.
+
+    A connection must not cross threads' locks, nor a fork (gunicorn ``--preload`` builds the app in the master
+    process): each thread of each process opens its own on first use.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+
+    def __call__(self) -> sqlite3.Connection:
+        """This thread's connection in this process."""
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None or getattr(self._local, "pid", None) != os.getpid():
+            connection = connect_private_sqlite(self.path)  # 0600 in a 0700 folder, WAL
+            self._local.connection = connection
+            self._local.pid = os.getpid()
+        return connection

@@ -4,13 +4,17 @@ The EHR's FHIR server may accept codes outside a required value set (sekmet-fhir
 so a resource we build wrongly could be stored and mislead a reader later. Validating here turns such a
 mistake into a :class:`ResourceValidationError` at build time, naming each offending element by its JSON path.
 
-Speed matters because every analysis validates its whole transaction. Validating against the schema's root
-(a ``oneOf`` over ~150 resource types) or a Bundle whose ``entry.resource`` is such a ``oneOf`` costs tens of
-milliseconds per resource, so instead:
+Speed matters because every analysis validates its whole transaction and every access its AuditEvent.
+``jsonschema`` walks the schema node by node, resolving each ``$ref`` as it goes: about a millisecond per
+resource, 20-25 ms for a results bundle with its key images. So a resource is first put through a check
+compiled once per process from the same definitions (:class:`_CompiledCheck`: plain Python predicates for the
+few keywords the R4 schema uses, with Draft 6's meaning), which says only *whether* it conforms, in a tenth of
+the time. Only a resource it refuses goes through ``jsonschema``, which names each problem; so what is refused,
+and the message saying why, are what ``jsonschema`` decides. Both work per resource type:
 
-* each resource is validated against ``#/definitions/<resourceType>`` with one cached validator per type;
-* a Bundle is validated against a copy of the Bundle definition whose ``entry.resource`` only has to be an
-  object with a ``resourceType``, and each entry's resource is then validated against its own type.
+* each resource is checked against ``#/definitions/<resourceType>``;
+* a Bundle is checked against a copy of the Bundle definition whose ``entry.resource`` only has to be an
+  object with a ``resourceType``, and each entry's resource is then checked against its own type.
 
 The schema is package data (``fhir_adapters/schema/fhir.schema.json``, a copy of
 ``/work/shared/fhir/fhir.schema.json``), loaded once on first use.
@@ -21,10 +25,10 @@ Messages describe the problem without echoing the offending value: values may be
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import threading
-from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
@@ -176,6 +180,8 @@ def validate_resource(resource: Mapping[str, Any]) -> None:
     if isinstance(resource, Mapping) and resource.get("resourceType") == "Bundle":
         validate_bundle(resource)
         return
+    if _conforms(resource):
+        return
     problems = _resource_problems(resource, "$")
     if problems:
         rtype = resource.get("resourceType", "resource") if isinstance(resource, Mapping) else "resource"
@@ -189,8 +195,13 @@ def validate_bundle(bundle: Mapping[str, Any]) -> None:
     """
     if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
         _raise("Bundle", ["$.resourceType: must be 'Bundle'"])
-    problems = _problems(bundle, _BUNDLE_SHELL, "$")
     entries = bundle.get("entry", [])
+    if _check(_BUNDLE_SHELL)(bundle) and (
+        not isinstance(entries, list)  # the shell check has refused a non-list already; for mypy
+        or all(_conforms(e["resource"]) for e in entries if isinstance(e, Mapping) and "resource" in e)
+    ):
+        return
+    problems = _problems(bundle, _BUNDLE_SHELL, "$")
     if isinstance(entries, list):
         for index, entry in enumerate(entries):
             if isinstance(entry, Mapping) and "resource" in entry:
@@ -199,74 +210,144 @@ def validate_bundle(bundle: Mapping[str, Any]) -> None:
         _raise(f"Bundle ({bundle.get('type', 'no type')})", problems)
 
 
-# ---------------------------------------------------------------------------------------------- by shape
-
-_SHAPE_CACHE_SIZE = 4096
-_valid_shapes: OrderedDict[Hashable, None] = OrderedDict()
-_shapes_lock = threading.Lock()
+# ---------------------------------------------------------------------------------------------- the fast check
 
 
-@lru_cache(maxsize=1)
-def _primitive_patterns() -> tuple[re.Pattern[str], ...]:
-    """Every pattern the R4 schema's primitive types use (id, code, instant, uri, string, ...)."""
-    definitions = load_schema()["definitions"]
-    return tuple(re.compile(d["pattern"]) for d in definitions.values() if isinstance(d.get("pattern"), str))
+def _conforms(resource: Any) -> bool:
+    """Whether the compiled check passes ``resource`` (a known R4 type conforming to its definition)."""
+    if not isinstance(resource, Mapping):
+        return False
+    resource_type = resource.get("resourceType")
+    return isinstance(resource_type, str) and resource_type in _resource_types() and _check(resource_type)(resource)
 
 
-@lru_cache(maxsize=1)
-def _enum_values() -> frozenset[str]:
-    """Every value any enum of the R4 schema lists (the required value sets it spells out)."""
-    found: set[str] = set()
-
-    def collect(node: Any) -> None:
-        if isinstance(node, Mapping):
-            if isinstance(node.get("enum"), list):
-                found.update(v for v in node["enum"] if isinstance(v, str))
-            for item in node.values():
-                collect(item)
-        elif isinstance(node, list):
-            for item in node:
-                collect(item)
-
-    collect(load_schema()["definitions"])
-    return frozenset(found)
+Check = Callable[[Any], bool]
+"""Whether an instance conforms to a schema node: no message, no path (``jsonschema`` gives those)."""
 
 
-def _shape(value: Any) -> Hashable:
-    """What the schema can tell apart in ``value``: its structure; a string that some enum of the schema lists, as
-    it is; any other string only by which primitive patterns it matches (the schema constrains nothing else)."""
-    if isinstance(value, Mapping):
-        return tuple((key, _shape(item)) for key, item in sorted(value.items()))
-    if isinstance(value, list):
-        return ("[", *(_shape(item) for item in value))
-    if isinstance(value, str):
-        return _string_shape(value)
-    return (type(value).__name__, value)
+class UnsupportedSchemaError(ValueError):
+    """The schema uses a keyword or form :class:`_CompiledCheck` does not reproduce."""
 
 
-@lru_cache(maxsize=65_536)
-def _string_shape(value: str) -> Hashable:
-    """A string's part of a shape; remembered, since most strings of a kind of resource (systems, codes,
-    displays, server URLs) recur in every one of them."""
-    if value in _enum_values():
-        return value
-    return ("s", sum(1 << n for n, pattern in enumerate(_primitive_patterns()) if pattern.search(value)))
+class _CompiledCheck:
+    """Predicates compiled from the R4 schema's definitions, one per definition, built on first use.
 
-
-def validate_resource_by_shape(resource: Mapping[str, Any]) -> None:
-    """:func:`validate_resource` for resources made in volume (AuditEvents), where it would cost more than the
-    request they record: a resource whose shape (see :func:`_shape`) passed before is not checked again.
-
-    Two resources of one shape pass or fail alike: the R4 JSON schema constrains strings only by the primitive
-    type patterns and by enums, and both are part of the shape (a string in no enum fails every enum alike).
+    The R4 schema uses ten keywords: ``$ref`` (to ``#/definitions/...``), ``type``, ``properties``,
+    ``additionalProperties`` (always ``false``), ``required``, ``items`` (one schema), ``pattern``, ``enum`` and
+    ``const`` (strings), ``oneOf`` (the resource list), and ``description``. Each is given the meaning Draft 6 and
+    ``jsonschema`` give it: a ``$ref`` hides its siblings; ``properties``, ``additionalProperties`` and
+    ``required`` only constrain a ``dict``, ``items`` only a ``list``, ``pattern`` only a ``str`` (``re.search``);
+    ``number`` is any ``numbers.Number`` but a ``bool``. A node with any other keyword raises
+    :class:`UnsupportedSchemaError`, and that definition is then left to ``jsonschema`` alone.
+    ``tests/test_validation.py`` compares the two on mutated resources.
     """
-    shape = _shape(resource)
-    with _shapes_lock:
-        if shape in _valid_shapes:
-            _valid_shapes.move_to_end(shape)
-            return
-    validate_resource(resource)
-    with _shapes_lock:
-        _valid_shapes[shape] = None
-        while len(_valid_shapes) > _SHAPE_CACHE_SIZE:
-            _valid_shapes.popitem(last=False)
+
+    KEYWORDS = frozenset(
+        {"$ref", "type", "properties", "additionalProperties", "required", "items", "pattern", "enum", "const"}
+        | {"oneOf", "description"}
+    )
+    TYPES: Mapping[str, Check] = {
+        "object": lambda x: isinstance(x, dict),
+        "array": lambda x: isinstance(x, list),
+        "string": lambda x: isinstance(x, str),
+        "boolean": lambda x: isinstance(x, bool),
+        "number": lambda x: isinstance(x, numbers.Number) and not isinstance(x, bool),
+    }
+
+    def __init__(self, definitions: Mapping[str, Any]) -> None:
+        self.definitions = definitions
+        self.cells: dict[str, list[Check]] = {}  # per definition: its check, once compiled
+        self.lock = threading.RLock()  # compiling a definition compiles (and so looks up) the ones it refers to
+
+    def definition(self, name: str) -> Check:
+        """The check of ``#/definitions/<name>``. A definition is compiled when an instance first reaches it, so
+        a process compiles the few dozen it meets, not the thousand the schema has."""
+        if name not in self.definitions:
+            raise UnsupportedSchemaError(f"$ref to an unknown definition {name!r}")
+        with self.lock:
+            if name not in self.cells:
+
+                def compile_then_check(instance: Any) -> bool:
+                    with self.lock:
+                        if cell[0] is compile_then_check:
+                            cell[0] = self.node(self.definitions[name])
+                    return cell[0](instance)
+
+                cell: list[Check] = [compile_then_check]
+                self.cells[name] = cell
+            found = self.cells[name]
+        return lambda instance: found[0](instance)
+
+    def node(self, schema: Mapping[str, Any]) -> Check:
+        unknown = set(schema) - self.KEYWORDS
+        if unknown:
+            raise UnsupportedSchemaError(f"keyword(s) {sorted(unknown)}")
+        if "$ref" in schema:  # Draft 6: the siblings of a $ref are ignored
+            ref = schema["$ref"]
+            if not isinstance(ref, str) or not ref.startswith("#/definitions/"):
+                raise UnsupportedSchemaError(f"$ref {ref!r}")
+            return self.definition(ref.removeprefix("#/definitions/"))
+        checks: list[Check] = []
+        if "type" in schema:
+            if not isinstance(schema["type"], str) or schema["type"] not in self.TYPES:
+                raise UnsupportedSchemaError(f"type {schema['type']!r}")
+            checks.append(self.TYPES[schema["type"]])
+        if "enum" in schema or "const" in schema:
+            allowed = frozenset(schema["enum"]) if "enum" in schema else frozenset([schema["const"]])
+            if not all(isinstance(value, str) for value in allowed):
+                raise UnsupportedSchemaError("an enum or const that is not all strings")
+            checks.append(lambda x: isinstance(x, str) and x in allowed)
+        if "pattern" in schema:
+            search = re.compile(schema["pattern"]).search
+            checks.append(lambda x: not isinstance(x, str) or search(x) is not None)
+        if "items" in schema:
+            if not isinstance(schema["items"], Mapping):
+                raise UnsupportedSchemaError("items as a list")
+            item = self.node(schema["items"])
+            checks.append(lambda x: not isinstance(x, list) or all(item(i) for i in x))
+        if {"properties", "additionalProperties", "required"} & set(schema):
+            checks.append(self._object(schema))
+        if "oneOf" in schema:
+            alternatives = [self.node(alternative) for alternative in schema["oneOf"]]
+            checks.append(lambda x: sum(1 for alternative in alternatives if alternative(x)) == 1)
+        if not checks:
+            return lambda x: True
+        if len(checks) == 1:
+            return checks[0]
+        return lambda x: all(check(x) for check in checks)
+
+    def _object(self, schema: Mapping[str, Any]) -> Check:
+        properties = {name: self.node(sub) for name, sub in schema.get("properties", {}).items()}
+        additional = schema.get("additionalProperties", True)
+        if additional not in (True, False):
+            raise UnsupportedSchemaError("additionalProperties as a schema")
+        required = tuple(schema.get("required", ()))
+
+        def check(x: Any) -> bool:
+            if not isinstance(x, dict):
+                return True
+            for key, value in x.items():
+                sub = properties.get(key)
+                if sub is None:
+                    if not additional:
+                        return False
+                elif not sub(value):
+                    return False
+            return all(name in x for name in required)
+
+        return check
+
+
+@cache
+def _check(definition: str) -> Check:
+    """The compiled check of one definition, or, where the schema uses what it does not reproduce, ``jsonschema``
+    itself (its ``is_valid``)."""
+    try:
+        return _compiler().definition(definition)
+    except UnsupportedSchemaError:
+        return _validator(definition).is_valid
+
+
+@lru_cache(maxsize=1)
+def _compiler() -> _CompiledCheck:
+    return _CompiledCheck(_definitions())

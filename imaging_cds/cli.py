@@ -182,6 +182,7 @@ def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
         return None
     from fhir_adapters.auth import backend_services_auth
 
+    credential: dict[str, Any]
     if args.private_key:
         if not args.key_id:
             raise ConfigurationError(
@@ -189,32 +190,20 @@ def _auth_from_args(args: argparse.Namespace, session: Any) -> Any:
             )
         key_text = args.private_key.read_text()
         key: Any = json.loads(key_text) if key_text.lstrip().startswith("{") else key_text
-        return backend_services_auth(
-            args.fhir_base,
-            args.client_id,
-            scope=args.scope,
-            session=session,
-            token_url=args.token_url,
-            private_key=key,
-            kid=args.key_id,
-            algorithm=args.algorithm,
-        )
-    if args.client_secret_env:
+        credential = {"private_key": key, "kid": args.key_id, "algorithm": args.algorithm}
+    elif args.client_secret_env:
         secret = os.environ.get(args.client_secret_env)
         if not secret:
             raise ConfigurationError(
                 f"Environment variable {args.client_secret_env} is not set.", remedy="Export the client secret in it."
             )
-        return backend_services_auth(
-            args.fhir_base,
-            args.client_id,
-            scope=args.scope,
-            session=session,
-            token_url=args.token_url,
-            client_secret=secret,
+        credential = {"client_secret": secret}
+    else:
+        raise ConfigurationError(
+            "--client-id needs a credential.", remedy="Add --private-key (private_key_jwt) or --client-secret-env."
         )
-    raise ConfigurationError(
-        "--client-id needs a credential.", remedy="Add --private-key (private_key_jwt) or --client-secret-env."
+    return backend_services_auth(
+        args.fhir_base, args.client_id, scope=args.scope, session=session, token_url=args.token_url, **credential
     )
 
 

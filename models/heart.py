@@ -57,6 +57,7 @@ from models.base import (
 )
 from models.calcium import CalciumScore, MassCalibration, score_calcium
 from models.chest_vessels import ChestVessels, Section, find_chest_vessels
+from models.ct import check_ct_volume, check_hounsfield, slice_thickness_mm
 from models.lung import segment_lungs
 
 MAX_SLICE_THICKNESS_MM = 5.0
@@ -157,40 +158,22 @@ class HeartAnalyzer:
 
     def check_input(self, image: ImageInput) -> None:
         """A CT volume of the chest: calibrated HU, slices no thicker than 5 mm, lungs and spine in view."""
-        if image.modality.upper() != "CT":
-            raise UnsuitableInputError(
-                f"{self.name} measures calcium and vessel sizes in Hounsfield units on CT; this series is "
-                f"modality {image.modality!r}.",
-                remedy="Choose an axial chest CT series (non-contrast for calcium scoring).",
-            )
-        if image.array.ndim != 3 or len(image.spacing) != 3:
-            raise UnsuitableInputError(
-                f"{self.name} needs a CT volume (slices, rows, columns); got a {image.array.ndim}-D image.",
-                remedy="Send the whole axial series, not a single slice or a projection.",
-            )
-        slices = image.array.shape[0]
-        if slices < self.requirements.min_instances:
-            raise UnsuitableInputError(
-                f"{self.name} needs at least {self.requirements.min_instances} axial slices to cover the heart; this "
-                f"series has {slices}.",
-                remedy="Choose the full chest series rather than a partial or reformatted one.",
-            )
-        thickness = _slice_thickness_mm(image)
+        check_ct_volume(
+            image,
+            self.name,
+            measures="measures calcium and vessel sizes in Hounsfield units",
+            min_slices=self.requirements.min_instances,
+            covers="the heart",
+            remedy="Choose an axial chest CT series (non-contrast for calcium scoring).",
+        )
+        thickness = slice_thickness_mm(image)
         if thickness > MAX_SLICE_THICKNESS_MM + 0.01:
             raise UnsuitableInputError(
                 f"Slices are {thickness:g} mm thick; calcium scoring is validated on reconstructions up to "
                 f"{MAX_SLICE_THICKNESS_MM:g} mm (thicker slices average small calcifications below 130 HU).",
                 remedy="Use a reconstruction of 3 mm (or at most 5 mm) of the chest CT.",
             )
-        sample = np.ascontiguousarray(image.array[:: max(1, slices // 12), ::4, ::4])
-        air = np.count_nonzero((sample > -1100) & (sample < -900))
-        tissue = np.count_nonzero((sample > -100) & (sample < 200))
-        if air < 0.001 * sample.size or tissue < 0.01 * sample.size:
-            raise UnsuitableInputError(
-                f"{self.name}: the voxel values do not look like Hounsfield units (air near -1000 HU "
-                f"{100 * air / sample.size:.2f}% of voxels, soft tissue {100 * tissue / sample.size:.2f}%).",
-                remedy="Apply RescaleSlope/RescaleIntercept, and use a CT reconstruction in HU.",
-            )
+        check_hounsfield(image.array, self.name)
         self._findings(image)  # raises UnsuitableInputError without lungs or spine
 
     def analyze(self, image: ImageInput) -> AnalysisResult:
@@ -527,7 +510,7 @@ def _acquisition_warnings(image: ImageInput, found: _Findings) -> list[str]:
             "from ECG-gated calcium scans while agreeing by category (SCCT/STR 2016); a score of 0 does not exclude "
             "small calcifications."
         )
-        thickness = _slice_thickness_mm(image)
+        thickness = slice_thickness_mm(image)
         score = found.coronary or found.aortic
         if score is not None and abs(score.slice_factor - 1.0) > 1e-6:
             out.append(
@@ -556,11 +539,6 @@ def _acquisition_warnings(image: ImageInput, found: _Findings) -> list[str]:
     if found.contrast:
         out.append("Intravenous contrast detected: calcium was not scored; vessel diameters are unaffected.")
     return out
-
-
-def _slice_thickness_mm(image: ImageInput) -> float:
-    value = _float(image.attributes.get("SliceThickness", ""))
-    return value if value is not None and value > 0 else float(image.spacing[0])
 
 
 def _float(text: str) -> float | None:

@@ -13,9 +13,9 @@ deployment names) in batches, off the request path:
 * a repository that cannot be reached, or answers 5xx or 429, is retried with exponential backoff (2 s
   doubling to 5 min); one that refuses an event (another 4xx) keeps it in the outbox marked refused, with the
   reason, for the administrator: an audit record is never dropped silently;
-* each event is checked against the FHIR R4 schema before it is sent (once per shape of event:
-  :func:`fhir_adapters.validation.validate_resource_by_shape`); one that fails is a bug in the builder and is
-  kept as refused.
+* each event is checked against the FHIR R4 schema before it is sent
+  (:func:`fhir_adapters.validation.validate_resource`, a fraction of a millisecond); one that fails is a bug in
+  the builder and is kept as refused.
 
 Several processes (``serve`` and job workers with one ``data_dir``) share one outbox file; drainers in each
 claim batches with a lease, so no two send the same event at once, and a lease left by a killed drainer
@@ -38,12 +38,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from core.statefiles import connect_private_sqlite
+from core.statefiles import ThreadConnections
 from fhir_adapters.audit import Actor, AuditedFhirClient, AuditSource, AuditTrail
 from fhir_adapters.client import FhirClient
 from fhir_adapters.errors import FhirError
 from fhir_adapters.fhirjson import element, items
-from fhir_adapters.validation import ResourceValidationError, validate_resource_by_shape
+from fhir_adapters.validation import ResourceValidationError, validate_resource
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,13 @@ class AuditOutbox:
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._local = threading.local()
+        self._connections = ThreadConnections(self.path)
         self._listeners: list[Callable[[], None]] = []
         with self._db() as db:
             db.executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        """This thread's connection in this process (a connection must not cross threads' locks or a fork)."""
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None or getattr(self._local, "pid", None) != os.getpid():
-            db = connect_private_sqlite(self.path)
-            self._local.db = db
-            self._local.pid = os.getpid()
-        return db
+        return self._connections()
 
     def on_record(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each record (a drainer in this process starts itself then)."""
@@ -191,7 +185,7 @@ class FhirAuditDelivery:
         valid: list[Mapping[str, Any]] = []
         for event in events:
             try:
-                validate_resource_by_shape(event)
+                validate_resource(event)
             except ResourceValidationError as exc:
                 outcome[str(event["id"])] = f"not a valid R4 AuditEvent: {'; '.join(exc.problems[:3])}"
                 continue

@@ -55,13 +55,13 @@ from pipeline.jobs import (
     JobRecord,
     LeasedJobStore,
     ProgressReporter,
-    UnknownJobError,
     check_params,
     error_summary,
     internal_error_summary,
     log_unexpected_failure,
     plain_result,
     running_job,
+    stored_job,
 )
 from pipeline.telemetry import JOB_ATTEMPTS, JOBS_FINISHED
 
@@ -255,10 +255,7 @@ class CeleryJobRunner:
         return record
 
     def get(self, job_id: str) -> JobRecord:
-        record = self._store.get(job_id)
-        if record is None:
-            raise UnknownJobError(f"No job with id {job_id!r}.", remedy="Use the id that submitting the job returned.")
-        return record
+        return stored_job(self._store, job_id)
 
     def wait(self, job_id: str, timeout: float) -> JobRecord:
         deadline = time.monotonic() + timeout

@@ -239,6 +239,14 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
 
+def stored_job(store: JobStore, job_id: str) -> JobRecord:
+    """The job's record in ``store``; :class:`UnknownJobError` (404) for an id never issued."""
+    record = store.get(job_id)
+    if record is None:
+        raise UnknownJobError(f"No job with id {job_id!r}.", remedy="Use the id that submitting the job returned.")
+    return record
+
+
 class ClaimOutcome(StrEnum):
     """What a worker found when it tried to take a job (see :meth:`LeasedJobStore.claim`)."""
 
@@ -733,10 +741,7 @@ class EmbeddedJobRunner:
         return record
 
     def get(self, job_id: str) -> JobRecord:
-        record = self._store.get(job_id)
-        if record is None:
-            raise UnknownJobError(f"No job with id {job_id!r}.", remedy="Use the id that submitting the job returned.")
-        return record
+        return stored_job(self._store, job_id)
 
     def wait(self, job_id: str, timeout: float) -> JobRecord:
         deadline = time.monotonic() + timeout

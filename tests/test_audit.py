@@ -249,7 +249,8 @@ def test_a_hook_that_fetches_from_the_fhir_server_records_each_search(
 ) -> None:
     patient, _, _ = analysed_patient
     keys = EhrKeys()
-    audit = audit_recorder(tmp_path, site="cds.hospital.example", destination=FhirClient(fhir_base.base_url))
+    # Recording only: a drainer would send (and remove) events from the outbox while this test reads it.
+    audit = audit_recorder(tmp_path, site="cds.hospital.example", destination=None)
     app = create_app(make_config(tmp_path, keys, fhir_base.base_url, recent_days=3650, audit=audit)).test_client()
     instance = str(uuid.uuid4())
     path = f"/cds-services/{PATIENT_VIEW}"

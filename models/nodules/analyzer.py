@@ -40,7 +40,8 @@ from models.base import (
     SeriesRequirements,
     probability_percent,
 )
-from models.emphysema import EmphysemaMeasurement, check_hounsfield, measure_emphysema, slice_thickness_mm
+from models.ct import check_ct_volume, check_hounsfield, slice_thickness_mm
+from models.emphysema import EmphysemaMeasurement, measure_emphysema
 from models.lesion_followup import Box
 from models.lung import LABEL_LEFT, LABEL_RIGHT, LungMask, segment_lungs
 from models.nodules import guidelines
@@ -126,27 +127,14 @@ class LungNoduleAnalyzer:
 
     def check_input(self, image: ImageInput) -> None:
         """Refuse what the analyzer was not built for, with the reason: not CT, not a volume, no lungs in view."""
-        if image.modality.upper() != "CT":
-            raise UnsuitableInputError(
-                f"{self.name} finds lung nodules on CT; this series is modality {image.modality or 'unknown'!r}.",
-                remedy="Choose an axial chest CT series of the study.",
-            )
-        if image.array.ndim != 3:
-            raise UnsuitableInputError(
-                f"{self.name} needs a CT volume (slices, rows, columns); got a {image.array.ndim}-D image.",
-                remedy="Send the whole axial series, not a single slice or a projection.",
-            )
-        if image.array.shape[0] < MIN_SLICES:
-            raise UnsuitableInputError(
-                f"{self.name} needs at least {MIN_SLICES} axial slices to cover the lungs; this series has "
-                f"{image.array.shape[0]}.",
-                remedy="Choose the full chest series rather than a partial or reformatted one.",
-            )
-        if any(s <= 0 for s in image.spacing):
-            raise UnsuitableInputError(
-                f"Voxel spacing {tuple(image.spacing)} mm is not physical.",
-                remedy="Check PixelSpacing and slice positions in the series.",
-            )
+        check_ct_volume(
+            image,
+            self.name,
+            measures="finds lung nodules",
+            min_slices=MIN_SLICES,
+            covers="the lungs",
+            remedy="Choose an axial chest CT series of the study.",
+        )
         thickness = slice_thickness_mm(image)
         if thickness > MAX_SLICE_THICKNESS_MM:
             raise UnsuitableInputError(
