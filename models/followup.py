@@ -446,7 +446,7 @@ def compare_with_history(
         changes.append(_change(m, before, interval, followed, thickest))
     lesions = None
     if spec.lesions is not None:
-        lesions, why_not = follow_lesions(result, prior, interval, spec)
+        lesions, why_not = follow_lesions(result, prior, interval, spec, _thickest(acquisition, prior.acquisition))
         not_compared.extend(why_not)
     return FollowupComparison(
         analyzer=result.analyzer,
@@ -492,7 +492,11 @@ def finding_lesion(finding: Finding) -> Lesion | None:
 
 
 def follow_lesions(
-    result: AnalysisResult, prior: PriorResult, interval_days: float, spec: FollowupSpec
+    result: AnalysisResult,
+    prior: PriorResult,
+    interval_days: float,
+    spec: FollowupSpec,
+    thickest_slice_mm: float | None = None,
 ) -> tuple[tuple[LesionMatch, ...] | None, tuple[str, ...]]:
     """Match the result's lesions with the prior's after aligning the two scans' lungs; ``None`` and the reason when
     they cannot be (a scan without its lungs' extent or its lesions' centres: positions in two scans' own coordinates
@@ -509,7 +513,7 @@ def follow_lesions(
     if not spec.compares_with(prior.version, MEAN_DIAMETER_KEY):
         return None, (f"Nodules are not matched: {result.analyzer} {prior.version} measured them differently.",)
     alignment = LungAlignment.from_lungs(prior.lungs_mm, result.lungs_mm)
-    return match_lesions(current, prior.lesions, alignment, interval_days), ()
+    return match_lesions(current, prior.lesions, alignment, interval_days, thickest_slice_mm), ()
 
 
 def _change(

@@ -18,6 +18,11 @@ Published rules applied (sizes are mean diameters, the average of long and short
   2014;15(12):1332-1341): under 400 days high probability of cancer (positive), 400 to 600 days intermediate
   (indeterminate), over 600 days low (negative). A volume change within 25 % is not growth: the NELSON protocol's
   measurement-error margin for semi-automated volumetry (van Klaveren RJ et al., N Engl J Med 2009;361:2221-2229).
+* **Volumetry needs thin sections**: NELSON measured volumes on 1 mm sections, and the Fleischner Society asks for
+  contiguous sections of 1.5 mm or thinner to measure a nodule (MacMahon H et al., Guidelines for management of
+  incidental pulmonary nodules detected on CT images: from the Fleischner Society 2017. Radiology 2017;284:228-243).
+  On thicker slices a small nodule's volume moves by tens of percent with where the slices fall, so a volume change
+  is reported there but judges nothing: no volume verdict, no VDT; the mean-diameter rule still applies.
 
 A matched lesion is called ``increased`` (or ``decreased``) only beyond one of those margins, 1.5 mm mean diameter or
 25 % volume, and ``stable`` within both (:attr:`LesionMatch.verdict`); Lung-RADS growth and the category it implies
@@ -41,6 +46,8 @@ VOLUME_CHANGE_MARGIN = 0.25
 NELSON_POSITIVE_DAYS = 400.0
 NELSON_NEGATIVE_DAYS = 600.0
 MATCH_MIN_MM = 10.0
+VOLUMETRY_MAX_SLICE_MM = 1.5
+SLICE_TOLERANCE_MM = 0.01  # a stated 1.5 mm slice may be stored as 1.500001
 
 Status = Literal["matched", "new", "resolved"]
 LesionVerdict = Literal["stable", "increased", "decreased", "new", "resolved"]
@@ -110,6 +117,8 @@ class Growth:
     volume_change_percent: float | None
     vdt_days: float | None
     nelson_band: str | None
+    volume_unjudged_because: str = ""
+    """Why the volume change judges nothing (slices too thick for volumetry); empty when it counts."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,8 @@ class LesionMatch:
             return self.status
         assert self.growth is not None  # a matched pair always has one
         change, volume = self.growth.diameter_change_mm, self.growth.volume_change_percent
+        if self.growth.volume_unjudged_because:
+            volume = None
         if change > LUNG_RADS_GROWTH_MM or (volume is not None and volume > 100.0 * VOLUME_CHANGE_MARGIN):
             return "increased"
         if change < -LUNG_RADS_GROWTH_MM or (volume is not None and volume < -100.0 * VOLUME_CHANGE_MARGIN):
@@ -163,12 +174,15 @@ class LesionMatch:
         )
         if g.volume_change_percent is not None:
             text += f", volume {_signed(g.volume_change_percent, 0)} %"
+            if g.volume_unjudged_because:
+                text += f" (not judged: {g.volume_unjudged_because})"
         if g.vdt_days is not None:
             text += f", VDT {g.vdt_days:.0f} days ({g.nelson_band})"
         verdict = self.verdict
+        margins = "1.5 mm mean diameter" if g.volume_unjudged_because else "1.5 mm mean diameter or 25 % volume"
         if verdict == "stable":
-            return f"{text}: no growth beyond 1.5 mm mean diameter or 25 % volume"
-        text += f": {verdict} beyond 1.5 mm mean diameter or 25 % volume"
+            return f"{text}: no growth beyond {margins}"
+        text += f": {verdict} beyond {margins}"
         if g.lung_rads_growth:
             text += f" (Lung-RADS growth, category {self.lung_rads})" if self.lung_rads else " (Lung-RADS growth)"
         return text
@@ -214,16 +228,24 @@ def nelson_band(vdt_days: float | None) -> str | None:
     return "VDT over 600 days: low probability of cancer (NELSON negative)"
 
 
-def growth(prior: Lesion, current: Lesion, interval_days: float) -> Growth:
+def growth(prior: Lesion, current: Lesion, interval_days: float, thickest_slice_mm: float | None = None) -> Growth:
+    """The change from ``prior`` to ``current``; ``thickest_slice_mm`` (the thicker of the two scans' slices, when
+    known) above :data:`VOLUMETRY_MAX_SLICE_MM` leaves the volume change unjudged."""
     change = current.mean_diameter_mm - prior.mean_diameter_mm
     lung_rads_growth = change > LUNG_RADS_GROWTH_MM and 0 < interval_days <= LUNG_RADS_GROWTH_DAYS
     volume_change = vdt = band = None
+    unjudged = ""
     if prior.volume_mm3 and current.volume_mm3:
         volume_change = 100.0 * (current.volume_mm3 - prior.volume_mm3) / prior.volume_mm3
-        if volume_change > 100.0 * VOLUME_CHANGE_MARGIN:  # within 25 %: measurement error, no doubling time
+        if thickest_slice_mm is not None and thickest_slice_mm > VOLUMETRY_MAX_SLICE_MM + SLICE_TOLERANCE_MM:
+            unjudged = (
+                f"{thickest_slice_mm:g} mm slices; volumetry needs {VOLUMETRY_MAX_SLICE_MM:g} mm or thinner "
+                "(Fleischner 2017; NELSON measured on 1 mm)"
+            )
+        elif volume_change > 100.0 * VOLUME_CHANGE_MARGIN:  # within 25 %: measurement error, no doubling time
             vdt = volume_doubling_time_days(prior.volume_mm3, current.volume_mm3, interval_days)
             band = nelson_band(vdt)
-    return Growth(change, lung_rads_growth, volume_change, vdt, band)
+    return Growth(change, lung_rads_growth, volume_change, vdt, band, unjudged)
 
 
 def growth_category(current: Lesion, grew: bool) -> str | None:
@@ -242,7 +264,11 @@ def new_category(current: Lesion) -> str | None:
 
 
 def match_lesions(
-    current: Sequence[Lesion], prior: Sequence[Lesion], alignment: LungAlignment, interval_days: float
+    current: Sequence[Lesion],
+    prior: Sequence[Lesion],
+    alignment: LungAlignment,
+    interval_days: float,
+    thickest_slice_mm: float | None = None,
 ) -> tuple[LesionMatch, ...]:
     """Pair each current lesion with the prior one at the same aligned place; the rest are new or resolved."""
     pairs = []
@@ -260,7 +286,7 @@ def match_lesions(
             continue
         used_current.add(i)
         used_prior.add(j)
-        change = growth(prior[j], current[i], interval_days)
+        change = growth(prior[j], current[i], interval_days, thickest_slice_mm)
         matches.append(
             LesionMatch(
                 "matched",

@@ -11,6 +11,7 @@ import pytest
 from models.lesion_followup import (
     Box,
     Lesion,
+    LesionMatch,
     LungAlignment,
     growth,
     match_lesions,
@@ -57,6 +58,28 @@ def test_a_volume_change_within_25_percent_gives_no_doubling_time() -> None:
     before = Lesion("a", (0, 0, 0), 8.0, 1000.0)
     change = growth(before, Lesion("b", (0, 0, 0), 8.2, 1200.0), 365)
     assert change.volume_change_percent == pytest.approx(20.0) and change.vdt_days is None
+
+
+def test_on_thick_slices_a_volume_change_is_shown_but_judges_nothing() -> None:
+    """A nodule's volume on 5 mm slices moves by tens of percent with where the slices fall: no VDT, no verdict."""
+    before = Lesion("a", (0, 0, 0), 6.0, 100.0)
+    now = Lesion("b", (0, 0, 0), 6.4, 208.0)  # +0.4 mm mean diameter, volume +108 %
+    thin = growth(before, now, 200, thickest_slice_mm=1.0)
+    assert thin.vdt_days is not None and not thin.volume_unjudged_because
+    assert LesionMatch("matched", now, before, 0.0, thin).verdict == "increased"
+    thick = growth(before, now, 200, thickest_slice_mm=5.0)
+    assert thick.volume_change_percent == pytest.approx(108.0) and thick.vdt_days is None and thick.nelson_band is None
+    match = LesionMatch("matched", now, before, 0.0, thick)
+    assert match.verdict == "stable"  # judged by the mean diameter alone: +0.4 mm
+    assert "not judged: 5 mm slices" in match.sentence() and "Fleischner" in match.sentence()
+    grown = LesionMatch(
+        "matched",
+        Lesion("c", (0, 0, 0), 8.0, 400.0),
+        before,
+        0.0,
+        growth(before, Lesion("c", (0, 0, 0), 8.0, 400.0), 200, 5.0),
+    )
+    assert grown.verdict == "increased"  # +2 mm mean diameter counts on any slices
 
 
 def test_new_solid_nodules_take_the_lung_rads_new_categories() -> None:
