@@ -798,6 +798,11 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
         circles = [c for c in circles if 14.0 <= c.short_mm <= 70.0]
         if circles:
             sections.append(max(circles, key=lambda c: c.coverage).section())
+    # the aorta does not narrow abruptly: where the top of the chain turns much narrower than the rest, the peaks
+    # have run up into a branch of the arch (left subclavian or common carotid artery, 8-15 mm), not the aorta
+    typical = float(np.median([s.diameter_mm for s in sections])) if sections else 0.0
+    while len(sections) > 3 and sections[-1].diameter_mm < 0.75 * typical:
+        sections.pop()
     if len(sections) < 3:
         return None, []
     # the round part ends where the cut becomes elongated: above that the aorta turns forward into the arch
@@ -850,8 +855,11 @@ def _trace_ascending(grid: _Grid, arch_top: int | None) -> Vessel | None:
         candidates[z] = [c.section() for c in circles if 18.0 <= c.short_mm <= 70.0]
     # the ascending aorta climbs almost straight up; where the chain runs backwards fast it has entered the arch
     chains = [c for c in _chains(candidates, grid.px / grid.stride, grid.dz, _ASCENDING_STEP_MM) if len(c) >= 3]
-    if arch_top is not None:  # the ascending aorta reaches up to within about 3 cm of the arch's top
-        chains = [c for c in chains if (arch_top - c[-1].slice_index) * grid.dz <= _ASCENDING_BELOW_ARCH_MM]
+    if arch_top is not None:
+        # the ascending aorta reaches up to within about 3 cm of the arch's top; its top section may be missed like
+        # any other (a chain bridges one missed slice), so the chain's end is known to one slice
+        reach = _ASCENDING_BELOW_ARCH_MM + grid.dz
+        chains = [c for c in chains if (arch_top - c[-1].slice_index) * grid.dz <= reach]
     if not chains:
         return None
     chain = max(chains, key=lambda c: (len(c), float(np.mean([s.diameter_mm for s in c]))))
