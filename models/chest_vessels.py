@@ -16,15 +16,17 @@ already tracks (:func:`models.spine.find_spine`):
 3. **Descending aorta.** The longest chain of distance peaks beside the vertebral body on the patient's left
    (5-60 mm left of the spine's midline, from 40 mm in front of to 20 mm behind its front, radius 7-30 mm), at most
    :data:`MAX_STEP_MM` sideways per slice, measured about every 8 mm by the Hough circle at each peak. Where its
-   sections turn elongated, the chain has entered the arch.
+   sections turn elongated, the chain has entered the arch; where its top sections turn narrower than 0.75 times its
+   median, it has run up into a branch of the arch, and they are dropped.
 4. **Ascending aorta.** The longest chain of Hough circles in front of the vertebral bodies (25-120 mm) and
-   within 70 mm right and 35 mm left of the spine, reaching up to within 3 cm of the arch's top and climbing at most
-   6 mm per 5 mm (faster, it is turning into the arch); where it widens abruptly at its top it is the arch. Its
-   lowest section is the aortic root, where the aorta merges with the heart.
+   within 70 mm right and 35 mm left of the spine, reaching up to within 3 cm of the arch's top (plus one slice: a
+   chain bridges one missed slice, so its top is known to one slice) and climbing at most 6 mm per 5 mm (faster, it
+   is turning into the arch); where it widens abruptly at its top it is the arch. Its lowest section is the aortic
+   root, where the aorta merges with the heart.
 5. **Aortic arch.** A distance peak midway between the two limbs, above the ascending aorta, measured by rays
    (:class:`_Measurer`); the arch runs in the slice there, so its width across is its diameter.
-6. **Pulmonary trunk.** The widest Hough circle inside the mediastinum left of the ascending aorta on the slices
-   between the root and the arch, measured again by rays that take the aorta's outline as its edge where they touch.
+6. **Pulmonary trunk.** The widest Hough circle inside the mediastinum left of the ascending aorta on every slice
+   from the root up to the arch, measured again by rays that take the aorta's outline as its edge where they touch.
 7. **Diameters perpendicular to the centreline.** An oblique cut through a tube is an ellipse whose *short* axis
    is the tube's diameter perpendicular to its centreline. A Hough circle's diameter is the short axis of the
    ellipse fitted to its outline's edge points (Fitzgibbon 1999) when at least 80 % of the outline is seen, else the
@@ -728,6 +730,8 @@ _EDGE_HU_PER_MM = 8.0
 slice, leaves a dip of a few tens of HU over a few millimetres."""
 _MIN_COVERAGE = 0.55
 _ELLIPSE_COVERAGE = 0.8
+"""Hough circles measured per slice in the search for the pulmonary trunk: beside the aorta, the heart, the atria and
+the hilar vessels also give circles, and one that fits inside the trunk may outvote it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -914,19 +918,23 @@ def _arch(
 def _pulmonary_trunk(grid: _Grid, measure: _Measurer, ascending: Vessel, arch: Section | None) -> Section | None:
     """The pulmonary trunk (module docstring, step 6).
 
-    Candidates are Hough circles inside the mediastinum left of the ascending aorta (centres 20-75 mm from its centre,
-    within 35 mm in front or behind) on the slices between the root and the arch. The trunk touches the aorta, so each
-    is measured again by rays that take the aorta's outline (already measured) as the trunk's edge on that side; the
-    widest trunk section is kept, the trunk being the widest part of the pulmonary arterial tree.
+    Candidates are Hough circles inside the mediastinum left of the ascending aorta (centres 20-75 mm from its centre
+    on that slice or the nearest one it was traced on, within 35 mm in front or behind) on every slice from the
+    aortic root (the lowest section traced, where the aorta is still a round structure of its own) up to the arch,
+    not only on those where the aorta itself was measured: the trunk is only a few centimetres long, and on 5 mm
+    slices the one slice that shows it best need not be one that gave an aortic section. The trunk touches the
+    aorta, so each is measured again by rays that take the aorta's outline (already measured) as the trunk's edge on
+    that side; the widest trunk section is kept, the trunk being the widest part of the pulmonary arterial tree.
+    Below the root the right ventricular outflow tract joins the heart and cannot be told from the trunk, so the
+    search does not go there.
     """
     low, high = ascending.slices
     top = arch.slice_index if arch is not None else high + 1
     radii = np.arange(9.0, 25.5, 1.0)
     found: list[Section] = []
-    for aorta in ascending.sections:
-        z = aorta.slice_index
-        if not low < z < top:
-            continue
+    for z in range(low, top):
+        aorta = _nearest(ascending, z)
+        assert aorta is not None
         row, col = aorta.centre[0] / grid.stride, aorta.centre[1] / grid.stride
         rows = (row - 35.0 / grid.px, row + 35.0 / grid.px)
         cols = (col + 20.0 / grid.px, col + 75.0 / grid.px)
