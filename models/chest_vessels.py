@@ -15,7 +15,7 @@ already tracks (:func:`models.spine.find_spine`):
    is kept when at least 55 % of its outline is seen (:class:`_Hough`).
 3. **Descending aorta.** The longest chain of distance peaks beside the vertebral body on the patient's left
    (5-60 mm left of the spine's midline, from 40 mm in front of to 20 mm behind its front, radius 7-30 mm), at most
-   :data:`MAX_STEP_MM` sideways per slice, measured about every 8 mm by the Hough circle at each peak. Where its
+   :data:`MAX_STEP_MM` sideways per slice (one slice may be missed), measured about every 8 mm by the Hough circle at each peak. Where its
    sections turn elongated, the chain has entered the arch; where its top sections turn narrower than 0.75 times its
    median, it has run up into a branch of the arch, and they are dropped.
 4. **Ascending aorta.** The longest chain of Hough circles in front of the vertebral bodies (25-120 mm) and
@@ -821,16 +821,23 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
 
 
 def _peak_chain(candidates: dict[int, list[_Peak]], px: float, dz: float) -> list[_Peak]:
-    """The longest chain of peaks on consecutive slices that move little and keep their size (dynamic programming)."""
+    """The longest chain of peaks on successive slices that move little and keep their size (dynamic programming).
+
+    One slice may be missed, as in :func:`_chains`: where the left pulmonary artery or a node touches the aorta
+    without a fat plane, its distance peak moves off the aorta's centre or merges with the neighbour's on that slice,
+    and a chain that could not bridge it would end there, leaving the arch level far too low.
+    """
     max_step = MAX_STEP_MM * dz / 5.0 / px
     best: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}
     for z in sorted(candidates):
         for i, p in enumerate(candidates[z]):
             length, parent = 1, None
-            for j, q in enumerate(candidates.get(z - 1, [])):
-                moved = math.hypot(p.row - q.row, p.col - q.col)
-                if moved <= max_step and 0.7 <= p.radius_mm / q.radius_mm <= 1.45 and best[(z - 1, j)][0] + 1 > length:
-                    length, parent = best[(z - 1, j)][0] + 1, (z - 1, j)
+            for gap in (1, 2):
+                for j, q in enumerate(candidates.get(z - gap, [])):
+                    moved = math.hypot(p.row - q.row, p.col - q.col)
+                    ratio = p.radius_mm / q.radius_mm
+                    if moved <= gap * max_step and 0.7 <= ratio <= 1.45 and best[(z - gap, j)][0] + 1 > length:
+                        length, parent = best[(z - gap, j)][0] + 1, (z - gap, j)
             best[(z, i)] = (length, parent)
     if not best:
         return []
