@@ -15,9 +15,9 @@ already tracks (:func:`models.spine.find_spine`):
    is kept when at least 55 % of its outline is seen (:class:`_Hough`).
 3. **Descending aorta.** The longest chain of distance peaks beside the vertebral body on the patient's left
    (5-60 mm left of the spine's midline, from 40 mm in front of to 20 mm behind its front, radius 7-30 mm), at most
-   :data:`MAX_STEP_MM` sideways per slice (one slice may be missed), measured about every 8 mm by the Hough circle at each peak. Where its
-   sections turn elongated, the chain has entered the arch; where its top sections turn narrower than 0.75 times its
-   median, it has run up into a branch of the arch, and they are dropped.
+   :data:`MAX_STEP_MM` sideways per slice (one slice may be missed), measured about every 8 mm by the Hough circle
+   at each peak. Where its sections turn elongated, the chain has entered the arch; where its top sections turn
+   narrower than 0.75 times its median, it has run up into a branch of the arch, and they are dropped.
 4. **Ascending aorta.** The longest chain of Hough circles in front of the vertebral bodies (25-120 mm) and
    within 70 mm right and 35 mm left of the spine, reaching up to within 3 cm of the arch's top (plus one slice: a
    chain bridges one missed slice, so its top is known to one slice) and climbing at most 6 mm per 5 mm (faster, it
