@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 from core.errors import UnsuitableInputError
 from devtools.samples import load_sample
@@ -19,6 +20,8 @@ from dicom_io.volume import assemble_volume
 from imaging_cds.cli import main
 from models.base import AnalysisResult, ImageInput
 from models.calcium import score_calcium
+from models.cards import load_card
+from models.followup import Repeatability, followup_spec
 from models.heart import CAC_DRS, HeartAnalyzer
 from models.registry import get_analyzer
 
@@ -135,6 +138,61 @@ def test_lung2_aortic_calcium_is_found_and_kept_out_of_the_coronary_score(
     # the coronary calcium this scan shows (left main, LAD and circumflex around the root) is scored as such
     assert result.category.code in ("cac-drs-2", "cac-drs-3") and result.category.abnormal
     assert by_key["cac_agatston"] >= 100 and by_key["cac_volume_mm3"] > 0 and by_key["cac_mass_mg"] > 0
+
+
+SHIFTS_MM = (-0.5, 1.0, 2.5)
+"""lung2 as a re-scan would sample it with the patient lying this far along the table: every 5 mm slice falls
+between two of the original ones (on main, -0.5 mm read an 18 mm structure as the ascending aorta and 1.0 mm lost it
+together with the coronary territory)."""
+
+
+def repeatability(key: str) -> Repeatability:
+    """The scan-rescan repeatability the card's followup section gives measurement ``key``."""
+    spec = followup_spec(load_card("ct-heart"))
+    assert spec is not None
+    found = spec.measurements[key].repeatability
+    assert found is not None
+    return found
+
+
+@pytest.fixture(scope="module")
+def lung2_shifted(analyzer: HeartAnalyzer, lung2: tuple[ImageInput, AnalysisResult]) -> dict[float, AnalysisResult]:
+    image, _ = lung2
+    out = {}
+    for shift in SHIFTS_MM:
+        moved = ndimage.shift(image.array, (shift / image.spacing[0], 0.0, 0.0), order=1, mode="nearest")
+        out[shift] = analyzer.analyze(ImageInput(moved, image.spacing, image.modality, image.attributes))
+    return out
+
+
+def test_lung2_moved_along_the_table_keeps_its_ascending_aorta_and_coronary_category(
+    lung2: tuple[ImageInput, AnalysisResult], lung2_shifted: dict[float, AnalysisResult]
+) -> None:
+    """A follow-up scan never samples the patient at the same slice positions: the aortic root, and with it the
+    coronary territory, must be found wherever the slices fall, and the CAC-DRS category must not depend on it."""
+    _, unshifted = lung2
+    before = values(unshifted)
+    quint = repeatability("ascending_aorta_diameter_mm")
+    for shift, result in lung2_shifted.items():
+        after = values(result)
+        assert "ascending_aorta_diameter_mm" in after, (shift, result.warnings)
+        low, high = quint.band(before["ascending_aorta_diameter_mm"])  # the card's +/-5 mm (Quint 2013)
+        assert low <= after["ascending_aorta_diameter_mm"] <= high, shift
+        assert "cac_agatston" in after, shift
+        assert result.category.code == unshifted.category.code, (shift, after["cac_agatston"])
+
+
+def test_on_5_mm_slices_a_sub_slice_shift_alone_moves_the_cac_beyond_the_gated_repeatability_so_it_is_not_judged(
+    lung2: tuple[ImageInput, AnalysisResult], lung2_shifted: dict[float, AnalysisResult]
+) -> None:
+    """Why the card gives no CAC verdict on slices thicker than 3 mm: partial volume lowers the calcium peaks by an
+    amount that depends on where the slices fall, and the Agatston weights and the 130 HU area follow."""
+    image, unshifted = lung2
+    sevrukov = repeatability("cac_agatston")
+    assert sevrukov.verdict_up_to_slice_mm is not None
+    assert image.spacing[0] > sevrukov.verdict_up_to_slice_mm
+    low, high = sevrukov.band(values(unshifted)["cac_agatston"])
+    assert any(not low <= values(r)["cac_agatston"] <= high for r in lung2_shifted.values())
 
 
 @pytest.mark.parametrize("case", ["lung1", "lung2"])
