@@ -48,6 +48,7 @@ reason; no number is made up for it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -817,6 +818,12 @@ def _trace_descending(grid: _Grid) -> tuple[Vessel | None, list[Section]]:
         round_part.append(section)
     top = round_part[-1].slice_index
     path = {p.z: (p.row * grid.stride, p.col * grid.stride) for p in chain if p.z <= top}
+    for below, above in itertools.pairwise(chain):  # a slice the chain bridged: midway between its neighbours
+        if above.z - below.z == 2 and above.z <= top:
+            path[below.z + 1] = (
+                (below.row + above.row) / 2.0 * grid.stride,
+                (below.col + above.col) / 2.0 * grid.stride,
+            )
     return Vessel("descending aorta", tuple(round_part), path), sections[len(round_part) :]
 
 
