@@ -141,7 +141,7 @@ class HeartAnalyzer:
     """Coronary and aortic calcium, aortic and pulmonary artery diameters on non-contrast chest CT."""
 
     name = "ct-heart"
-    version = "0.1.0"
+    version = "0.2.0"
     title = "CT heart and great vessels: coronary calcium, aortic calcium and size, pulmonary artery size"
     uses_patient_context = True  # the descending aorta's expected size depends on sex (Framingham)
     requirements = SeriesRequirements(
