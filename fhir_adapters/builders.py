@@ -700,6 +700,24 @@ def _rounded(value: float) -> float:
     return float(f"{value:.4g}")
 
 
+def _comparison_head(target: AnalysisTarget, code: str, text: str, *, identifier: str, issued: str) -> dict[str, Any]:
+    """What every comparison Observation starts with: identity, status, category, code, subject and times (the
+    current study's: a comparison is a finding of the current study)."""
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _security(),
+        "identifier": _identifier(identifier),
+        "status": "preliminary",
+        "category": [terminology.IMAGING_CATEGORY.concept()],
+        "code": terminology.comparison_code(code).concept(text),
+        "subject": {"reference": target.patient_reference},
+    }
+    if target.study_started:
+        observation["effectiveDateTime"] = target.study_started
+    observation["issued"] = issued
+    return observation
+
+
 def _comparison_observation(
     target: AnalysisTarget,
     comparison: FollowupComparison,
@@ -713,20 +731,13 @@ def _comparison_observation(
     assert comparison.prior is not None
     prior_date = comparison.prior.effective.date().isoformat()
     verdict = terminology.comparison_code(change.verdict)
-    observation: dict[str, Any] = {
-        "resourceType": "Observation",
-        "meta": _security(),
-        "identifier": _identifier(identifier),
-        "status": "preliminary",
-        "category": [terminology.IMAGING_CATEGORY.concept()],
-        "code": terminology.comparison_code("change-since-prior").concept(
-            f"{change.display}: change since the {comparison.prior.modality} of {prior_date}"
-        ),
-        "subject": {"reference": target.patient_reference},
-    }
-    if target.study_started:
-        observation["effectiveDateTime"] = target.study_started
-    observation["issued"] = issued
+    observation = _comparison_head(
+        target,
+        "change-since-prior",
+        f"{change.display}: change since the {comparison.prior.modality} of {prior_date}",
+        identifier=identifier,
+        issued=issued,
+    )
     observation["valueCodeableConcept"] = verdict.concept(change.sentence())
     interpretations = terminology.change_interpretations(change.verdict, change.worse)
     if interpretations:
@@ -803,20 +814,13 @@ def _lesion_observation(
     """One lesion against the prior scan: matched (with growth), new, or not found now (resolved)."""
     assert comparison.prior is not None
     prior_date = comparison.prior.effective.date().isoformat()
-    observation: dict[str, Any] = {
-        "resourceType": "Observation",
-        "meta": _security(),
-        "identifier": _identifier(identifier),
-        "status": "preliminary",
-        "category": [terminology.IMAGING_CATEGORY.concept()],
-        "code": terminology.comparison_code("lesion-since-prior").concept(
-            f"{match.key}: compared with the {comparison.prior.modality} of {prior_date}"
-        ),
-        "subject": {"reference": target.patient_reference},
-    }
-    if target.study_started:
-        observation["effectiveDateTime"] = target.study_started
-    observation["issued"] = issued
+    observation = _comparison_head(
+        target,
+        "lesion-since-prior",
+        f"{match.key}: compared with the {comparison.prior.modality} of {prior_date}",
+        identifier=identifier,
+        issued=issued,
+    )
     verdict = match.verdict
     observation["valueCodeableConcept"] = terminology.comparison_code(verdict).concept(match.sentence())
     if verdict in ("increased", "decreased"):
