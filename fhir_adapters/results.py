@@ -398,16 +398,16 @@ def filed_lesion_comparison(observation: Mapping[str, Any]) -> FiledLesionCompar
     )
 
 
+def _extension(resource: Mapping[str, Any], url: str) -> Mapping[str, Any] | None:
+    """The resource's extension of ``url``, or ``None``."""
+    return next(
+        (e for e in fhirjson.items(resource.get("extension")) if isinstance(e, dict) and e.get("url") == url), None
+    )
+
+
 def read_acquisition(report: Mapping[str, Any]) -> Acquisition | None:
     """How the report's images were acquired (its acquisition extension), or ``None`` when it recorded nothing."""
-    extension = next(
-        (
-            e
-            for e in fhirjson.items(report.get("extension"))
-            if isinstance(e, dict) and e.get("url") == ACQUISITION_EXTENSION
-        ),
-        None,
-    )
+    extension = _extension(report, ACQUISITION_EXTENSION)
     if extension is None:
         return None
     parts = {str(p.get("url")): p for p in fhirjson.items(extension.get("extension")) if isinstance(p, dict)}
@@ -429,14 +429,7 @@ def read_acquisition(report: Mapping[str, Any]) -> Acquisition | None:
 
 def read_lung_extent(report: Mapping[str, Any]) -> Box | None:
     """The lungs' extent the report recorded (extension :data:`LUNG_EXTENT_EXTENSION`), or ``None``."""
-    extension = next(
-        (
-            e
-            for e in fhirjson.items(report.get("extension"))
-            if isinstance(e, dict) and e.get("url") == LUNG_EXTENT_EXTENSION
-        ),
-        None,
-    )
+    extension = _extension(report, LUNG_EXTENT_EXTENSION)
     if extension is None:
         return None
     values = {
