@@ -315,7 +315,7 @@ def measure_heights(
 
     Returns None when the body is incomplete or an end plate cannot be found on a line.
     """
-    if not vertebra.complete:
+    if not (vertebra.complete and vertebra.single_body):
         return None
     grid, _, px = detection_grid(volume, spacing)
     dz = track.slice_mm
@@ -646,6 +646,10 @@ class BoneAnalyzer:
                 f"end plates only to about +/- {track.slice_mm:.0f} mm (needs <= {MAX_SLICE_MM_FOR_GRADING:.0f} mm)."
             )
             return tuple(measurements), category, conclusion
+        implausible = implausible_heights_reason(heights, target) if heights is not None else None
+        if implausible is not None:
+            warnings.append(f"Body heights of {target.label} not reported: {implausible}.")
+            return tuple(measurements), category, conclusion
         if heights is None:
             warnings.append(
                 f"Body heights of {target.label} not measured: its end plates could not both be found on the "
@@ -680,6 +684,23 @@ class BoneAnalyzer:
         return tuple(measurements), category, conclusion
 
 
+def implausible_heights_reason(heights: BodyHeights, vertebra: Vertebra) -> str | None:
+    """Why these heights cannot be one body's, or None.
+
+    A body's height, end plate to end plate, is shorter than the distance from one disc to the next along the same
+    spine (that distance is the body plus a disc), so a height beyond the spine's own vertebral spacing means the
+    end plates found belong to different bodies. The spacing is the column's periodicity
+    (:func:`models.spine.vertebral_spacing`), not a population figure, so tall and short patients are judged alike.
+    """
+    tallest = max(heights.anterior_mm, heights.middle_mm, heights.posterior_mm)
+    if math.isfinite(vertebra.spacing_mm) and tallest > vertebra.spacing_mm:
+        return (
+            f"a height of {tallest:.0f} mm is more than this spine's vertebra-to-vertebra spacing "
+            f"({vertebra.spacing_mm:.0f} mm), so the end plates found belong to different bodies"
+        )
+    return None
+
+
 def _spacing3(image: ImageInput) -> tuple[float, float, float]:
     if len(image.spacing) != 3:
         raise UnsuitableInputError("The bone analyzer needs a 3-D CT volume.", remedy="Send the whole axial series.")
@@ -689,7 +710,8 @@ def _spacing3(image: ImageInput) -> tuple[float, float, float]:
 def _choose_vertebra(levels: LevelIdentification) -> Vertebra | None:
     """L1 if identified and complete, else the nearest identified level; with no levels, the lowest complete body
     that is not joined to the pelvis (in a chest CT the one nearest the thoracolumbar junction)."""
-    complete = [v for v in levels.vertebrae if v.complete]
+    # a segment spanning several bodies (a missed disc) or a fragment of one is not a vertebral body to measure
+    complete = [v for v in levels.vertebrae if v.complete and v.single_body]
     by_level = {v.level: v for v in complete if v.level}
     for level in _MEASURE_PREFERENCE:
         if level in by_level:

@@ -29,6 +29,7 @@ The method is classical image analysis, and heuristic in places; each step says 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,6 +47,13 @@ _GRID_MM = 1.2
 _LATERAL_BONE_MM = 20.0
 _RIB_REACH_MM = 65.0
 _SACRAL_REACH_MM = 65.0
+
+MAX_BODIES_PER_SEGMENT = 1.5
+"""A segment longer than this many vertebral spacings is nearer two bodies than one (adjacent thoracolumbar bodies
+differ in height by far less than that), so it is not one body."""
+
+MIN_BODIES_PER_SEGMENT = 0.5
+"""A complete segment shorter than this many vertebral spacings is nearer no body than one: a fragment."""
 
 LUMBAR_ORDER: tuple[str, ...] = ("S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7")
 """Labels going up from the sacrum; T12 and below also going down from the last rib-bearing vertebra."""
@@ -82,6 +90,30 @@ class Vertebra:
     level: str | None = None
     rib_bearing: bool = False
     pelvis_joined: bool = False
+    slice_mm: float = math.nan
+    spacing_mm: float = math.nan  # the spine's own vertebra-to-vertebra spacing (nan: not found)
+
+    @property
+    def bodies(self) -> float:
+        """Disc-to-disc length in vertebral spacings: about 1 for one body (nan when the spacing is unknown)."""
+        return (self.superior_slice - self.inferior_slice) * self.slice_mm / self.spacing_mm
+
+    @property
+    def spans_several(self) -> bool:
+        """Longer than one and a half vertebral spacings of its own spine: nearer two bodies than one, so a disc
+        was missed and this is several bodies taken as one (in the pelvis often the sacrum and coccyx)."""
+        return bool(self.bodies > MAX_BODIES_PER_SEGMENT)
+
+    @property
+    def part_of_body(self) -> bool:
+        """Shorter than half a vertebral spacing: a fragment of a body split at a spurious minimum (only judged on
+        complete segments; one cut by the scan's edge is short for that reason)."""
+        return bool(self.complete and self.bodies < MIN_BODIES_PER_SEGMENT)
+
+    @property
+    def single_body(self) -> bool:
+        """Neither several bodies nor part of one (or the spacing is unknown): counting levels across it is sound."""
+        return not (self.spans_several or self.part_of_body)
 
     @property
     def mid_slice(self) -> int:
@@ -271,18 +303,10 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
     are merged, keeping the deeper one. Segments touching the first or last slice are marked incomplete.
     """
     nz = track.slices
-    core = np.full(nz, np.nan)
-    for z in range(nz):
-        if np.isnan(track.anterior_row[z]) or track.canal_score[z] <= 0.05:
-            continue
-        a, p = track.anterior_row[z], track.posterior_row[z]
-        lo, hi = round(a + 0.2 * (p - a)), round(p - 0.2 * (p - a))
-        if hi > lo:
-            core[z] = float(track.sagittal[z, lo : hi + 1].mean())
-    valid = np.isfinite(core)
-    if valid.sum() < 3:
+    filled = core_profile(track)
+    if filled is None:
         return []
-    filled = np.interp(np.arange(nz), np.flatnonzero(valid), core[valid])
+    spacing = vertebral_spacing(filled, track.slice_mm)
     min_gap = max(2, int(np.ceil(14.0 / track.slice_mm)))
     minima = _merge_short_segments(filled, _disc_minima(filled, min_gap), nz)
     bounds = [0.0, *[float(m) for m in minima], float(nz - 1)]
@@ -297,8 +321,66 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
         post = np.nanmedian(track.posterior_row[zs]) if np.isfinite(track.posterior_row[zs]).any() else np.nan
         if not (np.isfinite(ant) and np.isfinite(post)) or (post - ant) * track.pixel_mm < 12.0:
             continue
-        vertebrae.append(Vertebra(lo, hi, complete, float(ant), float(post)))
+        vertebrae.append(
+            Vertebra(lo, hi, complete, float(ant), float(post), slice_mm=track.slice_mm, spacing_mm=spacing or math.nan)
+        )
     return vertebrae
+
+
+def core_profile(track: SpineTrack) -> np.ndarray | None:
+    """Mean attenuation of the body's core (middle 60 % of its depth on the mid-sagittal slab) per slice, gaps
+    interpolated; None when fewer than 3 slices have a body in front of a canal."""
+    nz = track.slices
+    core = np.full(nz, np.nan)
+    for z in range(nz):
+        if np.isnan(track.anterior_row[z]) or track.canal_score[z] <= 0.05:
+            continue
+        a, p = track.anterior_row[z], track.posterior_row[z]
+        lo, hi = round(a + 0.2 * (p - a)), round(p - 0.2 * (p - a))
+        if hi > lo:
+            core[z] = float(track.sagittal[z, lo : hi + 1].mean())
+    valid = np.isfinite(core)
+    if valid.sum() < 3:
+        return None
+    return np.interp(np.arange(nz), np.flatnonzero(valid), core[valid])
+
+
+def vertebral_spacing(profile: np.ndarray, slice_mm: float) -> float | None:
+    """The spine's own vertebra-to-vertebra spacing (mm): the lag of the strongest autocorrelation peak of the core
+    profile (the shortest lag whose peak comes close to the highest, so two periods are not taken for one).
+
+    Bodies and discs alternate with a nearly constant period along a spine, so the period is a property of the
+    whole column, not of any one split: a missed disc or a spurious minimum moves single segments but hardly the
+    period, which makes it the yardstick to judge segments against (rather than their own median, which a run of
+    fragments drags down). The slow trend (bone density changing along the spine, the pelvis) is removed first
+    over 60 mm, longer than any vertebra plus disc. Lags from 15 mm (shorter than any adult vertebra plus disc)
+    to half the profile are searched; None when there is no positive peak (too short a profile, no periodicity).
+    McLeod P, Wyvill G. A smarter way to find pitch. Proc. International Computer Music Conference 2005:138-141.
+    """
+    n = profile.size
+    trend = ndimage.uniform_filter1d(profile, max(3, round(60.0 / slice_mm)), mode="nearest")
+    detrended = profile - trend
+    shortest = max(2, math.ceil(15.0 / slice_mm))
+    longest = n // 2
+    if longest < shortest + 1 or not np.any(detrended):
+        return None
+    lags = np.arange(shortest - 1, longest + 2)
+    corr = np.array([_correlation(detrended[:-k], detrended[k:]) for k in lags])
+    peaks = [i for i in range(1, lags.size - 1) if corr[i] >= corr[i - 1] and corr[i] >= corr[i + 1] and corr[i] > 0]
+    if not peaks:
+        return None
+    # a periodic signal correlates as well at two or three periods as at one: take the shortest lag whose peak is
+    # close to the highest (the "key maximum" rule of McLeod and Wyvill's pitch detector, k = 0.8)
+    highest = max(corr[i] for i in peaks)
+    first = next(i for i in peaks if corr[i] >= 0.8 * highest)
+    return float(lags[first]) * slice_mm
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = float(a.std()), float(b.std())
+    if sa == 0.0 or sb == 0.0:
+        return 0.0
+    return float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb))
 
 
 def _disc_minima(profile: np.ndarray, min_gap: int) -> list[int]:
@@ -370,8 +452,10 @@ def identify_levels(
     joined = [i for i, p in enumerate(pelvic) if p]
     if joined:
         s1 = max(i for i in joined if all(pelvic[j] for j in range(min(joined), i + 1)))
-        if s1 + 1 < len(vertebrae) and not pelvic[s1 + 1]:
-            sacrum_labels = _labels_from(s1, "S1", len(vertebrae))
+        if not vertebrae[s1].single_body:
+            sacrum_note = "the segment taken for S1 is not one body (a disc between it and L5 may be missed)"
+        elif s1 + 1 < len(vertebrae) and not pelvic[s1 + 1]:
+            sacrum_labels = _labels_from(s1, "S1", vertebrae)
             sacrum_note = "S1 = top of the bone joined to both iliac bones through the sacral alae; counted up"
 
     if rib_labels and sacrum_labels:
@@ -405,7 +489,6 @@ def _rib_transition(vertebrae: list[Vertebra], ribbed: list[bool]) -> tuple[dict
     the sacrum, which looks like a rib to the detector) is never reached. When ribs continue to the lowest vertebra
     in view, L1 is below the scan and nothing is labelled.
     """
-    n = len(vertebrae)
     if not any(ribbed):
         return None, "no rib-bearing vertebra found"
     top = max(i for i, r in enumerate(ribbed) if r)
@@ -424,19 +507,36 @@ def _rib_transition(vertebrae: list[Vertebra], ribbed: list[bool]) -> tuple[dict
                 "ribs did not give a clean transition (a rib-free vertebra between rib-bearing ones: a rib missed or "
                 "a vertebra mis-split)"
             )
-        return _labels_from(i + 1, "T12", n), "T12 = lowest vertebra with a rib articulating; L1 is the next one down"
+        if not (vertebrae[i].single_body and vertebrae[i + 1].single_body):
+            return None, (
+                "the segments at the rib transition are not one vertebral body each (a disc missed or a body split), "
+                "so T12 and L1 cannot be told from the ribs"
+            )
+        return _labels_from(
+            i + 1, "T12", vertebrae
+        ), "T12 = lowest vertebra with a rib articulating; L1 is the next one down"
     return None, (
         "ribs articulate down to the lowest vertebra in view, so the thoracolumbar junction (T12/L1) is below the "
         "scan; L1 is not in view and thoracic levels are not counted"
     )
 
 
-def _labels_from(anchor: int, anchor_label: str, count: int) -> dict[int, str]:
-    """Labels for vertebra indices (0 = most inferior) given one anchored label."""
+def _labels_from(anchor: int, anchor_label: str, vertebrae: list[Vertebra]) -> dict[int, str]:
+    """Labels for vertebra indices (0 = most inferior) given one anchored label, counted one segment per level.
+
+    Counting is only sound through segments that are each one body: a segment spanning several bodies (a missed
+    disc) or a fragment of one (a spurious split) would shift every label beyond it, so the count stops before it.
+    """
     order = ("S1", "L5", "L4", "L3", "L2", "L1", *[f"T{n}" for n in range(12, 0, -1)], "C7", "C6")
     pos = order.index(anchor_label)
+    lowest = anchor
+    while lowest > 0 and vertebrae[lowest - 1].single_body:
+        lowest -= 1
+    highest = anchor
+    while highest + 1 < len(vertebrae) and vertebrae[highest + 1].single_body:
+        highest += 1
     labels: dict[int, str] = {}
-    for i in range(count):
+    for i in range(lowest, highest + 1):
         k = pos + (i - anchor)
         if 0 <= k < len(order):
             labels[i] = order[k]

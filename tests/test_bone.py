@@ -3,6 +3,7 @@ pyradiomics chest CTs (5 mm slices, thoracic spine), plus a real head CT that ha
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from core.errors import UnsuitableInputError
-from models.base import ImageInput
+from models.base import AnalysisResult, ImageInput
 from models.bone import (
     HEIGHT_LINES,
     BoneAnalyzer,
@@ -24,7 +25,17 @@ from models.bone import (
     measure_heights,
     measure_trabecular_roi,
 )
-from models.spine import SpineTrack, Vertebra, _rib_transition, find_spine, identify_levels, split_vertebrae
+from models.spine import (
+    MAX_BODIES_PER_SEGMENT,
+    SpineTrack,
+    Vertebra,
+    _labels_from,
+    _rib_transition,
+    find_spine,
+    identify_levels,
+    split_vertebrae,
+    vertebral_spacing,
+)
 
 CT = Path(__file__).parent / "data" / "ct"
 
@@ -326,3 +337,74 @@ def test_on_3mm_slices_heights_are_the_visible_edges_within_about_a_slice(
     assert np.all(measured >= truth - 1.0) and np.all(measured <= truth + 4.0), (measured, truth)
     if anterior_mm != posterior_mm:
         assert (measured[0] < measured[2]) == (anterior_mm < posterior_mm)
+
+
+# --- The same abdomen moved along the table by a fraction of a slice, as a re-scan of the same patient samples it:
+# what is filed must not depend on where the slices fall. Before this, at 0.5 mm below and 2.5 mm above the original
+# position the vertebra split missed three discs and took the sacrum with the bodies above it for one "vertebra",
+# whose heights (137 / 136 / 140 mm) were filed with a Genant grade.
+
+SHIFTS_MM = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
+
+MANUAL_L1_POSTERIOR_MM = 33.3
+"""This patient's tallest L1 height read by hand (tests/test_bone.py, MANUAL_L1_HEIGHTS_MM)."""
+
+PLAUSIBLE_MAX_HEIGHT_MM = 40.0
+"""More than a fifth taller than this patient's L1 read by hand: adjacent lumbar bodies of one spine differ by a
+few millimetres, so a longer "body height" on this scan is several bodies (or a body and a disc) taken as one."""
+
+
+@pytest.fixture(scope="module")
+def shifted_results() -> dict[float, AnalysisResult]:
+    image = load_nifti(CT / "abdomen_totalseg" / "example_ct.nii.gz")
+    analyzer = BoneAnalyzer()
+    results = {}
+    for dz in SHIFTS_MM:
+        array = image.array
+        if dz:  # linear interpolation between slices, as a scan started dz mm further along the table samples it
+            array = ndimage.shift(image.array, (dz / image.spacing[0], 0, 0), order=1, mode="nearest")
+        shifted = dataclasses.replace(image, array=array)
+        analyzer.check_input(shifted)
+        results[dz] = analyzer.analyze(shifted)
+    return results
+
+
+def test_no_implausible_body_height_is_filed_wherever_the_slices_fall(shifted_results):
+    for dz, result in shifted_results.items():
+        keys = {m.key for m in result.measurements}
+        heights = [result.measurement(f"{n}_height_mm").value for n in ("anterior", "middle", "posterior")
+                   if f"{n}_height_mm" in keys]  # fmt: skip
+        assert all(h <= PLAUSIBLE_MAX_HEIGHT_MM for h in heights), (dz, heights)
+        if heights:
+            assert len(heights) == 3 and "genant_grade" in keys
+        else:  # nothing measured: the reader is told why, and no fracture grade stands without heights
+            assert "genant_grade" not in keys and "height_loss_percent" not in keys
+            assert any("heights" in w.lower() and "not" in w.lower() for w in result.warnings), (dz, result.warnings)
+
+
+def test_the_unshifted_scan_keeps_its_l1_figures(shifted_results):
+    result = shifted_results[0.0]
+    assert result.measurement("l1_trabecular_hu").value == 102.0
+    assert [round(result.measurement(f"{n}_height_mm").value, 1) for n in ("anterior", "middle", "posterior")] == [
+        26.9, 28.3, 32.0,
+    ]  # fmt: skip
+
+
+def test_vertebral_spacing_is_the_columns_period_despite_a_spurious_dip_and_a_missed_disc():
+    slice_mm, period = 3.0, 12  # 36 mm from disc to disc, as lumbar bodies on 3 mm slices
+    z = np.arange(110)
+    profile = 200.0 - 120.0 * (np.abs(((z + 3) % period) - period / 2) > period / 2 - 1.5)
+    profile[40:44] = 110.0  # a dark basivertebral plexus inside one body
+    profile[[z for z in range(110) if (z + 3) % period in (0, 1, 11)][6:9]] = 200.0  # one disc not seen
+    assert vertebral_spacing(profile, slice_mm) == pytest.approx(period * slice_mm)
+    assert vertebral_spacing(np.full(110, 150.0), slice_mm) is None  # no periodicity, no yardstick
+
+
+def test_levels_are_not_counted_across_a_segment_that_spans_several_bodies():
+    spacing = 36.0
+    lengths = [3 * spacing, spacing, spacing, spacing, spacing]  # bottom to top: sacrum+L5 merged, L4 ... L1
+    bounds = np.concatenate([[0.0], np.cumsum(lengths)]) / 3.0
+    column = [Vertebra(bounds[i], bounds[i + 1], True, 0.0, 30.0, slice_mm=3.0, spacing_mm=spacing) for i in range(5)]
+    assert column[0].bodies > MAX_BODIES_PER_SEGMENT and column[0].spans_several and not column[0].single_body
+    labels = _labels_from(4, "L1", column)
+    assert labels == {4: "L1", 3: "L2", 2: "L3", 1: "L4"}  # the merged segment is neither L5 nor S1
