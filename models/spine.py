@@ -308,7 +308,8 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
         return []
     spacing = vertebral_spacing(filled, track.slice_mm)
     min_gap = max(2, int(np.ceil(14.0 / track.slice_mm)))
-    minima = _merge_short_segments(filled, _disc_minima(filled, min_gap), nz)
+    typical = spacing / track.slice_mm if spacing is not None else None
+    minima = _merge_short_segments(filled, _disc_minima(filled, min_gap), nz, typical)
     bounds = [0.0, *[float(m) for m in minima], float(nz - 1)]
     vertebrae: list[Vertebra] = []
     for i in range(len(bounds) - 1):
@@ -402,18 +403,23 @@ def _disc_minima(profile: np.ndarray, min_gap: int) -> list[int]:
     return sorted(chosen)
 
 
-def _merge_short_segments(profile: np.ndarray, minima: list[int], nz: int) -> list[int]:
+def _merge_short_segments(profile: np.ndarray, minima: list[int], nz: int, typical: float | None = None) -> list[int]:
     """Drop spurious disc minima inside a body (a dark basivertebral plexus, low-density bone).
 
-    Adjacent vertebrae differ little in height, so a segment shorter than 0.6 x the median segment is merged
-    with the neighbour that gives a merged length closest to the median (and no more than 1.3 x it); the
-    shortest segment is handled first, until none is left.
+    Adjacent vertebrae differ little in height, so a segment shorter than 0.6 x the typical segment is merged
+    with the neighbour that gives a merged length closest to the typical one (and no more than 1.3 x it); the
+    shortest segment is handled first, until none is left. The typical length is the spine's own vertebral spacing
+    (``typical``, in slices, from :func:`vertebral_spacing`) when known, else the median segment: a median drifts
+    with the split it judges (a run of fragments makes fragments look typical), the period does not, so which
+    minima survive no longer depends on where the slices happen to fall.
     """
     minima = sorted(minima)
     bounds = [0, *minima, nz - 1]
     while len(bounds) >= 4:
         lengths = np.diff(bounds)
         median = float(np.median(lengths[1:-1])) if len(lengths) > 2 else float(np.median(lengths))
+        if typical is not None:
+            median = typical
         order = np.argsort(lengths)
         merged = False
         for k in order:
@@ -555,14 +561,17 @@ def _lateral_bone(grid: np.ndarray, track: SpineTrack, px: float) -> tuple[np.nd
 def _rib_bearing(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra], px: float) -> list[bool]:
     """Which vertebrae have a rib articulating with them.
 
-    Judged one vertebra at a time, on a slab from half a slice below it to one slice above it, so that ribs never
-    merge into one structure with their neighbours or the scapula (which, labelled over the whole chest, made one
-    giant component that had to be thrown away). In the slab, a rib is a connected bone structure (> 200 HU, more
-    than 20 mm from the midline, from 40 mm in front of the canal backwards) whose medial end, its head at the
-    costovertebral joint, lies within 40 mm of the midline *inside* the vertebra's own z-range, and which reaches
-    at least 65 mm laterally; lumbar transverse processes stop short of that. A rib of the vertebra above only
-    enters the slab laterally as it descends, so its medial end is at the slab's top and does not count. Bone
-    plates (an iliac wing, the scapula) are excluded by their size per slice (> 8 cm2 in a slice).
+    Judged one vertebra at a time, on a slab from half a vertebral spacing below it to one slice above it (half a
+    slice below when the spacing is unknown), so that ribs never merge into one structure with their neighbours or
+    the scapula (which, labelled over the whole chest, made one giant component that had to be thrown away). In
+    the slab, a rib is a connected bone structure (> 200 HU, more than 20 mm from the midline, from 40 mm in front
+    of the canal backwards) whose medial end, its head at the costovertebral joint, lies within 40 mm of the
+    midline *inside* the vertebra's own z-range, and which reaches at least 65 mm laterally; lumbar transverse
+    processes stop short of that. Ribs run down as they run out from the head (the 12th steeply), hence the slab's
+    reach below the body: cut off half a slice below it, the 12th rib of the validation abdomen reached 63 or
+    69 mm inside the slab depending on where the 3 mm slices fell. A rib of the vertebra above only enters the
+    slab laterally as it descends, so its medial end is at the slab's top and does not count. Bone plates (an
+    iliac wing, the scapula) are excluded by their size per slice (> 8 cm2 in a slice).
     """
     bone, lateral_mm = _lateral_bone(grid, track, px)
     ny = grid.shape[1]
@@ -572,7 +581,8 @@ def _rib_bearing(grid: np.ndarray, track: SpineTrack, vertebrae: list[Vertebra],
     pixel_cm2 = px * px / 100.0
     result: list[bool] = []
     for v in vertebrae:
-        z0 = max(0, int(np.floor(v.inferior_slice - 0.5)))
+        below = 0.5 * v.spacing_mm / v.slice_mm if math.isfinite(v.spacing_mm) else 0.5
+        z0 = max(0, int(np.floor(v.inferior_slice - below)))
         z1 = min(grid.shape[0], int(np.ceil(v.superior_slice + 1.0)) + 1)
         labels, _count = ndimage.label(bone[z0:z1], structure=np.ones((3, 3, 3), dtype=bool))
         found = False
