@@ -83,6 +83,10 @@ TRABECULAR_RANGE_HU = (0.0, 350.0)
 MAX_ROI_SD_HU = 90.0
 """Cancellous bone in a Pickhardt-size ROI has an SD of about 20-60 HU; far above that, the mean is a mixture."""
 
+HOMOGENEOUS_MAX_SD_HU = 60.0
+"""Upper end of the SD of cancellous bone in a Pickhardt-size ROI (see :data:`MAX_ROI_SD_HU`): above it an ROI
+holds a bone island, an end plate or a lesion, and a reader would move it."""
+
 MIN_INSIDE_FRACTION = 0.8
 MIN_ROI_MM2 = 50.0
 
@@ -186,8 +190,39 @@ def attenuation_category(hu: float) -> Category:
     return Category("normal", "Normal bone density (> 160 HU)", PICKHARDT_RULE, False)
 
 
-def measure_trabecular_roi(
+def place_trabecular_roi(
     volume: np.ndarray, spacing: tuple[float, float, float], track: SpineTrack, vertebra: Vertebra
+) -> TrabecularRoi:
+    """The ROI on the mid-body slice, or, when that one is heterogeneous, on the most homogeneous central slice.
+
+    A reader following Pickhardt places the ROI on a mid-body slice *clear of focal lesions and bone islands*;
+    with 3 mm slices whether the mid-body slice cuts a bone island (partial volume keeps it below the 500 HU
+    exclusion) depends on where the slices fall, and on the validation abdomen the L1 value moved from about
+    100 HU to 121-129 HU with the table position. So when the mid-body ROI's SD is above that of cancellous bone
+    (:data:`HOMOGENEOUS_MAX_SD_HU`), the slices of the body's middle half - clear of the end plates - are tried
+    and the homogeneous one nearest mid-body is kept (moved no further than needed, as a reader would: not the
+    lowest SD, which would prefer the dense bone under an end plate); its slice is shown on the axial key image.
+    When none is homogeneous the mid-body ROI stands, with its warnings.
+    """
+    roi = measure_trabecular_roi(volume, spacing, track, vertebra)
+    if roi.sd_hu <= HOMOGENEOUS_MAX_SD_HU:
+        return roi
+    quarter = 0.25 * (vertebra.superior_slice - vertebra.inferior_slice)
+    central = range(math.ceil(vertebra.inferior_slice + quarter), math.floor(vertebra.superior_slice - quarter) + 1)
+    tried = [measure_trabecular_roi(volume, spacing, track, vertebra, z) for z in central if z != roi.slice_index]
+    homogeneous = [r for r in tried if r.sd_hu <= HOMOGENEOUS_MAX_SD_HU and r.untrusted_reason() is None]
+    if not homogeneous:
+        return roi
+    centre = 0.5 * (vertebra.inferior_slice + vertebra.superior_slice)
+    return min(homogeneous, key=lambda r: (abs(r.slice_index - centre), r.sd_hu))
+
+
+def measure_trabecular_roi(
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    track: SpineTrack,
+    vertebra: Vertebra,
+    slice_index: int | None = None,
 ) -> TrabecularRoi:
     """Mean and SD HU in an ellipse in the anterior two thirds of the body's cancellous bone, on its mid-body slice.
 
@@ -197,9 +232,9 @@ def measure_trabecular_roi(
     and 35 % of the inner width) is centred at 40 % of the inner depth from the front, i.e. in the anterior two
     thirds, in front of the basivertebral vein. Pixels outside the eroded body are not counted. ``inside`` says how
     much of the nominal ellipse lay inside the body: a low value means the outline was not found and the value is
-    not trusted.
+    not trusted. ``slice_index`` overrides the mid-body slice.
     """
-    z = vertebra.mid_slice
+    z = vertebra.mid_slice if slice_index is None else slice_index
     image = volume[z].astype(np.float32)
     stride, px = track.stride, float(spacing[1])
     anterior = vertebra.anterior_row * stride
@@ -527,7 +562,7 @@ class BoneAnalyzer:
                 "A spine is in view but no complete vertebral body could be delimited; nothing was measured.",
                 warnings=(levels.note,),
             )
-        roi = measure_trabecular_roi(volume, spacing, track, target)
+        roi = place_trabecular_roi(volume, spacing, track, target)
         thin = track.slice_mm <= MAX_SLICE_MM_FOR_GRADING + 0.01
         heights = measure_heights(volume, spacing, track, target) if thin else None
         measurements, category, conclusion = self._summarise(levels, target, roi, heights, warnings, track)

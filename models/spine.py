@@ -309,7 +309,8 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
     spacing = vertebral_spacing(filled, track.slice_mm)
     min_gap = max(2, int(np.ceil(14.0 / track.slice_mm)))
     typical = spacing / track.slice_mm if spacing is not None else None
-    minima = _merge_short_segments(filled, _disc_minima(filled, min_gap), nz, typical)
+    observed = np.isfinite(_core_samples(track))
+    minima = _merge_short_segments(filled, _disc_minima(filled, min_gap, observed), nz, typical)
     bounds = [0.0, *[float(m) for m in minima], float(nz - 1)]
     vertebrae: list[Vertebra] = []
     for i in range(len(bounds) - 1):
@@ -331,6 +332,15 @@ def split_vertebrae(track: SpineTrack) -> list[Vertebra]:
 def core_profile(track: SpineTrack) -> np.ndarray | None:
     """Mean attenuation of the body's core (middle 60 % of its depth on the mid-sagittal slab) per slice, gaps
     interpolated; None when fewer than 3 slices have a body in front of a canal."""
+    core = _core_samples(track)
+    valid = np.isfinite(core)
+    if valid.sum() < 3:
+        return None
+    return np.interp(np.arange(core.size), np.flatnonzero(valid), core[valid])
+
+
+def _core_samples(track: SpineTrack) -> np.ndarray:
+    """The body core's mean attenuation on the slices where a body is seen in front of a canal, nan elsewhere."""
     nz = track.slices
     core = np.full(nz, np.nan)
     for z in range(nz):
@@ -340,10 +350,7 @@ def core_profile(track: SpineTrack) -> np.ndarray | None:
         lo, hi = round(a + 0.2 * (p - a)), round(p - 0.2 * (p - a))
         if hi > lo:
             core[z] = float(track.sagittal[z, lo : hi + 1].mean())
-    valid = np.isfinite(core)
-    if valid.sum() < 3:
-        return None
-    return np.interp(np.arange(nz), np.flatnonzero(valid), core[valid])
+    return core
 
 
 def vertebral_spacing(profile: np.ndarray, slice_mm: float) -> float | None:
@@ -384,16 +391,26 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb))
 
 
-def _disc_minima(profile: np.ndarray, min_gap: int) -> list[int]:
+def _disc_minima(profile: np.ndarray, min_gap: int, observed: np.ndarray | None = None) -> list[int]:
     """Local minima of ``profile`` that are lower than both neighbours' maxima by a margin, at least
-    ``min_gap`` slices apart (the deeper one wins)."""
+    ``min_gap`` slices apart (the deeper one wins).
+
+    ``observed`` marks the slices where the body core was actually seen (the rest of ``profile`` is interpolated).
+    A flank that is mostly unobserved - the body beyond the disc is where the canal track was lost, typically at
+    the scan's edge - is no evidence against the disc, so the minimum is then judged on its observed flank alone;
+    otherwise whether the disc under the top or bottom body is found depends on where the slices fall."""
     n = profile.size
+    seen = np.ones(n, dtype=bool) if observed is None else observed
     candidates: list[tuple[float, int]] = []
     for z in range(1, n - 1):
         if profile[z] <= profile[z - 1] and profile[z] <= profile[z + 1]:
-            left = profile[max(0, z - min_gap) : z].max()
-            right = profile[z + 1 : z + 1 + min_gap].max()
-            depth = min(left, right) - profile[z]
+            flanks = []
+            for part in (slice(max(0, z - min_gap), z), slice(z + 1, z + 1 + min_gap)):
+                if seen[part].sum() * 2 >= seen[part].size:
+                    flanks.append(float(profile[part].max()))
+            if not flanks:
+                continue
+            depth = min(flanks) - profile[z]
             if depth > 12.0:
                 candidates.append((float(depth), z))
     chosen: list[int] = []

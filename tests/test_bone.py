@@ -382,6 +382,19 @@ def test_no_implausible_body_height_is_filed_wherever_the_slices_fall(shifted_re
             assert any("heights" in w.lower() and "not" in w.lower() for w in result.warnings), (dz, result.warnings)
 
 
+def test_l1_is_identified_from_the_last_rib_wherever_the_slices_fall(shifted_results):
+    # before: only at 4 of these 9 positions, and at 3 of those the body labelled L1 was L2
+    for dz, result in shifted_results.items():
+        assert any("T12 = lowest vertebra with a rib" in w for w in result.warnings), (dz, result.warnings)
+        assert 0.0 <= result.measurement("l1_trabecular_hu").value <= 350.0
+        # the same body each time: the ROI's slice, taken back to the unshifted scan's slice coordinates, lies
+        # between L1's end plates as read by hand (inferior 91.4-94.5, superior 102.4-103.5; MANUAL_L1_HEIGHTS_MM)
+        axial = next(e for e in result.explanations if e.slice_index is not None)
+        assert axial.slice_index is not None
+        assert 94.5 < axial.slice_index - dz / 3.0 < 102.4, (dz, axial.slice_index)
+        assert abs(result.measurement("anterior_height_mm").value - MANUAL_L1_HEIGHTS_MM["anterior"]) <= 3.0
+
+
 def test_the_unshifted_scan_keeps_its_l1_figures(shifted_results):
     result = shifted_results[0.0]
     assert result.measurement("l1_trabecular_hu").value == 102.0
