@@ -395,19 +395,24 @@ def _disc_minima(profile: np.ndarray, min_gap: int, observed: np.ndarray | None 
     """Local minima of ``profile`` that are lower than both neighbours' maxima by a margin, at least
     ``min_gap`` slices apart (the deeper one wins).
 
-    ``observed`` marks the slices where the body core was actually seen (the rest of ``profile`` is interpolated).
-    A flank that is mostly unobserved - the body beyond the disc is where the canal track was lost, typically at
-    the scan's edge - is no evidence against the disc, so the minimum is then judged on its observed flank alone;
-    otherwise whether the disc under the top or bottom body is found depends on where the slices fall."""
+    ``observed`` marks the slices where the body core was actually seen (the rest of ``profile`` is interpolated,
+    and held constant beyond the first and last seen slice). A flank lying mostly beyond those - the body past the
+    disc is at the scan's edge where the canal track was lost - is no evidence against the disc, so the minimum is
+    then judged on its other flank alone; otherwise whether the disc under the top or bottom body is found depends
+    on where the slices fall (on the validation abdomen the T12/L1 disc was missed 1 mm up the table)."""
     n = profile.size
-    seen = np.ones(n, dtype=bool) if observed is None else observed
+    seen = np.flatnonzero(observed) if observed is not None and observed.any() else np.array([0, n - 1])
+    first_seen, last_seen = int(seen[0]), int(seen[-1])
     candidates: list[tuple[float, int]] = []
     for z in range(1, n - 1):
         if profile[z] <= profile[z - 1] and profile[z] <= profile[z + 1]:
             flanks = []
-            for part in (slice(max(0, z - min_gap), z), slice(z + 1, z + 1 + min_gap)):
-                if seen[part].sum() * 2 >= seen[part].size:
-                    flanks.append(float(profile[part].max()))
+            below = np.arange(max(0, z - min_gap), z)
+            above = np.arange(z + 1, min(n, z + 1 + min_gap))
+            if (below < first_seen).sum() * 2 <= below.size:
+                flanks.append(float(profile[below].max()))
+            if (above > last_seen).sum() * 2 <= above.size:
+                flanks.append(float(profile[above].max()))
             if not flanks:
                 continue
             depth = min(flanks) - profile[z]
