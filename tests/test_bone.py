@@ -19,9 +19,11 @@ from core.errors import UnsuitableInputError
 from models.base import AnalysisResult, ImageInput
 from models.bone import (
     HEIGHT_LINES,
+    BodyHeights,
     BoneAnalyzer,
     attenuation_category,
     genant_grade,
+    implausible_heights_reason,
     measure_heights,
     measure_trabecular_roi,
 )
@@ -422,3 +424,15 @@ def test_levels_are_not_counted_across_a_segment_that_spans_several_bodies():
     assert column[0].bodies > MAX_BODIES_PER_SEGMENT and column[0].spans_several and not column[0].single_body
     labels = _labels_from(4, "L1", column)
     assert labels == {4: "L1", 3: "L2", 2: "L3", 1: "L4"}  # the merged segment is neither L5 nor S1
+
+
+def test_a_height_longer_than_the_spines_own_vertebral_spacing_is_refused_with_a_reason():
+    body = Vertebra(10.0, 22.0, True, 20.0, 50.0, slice_mm=3.0, spacing_mm=36.0)
+    sagittal = np.zeros((40, 80), dtype=np.float32)
+
+    def heights(mm: float) -> BodyHeights:
+        return BodyHeights(mm, mm, mm, (24.0, 35.0, 46.0), ((10.0, 20.0),) * 3, sagittal, 40)
+
+    assert implausible_heights_reason(heights(28.0), body) is None
+    reason = implausible_heights_reason(heights(137.0), body)
+    assert reason is not None and "137 mm" in reason and "36 mm" in reason and "different bodies" in reason
