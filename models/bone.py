@@ -503,7 +503,7 @@ class BoneAnalyzer:
     """Opportunistic bone density (Pickhardt L1 HU) and vertebral body height analysis of chest/abdomen CT."""
 
     name = "ct-bone"
-    version = "0.3.0"
+    version = "0.4.0"
     title = "CT opportunistic osteoporosis screening and vertebral body heights"
     requirements = SeriesRequirements(
         modalities=("CT",),
