@@ -241,18 +241,9 @@ def _observation(
     device_url: str,
     issued: str,
 ) -> dict[str, Any]:
-    observation: dict[str, Any] = {
-        "resourceType": "Observation",
-        "meta": _security(),
-        "identifier": _identifier(identifier),
-        "status": "preliminary",
-        "category": [terminology.IMAGING_CATEGORY.concept()],
-        "code": terminology.measurement_concept(m.key, m.display),
-        "subject": {"reference": target.patient_reference},
-    }
-    if target.study_started:
-        observation["effectiveDateTime"] = target.study_started
-    observation["issued"] = issued
+    observation = _imaging_observation(
+        target, terminology.measurement_concept(m.key, m.display), identifier=identifier, issued=issued
+    )
     observation["valueQuantity"] = terminology.quantity(m.value, m.unit)
     if m.interpretation is not None:
         observation["interpretation"] = [terminology.interpretation_concept(m.interpretation)]
@@ -274,10 +265,10 @@ def _imaging_observation(
     code: dict[str, Any],
     *,
     identifier: str,
-    device_url: str,
     issued: str,
 ) -> dict[str, Any]:
-    """The fields every AI Observation shares, in R4 element order up to ``issued``."""
+    """The fields every AI Observation shares, in R4 element order up to ``issued`` (the current study's times: a
+    comparison with the prior is a finding of the current study too)."""
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "meta": _security(),
@@ -307,7 +298,6 @@ def _assessment_observation(
         target,
         terminology.finding_concept(value.key, value.display),
         identifier=identifier,
-        device_url=device_url,
         issued=issued,
     )
     observation["valueCodeableConcept"] = terminology.coded_value_concept(value)
@@ -332,7 +322,6 @@ def _finding_observation(
         target,
         terminology.finding_concept(finding.kind, finding.display),
         identifier=identifier,
-        device_url=device_url,
         issued=issued,
     )
     notes = [finding.location, finding.note]
@@ -700,24 +689,6 @@ def _rounded(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def _comparison_head(target: AnalysisTarget, code: str, text: str, *, identifier: str, issued: str) -> dict[str, Any]:
-    """What every comparison Observation starts with: identity, status, category, code, subject and times (the
-    current study's: a comparison is a finding of the current study)."""
-    observation: dict[str, Any] = {
-        "resourceType": "Observation",
-        "meta": _security(),
-        "identifier": _identifier(identifier),
-        "status": "preliminary",
-        "category": [terminology.IMAGING_CATEGORY.concept()],
-        "code": terminology.comparison_code(code).concept(text),
-        "subject": {"reference": target.patient_reference},
-    }
-    if target.study_started:
-        observation["effectiveDateTime"] = target.study_started
-    observation["issued"] = issued
-    return observation
-
-
 def _comparison_observation(
     target: AnalysisTarget,
     comparison: FollowupComparison,
@@ -731,10 +702,11 @@ def _comparison_observation(
     assert comparison.prior is not None
     prior_date = comparison.prior.effective.date().isoformat()
     verdict = terminology.comparison_code(change.verdict)
-    observation = _comparison_head(
+    observation = _imaging_observation(
         target,
-        "change-since-prior",
-        f"{change.display}: change since the {comparison.prior.modality} of {prior_date}",
+        terminology.comparison_code("change-since-prior").concept(
+            f"{change.display}: change since the {comparison.prior.modality} of {prior_date}"
+        ),
         identifier=identifier,
         issued=issued,
     )
@@ -814,10 +786,11 @@ def _lesion_observation(
     """One lesion against the prior scan: matched (with growth), new, or not found now (resolved)."""
     assert comparison.prior is not None
     prior_date = comparison.prior.effective.date().isoformat()
-    observation = _comparison_head(
+    observation = _imaging_observation(
         target,
-        "lesion-since-prior",
-        f"{match.key}: compared with the {comparison.prior.modality} of {prior_date}",
+        terminology.comparison_code("lesion-since-prior").concept(
+            f"{match.key}: compared with the {comparison.prior.modality} of {prior_date}"
+        ),
         identifier=identifier,
         issued=issued,
     )
