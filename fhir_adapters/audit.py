@@ -229,6 +229,20 @@ def _shell(
     return event
 
 
+def _exchange_agents(
+    actor: Actor, actor_role: tuple[str, str], peer: str, peer_role: tuple[str, str], user_role: tuple[str, str]
+) -> list[dict[str, Any]]:
+    """The agents of one network exchange: the software that made it (the requestor unless a user is named), the
+    system at the other end (``peer``, a URL), and the user it was made for, when known."""
+    agents = [
+        _agent(actor_role, _identified(actor.client_id), actor.client_address, requestor=actor.user is None),
+        _agent(peer_role, _identified(peer), peer, requestor=False),
+    ]
+    if actor.user:
+        agents.append(_user_agent(actor.user, user_role))
+    return agents
+
+
 def rest_event(
     interaction: Interaction,
     *,
@@ -252,12 +266,7 @@ def rest_event(
     client_role, server_role = (
         (DESTINATION_ROLE, SOURCE_ROLE) if interaction == "read" else (SOURCE_ROLE, DESTINATION_ROLE)
     )
-    agents = [
-        _agent(client_role, _identified(actor.client_id), actor.client_address, requestor=actor.user is None),
-        _agent(server_role, _identified(server), server, requestor=False),
-    ]
-    if actor.user:
-        agents.append(_user_agent(actor.user, _USER_ROLE[interaction]))
+    agents = _exchange_agents(actor, client_role, server, server_role, _USER_ROLE[interaction])
     entities: list[dict[str, Any]] = []
     if patient:
         entities.append(_patient_entity(patient))
@@ -300,12 +309,7 @@ def dicom_transfer_event(
     failure: str | None = None,
 ) -> dict[str, Any]:
     """The AuditEvent of a series fetched from the PACS (WADO-RS): DICOM *DICOM Instances Transferred*, read."""
-    agents = [
-        _agent(DESTINATION_ROLE, _identified(actor.client_id), actor.client_address, requestor=actor.user is None),
-        _agent(SOURCE_ROLE, _identified(pacs), pacs, requestor=False),
-    ]
-    if actor.user:
-        agents.append(_user_agent(actor.user, _USER_ROLE["read"]))
+    agents = _exchange_agents(actor, DESTINATION_ROLE, pacs, SOURCE_ROLE, _USER_ROLE["read"])
     entities: list[dict[str, Any]] = []
     if patient:
         entities.append(_patient_entity(patient))
@@ -352,12 +356,7 @@ def cds_hook_event(
     """The AuditEvent of one CDS Hooks call: the CDS client (``client``, by its JWT ``iss``) asked this service
     (``service_url``) for advice on ``patient``, sending the data ``prefetch`` names (key -> query, with the
     patient filled in); ``reports`` are the AI results the cards were built from."""
-    agents = [
-        _agent(SOURCE_ROLE, _identified(client.client_id), client.client_address, requestor=client.user is None),
-        _agent(DESTINATION_ROLE, _identified(service_url), service_url, requestor=False),
-    ]
-    if client.user:
-        agents.append(_user_agent(client.user, _USER_ROLE["read"]))
+    agents = _exchange_agents(client, SOURCE_ROLE, service_url, DESTINATION_ROLE, _USER_ROLE["read"])
     entities: list[dict[str, Any]] = []
     if patient:
         entities.append(_patient_entity(patient))
