@@ -339,12 +339,7 @@ def assess(
             scores.append(1.0 if result.category.abnormal else 0.0)
         labels.append(case.label)
     if not labels:
-        raise ConfigurationError(
-            f"{analyzer.name} accepted none of the {dataset.size} cases of {dataset.name}"
-            + (f" (refused: {', '.join(refused)})" if refused else "")
-            + ".",
-            remedy="Assess the analyzer on data of the kind its model card lists under inputs accepted.",
-        )
+        raise _none_accepted(analyzer.name, dataset.size, dataset.name, refused)
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(scores, dtype=np.float64)
     cut = filed_probability(threshold) if score_kind == "probability" and threshold is not None else 0.5
@@ -523,12 +518,7 @@ def assess_segmentation(
         rows.append({"case": float(case.case_id), **case_figures(reference, segmentation.labels)})
         subjects.append(case.subject)
     if not rows:
-        raise ConfigurationError(
-            f"{analyzer.name} accepted none of the {dataset.size} cases of {dataset.name}"
-            + (f" (refused: {', '.join(refused)})" if refused else "")
-            + ".",
-            remedy="Assess the analyzer on data of the kind its model card lists under inputs accepted.",
-        )
+        raise _none_accepted(analyzer.name, dataset.size, dataset.name, refused)
     return SegmentationAssessment(
         analyzer=analyzer.name,
         version=analyzer.version,
@@ -846,3 +836,12 @@ def evaluate(
     if json_out is not None:
         json_out.write_text(json.dumps(assessment.as_dict(), indent=2) + "\n", encoding="utf-8")
     return assessment
+
+
+def _none_accepted(analyzer: str, size: int, dataset: str, refused: Counter[str]) -> ConfigurationError:
+    """The error of an assessment in which the analyzer refused every case, with the reasons it gave."""
+    reasons = f" (refused: {', '.join(refused)})" if refused else ""
+    return ConfigurationError(
+        f"{analyzer} accepted none of the {size} cases of {dataset}{reasons}.",
+        remedy="Assess the analyzer on data of the kind its model card lists under inputs accepted.",
+    )
