@@ -341,6 +341,19 @@ class _DeadlineReporter(ProgressReporter):
         super().__call__(progress, step)
 
 
+def _raised_by_the_time_limit(exc: BaseException) -> bool:
+    """Whether ``exc`` wraps the soft time limit: the signal's exception can land inside a reader that turns any
+    failure into its own error (a DICOM instance being decoded becomes "not a readable DICOM file")."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, SoftTimeLimitExceeded):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 class JobWorker:
     """Runs the jobs this worker process is handed: claim, heartbeat, handler, outcome (see the module docstring)."""
 
@@ -384,10 +397,11 @@ class JobWorker:
             report = _DeadlineReporter(self.store, job_id, self._settings.soft_time_limit_s)
             summary = plain_result(handler(record.params, report))
         except SoftTimeLimitExceeded:
-            log.warning("Job %s (%s) stopped at the soft time limit", job_id, kind)
-            self._finish_failed(record, time_limit_error_summary(self._settings.soft_time_limit_s))
+            self._stopped_at_the_time_limit(record)
         except ImagingCdsError as exc:
-            if is_transient(exc) and record.attempts < self._settings.max_attempts:
+            if _raised_by_the_time_limit(exc):
+                self._stopped_at_the_time_limit(record)
+            elif is_transient(exc) and record.attempts < self._settings.max_attempts:
                 self._retry_later(record, worker, exc)
             else:
                 log.info("Job %s (%s) failed: %s", job_id, kind, type(exc).__name__)
@@ -403,6 +417,10 @@ class JobWorker:
     def _finish_failed(self, record: JobRecord, error: dict[str, Any]) -> None:
         if self.store.mark_failed(record.id, error):
             JOBS_FINISHED.labels(record.kind, "failed").inc()
+
+    def _stopped_at_the_time_limit(self, record: JobRecord) -> None:
+        log.warning("Job %s (%s) stopped at the soft time limit", record.id, record.kind)
+        self._finish_failed(record, time_limit_error_summary(self._settings.soft_time_limit_s))
 
     def _retry_later(self, record: JobRecord, worker: str, exc: ImagingCdsError) -> None:
         delay = self._settings.retry_backoff_s * 2 ** (record.attempts - 1)
