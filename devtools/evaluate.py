@@ -775,10 +775,15 @@ def format_lesion_table(assessment: LesionAssessment) -> str:
             found = "found" if scan["lesion_found"] else "MISSED"
             lines.append(
                 f"{name} ({scan['slice_thickness_mm']:g} mm slices): labelled lesion {found}; "
-                f"{scan['nodules_reported']} nodules reported, {scan['false_positives']} false positives."
+                f"{scan['nodules_reported']} nodules reported, {scan['false_positives']} false positives "
+                f"({scan['false_positives_uncapped']} before the list's cap)."
             )
-    if "false_positives_per_scan" in details.get("whole_ct_detection", {}):
-        lines.append(f"False positives per scan: {details['whole_ct_detection']['false_positives_per_scan']:.1f}")
+    whole_ct = details.get("whole_ct_detection", {})
+    if "false_positives_per_scan" in whole_ct:
+        lines.append(
+            f"False positives per scan: {whole_ct['false_positives_per_scan']:.1f} reported, "
+            f"{whole_ct['false_positives_per_scan_uncapped']:.1f} before the cap."
+        )
     for key, figure in assessment.figures.items():
         lines.append(f"{key:<52}{figure['value']:>9.3f}   95% CI {figure['ci95_low']:.3f} to {figure['ci95_high']:.3f}")
     if "type" in details:

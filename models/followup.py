@@ -139,6 +139,8 @@ class FollowupSpec:
         if version == self.version:
             return True
         if key is None:
+            if not self.measurements:  # lesions only (nodules): the card's list decides
+                return version in self.comparable_versions
             return any(self.compares_with(version, k) for k in self.measurements)
         followed = self.measurements.get(key)
         versions = followed.comparable_versions if followed is not None else None

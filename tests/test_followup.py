@@ -216,6 +216,15 @@ def test_only_a_different_version_means_no_comparison_and_the_conclusion_says_wh
     assert comparison.sentence().startswith("The result of 2024-11-01 (ct-emphysema 0.9.0) is not compared")
 
 
+def test_nodules_of_a_version_the_card_names_are_matched_and_others_are_not() -> None:
+    # ct-lung-nodules follows lesions, not measurements: its card's version list alone decides. 1.1.0 left out
+    # vessels that 1.0.0 listed but measures every nodule as 1.0.0 did, so 1.0.0 priors are still matched.
+    nodules = spec("ct-lung-nodules")
+    assert nodules.lesions == "lung_nodule" and not nodules.measurements
+    assert nodules.compares_with(nodules.version) and nodules.compares_with("1.0.0")
+    assert not nodules.compares_with("0.9.0") and not nodules.compares_with(None)
+
+
 def test_later_results_same_day_results_and_other_analyzers_are_never_priors() -> None:
     history = [
         prior(datetime(2025, 6, 1, tzinfo=UTC), {"laa950_percent": 1.0}),  # after the current study

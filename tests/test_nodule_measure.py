@@ -102,3 +102,25 @@ def test_a_ground_glass_nodule_is_segmented_at_its_own_faint_edge() -> None:
     assert nodule.threshold_hu < -600.0  # half-way between lung and a ground-glass core, not the solid edge
     measures = measure_nodule(voi.hu, voi.spacing, nodule, TypeRule())
     assert measures.nodule_type == "ground-glass"
+
+
+def test_the_convex_hull_is_skimages_pixel_for_pixel() -> None:
+    # The segmentation bounds every nodule by the per-slice convex hull of the aerated lung; its own hull must keep
+    # exactly the pixels skimage's does (edge pixels included), on real lung and on irregular blobs.
+    from skimage.morphology import convex_hull_image
+
+    from models.nodules.measure import convex_hull_2d
+
+    voi = load_voi(LIDC, read_records(LIDC)[0])
+    rng = np.random.default_rng(7)
+    masks = [plane < -400.0 for plane in voi.hu]
+    masks += [
+        rng.random((int(h), int(w))) < p
+        for h, w, p in zip(*rng.integers(3, 60, (2, 300)), rng.uniform(0.02, 0.5, 300), strict=True)
+    ]
+    checked = 0
+    for mask in masks:
+        if np.count_nonzero(mask) >= 3:
+            assert np.array_equal(convex_hull_2d(mask), convex_hull_image(mask))
+            checked += 1
+    assert checked > 250

@@ -20,6 +20,7 @@ import pytest
 from core.errors import UnsuitableInputError
 from imaging_cds.cli import main
 from models.base import ImageInput
+from models.nodules.analyzer import SHAPE_LIMITS, THIN_SLICE_MM, ShapeLimits
 from models.registry import get_analyzer, get_card
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
@@ -46,6 +47,11 @@ def test_evaluate_recomputes_every_lidc_figure_of_the_card(tmp_path: Path) -> No
     assert details["test_patients"] == card.validation["lidc_assessment"]["test_patients"]
     assert "size_bias_mm_solid" in printed and "suspicion_auc" in printed and "type_kappa" in printed
     assert details["type"]["confusion"] == card.validation["lidc_assessment"]["type"]["confusion"]
+    # The shape limits the analyzer applies are the ones 99 % of the training and validation nodules keep within.
+    limits = details["shape_limits"]
+    assert limits == card.validation["lidc_assessment"]["shape_limits"]
+    for thickness, name in ((THIN_SLICE_MM, "as_acquired"), (5.0, "thick_5mm")):
+        assert SHAPE_LIMITS[thickness] == ShapeLimits(**{k: v for k, v in limits[name].items() if k != "n"})
 
 
 def test_evaluate_recomputes_whole_ct_detection_and_both_lesions_are_found(tmp_path: Path) -> None:
@@ -57,6 +63,7 @@ def test_evaluate_recomputes_whole_ct_detection_and_both_lesions_are_found(tmp_p
         assert detection[name]["slice_thickness_mm"] == 5.0
     assert detection["lung1"]["lesion"]["lung_rads"] == "4A"  # a solid 8-15 mm nodule
     assert "lung1 (5 mm slices): labelled lesion found" in printed
+    assert f"({detection['lung2']['false_positives_uncapped']} before the list's cap)" in printed
 
 
 def test_input_outside_what_the_analyzer_was_built_for_is_refused_with_the_reason() -> None:

@@ -6,7 +6,9 @@ The steps (each in its own module, each pure: a volume and its spacing in, findi
 2. candidates: :func:`models.nodules.detect.find_candidates` (classical cues, tuned for sensitivity);
 3. false-positive reduction: the trained 3-D network (:mod:`models.nodules.network`);
 4. segmentation and measurement: :mod:`models.nodules.measure` (long/short axis, mean diameter, volume, type,
-   solid component, calcification);
+   solid component, calcification); what is not shaped like a nodule (a vessel or airway wall running on beyond
+   it, a disc cut from a diaphragm dome by a thick slice, a structure outside the lung) is not reported
+   (:data:`SHAPE_LIMITS`);
 5. categories: :mod:`models.nodules.guidelines` (Lung-RADS v2022, Fleischner 2017, Brock), the radiologists'
    suspicion model, LAA-950 from :mod:`models.emphysema` on the same lungs for the Brock model's emphysema input;
 6. explanations: per nodule an axial crop with its outline and both diameters drawn, a coronal maximum-intensity
@@ -21,7 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,47 @@ THIN_SLICE_MM = 2.5
 MAX_SLICE_THICKNESS_MM = 10.0
 MIN_LUNG_ML = 300.0
 MIN_SLICES = 20
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """What a reported nodule must show of a nodule's shape at one slice thickness (see :data:`SHAPE_LIMITS`)."""
+
+    compact_share: float
+    """Least share of its structure within twice its radius (:attr:`NoduleSegmentation.compact_share`)."""
+    height_ratio: float
+    """Least craniocaudal extent over long axis (:attr:`NoduleMeasures.craniocaudal_mm`)."""
+    surface_lung_share: float
+    """Least share of its surroundings in aerated lung (:attr:`NoduleSegmentation.surface_lung_share`)."""
+    surface_wall_share: float
+    """Largest share of its surroundings beyond the lung's outline (:attr:`NoduleSegmentation.surface_wall_share`)."""
+
+
+SHAPE_LIMITS = {THIN_SLICE_MM: ShapeLimits(0.114, 0.337, 0.29, 0.281), 5.0: ShapeLimits(0.811, 0.379, 0.281, 0.358)}
+"""Slice thickness (mm) -> what 99 % of the LIDC training and validation nodules show of a nodule's shape there.
+
+A nodule is a compact, roughly round lesion lying in the lung. Three kinds of things the network accepts are not:
+
+* **Structures that run on** beyond the nodule-sized piece the candidate sits on: vessels, junctions of hilar
+  vessels, airway walls. A nodule ends: most of the structure its segmentation belongs to lies within twice its
+  inscribed radius (``compact_share``).
+* **Discs**: a round haze far wider than it is tall, the top of a diaphragm dome cut tangentially by a thick slice.
+  A nodule is about as tall as it is wide (``height_ratio``).
+* **Structures outside the lung** that the search reached: the aorta, the superior vena cava, the oesophagus, bone
+  at the apex. A nodule lies in the lung: a good share of the voxels around it are aerated lung
+  (``surface_lung_share``), and a juxtapleural one touches the chest wall or mediastinum over only a part of its
+  surface (``surface_wall_share``).
+
+Each limit is the 1st percentile of the LIDC training and validation nodules (the 99th for the wall share),
+segmented from their consensus centre, as acquired (1-2.5 mm) and thickened to 5 mm
+(:func:`models.training.assess_nodules.shape_limits` recomputes them; the card records them; the test patients then
+measure what the rules cost). The crops end at each nodule's first and last slice, so their heights are if anything
+short and the height limits err towards keeping nodules. On thin slices an attached vessel stays connected to many
+nodules, so the compactness limit there excludes little; on 5 mm slices small vessels blur away and a nodule is
+compact, while hilar vessels are not. Between 2.5 and 5 mm the limits are interpolated; beyond them they are those
+of the nearer thickness."""
+
+
 MASS_MM = 30.0
 """Over 30 mm a lung lesion is a mass rather than a nodule (Fleischner Society glossary, Hansell DM et al.,
 Radiology 2008;246:697-722); the rules below are still applied to it and the text says "mass"."""
@@ -99,7 +142,7 @@ class LungNoduleAnalyzer:
     """Lung nodules on chest CT; see the module docstring for the method and its published rules."""
 
     name = "ct-lung-nodules"
-    version = "1.0.0"
+    version = "1.1.0"
     title = "CT lung nodules: detection, measurement, Lung-RADS and Fleischner categories"
     uses_patient_context = True
     requirements = SeriesRequirements(
@@ -205,15 +248,18 @@ class LungNoduleAnalyzer:
             lungs_mm=_lungs_box(image, lungs),
         )
 
-    def find_nodules(self, image: ImageInput) -> list[DetectedNodule]:
-        """The nodules :meth:`analyze` reports, with their voxels (for validation against labelled scans)."""
+    def find_nodules(self, image: ImageInput, limit: int | None = MAX_REPORTED) -> list[DetectedNodule]:
+        """The nodules :meth:`analyze` reports, with their voxels (for validation against labelled scans).
+
+        ``limit=None`` lifts the cap of :data:`MAX_REPORTED`, to count every nodule the detector accepts.
+        """
         spacing = (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
-        return self._find_nodules(image.array, spacing, segment_lungs(image.array, image.spacing))
+        return self._find_nodules(image.array, spacing, segment_lungs(image.array, image.spacing), limit)
 
     # -----------------------------------------------------------------------------------------------------------
 
     def _find_nodules(
-        self, hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask
+        self, hu: np.ndarray, spacing: tuple[float, float, float], lungs: LungMask, limit: int | None = MAX_REPORTED
     ) -> list[DetectedNodule]:
         candidates = find_candidates(hu, spacing, lungs.labels, lungs.box)
         radii = [c.radius_mm for c in candidates]
@@ -222,21 +268,22 @@ class LungNoduleAnalyzer:
         )
         probability = self._models.candidate_probabilities(hu, spacing, [c.centre for c in candidates], radii, features)
         order = np.argsort(-probability, kind="stable")
+        limits = shape_limits_at(spacing[0])
         found: list[tuple[NoduleSegmentation, NoduleMeasures, float]] = []
         for index in order:
-            if probability[index] < self._models.candidate_threshold or len(found) == MAX_REPORTED:
+            if probability[index] < self._models.candidate_threshold or len(found) == limit:
                 break
             candidate = candidates[int(index)]
             taken = [item[0] for item in found]
             if _covered(taken, candidate.centre):
                 continue
             nodule = segment_nodule(hu, spacing, candidate.centre, lung=lungs.mask, radius_mm=candidate.radius_mm)
-            if nodule is None:
-                continue
+            if nodule is None or not is_nodule_like(nodule, limits):
+                continue  # nothing denser than lung there, or a vessel, airway wall or mediastinum
             if _overlap(taken, nodule) > 0.3 * np.count_nonzero(nodule.mask):
                 continue  # the same nodule seen from another candidate
             measures = measure_nodule(hu, spacing, nodule, self._models.type_rule)
-            if measures.mean_diameter_mm < MIN_REPORTED_MM:
+            if measures.mean_diameter_mm < MIN_REPORTED_MM or is_disc(measures, limits):
                 continue
             found.append((nodule, measures, float(probability[index])))
         ranked = sorted(
@@ -413,6 +460,31 @@ _SIDE_SITES = {
     "right": CodedValue("body_site", "Body site", "RID1302", "Right lung", system="radlex"),
     "left": CodedValue("body_site", "Body site", "RID1326", "Left lung", system="radlex"),
 }
+
+
+def shape_limits_at(slice_mm: float) -> ShapeLimits:
+    """:data:`SHAPE_LIMITS` at ``slice_mm``: linear between the two thicknesses, flat beyond them."""
+    (thin, thin_limits), (thick, thick_limits) = sorted(SHAPE_LIMITS.items())
+    return ShapeLimits(
+        *(
+            round(float(np.interp(slice_mm, [thin, thick], [low, high])), 3)
+            for low, high in zip(astuple(thin_limits), astuple(thick_limits), strict=True)
+        )
+    )
+
+
+def is_nodule_like(nodule: NoduleSegmentation, limits: ShapeLimits) -> bool:
+    """Whether the segmented structure ends where a nodule ends and lies in the lung (see :data:`SHAPE_LIMITS`)."""
+    return (
+        nodule.compact_share >= limits.compact_share
+        and nodule.surface_lung_share >= limits.surface_lung_share
+        and nodule.surface_wall_share <= limits.surface_wall_share
+    )
+
+
+def is_disc(measures: NoduleMeasures, limits: ShapeLimits) -> bool:
+    """Whether the measured lesion is far wider than tall (a dome cut tangentially by thick slices, not a nodule)."""
+    return measures.craniocaudal_mm < limits.height_ratio * measures.diameters.long_mm
 
 
 def _lungs_box(image: ImageInput, lungs: LungMask) -> Box | None:

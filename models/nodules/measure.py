@@ -96,6 +96,13 @@ class NoduleSegmentation:
     vessels_detached: bool
     pleural_contact: bool
     uncertain: bool
+    compact_share: float
+    """The share of the structure the nodule belongs to (after the opening) that lies within twice its inscribed
+    radius of its centre: 1 for a nodule that ends there, low for a vessel or airway wall running on beyond it."""
+    surface_lung_share: float
+    """The share of the voxels just outside the nodule (its face neighbours) that are aerated lung."""
+    surface_wall_share: float
+    """The share of those voxels that are tissue beyond the lung's outline (chest wall, mediastinum, diaphragm)."""
 
     def box(self) -> tuple[slice, slice, slice]:
         z, y, x = self.origin
@@ -118,6 +125,8 @@ class NoduleMeasures:
     mean_hu: float
     centroid: tuple[float, float, float]
     sphericity: float
+    craniocaudal_mm: float
+    """Extent along the patient's long axis: the slices holding the nodule times the slice spacing."""
 
     @property
     def mean_diameter_mm(self) -> float:
@@ -192,9 +201,15 @@ def segment_nodule(
     reach = _ball(roi.shape, centre, 2.0 * radius + float(spacing_arr.max()), spacing_arr)
     clipped = component & reach
     uncertain = bool(np.count_nonzero(clipped) < 0.9 * np.count_nonzero(component))
+    structure = np.count_nonzero(component)
     component = _component_at(clipped, centre, spacing_arr, radius)
     if component is None:
         return None
+    compact_share = np.count_nonzero(component) / structure
+    around = _face_neighbours(component)
+    around_count = max(int(np.count_nonzero(around)), 1)
+    lung_share = np.count_nonzero(around & aerated) / around_count
+    wall_share = np.count_nonzero(around & ~allowed & (roi >= threshold)) / around_count
     vessels_detached = bool(whole is not None and np.count_nonzero(whole) > 1.15 * np.count_nonzero(component))
     pleural_contact = _touches(component, ~allowed & (roi >= threshold))
     uncertain = uncertain or _touches_box_edge(component)
@@ -206,6 +221,9 @@ def segment_nodule(
         vessels_detached=vessels_detached,
         pleural_contact=pleural_contact,
         uncertain=uncertain,
+        compact_share=round(float(compact_share), 3),
+        surface_lung_share=round(float(lung_share), 3),
+        surface_wall_share=round(float(wall_share), 3),
     )
 
 
@@ -250,6 +268,7 @@ def measure_nodule(
         mean_hu=round(float(values.mean()), 1),
         centroid=centroid,
         sphericity=round(_sphericity(mask, spacing, volume), 3),
+        craniocaudal_mm=round(float(zz.max() - zz.min() + 1) * float(spacing[0]), 2),
     )
     return with_type_rule(measures, type_rule or TypeRule())
 
@@ -455,16 +474,49 @@ def _ball(shape: tuple[int, ...], centre: tuple[int, ...], radius_mm: float, spa
 
 def _pleura_bounded(aerated: np.ndarray) -> np.ndarray:
     """Per-slice convex hull of the aerated lung: where a nodule may lie (the chest wall is outside)."""
-    from skimage.morphology import convex_hull_image
-
     allowed = np.zeros(aerated.shape, dtype=bool)
     for k in range(aerated.shape[0]):
         if np.count_nonzero(aerated[k]) >= 3:
             try:
-                allowed[k] = convex_hull_image(aerated[k])
-            except (ValueError, QhullError):
+                allowed[k] = convex_hull_2d(aerated[k])
+            except QhullError:
                 allowed[k] = aerated[k]
     return allowed
+
+
+def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
+    """The pixels whose centres lie in the convex hull of ``mask``'s pixels, their edges included.
+
+    The same pixels as :func:`skimage.morphology.convex_hull_image` with its defaults (the hull of the mid-points of
+    every pixel's four edges, a pixel centre on the hull's edge counted in), computed from the first and last pixel
+    of each row only (every other pixel, and its edges' mid-points, lies between theirs), and filled row by row as
+    the run between the hull's left and right edges instead of testing every pixel against the polygon: every
+    candidate's segmentation needs the hull of each of its slices. Points of the half-pixel lattice lie on an edge
+    or at least 1/(2 |edge|) pixels from its line, so the tolerance decides nothing but the points on edges.
+    """
+    height, width = mask.shape
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = mask[rows].argmax(axis=1)
+    last = width - 1 - mask[rows, ::-1].argmax(axis=1)
+    ends = np.concatenate([np.stack([rows, first], axis=1), np.stack([rows, last], axis=1)])
+    # On a doubled grid every edge mid-point is a whole number: one integer key per point removes the repeats.
+    doubled = (2 * ends[:, None, :] + _EDGE_MIDPOINTS_DOUBLED[None, :, :]).reshape(-1, 2)
+    stride = 2 * max(height, width) + 2
+    keys = np.unique((doubled[:, 0] + 1) * stride + (doubled[:, 1] + 1))
+    hull = ConvexHull(np.stack([keys // stride - 1, keys % stride - 1], axis=1) / 2.0)
+    # Edge i keeps the centres (r, c) with a_i r + b_i c + d_i <= tolerance. On each row that bounds c from above
+    # (b_i > 0) or below (b_i < 0), or keeps or drops the whole row (b_i = 0): the hull is one run of each row.
+    a, b, d = hull.equations[:, 0, None], hull.equations[:, 1, None], hull.equations[:, 2, None]
+    slack = 1e-9 - d - a * np.arange(height, dtype=np.float64)[None, :]  # (edges, rows): b_i c <= slack
+    safe_b = np.where(b == 0, 1.0, b)
+    upper = np.where(b > 0, slack / safe_b, np.inf).min(axis=0)
+    lower = np.where(b < 0, slack / safe_b, -np.inf).max(axis=0)
+    rows_kept = np.asarray(np.where(b == 0, slack >= 0, True).all(axis=0))
+    columns = np.arange(width, dtype=np.float64)[None, :]
+    return (columns >= lower[:, None]) & (columns <= upper[:, None]) & rows_kept[:, None]
+
+
+_EDGE_MIDPOINTS_DOUBLED = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])
 
 
 def _open(mask: np.ndarray, spacing: np.ndarray, radius_mm: float, depth: np.ndarray | None = None) -> np.ndarray:
@@ -520,6 +572,15 @@ def _touches(mask: np.ndarray, other: np.ndarray) -> bool:
     """Does ``mask`` touch ``other`` in-plane (8-neighbourhood)?"""
     grown = ndimage.binary_dilation(mask, structure=np.array([[[1, 1, 1], [1, 1, 1], [1, 1, 1]]], dtype=bool))
     return bool((grown & other).any())
+
+
+_FACES = ndimage.generate_binary_structure(3, 1)
+
+
+def _face_neighbours(mask: np.ndarray) -> np.ndarray:
+    """The voxels sharing a face with ``mask`` and not in it (the layer around it, within its array)."""
+    grown: np.ndarray = ndimage.binary_dilation(mask, structure=_FACES)
+    return grown & ~mask
 
 
 def _touches_box_edge(mask: np.ndarray) -> bool:

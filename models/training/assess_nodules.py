@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from models import metrics
-from models.nodules.detect import find_candidates
+from models.nodules.analyzer import is_disc, is_nodule_like, shape_limits_at
+from models.nodules.detect import Candidate, find_candidates
 from models.nodules.measure import (
     NoduleMeasures,
     TypeRule,
@@ -62,6 +63,52 @@ def measure_voi(voi: Voi, type_rule: TypeRule | None = None) -> MeasuredVoi:
     measures = measure_nodule(voi.hu, voi.spacing, nodule, type_rule) if nodule is not None else None
     reference = axial_diameters(voi.mask, (voi.spacing[1], voi.spacing[2])).mean_mm
     return MeasuredVoi(voi.record, measures, reference)
+
+
+SHAPE_KEPT = 0.99
+"""The shape limits keep this share of the LIDC training and validation nodules at each thickness, each on its own."""
+
+
+def shape_limits(root: Path) -> dict[str, Any]:
+    """What 99 % of nodules show of a nodule's shape, as acquired and at 5 mm (:data:`SHAPE_LIMITS`).
+
+    Each training and validation nodule is segmented from its consensus centre and measured, as acquired (1-2.5 mm
+    slices) and thickened to 5 mm. The limits are the 1st percentiles of its compact share, of its craniocaudal
+    extent over its long axis and of the lung share around it, and the 99th percentile of the wall share around it.
+    The test patients are not read: the analyzer's :data:`models.nodules.analyzer.SHAPE_LIMITS` are these values,
+    and the test patients then measure what the rules cost (``detection_in_context``).
+    """
+    shapes: dict[str, list[tuple[float, float, float, float]]] = {"as_acquired": [], "thick_5mm": []}
+    for voi in iter_vois(root, ("train", "val")):
+        for name, version in (("as_acquired", voi), ("thick_5mm", thicken(voi))):
+            if version is None:
+                continue
+            nodule = segment_nodule(version.hu, version.spacing, version.seed())
+            if nodule is None:
+                continue
+            measures = measure_nodule(version.hu, version.spacing, nodule)
+            shapes[name].append(
+                (
+                    nodule.compact_share,
+                    measures.craniocaudal_mm / measures.diameters.long_mm,
+                    nodule.surface_lung_share,
+                    nodule.surface_wall_share,
+                )
+            )
+    out: dict[str, Any] = {}
+    for name, values in shapes.items():
+        if values:
+            table = np.array(values)
+            low = np.quantile(table, 1.0 - SHAPE_KEPT, axis=0)
+            high = np.quantile(table, SHAPE_KEPT, axis=0)
+            out[name] = {
+                "n": len(values),
+                "compact_share": round(float(low[0]), 3),
+                "height_ratio": round(float(low[1]), 3),
+                "surface_lung_share": round(float(low[2]), 3),
+                "surface_wall_share": round(float(high[3]), 3),
+            }
+    return out
 
 
 def patient_bootstrap(
@@ -198,7 +245,7 @@ class CandidateSet:
     features: np.ndarray
     inside: np.ndarray  # bool: the candidate's centre lies in the consensus mask
     outside: np.ndarray  # bool: it lies clear of the mask (at least 2 voxels away in-plane, 1 slice)
-    extra: dict[str, Any] = field(default_factory=dict)
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 def voi_candidates(voi: Voi) -> CandidateSet:
@@ -225,7 +272,7 @@ def voi_candidates(voi: Voi) -> CandidateSet:
     )
     inside = np.array([bool(voi.mask[c.centre]) for c in kept], dtype=bool)
     outside = np.array([not bool(near[c.centre]) for c in kept], dtype=bool)
-    return CandidateSet(patches, features, inside, outside)
+    return CandidateSet(patches, features, inside, outside, kept)
 
 
 def scan_candidates(scan: LabelledScan) -> CandidateSet:
@@ -246,7 +293,7 @@ def scan_candidates(scan: LabelledScan) -> CandidateSet:
     )
     inside = np.array([bool(scan.label[c.centre]) for c in candidates], dtype=bool)
     outside = np.array([not bool(near[c.centre]) for c in candidates], dtype=bool)
-    return CandidateSet(patches, features, inside, outside)
+    return CandidateSet(patches, features, inside, outside, candidates)
 
 
 def voi_detection(vois: Iterable[Voi], models: NoduleModels) -> dict[str, Any]:
@@ -258,7 +305,7 @@ def voi_detection(vois: Iterable[Voi], models: NoduleModels) -> dict[str, Any]:
                 continue
             found = voi_candidates(version)
             probability = models.nodule_probabilities(found.patches, found.features)
-            accepted = probability >= models.candidate_threshold
+            accepted = _kept_by_segmentation(version, found, probability >= models.candidate_threshold)
             rows[name].append(
                 (voi.record.patient_id, bool((accepted & found.inside).any()), int((accepted & found.outside).sum()))
             )
@@ -277,12 +324,29 @@ def voi_detection(vois: Iterable[Voi], models: NoduleModels) -> dict[str, Any]:
     return out
 
 
+def _kept_by_segmentation(voi: Voi, found: CandidateSet, accepted: np.ndarray) -> np.ndarray:
+    """The ``accepted`` candidates the analyzer's segmentation keeps: a nodule is segmented there, shaped like one."""
+    limits = shape_limits_at(voi.spacing[0])
+    kept = accepted.copy()
+    for index in np.flatnonzero(accepted):
+        candidate = found.candidates[index]
+        nodule = segment_nodule(voi.hu, voi.spacing, candidate.centre, radius_mm=candidate.radius_mm)
+        kept[index] = (
+            nodule is not None
+            and is_nodule_like(nodule, limits)
+            and not is_disc(measure_nodule(voi.hu, voi.spacing, nodule), limits)
+        )
+    return kept
+
+
 def scan_detection(analyzer: Any, scans: Iterable[LabelledScan]) -> dict[str, Any]:
     """Whole CTs with a labelled lesion: was it reported, and how many other nodules (false positives) were.
 
-    A reported nodule is the lesion when its centre lies in the label or at least 30 % of its voxels do.
-    ``analyzer`` is a :class:`models.nodules.analyzer.LungNoduleAnalyzer` (passed in: this module is imported
-    by the analyzer's training, which must not need built weights).
+    A reported nodule is the lesion when its centre lies in the label or at least 30 % of its voxels do. The report
+    lists at most :data:`models.nodules.analyzer.MAX_REPORTED` nodules, so the false positives are also counted
+    with that cap lifted: every nodule the detector accepts. ``analyzer`` is a
+    :class:`models.nodules.analyzer.LungNoduleAnalyzer` (passed in: building one needs the shipped weights, which
+    the training script writes).
     """
     out: dict[str, Any] = {}
     for scan in scans:
@@ -290,13 +354,8 @@ def scan_detection(analyzer: Any, scans: Iterable[LabelledScan]) -> dict[str, An
         detector = analyzer.held_out(scan.name)
         detector.check_input(scan.image)
         nodules = detector.find_nodules(scan.image)
-        hits = []
-        for nodule in nodules:
-            seg = nodule.segmentation
-            inside = np.count_nonzero(scan.label[seg.box()] & seg.mask)
-            centre = tuple(round(v) for v in nodule.measures.centroid)
-            if scan.label[centre] or inside >= 0.3 * np.count_nonzero(seg.mask):
-                hits.append(nodule)
+        hits = [nodule for nodule in nodules if _is_lesion(nodule, scan.label)]
+        accepted = detector.find_nodules(scan.image, limit=None)
         reference = axial_diameters(scan.label, (scan.image.spacing[1], scan.image.spacing[2]))
         lesion: dict[str, Any] = {"label_mean_diameter_mm": reference.mean_mm}
         if hits:
@@ -315,11 +374,23 @@ def scan_detection(analyzer: Any, scans: Iterable[LabelledScan]) -> dict[str, An
             "lesion_found": bool(hits),
             "nodules_reported": len(nodules),
             "false_positives": len(nodules) - len(hits),
+            "nodules_accepted_uncapped": len(accepted),
+            "false_positives_uncapped": sum(not _is_lesion(nodule, scan.label) for nodule in accepted),
             "lesion": lesion,
         }
     if out:
-        out["false_positives_per_scan"] = float(np.mean([v["false_positives"] for v in out.values()]))
+        per_scan = list(out.values())
+        out["false_positives_per_scan"] = float(np.mean([v["false_positives"] for v in per_scan]))
+        out["false_positives_per_scan_uncapped"] = float(np.mean([v["false_positives_uncapped"] for v in per_scan]))
     return out
+
+
+def _is_lesion(nodule: Any, label: np.ndarray) -> bool:
+    """Whether a reported nodule is the labelled lesion: its centre in the label, or 30 % of its voxels."""
+    seg = nodule.segmentation
+    inside = np.count_nonzero(label[seg.box()] & seg.mask)
+    centre = tuple(round(v) for v in nodule.measures.centroid)
+    return bool(label[centre] or inside >= 0.3 * np.count_nonzero(seg.mask))
 
 
 def _mean_of(values: np.ndarray) -> Callable[[np.ndarray], float]:
@@ -344,6 +415,7 @@ def assess_lidc(root: Path, models: NoduleModels) -> dict[str, Any]:
         "type": type_agreement(test),
         "suspicion": suspicion_agreement(test, models),
         "detection_in_context": voi_detection(test_vois, models),
+        "shape_limits": shape_limits(root),
     }
 
 
