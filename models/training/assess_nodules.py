@@ -12,7 +12,10 @@ stage, network and suspicion model the pipeline runs), on real data:
 * **suspicion** on the test patients: AUC against the radiologists' malignancy rating (4-5 against 1-2, 3 left
   out);
 * **detection in context** on the test patients' volumes of interest, as acquired and thickened to 5 mm slices:
-  the share of nodules with an accepted candidate inside the consensus mask, and the false positives per crop;
+  the share of nodules with a candidate inside the consensus mask that the network accepts and the analyzer's
+  segmentation keeps (shaped like a nodule), and the false positives per crop;
+* **shape limits** (``shape_limits``) on the training and validation patients: what 99 % of nodules show of a
+  nodule's shape, the limits the analyzer applies;
 * **detection on whole CTs** (``scan_detection``): whether each labelled lesion was found, and the false positives.
 
 Confidence intervals are percentile bootstraps over patients (2000 resamples, seed 20231): nodules of one patient
