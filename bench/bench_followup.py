@@ -15,20 +15,16 @@ Run: .venv/bin/python bench/bench_followup.py [--analyzer ct-emphysema|ct-heart|
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import requests
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from core.allowlist import AllowList
-from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, upload_series
+from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, refiled, upload_series
 from devtools.servers import fhir_server, orthanc_server
 from fhir_adapters.builders import AnalysisTarget, build_results_bundle
 from fhir_adapters.client import FhirClient
@@ -47,18 +43,6 @@ class CountingSession(requests.Session):
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:
         self.requests += 1
         return super().request(*args, **kwargs)
-
-
-def as_new_study(datasets: Sequence[Dataset], study_date: str) -> list[Dataset]:
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for ds in datasets:
-        copied = copy.deepcopy(ds)
-        copied.StudyInstanceUID, copied.SeriesInstanceUID = study, series
-        copied.SOPInstanceUID = copied.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        copied.StudyDate = study_date
-        out.append(copied)
-    return out
 
 
 def main() -> None:
@@ -80,7 +64,7 @@ def main() -> None:
             return f"Patient/{client.create({'resourceType': 'Patient'})['id']}"
 
         def study(patient: str, date: str) -> str:
-            images = as_new_study(pixels, date)
+            images = refiled(pixels, date, namespace=f"bench-followup-{uuid.uuid4()}")
             upload_series(orthanc.url, images)
             resource = imaging_study_resource(
                 images, patient_reference=patient, endpoint_reference=f"Endpoint/{endpoint['id']}"

@@ -350,6 +350,16 @@ def with_new_uids(datasets: Iterable[Dataset], *, namespace: str) -> list[Datase
     return copies
 
 
+def refiled(datasets: Iterable[Dataset], study_date: str, *, namespace: str) -> list[Dataset]:
+    """The same images as another study taken on ``study_date`` (YYYYMMDD): :func:`with_new_uids` under
+    ``namespace``, and the study, series and content dates set to that day (a follow-up scan for tests and
+    benchmarks)."""
+    copies = with_new_uids(datasets, namespace=namespace)
+    for ds in copies:
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
+    return copies
+
+
 def dataset_bytes(ds: Dataset) -> bytes:
     """A dataset as a DICOM Part 10 file (preamble, file meta), the form ``POST /instances`` expects."""
     buffer = io.BytesIO()

@@ -17,10 +17,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from devtools.samples import endpoint_resource, imaging_study_resource, upload_series
+from devtools.samples import endpoint_resource, imaging_study_resource, refiled, upload_series
 from devtools.servers import OrthancServer
 from fhir_adapters.builders import AnalysisTarget, DeviceInfo, build_results_bundle
 from fhir_adapters.client import FhirClient
@@ -33,19 +32,6 @@ SHIFT_MM = (1.0, 3.0, -2.0)
 """Patient shift of the resampled copy, (z, y, x) in mm: 1 mm along the table (every slice at another position in
 the anatomy) and a few millimetres across, rounded to whole pixels so that only the slice direction is
 interpolated."""
-
-
-def refiled(datasets: Sequence[Dataset], study_date: str) -> list[Dataset]:
-    """The same images as a new study: new Study, Series and SOP Instance UIDs, another StudyDate (YYYYMMDD)."""
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for ds in datasets:
-        copied = copy.deepcopy(ds)
-        copied.StudyInstanceUID, copied.SeriesInstanceUID = study, series
-        copied.SOPInstanceUID = copied.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        copied.StudyDate = copied.SeriesDate = copied.ContentDate = study_date
-        out.append(copied)
-    return out
 
 
 def shifted(datasets: Sequence[Dataset], shift_mm: tuple[float, float, float] = SHIFT_MM) -> list[Dataset]:
@@ -85,7 +71,7 @@ def file_study(
 ) -> FiledStudy:
     """Put ``datasets`` in Orthanc as a new study of ``patient`` (``Patient/<id>``) dated ``study_date``, and its
     ImagingStudy in the EHR."""
-    images = refiled(datasets, study_date)
+    images = refiled(datasets, study_date, namespace=f"followup-{uuid.uuid4()}")
     upload_series(orthanc.url, images)
     endpoint_json = endpoint_resource(orthanc.dicomweb_url)
     identifier = endpoint_json["identifier"][0]

@@ -7,18 +7,16 @@ module never meets another module's lung2 results whatever the order the suite r
 from __future__ import annotations
 
 import base64
-import copy
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import requests
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from cds.cards import CardSettings, patient_view_cards
 from core.allowlist import AllowList
-from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, upload_series
+from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, upload_series, with_new_uids
 from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import MEASUREMENT_CODESYSTEM
@@ -33,21 +31,9 @@ def client(fhir_base: FhirServer) -> FhirClient:
     return FhirClient(fhir_base.base_url, session=requests.Session())
 
 
-def fresh_copy(datasets: list[Dataset]) -> list[Dataset]:
-    """The same images under new Study, Series and SOP Instance UIDs."""
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for ds in datasets:
-        copied = copy.deepcopy(ds)
-        copied.StudyInstanceUID, copied.SeriesInstanceUID = study, series
-        copied.SOPInstanceUID = copied.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        out.append(copied)
-    return out
-
-
 @pytest.fixture(scope="module")
 def study(client: FhirClient, orthanc: OrthancServer) -> tuple[str, str]:
-    datasets = fresh_copy(load_sample("lung2"))
+    datasets = with_new_uids(load_sample("lung2"), namespace=f"pipeline-heart-{uuid.uuid4()}")
     upload_series(orthanc.url, datasets)
     patient = client.create(
         {"resourceType": "Patient", "gender": "male", "name": [{"family": "Heart", "given": ["Test"]}]}
