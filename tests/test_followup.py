@@ -217,11 +217,11 @@ def test_only_a_different_version_means_no_comparison_and_the_conclusion_says_wh
 
 
 def test_nodules_of_a_version_the_card_names_are_matched_and_others_are_not() -> None:
-    # ct-lung-nodules follows lesions, not measurements: its card's version list alone decides. 1.1.0 left out
-    # vessels that 1.0.0 listed but measures every nodule as 1.0.0 did, so 1.0.0 priors are still matched.
+    # ct-lung-nodules follows lesions, not measurements: its card's version list alone decides. 1.1.0 and 1.2.0 left
+    # out vessels that earlier versions listed but measure every nodule as 1.0.0 did, so those priors are matched.
     nodules = spec("ct-lung-nodules")
     assert nodules.lesions == "lung_nodule" and not nodules.measurements
-    assert nodules.compares_with(nodules.version) and nodules.compares_with("1.0.0")
+    assert all(nodules.compares_with(version) for version in (nodules.version, "1.0.0", "1.1.0"))
     assert not nodules.compares_with("0.9.0") and not nodules.compares_with(None)
 
 

@@ -209,7 +209,7 @@ def test_a_shifted_copy_matches_the_labelled_nodule_with_no_growth_within_the_ma
     assert lesion.distance_mm is not None and lesion.distance_mm < 2.0, figures
     assert lesion.verdict == "stable" and lesion.growth is not None, figures
     assert not lesion.growth.lung_rads_growth and lesion.growth.vdt_days is None and lesion.lung_rads is None, figures
-    # The detector's false positives (4 to 6 on a 5 mm CT, see the card) come and go with the slice
+    # The detector's false positives (2 on each of the two 5 mm CTs, see the card) come and go with the slice
     # positions, so not every listed nodule is matched; most are, and nothing is matched across the lungs.
     assert len(matched) >= len(chain.third.result.findings) // 2, figures
     gates = [max(10.0, m.current.mean_diameter_mm, m.prior.mean_diameter_mm) for m in matched if m.current and m.prior]

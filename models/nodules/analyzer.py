@@ -82,22 +82,29 @@ class ShapeLimits:
     """Least share of its structure within twice its radius (:attr:`NoduleSegmentation.compact_share`)."""
     height_ratio: float
     """Least craniocaudal extent over long axis (:attr:`NoduleMeasures.craniocaudal_mm`)."""
+    axis_ratio: float
+    """Least short axis over long axis, on the axial slice where it is measured (:attr:`NoduleMeasures.diameters`)."""
     surface_lung_share: float
     """Least share of its surroundings in aerated lung (:attr:`NoduleSegmentation.surface_lung_share`)."""
     surface_wall_share: float
     """Largest share of its surroundings beyond the lung's outline (:attr:`NoduleSegmentation.surface_wall_share`)."""
 
 
-SHAPE_LIMITS = {THIN_SLICE_MM: ShapeLimits(0.114, 0.337, 0.29, 0.281), 5.0: ShapeLimits(0.811, 0.379, 0.281, 0.358)}
+SHAPE_LIMITS = {
+    THIN_SLICE_MM: ShapeLimits(0.114, 0.337, 0.495, 0.29, 0.281),
+    5.0: ShapeLimits(0.811, 0.379, 0.48, 0.281, 0.358),
+}
 """Slice thickness (mm) -> what 99 % of the LIDC training and validation nodules show of a nodule's shape there.
 
-A nodule is a compact, roughly round lesion lying in the lung. Three kinds of things the network accepts are not:
+A nodule is a compact, roughly round lesion lying in the lung. Four kinds of things the network accepts are not:
 
 * **Structures that run on** beyond the nodule-sized piece the candidate sits on: vessels, junctions of hilar
   vessels, airway walls. A nodule ends: most of the structure its segmentation belongs to lies within twice its
   inscribed radius (``compact_share``).
 * **Discs**: a round haze far wider than it is tall, the top of a diaphragm dome cut tangentially by a thick slice.
   A nodule is about as tall as it is wide (``height_ratio``).
+* **Tubes cut lengthwise**: a vessel running within the slice, seen along its length, is long and narrow; a nodule's
+  short axis is about half its long axis or more (``axis_ratio``).
 * **Structures outside the lung** that the search reached: the aorta, the superior vena cava, the oesophagus, bone
   at the apex. A nodule lies in the lung: a good share of the voxels around it are aerated lung
   (``surface_lung_share``), and a juxtapleural one touches the chest wall or mediastinum over only a part of its
@@ -142,7 +149,7 @@ class LungNoduleAnalyzer:
     """Lung nodules on chest CT; see the module docstring for the method and its published rules."""
 
     name = "ct-lung-nodules"
-    version = "1.1.0"
+    version = "1.2.0"
     title = "CT lung nodules: detection, measurement, Lung-RADS and Fleischner categories"
     uses_patient_context = True
     requirements = SeriesRequirements(
@@ -283,7 +290,7 @@ class LungNoduleAnalyzer:
             if _overlap(taken, nodule) > 0.3 * np.count_nonzero(nodule.mask):
                 continue  # the same nodule seen from another candidate
             measures = measure_nodule(hu, spacing, nodule, self._models.type_rule)
-            if measures.mean_diameter_mm < MIN_REPORTED_MM or is_disc(measures, limits):
+            if measures.mean_diameter_mm < MIN_REPORTED_MM or not has_nodule_proportions(measures, limits):
                 continue
             found.append((nodule, measures, float(probability[index])))
         ranked = sorted(
@@ -487,6 +494,16 @@ def is_disc(measures: NoduleMeasures, limits: ShapeLimits) -> bool:
     return measures.craniocaudal_mm < limits.height_ratio * measures.diameters.long_mm
 
 
+def is_elongated(measures: NoduleMeasures, limits: ShapeLimits) -> bool:
+    """Whether the measured lesion is far longer than wide on its slice (a vessel seen along its length)."""
+    return measures.diameters.short_mm < limits.axis_ratio * measures.diameters.long_mm
+
+
+def has_nodule_proportions(measures: NoduleMeasures, limits: ShapeLimits) -> bool:
+    """Whether the measured lesion is neither a disc nor a tube (see :data:`SHAPE_LIMITS`)."""
+    return not is_disc(measures, limits) and not is_elongated(measures, limits)
+
+
 def _lungs_box(image: ImageInput, lungs: LungMask) -> Box | None:
     """The extent of the lung mask in patient coordinates (mm, LPS), the outer faces of its first and last voxels
     along each axis; ``None`` without the volume's geometry or without lungs. A later scan's nodules are matched after
@@ -672,9 +689,9 @@ def _projection(
     """Coronal MIP of the lungs (anterior-posterior), head up, patient's right on the left, nodules circled."""
     box = lungs.box
     # The brightest lung voxel front to back (air, -1000 HU, where a column holds anything besides lung), reduced
-    # in place rather than through a masked float32 copy of the lungs' box.
+    # in place rather than through a masked float32 copy of the lungs' box (a copy only of integer HU).
     mask = lungs.mask[box]
-    brightest = np.max(hu[box], axis=1, where=mask, initial=-np.inf)
+    brightest = np.max(hu[box].astype(np.float32, copy=False), axis=1, where=mask, initial=-np.inf)
     mip = np.where(mask.all(axis=1), brightest, np.maximum(brightest, np.float32(-1000.0)))[::-1]
     gray = render.window(mip, -500.0, 1400.0)
     stretch = spacing[0] / spacing[2]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from models import metrics
-from models.nodules.analyzer import is_disc, is_nodule_like, shape_limits_at
+from models.nodules.analyzer import has_nodule_proportions, is_nodule_like, shape_limits_at
 from models.nodules.detect import Candidate, find_candidates
 from models.nodules.measure import (
     NoduleMeasures,
@@ -77,11 +77,12 @@ def shape_limits(root: Path) -> dict[str, Any]:
 
     Each training and validation nodule is segmented from its consensus centre and measured, as acquired (1-2.5 mm
     slices) and thickened to 5 mm. The limits are the 1st percentiles of its compact share, of its craniocaudal
-    extent over its long axis and of the lung share around it, and the 99th percentile of the wall share around it.
+    extent over its long axis, of its short axis over its long axis and of the lung share around it, and the 99th
+    percentile of the wall share around it.
     The test patients are not read: the analyzer's :data:`models.nodules.analyzer.SHAPE_LIMITS` are these values,
     and the test patients then measure what the rules cost (``detection_in_context``).
     """
-    shapes: dict[str, list[tuple[float, float, float, float]]] = {"as_acquired": [], "thick_5mm": []}
+    shapes: dict[str, list[tuple[float, float, float, float, float]]] = {"as_acquired": [], "thick_5mm": []}
     for voi in iter_vois(root, ("train", "val")):
         for name, version in (("as_acquired", voi), ("thick_5mm", thicken(voi))):
             if version is None:
@@ -94,6 +95,7 @@ def shape_limits(root: Path) -> dict[str, Any]:
                 (
                     nodule.compact_share,
                     measures.craniocaudal_mm / measures.diameters.long_mm,
+                    measures.diameters.short_mm / measures.diameters.long_mm,
                     nodule.surface_lung_share,
                     nodule.surface_wall_share,
                 )
@@ -108,8 +110,9 @@ def shape_limits(root: Path) -> dict[str, Any]:
                 "n": len(values),
                 "compact_share": round(float(low[0]), 3),
                 "height_ratio": round(float(low[1]), 3),
-                "surface_lung_share": round(float(low[2]), 3),
-                "surface_wall_share": round(float(high[3]), 3),
+                "axis_ratio": round(float(low[2]), 3),
+                "surface_lung_share": round(float(low[3]), 3),
+                "surface_wall_share": round(float(high[4]), 3),
             }
     return out
 
@@ -337,7 +340,7 @@ def _kept_by_segmentation(voi: Voi, found: CandidateSet, accepted: np.ndarray) -
         kept[index] = (
             nodule is not None
             and is_nodule_like(nodule, limits)
-            and not is_disc(measure_nodule(voi.hu, voi.spacing, nodule), limits)
+            and has_nodule_proportions(measure_nodule(voi.hu, voi.spacing, nodule), limits)
         )
     return kept
 
