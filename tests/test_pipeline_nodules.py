@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from core.errors import ImageDataError, StudyError
 from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, read_dicom_folder, upload_series
 from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
-from fhir_adapters.constants import FINDING_CODESYSTEM, FINDING_VALUE_CODESYSTEM
+from fhir_adapters.constants import FINDING_CODESYSTEM, FINDING_VALUE_CODESYSTEM, MEASUREMENT_CODESYSTEM
 from fhir_adapters.results import extract_findings
 from models.registry import get_analyzer
 from pipeline.analysis import AnalysisOutcome, analyze_study
@@ -233,15 +235,37 @@ def test_a_head_ct_is_refused_with_the_reason_and_nothing_is_written(
     assert _count(client, "DiagnosticReport", patient) == 0
 
 
-def test_no_nodule_report_states_the_sensitivity_limits_not_an_empty_report() -> None:
-    # Plumbing only: no real chest CT without nodules on which the detector stays silent is available (on lung1's
-    # lower half it lists false positives; see the card), so the no-nodule wording is checked on its own.
-    from models.nodules.analyzer import _conclusion
-    from models.nodules.guidelines import exam_lung_rads, fleischner
-
-    text = _conclusion([], exam_lung_rads([], lungs_fully_scanned=True), fleischner([]))
-    assert text.startswith("No lung nodules of 4 mm or more were found. Sensitivity limits:")
-    assert "thick slices" in text and "mediastinum" in text
+def test_when_nothing_is_found_the_ehr_gets_no_nodules_found_with_the_limits_not_an_empty_report(
+    client: FhirClient, orthanc: OrthancServer, analyzer: Any, allow: AllowList
+) -> None:
+    # No real chest CT without nodules is at hand: the shared data hold two chest CTs, each with a labelled lesion,
+    # and on each the detector also lists false positives (see the card). So what the EHR receives when the detector
+    # finds nothing is checked on lung1 read by the same analyzer with its network's operating threshold above any
+    # probability, so that no candidate is accepted. Everything else (lungs, densitometry, categories, images, the
+    # FHIR transaction) is the real pipeline: this checks the report, not the detector.
+    silent = copy.copy(analyzer)
+    silent._models = dataclasses.replace(analyzer.models, candidate_threshold=math.inf)
+    study, patient = _load(client, orthanc, load_sample("lung1"), "lung1-nothing-found")
+    outcome = analyze_study(client, study, silent, dicomweb_allow_list=allow)
+    report = _read(client, outcome.diagnostic_report)
+    assert report["conclusion"].startswith("No lung nodules of 4 mm or more were found. Sensitivity limits:")
+    assert "thick slices" in report["conclusion"] and "mediastinum" in report["conclusion"]
+    filed = [_read(client, r["reference"]) for r in report["result"]]
+    observations = {_project_code(o["code"], FINDING_CODESYSTEM): o for o in filed}
+    measured = {_project_code(o["code"], MEASUREMENT_CODESYSTEM): o for o in filed}
+    assert "lung_nodule" not in observations, "a nodule Observation was filed although none was found"
+    # Nothing found, but part of lung1's lungs lies outside its scanned range: the exam is not called negative
+    # (Lung-RADS 1) but incomplete (0), and the conclusion says why and what to do.
+    exam = observations["lung_rads"]["valueCodeableConcept"]["coding"][0]
+    assert (exam["system"], exam["code"]) == (FINDING_VALUE_CODESYSTEM, "lung_rads/0")
+    assert "outside the scanned range" in report["conclusion"]
+    count = measured["lung_nodule_count"]
+    assert count["valueQuantity"]["value"] == 0
+    assert "thick slices" in " ".join(n["text"] for n in count.get("note", []))
+    # The images still show what was searched: the coronal projection of the lungs and the (empty) nodule table.
+    images = [_read(client, m["link"]["reference"]) for m in report["media"]]
+    assert len(images) == 2 and all(base64.b64decode(i["content"]["data"]).startswith(b"\x89PNG") for i in images)
+    assert _count(client, "DiagnosticReport", patient) == 1
 
 
 # ---------------------------------------------------------------- the front doors read the filed nodules
