@@ -26,7 +26,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from pydicom.uid import generate_uid
 
 from cds.cards import CardSettings, order_finding_cards
 from cds.fhirjson import bundle_resources
@@ -34,7 +33,14 @@ from cds.orders import imaging_orders
 from cds.services import AI_REPORTS_KEY, ORDER_SELECT
 from core.allowlist import AllowList
 from core.errors import ImageDataError, StudyError
-from devtools.samples import endpoint_resource, imaging_study_resource, load_sample, read_dicom_folder, upload_series
+from devtools.samples import (
+    endpoint_resource,
+    imaging_study_resource,
+    load_sample,
+    read_dicom_folder,
+    upload_series,
+    with_new_uids,
+)
 from devtools.servers import FhirServer, OrthancServer
 from fhir_adapters.client import FhirClient
 from fhir_adapters.constants import FINDING_CODESYSTEM, FINDING_VALUE_CODESYSTEM, MEASUREMENT_CODESYSTEM
@@ -58,23 +64,9 @@ def analyzer() -> Any:
     return get_analyzer("ct-lung-nodules")
 
 
-def _own_uids(datasets: list[pydicom.Dataset], tag: str) -> list[pydicom.Dataset]:
-    """Copies with Study/Series/SOP Instance UIDs of this module's own (the same on every run)."""
-    study = generate_uid(entropy_srcs=[__name__, tag, "study"])
-    series = generate_uid(entropy_srcs=[__name__, tag, "series"])
-    out = []
-    for ds in datasets:
-        copied = copy.deepcopy(ds)
-        sop = generate_uid(entropy_srcs=[__name__, tag, str(ds.SOPInstanceUID)])
-        copied.StudyInstanceUID, copied.SeriesInstanceUID, copied.SOPInstanceUID = study, series, sop
-        copied.file_meta.MediaStorageSOPInstanceUID = sop
-        out.append(copied)
-    return out
-
-
 def _load(client: FhirClient, orthanc: OrthancServer, datasets: list[pydicom.Dataset], tag: str) -> tuple[str, str]:
     """Store the series in Orthanc and register Patient (with age and sex), Endpoint and ImagingStudy."""
-    datasets = _own_uids(datasets, tag)
+    datasets = with_new_uids(datasets, namespace=f"{__name__}/{tag}")
     upload_series(orthanc.url, datasets)
     patient = client.create(
         {
