@@ -9,17 +9,28 @@ opens it covers them too; an existing file (from a release that used the umask) 
 Several processes may open one file (``serve`` and its workers share ``data_dir``): WAL mode lets readers and
 one writer work at once on one host. SQLite's locking is not reliable over network file systems (NFS, SMB):
 keep ``data_dir`` on a local disk, or share state through Redis where the deployment says so.
+
+A process that forks while one of its threads is inside an SQLite statement or transaction hands its child a copy
+of SQLite's lock bookkeeping that says "this process holds the lock": the child's own connections to that file then
+wait for a release that never comes and fail with "database is locked", for as long as the child lives. Celery's
+prefork pool forks replacement children from a worker's main process while the job sweeper's thread writes the job
+store there, so a connection used from several threads is guarded by :func:`fork_guarded_lock`, which ``os.fork``
+waits for.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
 import threading
+import weakref
 from pathlib import Path
 
 from core.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -123,3 +134,44 @@ class ThreadConnections:
             self._local.connection = connection
             self._local.pid = os.getpid()
         return connection
+
+
+FORK_WAIT_S = 30.0
+"""How long a fork waits for a thread to finish its statement or transaction on a guarded connection."""
+
+_GUARDED: weakref.WeakSet[threading.Lock] = weakref.WeakSet()
+_REGISTRY = threading.Lock()
+_HELD_ACROSS_FORK: list[threading.Lock] = []
+
+
+def fork_guarded_lock() -> threading.Lock:
+    """A lock to hold around every use of one SQLite connection; ``os.fork`` in another thread waits for it.
+
+    So that no child is forked in the middle of a statement or transaction (see the module docstring). The
+    forking thread must not hold the lock itself; a fork that waited :data:`FORK_WAIT_S` goes ahead (and says so).
+    """
+    lock = threading.Lock()
+    with _REGISTRY:
+        _GUARDED.add(lock)
+    return lock
+
+
+def _before_fork() -> None:
+    _REGISTRY.acquire()
+    for lock in list(_GUARDED):
+        if lock.acquire(timeout=FORK_WAIT_S):
+            _HELD_ACROSS_FORK.append(lock)
+        else:
+            log.warning("Forking while an SQLite connection is still in use: the child may find its file locked.")
+
+
+def _after_fork() -> None:
+    # In the parent and in the child alike: the child's copies were taken by the thread that forked, which is the
+    # child's only thread, so it releases them.
+    for lock in _HELD_ACROSS_FORK:
+        lock.release()
+    _HELD_ACROSS_FORK.clear()
+    _REGISTRY.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)

@@ -54,7 +54,7 @@ from typing import Any, Protocol, Self
 
 from core.errors import ConfigurationError, ImagingCdsError
 from core.options import look_up_option
-from core.statefiles import connect_private_sqlite
+from core.statefiles import connect_private_sqlite, fork_guarded_lock
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class SqliteJobStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = fork_guarded_lock()  # a worker's main process forks pool children while its sweeper writes
         self._connection = connect_private_sqlite(self.path)  # 0600, WAL
         with self._transaction() as db:  # several processes may open a new file at once
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -499,16 +499,21 @@ class SqliteJobStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: other processes wait for it (up to the connection timeout)."""
+        """One ``BEGIN IMMEDIATE`` transaction: other processes wait for it (up to the connection timeout).
+
+        An exception that arrives between two statements (Celery's soft time limit is raised by a signal handler)
+        rolls back whatever was begun, so no transaction is left holding the file's write lock.
+        """
         with self._lock:
             db = self._connection
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def claim(self, job_id: str, worker: str, *, lease_s: float, max_attempts: int) -> Claim:
         now = _now()

@@ -7,6 +7,7 @@ Handlers block on Events rather than sleeping, so the tests decide exactly when 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,3 +247,35 @@ def test_restart_fails_interrupted_running_jobs_and_runs_queued_ones(db_path: Pa
     assert "submit the analysis again" in interrupted.error["remedy"]
     assert resumed.state is JobState.DONE
     assert resumed.result is not None and resumed.result["study"] == "ImagingStudy/456"
+
+
+def test_a_process_forked_while_another_thread_writes_the_store_can_still_write_it(
+    store: SqliteJobStore, db_path: Path
+) -> None:
+    # Celery's prefork pool forks a replacement child from a worker's main process, where the sweeper's thread
+    # writes the job store. A child forked in the middle of such a write inherited SQLite's note that its process
+    # holds the lock, so its own store could never write ("database is locked" after the 10 s wait): every job
+    # handed to it failed before it was claimed. The fork now waits for the write to end.
+    writing, go_on = threading.Event(), threading.Event()
+
+    def sweep_slowly() -> None:
+        with store._transaction() as db:  # a write held open, as a sweep's is for a moment
+            db.execute("UPDATE jobs SET step = step")
+            writing.set()
+            go_on.wait(WAIT_S)
+
+    sweeper = threading.Thread(target=sweep_slowly)
+    sweeper.start()
+    assert writing.wait(WAIT_S)
+    threading.Timer(0.2, go_on.set).start()
+    pid = os.fork()
+    if pid == 0:  # the new pool child opens its own store, which writes the schema, and claims nothing yet
+        status = 1
+        try:
+            with SqliteJobStore(db_path):
+                status = 0
+        finally:
+            os._exit(status)
+    sweeper.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked process could not write the job store"
