@@ -14,8 +14,8 @@ A process that forks while one of its threads is inside an SQLite statement or t
 of SQLite's lock bookkeeping that says "this process holds the lock": the child's own connections to that file then
 wait for a release that never comes and fail with "database is locked", for as long as the child lives. Celery's
 prefork pool forks replacement children from a worker's main process while the job sweeper's thread writes the job
-store there, so a connection used from several threads is guarded by :func:`fork_guarded_lock`, which ``os.fork``
-waits for.
+store there, so the job store holds a :func:`fork_guarded_lock` around each use of its connection, and ``os.fork``
+waits for it. (The stores on :class:`ThreadConnections` are not guarded yet.)
 """
 
 from __future__ import annotations
