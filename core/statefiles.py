@@ -14,8 +14,9 @@ A process that forks while one of its threads is inside an SQLite statement or t
 of SQLite's lock bookkeeping that says "this process holds the lock": the child's own connections to that file then
 wait for a release that never comes and fail with "database is locked", for as long as the child lives. Celery's
 prefork pool forks replacement children from a worker's main process while the job sweeper's thread writes the job
-store there, so the job store holds a :func:`fork_guarded_lock` around each use of its connection, and ``os.fork``
-waits for it. (The stores on :class:`ThreadConnections` are not guarded yet.)
+store there, and ``serve`` forks its web worker from a process whose audit drainer thread writes the audit outbox.
+So those stores hold a :func:`fork_guarded_lock` around each use of a connection (:meth:`ThreadConnections.using`
+for per-thread connections), and ``os.fork`` waits for it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import sqlite3
 import stat
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.errors import ConfigurationError
@@ -132,8 +135,19 @@ class ThreadConnections:
         if connection is None or getattr(self._local, "pid", None) != os.getpid():
             connection = connect_private_sqlite(self.path)  # 0600 in a 0700 folder, WAL
             self._local.connection = connection
+            self._local.lock = fork_guarded_lock()
             self._local.pid = os.getpid()
         return connection
+
+    @contextmanager
+    def using(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection for one statement or transaction, which a fork in another thread waits for.
+
+        For a store written by a background thread of a process that forks (see the module docstring).
+        """
+        connection = self()
+        with self._local.lock:
+            yield connection
 
 
 FORK_WAIT_S = 30.0

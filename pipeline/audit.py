@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,11 +82,9 @@ class AuditOutbox:
         self._clock = clock
         self._connections = ThreadConnections(self.path)
         self._listeners: list[Callable[[], None]] = []
-        with self._db() as db:
+        # The drainer thread writes here while ``serve`` forks its worker: every use holds the fork guard.
+        with self._connections.using() as db:
             db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        return self._connections()
 
     def on_record(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each record (a drainer in this process starts itself then)."""
@@ -98,26 +95,31 @@ class AuditOutbox:
         event_id = event.get("id")
         if not isinstance(event_id, str) or not event_id:
             raise ValueError("An AuditEvent is recorded with its id, so that sending it twice stores it once.")
-        self._db().execute(
-            "INSERT INTO audit_outbox (event_id, event, created_at) VALUES (?, ?, ?)",
-            (event_id, orjson.dumps(event), self._clock()),
-        )
+        with self._connections.using() as db:
+            db.execute(
+                "INSERT INTO audit_outbox (event_id, event, created_at) VALUES (?, ?, ?)",
+                (event_id, orjson.dumps(event), self._clock()),
+            )
         for listener in self._listeners:
             listener()
 
     def pending(self) -> int:
         """Events not yet accepted by the repository (refused ones excluded)."""
-        row = self._db().execute("SELECT COUNT(*) FROM audit_outbox WHERE refused = 0").fetchone()
+        with self._connections.using() as db:
+            row = db.execute("SELECT COUNT(*) FROM audit_outbox WHERE refused = 0").fetchone()
         return int(row[0])
 
     def refused(self) -> list[tuple[str, str]]:
         """``(event id, reason)`` of the events the repository refused (kept for the administrator)."""
-        rows = self._db().execute("SELECT event_id, last_error FROM audit_outbox WHERE refused = 1 ORDER BY seq")
+        with self._connections.using() as db:
+            rows = db.execute("SELECT event_id, last_error FROM audit_outbox WHERE refused = 1 ORDER BY seq").fetchall()
         return [(str(a), str(b)) for a, b in rows]
 
     def events(self) -> list[dict[str, Any]]:
         """Every event still held, oldest first (for inspection and tests)."""
-        return [orjson.loads(row[0]) for row in self._db().execute("SELECT event FROM audit_outbox ORDER BY seq")]
+        with self._connections.using() as db:
+            rows = db.execute("SELECT event FROM audit_outbox ORDER BY seq").fetchall()
+        return [orjson.loads(row[0]) for row in rows]
 
     def claim(
         self, holder: str, *, limit: int = BATCH_SIZE, lease_s: float = LEASE_S
@@ -125,43 +127,48 @@ class AuditOutbox:
         """Lease up to ``limit`` due events to ``holder`` (``(seq, event)``, oldest first); another holder will not
         get them until the lease ends."""
         now = self._clock()
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(
-                "UPDATE audit_outbox SET claimed_by = ?, claimed_until = ? WHERE seq IN ("
-                " SELECT seq FROM audit_outbox WHERE refused = 0 AND next_attempt_at <= ? AND claimed_until <= ?"
-                " ORDER BY seq LIMIT ?)",
-                (holder, now + lease_s, now, now, limit),
-            )
-            rows = db.execute(
-                "SELECT seq, event FROM audit_outbox WHERE claimed_by = ? AND claimed_until = ? ORDER BY seq",
-                (holder, now + lease_s),
-            ).fetchall()
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._connections.using() as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "UPDATE audit_outbox SET claimed_by = ?, claimed_until = ? WHERE seq IN ("
+                    " SELECT seq FROM audit_outbox WHERE refused = 0 AND next_attempt_at <= ? AND claimed_until <= ?"
+                    " ORDER BY seq LIMIT ?)",
+                    (holder, now + lease_s, now, now, limit),
+                )
+                rows = db.execute(
+                    "SELECT seq, event FROM audit_outbox WHERE claimed_by = ? AND claimed_until = ? ORDER BY seq",
+                    (holder, now + lease_s),
+                ).fetchall()
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
         return [(int(row[0]), orjson.loads(row[1])) for row in rows]
 
     def delivered(self, seqs: Sequence[int]) -> None:
-        self._db().executemany("DELETE FROM audit_outbox WHERE seq = ?", [(s,) for s in seqs])
+        with self._connections.using() as db:
+            db.executemany("DELETE FROM audit_outbox WHERE seq = ?", [(s,) for s in seqs])
 
     def retry_later(self, seqs: Sequence[int], error: str) -> None:
         """Put events back, due again after a backoff that doubles with each failed attempt."""
         now = self._clock()
-        self._db().executemany(
-            "UPDATE audit_outbox SET attempts = attempts + 1, claimed_by = NULL, claimed_until = 0, last_error = ?,"
-            " next_attempt_at = ? + MIN(?, ? * (1 << MIN(attempts, 16))) WHERE seq = ?",
-            [(error[:500], now, MAX_RETRY_S, MIN_RETRY_S, s) for s in seqs],
-        )
+        with self._connections.using() as db:
+            db.executemany(
+                "UPDATE audit_outbox SET attempts = attempts + 1, claimed_by = NULL, claimed_until = 0, last_error = ?,"
+                " next_attempt_at = ? + MIN(?, ? * (1 << MIN(attempts, 16))) WHERE seq = ?",
+                [(error[:500], now, MAX_RETRY_S, MIN_RETRY_S, s) for s in seqs],
+            )
 
     def refuse(self, seq: int, reason: str) -> None:
         """Keep an event the repository will not take, with the reason; it is not sent again."""
-        self._db().execute(
-            "UPDATE audit_outbox SET refused = 1, claimed_by = NULL, claimed_until = 0, last_error = ? WHERE seq = ?",
-            (reason[:500], seq),
-        )
+        with self._connections.using() as db:
+            db.execute(
+                "UPDATE audit_outbox SET refused = 1, claimed_by = NULL, claimed_until = 0, last_error = ?"
+                " WHERE seq = ?",
+                (reason[:500], seq),
+            )
 
 
 class AuditDelivery(Protocol):

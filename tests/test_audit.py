@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -317,6 +319,40 @@ def test_an_unreachable_repository_loses_nothing_and_the_events_are_sent_once_it
     outbox.record(events[0])
     assert up.drain_once().delivered == 1
     assert len(list(FhirClient(fhir_base.base_url).search("AuditEvent", {"patient": patient}))) == 3
+
+
+def test_a_web_worker_forked_while_the_drainer_writes_the_outbox_can_still_record(tmp_path: Path) -> None:
+    # serve builds the app, and starts the audit drainer thread, in gunicorn's master, then forks the web worker.
+    # A worker forked in the middle of a drainer's write inherited SQLite's note that its process holds the lock,
+    # so it could never record an audit event ("database is locked"): the fork now waits for the write to end.
+    outbox = AuditOutbox(tmp_path / "audit-outbox.sqlite")
+    writing, go_on = threading.Event(), threading.Event()
+
+    def claim_slowly() -> None:
+        with outbox._connections.using() as db:  # a drainer's claim, held open for a moment
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE audit_outbox SET claimed_until = claimed_until")
+            writing.set()
+            go_on.wait(10)
+            db.execute("COMMIT")
+
+    drainer = threading.Thread(target=claim_slowly)
+    drainer.start()
+    assert writing.wait(10)
+    threading.Timer(0.2, go_on.set).start()
+    pid = os.fork()
+    if pid == 0:  # the web worker records its first event
+        status = 1
+        try:
+            event = rest_event("read", actor=APP, server="https://ehr/fhir", source=SOURCE, data="ImagingStudy/1")
+            AuditOutbox(tmp_path / "audit-outbox.sqlite").record(event)
+            status = 0
+        finally:
+            os._exit(status)
+    drainer.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked worker could not record to the audit outbox"
+    assert outbox.pending() == 1
 
 
 def test_an_event_the_repository_refuses_is_kept_with_the_reason(tmp_path: Path, fhir_base: FhirServer) -> None:
