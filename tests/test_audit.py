@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from tests.cds_support import (
     post_result,
     prefetch_for,
 )
+from tests.fork_support import succeeds_in_a_forked_child
 from tests.serve_support import base_settings, cds_jwt, kill_hard, serving
 
 SOURCE = AuditSource(site="imaging-cds.hospital.example")
@@ -340,18 +340,13 @@ def test_a_web_worker_forked_while_the_drainer_writes_the_outbox_can_still_recor
     drainer.start()
     assert writing.wait(10)
     threading.Timer(0.2, go_on.set).start()
-    pid = os.fork()
-    if pid == 0:  # the web worker records its first event
-        status = 1
-        try:
-            event = rest_event("read", actor=APP, server="https://ehr/fhir", source=SOURCE, data="ImagingStudy/1")
-            AuditOutbox(tmp_path / "audit-outbox.sqlite").record(event)
-            status = 0
-        finally:
-            os._exit(status)
+
+    def record_first_event() -> None:  # as the web worker does with its own outbox
+        event = rest_event("read", actor=APP, server="https://ehr/fhir", source=SOURCE, data="ImagingStudy/1")
+        AuditOutbox(tmp_path / "audit-outbox.sqlite").record(event)
+
+    assert succeeds_in_a_forked_child(record_first_event), "the forked worker could not record to the audit outbox"
     drainer.join()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the forked worker could not record to the audit outbox"
     assert outbox.pending() == 1
 
 

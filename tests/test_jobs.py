@@ -7,7 +7,6 @@ Handlers block on Events rather than sleeping, so the tests decide exactly when 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from pipeline.jobs import (
     SqliteJobStore,
     UnknownJobError,
 )
+from tests.fork_support import succeeds_in_a_forked_child
 
 EMPHYSEMA_PARAMS = {
     "imaging_study": "ImagingStudy/123",
@@ -268,14 +268,9 @@ def test_a_process_forked_while_another_thread_writes_the_store_can_still_write_
     sweeper.start()
     assert writing.wait(WAIT_S)
     threading.Timer(0.2, go_on.set).start()
-    pid = os.fork()
-    if pid == 0:  # the new pool child opens its own store, which writes the schema, and claims nothing yet
-        status = 1
-        try:
-            with SqliteJobStore(db_path):
-                status = 0
-        finally:
-            os._exit(status)
+
+    def open_own_store() -> None:  # as a new pool child does: opening writes the schema
+        SqliteJobStore(db_path).close()
+
+    assert succeeds_in_a_forked_child(open_own_store), "the forked process could not write the job store"
     sweeper.join()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the forked process could not write the job store"
